@@ -119,6 +119,11 @@ def convert_gguf(gguf_file: Path, out: Path, dtype: torch.dtype = torch.bfloat16
     shutil.rmtree(tmp_out, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized (not serializable); its weights are dense now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.to(dtype).save_pretrained(tmp_out)
     tok.save_pretrained(tmp_out)
     shutil.rmtree(out, ignore_errors=True)
