@@ -1,0 +1,42 @@
+"""Shared fixtures: the bundled real tiny Llama, and tiny random-weight models of other families."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def stories():
+    """(BlockView, tokenizer) of stories260k in float32 on CPU."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from rap.sources import load_view
+
+    return load_view("stories260k", dtype=torch.float32, device="cpu")
+
+
+def tiny_config(model_type: str, **overrides):
+    """A 4-layer random config of a supported family (unit tests only, never quality)."""
+    from transformers import AutoConfig
+
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if model_type == "gemma3_text":
+        base.update(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def tiny_view(request):
+    from rap.model import BlockView
+    from rap.sources import model_from_config
+
+    torch.manual_seed(0)
+    model = model_from_config(tiny_config(request.param), dtype=torch.float32, device="cpu")
+    return BlockView(model, name=f"tiny-{request.param}")

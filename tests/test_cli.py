@@ -1,0 +1,55 @@
+"""The CLI as a user meets it: real processes, one clear line on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def rap(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "rap", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_info_lists_every_block_with_bytes():
+    out = rap("info", "stories260k", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["blocks"] == 10 and len(info["blocks_detail"]) == 10
+    assert info["kv_bytes_per_token"] == 5 * 2 * 4 * 8 * 4
+
+
+def test_memory_prints_a_breakdown_and_a_verdict():
+    out = rap("memory", "stories260k", "--batch", "2", "--prompt", "64", "--new", "8", "--drop", "attn.1", "--budget", "1GiB")
+    assert out.returncode == 0, out.stderr
+    assert "KV cache" in out.stdout and "fits" in out.stdout
+
+
+def test_ppl_of_the_bundled_model_on_wikitext(tmp_path):
+    out = rap("ppl", "stories260k", "--seq-len", "256", "--max-tokens", "1024", "--out", str(tmp_path / "p.json"))
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    assert 50 < row["ppl"] < 300 and row["tokens"] == 4 * 255
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "/no/such/model"), "not found"),
+    (("memory", "stories260k", "--drop", "attn.7"), "out of range"),
+    (("memory", "stories260k", "--drop", "blah"), "bad block name"),
+    (("memory", "stories260k", "--batch", "0"), "positive"),
+    (("memory", "stories260k", "--budget", "lots"), "cannot read"),
+    (("ppl", "stories260k", "--file", "/no/such.txt"), "does not exist"),
+])
+def test_bad_input_exits_non_zero_with_one_line(args, message):
+    out = rap(*args)
+    assert out.returncode != 0
+    lines = [l for l in out.stderr.splitlines() if l.strip() and "it/s" not in l]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    out = rap("info", str(tmp_path))
+    assert out.returncode == 2 and "not supported" in out.stderr and "llama" in out.stderr
