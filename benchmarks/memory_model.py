@@ -1,0 +1,131 @@
+"""Does the memory model predict the real peak? Predicted vs torch.cuda.max_memory_allocated.
+
+For each (model shape, mask, batch, prompt, new tokens) this runs the generate path the memory
+model describes: weights resident, a static KV cache for prompt + new tokens in the kept attention
+blocks only, prefill with SDPA keeping last-position logits, then sampled decode steps
+(fp32 softmax + top-p sort). Model weights are random (shape is what matters for bytes).
+
+    python -m benchmarks.memory_model            # on the GPU; writes $OUT/memory-model-<date>.json
+    python -m benchmarks.memory_model --smoke    # CPU: runs the loop, predicts, no measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+
+import torch
+from transformers import AutoConfig, StaticCache
+
+from benchmarks.common import print_table, write_json
+from rap.mask import BlockMask
+from rap.memory import MemoryModel, Request
+from rap.model import BlockView
+from rap.sources import model_from_config
+
+SHAPES = {
+    # SmolLM2-135M-Instruct's config (as converted by rap from the PyPI GGUF)
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, tie_word_embeddings=True),
+}
+
+
+def config_for(name: str):
+    kw = dict(SHAPES[name])
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def masks_for(view: BlockView) -> dict[str, BlockMask]:
+    L = view.num_layers
+    return {
+        "dense": BlockMask.full(L),
+        "drop-25%-ffn": BlockMask.from_drop(L, [f"ffn.{i}" for i in range(L - L // 4, L)]),
+        "drop-half-attn": BlockMask.from_drop(L, [f"attn.{i}" for i in range(0, L, 2)]),
+        "mixed": BlockMask.from_drop(L, ["attn.0", "attn.3", f"ffn.{L - 1}", f"ffn.{L - 2}", f"attn.{L - 1}"]),
+    }
+
+
+@torch.no_grad()
+def run_generate_path(view: BlockView, mask: BlockMask, req: Request, device: str) -> None:
+    model = view.model
+    ids = torch.randint(10, view.shape.vocab_size, (req.batch, req.prompt), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with view.masked(mask):
+        cache = StaticCache(config=model.config, max_cache_len=req.total_tokens)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        for _ in range(req.new_tokens):
+            probs = torch.softmax(logits[:, -1].float(), dim=-1)
+            sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < 0.9
+            sorted_p = sorted_p * keep
+            nxt = sorted_i.gather(-1, torch.multinomial(sorted_p, 1, generator=gen))
+            del probs, sorted_p, sorted_i, keep
+            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        del cache, logits
+
+
+PLAN = [  # (shape, mask, batch, prompt, new)
+    ("smollm2-135m", "dense", 1, 128, 32), ("smollm2-135m", "dense", 8, 1024, 32),
+    ("smollm2-135m", "dense", 32, 2048, 16), ("smollm2-135m", "drop-25%-ffn", 4, 8192, 16),
+    ("smollm2-135m", "drop-half-attn", 16, 4096, 16), ("smollm2-135m", "mixed", 32, 512, 32),
+    ("smollm2-135m", "dense", 1, 8000, 16),
+    ("qwen3-0.6b", "dense", 1, 256, 16), ("qwen3-0.6b", "drop-half-attn", 8, 2048, 16),
+    ("qwen3-0.6b", "mixed", 16, 1024, 16),
+    ("llama-2-7b", "dense", 1, 128, 16), ("llama-2-7b", "drop-25%-ffn", 4, 2048, 16),
+    ("llama-2-7b", "drop-half-attn", 8, 4000, 8), ("llama-2-7b", "mixed", 16, 1024, 8),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="CPU: tiny plan, no measurement")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    plan = PLAN if device == "cuda" else [("smollm2-135m", m, 1, 32, 4) for m in ("dense", "mixed")]
+    rows, views = [], {}
+    for shape, mask_name, batch, prompt, new in plan:
+        if shape not in views:
+            views.clear()
+            gc.collect()
+            torch.cuda.empty_cache() if device == "cuda" else None
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            views[shape] = BlockView(model_from_config(config_for(shape), dtype=dtype, device=device), name=shape)
+        view = views[shape]
+        mask, req = masks_for(view)[mask_name], Request(batch, prompt, new)
+        predicted = MemoryModel.from_view(view).breakdown(mask, req)
+        measured = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            run_generate_path(view, mask, req, device)
+            torch.cuda.synchronize()
+            measured = torch.cuda.max_memory_allocated()
+        else:
+            run_generate_path(view, mask, req, device)
+        row = {"config": f"{shape} {mask_name} b={batch} p={prompt} n={new}", "shape": shape, "mask": mask_name,
+               "batch": batch, "prompt": prompt, "new_tokens": new,
+               "predicted_bytes": predicted.total_bytes, "measured_bytes": measured,
+               "rel_error": None if measured is None else (predicted.total_bytes - measured) / measured,
+               "predicted": predicted.to_dict()}
+        rows.append(row)
+        print_table([row], ["config", "predicted_bytes", "measured_bytes", "rel_error"])
+    errors = [abs(r["rel_error"]) for r in rows if r["rel_error"] is not None]
+    summary = {"max_abs_rel_error": max(errors) if errors else None, "configs": len(rows),
+               "weights": "random (shape only; bytes do not depend on values)"}
+    print_table(rows, ["config", "predicted_bytes", "measured_bytes", "rel_error"])
+    print(summary)
+    date = datetime.date.today().isoformat()
+    write_json(f"memory-model-{date}.json", {**summary, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
