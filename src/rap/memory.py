@@ -66,14 +66,20 @@ class MemoryBreakdown:
 class MemoryModel:
     """Predicts peak device bytes of rap's generate path for a model shape."""
 
-    def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int]):
+    # cuBLAS keeps a 32 MiB workspace per handle in PyTorch's caching allocator on CUDA (:4096:8)
+    CUDA_WORKSPACE_BYTES = 8 * 4096 * 1024
+
+    def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int], on_cuda: bool = False):
         self.shape = shape
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
+        self.runtime_bytes = self.CUDA_WORKSPACE_BYTES if on_cuda else 0
 
     @classmethod
-    def from_view(cls, view: BlockView) -> "MemoryModel":
-        return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks})
+    def from_view(cls, view: BlockView, on_cuda: bool | None = None) -> "MemoryModel":
+        if on_cuda is None:
+            on_cuda = view.device.type == "cuda"
+        return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks}, on_cuda)
 
     # ---- terms ----------------------------------------------------------------------------
     def param_bytes(self, mask: BlockMask) -> int:
@@ -102,8 +108,9 @@ class MemoryModel:
         s = self.shape
         B, T, e = request.batch, request.prompt, s.dtype_bytes
         q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        # residual stream + its normed copy live through every layer; cos/sin once
-        stream = B * T * (2 * s.hidden_size + 2 * s.head_dim) * e
+        # residual stream + its normed copy live through every layer; cos/sin once; RMSNorm
+        # computes in fp32 (two fp32 copies of its input while it runs)
+        stream = B * T * ((2 * s.hidden_size + 2 * s.head_dim) * e + 2 * s.hidden_size * 4)
         # MLP: act(gate), up and their product are alive together
         mlp = 3 * B * T * s.intermediate_size * e if any(mask.keep_ffn) else 0
         # attention: q, k, v, their rotated copies, the SDPA output and o_proj's output
@@ -112,7 +119,7 @@ class MemoryModel:
         attn_mask = B * T * request.total_tokens if any(mask.keep_attn) else 0
         # last-position logits, plus their fp32 copy
         logits = B * s.vocab_size * (e + 4)
-        return stream + max(mlp, attn + attn_mask) + logits
+        return stream + max(mlp, attn + attn_mask) + logits + self.runtime_bytes
 
     def decode_activation_bytes(self, request: Request, mask: BlockMask) -> int:
         s = self.shape
@@ -121,7 +128,7 @@ class MemoryModel:
         attn_mask = B * request.total_tokens
         # logits (dtype), fp32 copy, softmax/top-p sort values (fp32) and indices (int64)
         logits = B * s.vocab_size * (e + 4 + 4 + 8)
-        return layer + attn_mask + logits
+        return layer + attn_mask + logits + self.runtime_bytes
 
     # ---- answers --------------------------------------------------------------------------
     def breakdown(self, mask: BlockMask, request: Request, kv_ratio: float = 1.0) -> MemoryBreakdown:
