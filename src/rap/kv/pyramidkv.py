@@ -1,0 +1,40 @@
+"""PyramidKV (Cai et al., arXiv 2406.02069): SnapKV scores, with per-layer budgets that shrink with depth.
+
+Layer budgets follow the Ada-KV repository's pyramid (FFY0/AdaKV `AdaptiveSnapKVCluster`): every
+layer keeps the observation window plus a share of the rest that falls linearly from the first
+compressed layer to the last, steepness `beta`; here they are rounded so that they sum exactly to
+num_layers x the average budget, which keeps the memory model's KV term exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .snapkv import SnapKV
+
+
+def round_to_total(values: list[float], total: int) -> list[int]:
+    """Integers close to `values` summing to `total` (largest remainders get the rounding)."""
+    floors = [int(v) for v in values]
+    order = sorted(range(len(values)), key=lambda i: values[i] - floors[i], reverse=True)
+    for i in order[: total - sum(floors)]:
+        floors[i] += 1
+    return floors
+
+
+@dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    beta: float = 20.0
+
+    def layer_budgets(self, num_layers: int, prompt_tokens: int, tokens: int) -> list[int]:
+        w = min(self.window_size, prompt_tokens - 1)
+        base = tokens - w  # what is left after the window, on average
+        if num_layers < 2 or base <= 0 or tokens >= prompt_tokens:
+            return [tokens] * num_layers
+        low = base / self.beta
+        high = 2 * base - low
+        if high > prompt_tokens - w:
+            high = prompt_tokens - w
+            low = 2 * base - high
+        step = (high - low) / (num_layers - 1)
+        return round_to_total([w + high - i * step for i in range(num_layers)], num_layers * tokens)
