@@ -6,7 +6,10 @@ set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=src:.:/tmp/site RAP_DATA=$PWD/.devdata RAP_CACHE=/root/rapcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 date=$(date -u +%F)
-python3 -m rap models fetch smollm2-135m --gguf /root/smol.gguf
-python3 -m rap ppl smollm2-135m --seq-len 2048 --dtype bf16 --out "$OUT/ppl-dense-$date.json" 2>&1 | grep -v "it/s"
-python3 -m rap ppl smollm2-135m --seq-len 2048 --dtype fp32 --out "$OUT/ppl-dense-$date.json" 2>&1 | grep -v "it/s"
-python3 -m benchmarks.memory_model 2>&1 | tail -22
+if [ -f /root/smol.gguf ]; then
+  python3 -m rap models fetch smollm2-135m --gguf /root/smol.gguf 2>/dev/null
+  for dt in ${PPL_DTYPES:-bf16 fp32}; do
+    python3 -m rap ppl smollm2-135m --seq-len 2048 --dtype $dt --out "$OUT/ppl-dense-$date.json" 2>/dev/null
+  done
+fi
+python3 -m benchmarks.memory_model
