@@ -1,0 +1,699 @@
+"""Fast masked decoding: a static KV cache for kept attention blocks only, one captured graph per mask.
+
+`Decoder(view).generate(prompts, max_new_tokens, mask=...)` runs its own compact forward pass over
+the Hugging Face model's weights (no copies) instead of `model.generate`:
+
+* prefill: eager, one SDPA call per kept attention block (flash / memory-efficient kernels),
+  writing keys and values straight into the static cache;
+* decode: one step = embedding -> kept blocks -> norm -> lm_head -> greedy or sampled pick ->
+  stop-token bookkeeping, all on the device. On CUDA that step is captured as a
+  `torch.cuda.CUDAGraph` per (mask, batch bucket, cache length, greedy/sampled) and cached: a
+  dropped block is simply absent from the graph, so every byte a mask drops is time saved, and
+  switching back to a mask seen before is a dictionary lookup. On CPU the same step runs eagerly.
+
+Why not transformers' `StaticCache` + `generate`: its decode step still walks every layer in
+Python (a dropped block costs a launch and mask bookkeeping), keeps one cache entry per layer,
+and its compiled path recompiles per model object; at batch 1 `generate` reaches ~4% of the
+memory-bandwidth roofline on an H100 (issue 6). This module is gpt-fast's recipe on top of the
+HF modules' own parameters; the layer math mirrors transformers' Llama/Mistral/Qwen2/Qwen3 code
+op for op (checked against transformers 5.17 and 5.23), so greedy tokens equal `generate`'s.
+
+Layout. Cache column j of row b holds the token at padded position j; prompts are left-padded to
+the longest one, so row b's real tokens start at column `pad[b]` and its RoPE position is
+`j - pad[b]` (= cumsum of the attention mask - 1, as in `generate`). Keys before `pad[b]` and
+after the current column are masked. Each kept attention layer owns a [B, Hkv, T, D] key and
+value buffer (zero-initialised: masked garbage must never be NaN, since 0 * NaN poisons P @ V);
+buffers live per (batch bucket, T) workspace and are shared by every mask's graph, so the
+resident KV is that of the union of kept attention layers over the cached graphs. `release()`
+frees graphs and buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BudgetError, RequestError, UnsupportedModelError
+from .mask import BlockMask
+from .memory import MemoryModel, Request, format_bytes
+from .model import BlockView
+
+log = logging.getLogger(__name__)
+
+DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# RoPE variants whose cos/sin depend only on the position (not on the current sequence length)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+LENGTH_QUANTUM = 256  # cache lengths are rounded up to this, so nearby requests share a graph
+
+
+# ---- the layer math (pure functions over tensors, so torch.compile traces each once) -------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (normalise in fp32, scale in the input dtype)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D]; cos/sin [B, 1, S, D]."""
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+@dataclass(eq=False)
+class AttnWeights:
+    """One attention block's parameters: the HF module's own tensors (fused ones are optional copies)."""
+
+    norm_w: torch.Tensor
+    norm_eps: float
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    bo: torch.Tensor | None
+    q_norm_w: torch.Tensor | None  # Qwen3: RMSNorm over head_dim before RoPE
+    k_norm_w: torch.Tensor | None
+    qk_eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    window: int | None  # sliding window in tokens, or None
+    module: nn.Module  # for transformers' sdpa_attention_forward on the eager path
+    wqkv: torch.Tensor | None = None  # fused copy, only with fuse_projections=True
+    bqkv: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class FfnWeights:
+    norm_w: torch.Tensor
+    norm_eps: float
+    wg: torch.Tensor
+    wu: torch.Tensor
+    wd: torch.Tensor
+    bg: torch.Tensor | None
+    bu: torch.Tensor | None
+    bd: torch.Tensor | None
+    wgu: torch.Tensor | None = None  # fused copy, only with fuse_projections=True
+    bgu: torch.Tensor | None = None
+
+
+def project_qkv(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.Tensor):
+    """x [B, S, hidden] -> q [B, H, S, D], k, v [B, Hkv, S, D], normed and rotated as in HF."""
+    B, S, _ = x.shape
+    h = rms_norm(x, a.norm_w, a.norm_eps)
+    if a.wqkv is not None:
+        q, k, v = F.linear(h, a.wqkv, a.bqkv).split(
+            [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], dim=-1)
+    else:
+        q, k, v = F.linear(h, a.wq, a.bq), F.linear(h, a.wk, a.bk), F.linear(h, a.wv, a.bv)
+    q = q.view(B, S, a.heads, a.head_dim)
+    k = k.view(B, S, a.kv_heads, a.head_dim)
+    v = v.view(B, S, a.kv_heads, a.head_dim).transpose(1, 2)
+    if a.q_norm_w is not None:
+        q = rms_norm(q, a.q_norm_w, a.qk_eps)
+        k = rms_norm(k, a.k_norm_w, a.qk_eps)
+    return rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin), v
+
+
+def ffn_block(x: torch.Tensor, f: FfnWeights) -> torch.Tensor:
+    """x + down(silu(gate(norm x)) * up(norm x))."""
+    h = rms_norm(x, f.norm_w, f.norm_eps)
+    if f.wgu is not None:
+        g, u = F.linear(h, f.wgu, f.bgu).chunk(2, dim=-1)
+    else:
+        g, u = F.linear(h, f.wg, f.bg), F.linear(h, f.wu, f.bu)
+    return x + F.linear(F.silu(g) * u, f.wd, f.bd)
+
+
+def attend_static(q, kc, vc, valid, scaling: float, impl: str):
+    """One query token against the whole static cache, masked.
+
+    q [B, H, 1, D]; kc, vc [B, Hkv, T, D]; valid [B, T] bool. Query heads that share a KV head are
+    packed into the query-length axis ([B, Hkv, G, D]), so each cached key is read once (GQA).
+    """
+    B, H, _, D = q.shape
+    Hkv = kc.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)
+    if impl == "matmul":
+        s = torch.matmul(qg, kc.transpose(-1, -2)).float() * scaling
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        o = torch.matmul(s.softmax(-1).to(vc.dtype), vc)
+    else:
+        o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=valid[:, None, None, :], scale=scaling)
+    return o.reshape(B, H, 1, D)
+
+
+def attn_decode_static(x, a: AttnWeights, cos, sin, kc, vc, col, valid, impl: str):
+    """Decode-step attention block over a static cache (the captured path). x [B, 1, hidden]."""
+    B = x.shape[0]
+    q, k, v = project_qkv(x, a, cos, sin)
+    kc.index_copy_(2, col, k)
+    vc.index_copy_(2, col, v)
+    o = attend_static(q, kc, vc, valid, a.scaling, impl)
+    return x + F.linear(o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a.wo, a.bo)
+
+
+def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b) -> torch.Tensor:
+    """Last position's logits in fp32, as `generate` sees them. x [B, S, hidden] -> [B, V]."""
+    return F.linear(rms_norm(x[:, -1], norm_w, eps), lm_w, lm_b).float()
+
+
+def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                noise: torch.Tensor | None) -> torch.Tensor:
+    """Greedy (noise None) or temperature + nucleus sampling by the Gumbel-max trick.
+
+    logits [B, V] fp32; noise [B, V] uniform in [0, 1). Sampling works in sorted order: keep the
+    smallest prefix whose probability mass reaches top_p (always the top token), add Gumbel noise,
+    take the argmax. Equivalent in distribution to multinomial sampling, and capturable (no sync).
+    """
+    if noise is None:
+        return logits.argmax(-1)
+    scores, order = (logits / temperature).sort(-1, descending=True)
+    probs = scores.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) > top_p
+    scores = scores.masked_fill(drop, float("-inf"))
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))  # i.i.d., so no need to permute it
+    choice = (scores + gumbel).argmax(-1, keepdim=True)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+# ---- results ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    prefill_ms: float
+    decode_ms: float
+    decode_steps: int  # forward passes after prefill (new tokens - 1 unless every row stopped early)
+    rows: int
+    capture_ms: float  # graph capture paid by this call (0.0: the mask's graph was cached)
+    graph: bool
+
+    @property
+    def ms_per_step(self) -> float:
+        return self.decode_ms / self.decode_steps if self.decode_steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput over all rows (prefill excluded)."""
+        return self.rows * self.decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"prefill_ms": self.prefill_ms, "decode_ms": self.decode_ms, "decode_steps": self.decode_steps,
+                "rows": self.rows, "capture_ms": self.capture_ms, "graph": self.graph,
+                "ms_per_step": self.ms_per_step, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, up to and including the first stop token
+    timing: Timing
+    mask: BlockMask
+
+
+# ---- per (batch bucket, cache length) state --------------------------------------------------------
+@dataclass(eq=False)
+class _Workspace:
+    """Static buffers a captured step reads and writes; shared by the graphs of every mask."""
+
+    batch: int
+    length: int
+    tokens: torch.Tensor  # [B] current token per row
+    col: torch.Tensor  # [1] cache column of the current token
+    pad: torch.Tensor  # [B] first real column per row
+    done: torch.Tensor  # [B] row has emitted a stop token
+    out: torch.Tensor  # [B, T] token per column (generated ones from column P on)
+    stop: torch.Tensor  # [S] stop ids, -1 = unused slot
+    pad_id: torch.Tensor  # [] token written after a row stops
+    temperature: torch.Tensor  # []
+    top_p: torch.Tensor  # []
+    noise: torch.Tensor  # [B, V] uniform noise for sampling
+    arange: torch.Tensor  # [T]
+    cos: torch.Tensor  # [T, D] RoPE table
+    sin: torch.Tensor
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    graphs: dict[tuple[BlockMask, bool], "torch.cuda.CUDAGraph"] = field(default_factory=dict)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.kv.values() for t in pair)
+
+
+MAX_STOP_IDS = 16
+
+
+def bucket_batch(n: int) -> int:
+    for b in BATCH_BUCKETS:
+        if n <= b:
+            return b
+    return n
+
+
+def bucket_length(n: int) -> int:
+    return LENGTH_QUANTUM * math.ceil(n / LENGTH_QUANTUM)
+
+
+class Decoder:
+    """Generates from a BlockView (or HF model) under any BlockMask, fast.
+
+    Args:
+        model: a `BlockView` or a supported HF causal LM (Llama, Mistral, Qwen2, Qwen3).
+        step: how decode steps run. "graph": the static step captured as a CUDA graph per mask
+            (default on CUDA); "static": the same static step run eagerly (tests the captured code
+            on CPU); "exact": eager, attending to the filled columns only through transformers' SDPA
+            wrapper, so float32 tokens equal `generate`'s bit for bit (default on CPU).
+        compile: run the per-block functions through `torch.compile` inside the graph (fuses the
+            norm/RoPE/activation element-wise ops; costs a one-time compile per shape).
+        attention: "sdpa" or "matmul" for the captured decode attention (prefill always uses SDPA).
+        fuse_projections: concatenate q/k/v and gate/up weights once per layer (a weight *copy*,
+            counted in `extra_weight_bytes`); only worth it where it measures faster.
+        budget_bytes: if given, refuse requests whose memory-model peak exceeds it.
+    """
+
+    def __init__(self, model: BlockView | nn.Module, *, step: str | None = None,
+                 compile: bool = False, attention: str = "sdpa", fuse_projections: bool = False,
+                 budget_bytes: int | None = None, check_every: int = 16):
+        view = model if isinstance(model, BlockView) else BlockView(model)
+        model_type = view.config.model_type
+        if model_type not in DECODE_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"rap's fast decode path supports {', '.join(DECODE_MODEL_TYPES)}, not {model_type!r}; "
+                "use the stock path (`with view.masked(mask): view.model.generate(...)`)")
+        inner = view.model.model
+        rotary = inner.rotary_emb
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(f"RoPE type {rope_type!r} depends on the sequence length; "
+                                        f"the decode path supports {', '.join(STATIC_ROPE_TYPES)}")
+        if attention not in ("sdpa", "matmul"):
+            raise ValueError(f"attention must be 'sdpa' or 'matmul', got {attention!r}")
+        self.view = view
+        self.memory = MemoryModel.from_view(view)
+        self.device = view.device
+        self.dtype = view.dtype
+        self.step = step or ("graph" if self.device.type == "cuda" else "exact")
+        if self.step not in ("graph", "static", "exact"):
+            raise ValueError(f"step must be 'graph', 'static' or 'exact', got {step!r}")
+        if self.step == "graph" and self.device.type != "cuda":
+            raise RequestError("CUDA graphs need the model on a CUDA device: use step='static' or 'exact'")
+        self.use_graphs = self.step == "graph"
+        self.attention = attention
+        self.check_every = max(1, check_every)
+        self.budget_bytes = budget_bytes
+        self.embed_w = inner.embed_tokens.weight
+        self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        head = view.model.lm_head
+        self.lm_w, self.lm_b = head.weight, head.bias
+        self.pad_token_id = getattr(view.config, "pad_token_id", None)
+        self.attn = [self._attn_weights(i) for i in range(view.num_layers)]
+        self.ffn = [self._ffn_weights(i) for i in range(view.num_layers)]
+        self.extra_weight_bytes = 0
+        if fuse_projections:
+            self._fuse()
+        self._attn_fn: Callable = attn_decode_static
+        self._ffn_fn: Callable = ffn_block
+        self._head_fn: Callable = final_logits
+        self.compile = compile
+        if compile:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            opts = dict(fullgraph=True, dynamic=False)
+            self._attn_fn = torch.compile(attn_decode_static, **opts)
+            self._ffn_fn = torch.compile(ffn_block, **opts)
+            self._head_fn = torch.compile(final_logits, **opts)
+        self._workspaces: dict[tuple[int, int], _Workspace] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_prepare_ms = 0.0
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def _attn_weights(self, i: int) -> AttnWeights:
+        layer, m = self.view.layers[i], self.view.attention_module(i)
+        s = self.view.shape
+        q_norm, k_norm = getattr(m, "q_norm", None), getattr(m, "k_norm", None)
+        window = getattr(m, "sliding_window", "absent")
+        if window == "absent":  # Mistral keeps the window in its config, Qwen2/3 per layer
+            window = getattr(self.view.config, "sliding_window", None) if self.view.config.model_type == "mistral" else None
+        return AttnWeights(
+            norm_w=layer.input_layernorm.weight, norm_eps=layer.input_layernorm.variance_epsilon,
+            wq=m.q_proj.weight, wk=m.k_proj.weight, wv=m.v_proj.weight, wo=m.o_proj.weight,
+            bq=m.q_proj.bias, bk=m.k_proj.bias, bv=m.v_proj.bias, bo=m.o_proj.bias,
+            q_norm_w=None if q_norm is None else q_norm.weight, k_norm_w=None if k_norm is None else k_norm.weight,
+            qk_eps=1e-6 if q_norm is None else q_norm.variance_epsilon,
+            heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim, scaling=float(m.scaling),
+            window=window, module=m)
+
+    def _ffn_weights(self, i: int) -> FfnWeights:
+        layer, m = self.view.layers[i], self.view.mlp_module(i)
+        act = getattr(self.view.config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"the decode path implements SwiGLU (silu) MLPs, not {act!r}")
+        return FfnWeights(norm_w=layer.post_attention_layernorm.weight,
+                          norm_eps=layer.post_attention_layernorm.variance_epsilon,
+                          wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
+                          bg=m.gate_proj.bias, bu=m.up_proj.bias, bd=m.down_proj.bias)
+
+    def _fuse(self) -> None:
+        """Concatenate q/k/v and gate/up once per layer: one matmul instead of three/two (a copy)."""
+        def cat(*ts):
+            return None if any(t is None for t in ts) else torch.cat(ts, dim=0)
+
+        for a, f in zip(self.attn, self.ffn):
+            a.wqkv, a.bqkv = cat(a.wq, a.wk, a.wv), cat(a.bq, a.bk, a.bv)
+            f.wgu, f.bgu = cat(f.wg, f.wu), cat(f.bg, f.bu)
+            for t in (a.wqkv, a.bqkv, f.wgu, f.bgu):
+                if t is not None:
+                    self.extra_weight_bytes += t.numel() * t.element_size()
+
+    # ---- memory -------------------------------------------------------------------------------------
+    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, D] from the model's own rotary module (so values equal generate's)."""
+        if length not in self._rope_tables:
+            pos = torch.arange(length, device=self.device)[None]
+            probe = torch.empty(0, device=self.device, dtype=self.dtype)
+            cos, sin = self.view.model.model.rotary_emb(probe, pos)
+            self._rope_tables[length] = (cos[0], sin[0])
+        return self._rope_tables[length]
+
+    def _free_device_bytes(self) -> int:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def _check_fits(self, mask: BlockMask, batch: int, prompt: int, length: int, new_layers: Sequence[int]) -> None:
+        request = Request(batch, max(1, prompt), max(1, length - prompt))
+        if self.budget_bytes is not None and not self.memory.fits(self.budget_bytes, mask, request):
+            need = self.memory.peak_bytes(mask, request)
+            raise BudgetError(f"batch {batch} x {length} tokens under [{mask}] needs {format_bytes(need)} "
+                              f"(memory model), over the budget of {format_bytes(self.budget_bytes)}: "
+                              "use a smaller batch, fewer tokens or drop more blocks")
+        if self.device.type != "cuda":
+            return
+        sub = BlockMask(tuple(i in new_layers for i in range(mask.num_layers)), (False,) * mask.num_layers)
+        need = self.memory.kv_bytes(request, sub) + max(self.memory.prefill_activation_bytes(request, mask),
+                                                        self.memory.decode_activation_bytes(request, mask))
+        free = self._free_device_bytes()
+        if need > free:
+            raise BudgetError(f"the KV cache for batch {batch} x {length} tokens under [{mask}] plus activations "
+                              f"needs {format_bytes(need)}, only {format_bytes(free)} is free on {self.device}: "
+                              "use a smaller batch, fewer tokens or drop more attention blocks")
+
+    def _workspace(self, batch: int, length: int) -> _Workspace:
+        key = (batch, length)
+        if key not in self._workspaces:
+            dev, V = self.device, self.view.shape.vocab_size
+            cos, sin = self._rope_table(length)
+            long = dict(device=dev, dtype=torch.long)
+            self._workspaces[key] = _Workspace(
+                batch=batch, length=length, tokens=torch.zeros(batch, **long), col=torch.zeros(1, **long),
+                pad=torch.zeros(batch, **long), done=torch.zeros(batch, device=dev, dtype=torch.bool),
+                out=torch.zeros(batch, length, **long), stop=torch.full((MAX_STOP_IDS,), -1, **long),
+                pad_id=torch.zeros((), **long), temperature=torch.ones((), device=dev),
+                top_p=torch.ones((), device=dev), noise=torch.rand(batch, V, device=dev),
+                arange=torch.arange(length, **long), cos=cos, sin=sin)
+        return self._workspaces[key]
+
+    def _ensure_kv(self, ws: _Workspace, mask: BlockMask, prompt: int) -> None:
+        new = [i for i in mask.kept_attn_layers if i not in ws.kv]
+        if not new:
+            return
+        self._check_fits(mask, ws.batch, prompt, ws.length, new)
+        s = self.view.shape
+        shape = (ws.batch, s.num_kv_heads, ws.length, s.head_dim)
+        for i in new:
+            ws.kv[i] = (torch.zeros(shape, device=self.device, dtype=self.dtype),
+                        torch.zeros(shape, device=self.device, dtype=self.dtype))
+
+    @property
+    def kv_resident_bytes(self) -> int:
+        return sum(ws.kv_bytes for ws in self._workspaces.values())
+
+    def release(self) -> None:
+        """Drop every captured graph and cache buffer (the next request captures again)."""
+        self._workspaces.clear()
+        self._rope_tables.clear()
+        if self.use_graphs:
+            torch.cuda.synchronize(self.device)
+            self._pool = torch.cuda.graph_pool_handle()
+            torch.cuda.empty_cache()
+
+    def cached_graphs(self) -> list[tuple[BlockMask, int, int, bool]]:
+        return [(m, ws.batch, ws.length, sampled) for ws in self._workspaces.values() for (m, sampled) in ws.graphs]
+
+    # ---- the decode step ----------------------------------------------------------------------------
+    def _step(self, ws: _Workspace, mask: BlockMask, sampled: bool) -> None:
+        """One decode step over static buffers: capturable (no host syncs, no data-dependent shapes)."""
+        x = F.embedding(ws.tokens[:, None], self.embed_w)  # [B, 1, hidden]
+        pos = ws.col - ws.pad  # [B]
+        cos, sin = ws.cos[pos][:, None, None, :], ws.sin[pos][:, None, None, :]
+        valid = (ws.arange[None, :] >= ws.pad[:, None]) & (ws.arange[None, :] <= ws.col)
+        windowed: dict[int, torch.Tensor] = {}
+        for i in range(mask.num_layers):
+            if mask.keep_attn[i]:
+                a = self.attn[i]
+                v = valid
+                if a.window is not None:
+                    if a.window not in windowed:
+                        windowed[a.window] = valid & (ws.arange[None, :] > ws.col - a.window)
+                    v = windowed[a.window]
+                kc, vc = ws.kv[i]
+                x = self._attn_fn(x, a, cos, sin, kc, vc, ws.col, v, self.attention)
+            if mask.keep_ffn[i]:
+                x = self._ffn_fn(x, self.ffn[i])
+        logits = self._head_fn(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+        self._advance(ws, logits, sampled)
+
+    @staticmethod
+    def _advance(ws: _Workspace, logits: torch.Tensor, sampled: bool) -> None:
+        nxt = pick_tokens(logits, ws.temperature, ws.top_p, ws.noise if sampled else None)
+        nxt = torch.where(ws.done, ws.pad_id, nxt)
+        ws.done |= (nxt[:, None] == ws.stop[None, :]).any(-1)
+        ws.col += 1
+        ws.out.index_copy_(1, ws.col, nxt[:, None])
+        ws.tokens.copy_(nxt)
+
+    def prepare(self, mask: BlockMask, batch: int, max_len: int, sampled: bool = False, prompt: int = 1) -> float:
+        """Make sure (mask, batch bucket, cache length) has its cache and, on CUDA, its captured graph.
+
+        Returns the milliseconds spent (≈0 when cached: switching masks is a dictionary lookup).
+        """
+        t0 = time.perf_counter()
+        ws = self._workspace(bucket_batch(batch), bucket_length(max_len))
+        self._ensure_kv(ws, mask, prompt)
+        if self.use_graphs and (mask, sampled) not in ws.graphs:
+            ws.graphs[(mask, sampled)] = self._capture(ws, mask, sampled)
+        self.last_prepare_ms = (time.perf_counter() - t0) * 1e3
+        return self.last_prepare_ms
+
+    def _capture(self, ws: _Workspace, mask: BlockMask, sampled: bool) -> "torch.cuda.CUDAGraph":
+        ws.col.zero_()
+        ws.done.fill_(True)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):  # warm-up: compiles (if asked) and initialises cuBLAS outside the capture
+                self._step(ws, mask, sampled)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+            self._step(ws, mask, sampled)
+        torch.cuda.synchronize(self.device)
+        log.info("captured decode graph for [%s] batch %d length %d", mask, ws.batch, ws.length)
+        return graph
+
+    # ---- prefill (eager; the same math, with transformers' SDPA wrapper for exactness) ----------------
+    def _prefill(self, ws: _Workspace, mask: BlockMask, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """ids [n, P] left-padded; writes K/V of columns [0, P) for rows [0, n); returns logits [n, V]."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        n, P = ids.shape
+        cols = torch.arange(P, device=self.device)
+        pos = (cols[None, :] - pad[:, None]).clamp_min(0)
+        cos, sin = ws.cos[pos][:, None], ws.sin[pos][:, None]  # [n, 1, P, D]
+        padded = bool((pad > 0).any())
+        causal = cols[None, :] <= cols[:, None]  # [q, k]
+        real_key = cols[None, None, :] >= pad[:, None, None]  # [n, 1, k]
+        masks: dict[int | None, torch.Tensor | None] = {}
+
+        def mask_for(window: int | None):
+            if window is not None and window >= P:
+                window = None
+            if window not in masks:
+                if not padded and window is None:
+                    masks[window] = None  # plain causal: SDPA's is_causal path, as generate uses
+                else:
+                    m = causal[None] & real_key
+                    if window is not None:
+                        m = m & (cols[:, None] - cols[None, :] < window)
+                    # a pad query sees itself, so its (unused) output stays finite
+                    masks[window] = (m | torch.eye(P, dtype=torch.bool, device=self.device))[:, None]
+            return masks[window]
+
+        x = F.embedding(ids, self.embed_w)
+        for i in range(mask.num_layers):
+            if mask.keep_attn[i]:
+                a = self.attn[i]
+                q, k, v = project_qkv(x, a, cos, sin)
+                kc, vc = ws.kv[i]
+                kc[:n, :, :P] = k
+                vc[:n, :, :P] = v
+                o, _ = sdpa_attention_forward(a.module, q, k, v, mask_for(a.window), dropout=0.0, scaling=a.scaling)
+                x = x + F.linear(o.reshape(n, P, -1), a.wo, a.bo)
+            if mask.keep_ffn[i]:
+                x = ffn_block(x, self.ffn[i])
+        return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+
+    def _step_eager(self, ws: _Workspace, mask: BlockMask, sampled: bool, n: int) -> None:
+        """The decode step without a graph: attends to the filled columns only, through transformers'
+        SDPA wrapper with the mask `generate` would build, so float32 tokens equal generate's exactly."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        col = int(ws.col)
+        L = col + 1
+        x = F.embedding(ws.tokens[:n, None], self.embed_w)
+        pos = ws.col - ws.pad[:n]
+        cos, sin = ws.cos[pos][:, None, None, :], ws.sin[pos][:, None, None, :]
+        keys = ws.arange[:L]
+        real = keys[None, :] >= ws.pad[:n, None]  # [n, L]
+        padded = not bool(real.all())
+        for i in range(mask.num_layers):
+            if mask.keep_attn[i]:
+                a = self.attn[i]
+                q, k, v = project_qkv(x, a, cos, sin)
+                kc, vc = ws.kv[i]
+                kc[:n, :, col] = k[:, :, 0]
+                vc[:n, :, col] = v[:, :, 0]
+                m = real
+                if a.window is not None and L > a.window:
+                    m = m & (keys[None, :] > col - a.window)
+                m = m[:, None, None, :] if (padded or m is not real) else None
+                o, _ = sdpa_attention_forward(a.module, q, kc[:n, :, :L], vc[:n, :, :L], m, dropout=0.0,
+                                              scaling=a.scaling)
+                x = x + F.linear(o.reshape(n, 1, -1), a.wo, a.bo)
+            if mask.keep_ffn[i]:
+                x = ffn_block(x, self.ffn[i])
+        logits = final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+        if n < ws.batch:  # bucket rows beyond the request are idle on this path
+            logits = torch.cat([logits, logits.new_zeros(ws.batch - n, logits.shape[1])])
+        self._advance(ws, logits, sampled)
+
+    # ---- the public call --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mask: BlockMask | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] | int | None = None, pad_token_id: int | None = None) -> Generation:
+        """Generate up to `max_new_tokens` per prompt under `mask` (default: the view's current mask).
+
+        prompts: token id lists of any lengths (left-padded internally). temperature 0 = greedy.
+        stop_token_ids: a row stops after emitting one of these (default: none). Returns the new
+        tokens per prompt (up to and including its stop token) and the timing.
+        """
+        mask = mask or self.view.mask
+        if mask.num_layers != self.view.num_layers:
+            raise RequestError(f"mask has {mask.num_layers} layers, the model has {self.view.num_layers}")
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RequestError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids or [])
+        if len(stops) > MAX_STOP_IDS:
+            raise RequestError(f"at most {MAX_STOP_IDS} stop token ids")
+        V = self.view.shape.vocab_size
+        if any(t < 0 or t >= V for p in prompts for t in p):
+            raise RequestError(f"prompt token ids must be in [0, {V})")
+        pad_id = pad_token_id if pad_token_id is not None else (self.pad_token_id if self.pad_token_id is not None
+                                                               else (stops[0] if stops else 0))
+        sampled = temperature > 0
+        n, P = len(prompts), max(len(p) for p in prompts)
+        capture_ms = 0.0
+        B, T = bucket_batch(n), bucket_length(P + max_new_tokens)
+        ws = self._workspace(B, T)
+        if self.use_graphs:
+            cached = (mask, sampled) in ws.graphs and all(i in ws.kv for i in mask.kept_attn_layers)
+            spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P)
+            capture_ms = 0.0 if cached else spent
+        else:
+            self._ensure_kv(ws, mask, P)
+        gen = None
+        if sampled:
+            gen = torch.Generator(self.device)
+            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+        # request state
+        dev = self.device
+        ids = torch.full((n, P), pad_id, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = torch.tensor(p)
+        pad = torch.full((B,), P - 1, dtype=torch.long)
+        pad[:n] = torch.tensor([P - len(p) for p in prompts])
+        ws.pad.copy_(pad)
+        ws.col.fill_(P)
+        ws.stop.fill_(-1)
+        if stops:
+            ws.stop[:len(stops)] = torch.tensor(stops, device=dev)
+        ws.pad_id.fill_(pad_id)
+        ws.temperature.fill_(temperature if sampled else 1.0)
+        ws.top_p.fill_(top_p)
+        ws.out.fill_(pad_id)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+
+        sync(dev)
+        t0 = time.perf_counter()
+        logits = self._prefill(ws, mask, ids.to(dev), ws.pad[:n])
+        if sampled:
+            ws.noise[:n].uniform_(generator=gen)
+        first = pick_tokens(logits, ws.temperature, ws.top_p, ws.noise[:n] if sampled else None)
+        ws.tokens.fill_(pad_id)
+        ws.tokens[:n] = first
+        ws.out[:, P] = ws.tokens
+        ws.done.fill_(True)
+        ws.done[:n] = (first[:, None] == ws.stop[None, :]).any(-1)
+        sync(dev)
+        t1 = time.perf_counter()
+
+        steps = 0
+        graph = ws.graphs.get((mask, sampled)) if self.use_graphs else None
+        every = self.check_every if graph is not None else 1
+        for _ in range(max_new_tokens - 1):
+            if steps % every == 0 and bool(ws.done.all()):
+                break
+            if sampled:
+                ws.noise.uniform_(generator=gen)
+            if graph is not None:
+                graph.replay()
+            elif self.step == "static":
+                self._step(ws, mask, sampled)
+            else:
+                self._step_eager(ws, mask, sampled, n)
+            steps += 1
+        sync(dev)
+        t2 = time.perf_counter()
+
+        out = ws.out[:n, P:P + 1 + steps].tolist()
+        stopset = set(stops)
+        tokens = []
+        for row in out:
+            cut = next((j + 1 for j, t in enumerate(row) if t in stopset), len(row))
+            tokens.append(row[:cut])
+        timing = Timing(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, decode_steps=steps, rows=n,
+                        capture_ms=capture_ms, graph=graph is not None)
+        return Generation(tokens=tokens, timing=timing, mask=mask)
+
