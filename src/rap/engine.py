@@ -1,0 +1,984 @@
+"""Engine: live budget -> decision -> weights resident -> generate.
+
+For every batch of requests the engine
+
+1. reads the memory budget from a *budget source* (fixed bytes, a fraction of the device, a live
+   reading of free device memory minus a reserve, or any callable);
+2. asks a *policy* for a decision, `policy.decide(memory_model, request, budget_bytes, resident_mask)`
+   -> an object with `.mask` (BlockMask) and `.kv_ratio`; the engine re-checks every decision
+   against the memory model itself and never runs one that does not fit;
+3. makes the resident weights match the decision (`WeightResidency`): dropped blocks leave the
+   device for pinned host memory, kept blocks come back on a side CUDA stream, and each block's
+   first forward waits only for its own copy, so reloading overlaps with the layers before it;
+4. generates with a *backend* (rap.decode.Decoder when that module exists, else Hugging Face
+   `generate` under the block mask) and returns per-request text with metadata: decision,
+   predicted and measured memory, time.
+
+A request whose smallest configuration cannot fit is rejected with `BudgetError` while the rest
+of the batch is served. An out-of-memory error is caught, logged, and the batch is retried once
+with a smaller decision; it never escapes `Engine.generate`.
+
+Nothing here knows about HTTP, processes or threads beyond one lock: `rap.server` (or a Ray Serve
+deployment, one Engine per GPU) wraps an Engine without changing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .errors import BudgetError, RapError, RequestError
+from .mask import BlockMask, block_name
+from .memory import MemoryModel, Request, format_bytes, parse_bytes
+from .model import BlockView
+
+log = logging.getLogger(__name__)
+
+
+# ==== budget sources ==========================================================================
+def _device_total_bytes(device: torch.device, fallback_total_bytes: int | None) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if fallback_total_bytes is not None:
+        return fallback_total_bytes
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class FixedBudget:
+    """A fixed number of bytes."""
+
+    budget_bytes: int
+
+    def __call__(self) -> int:
+        return self.budget_bytes
+
+    def describe(self) -> dict:
+        return {"kind": "fixed", "budget_bytes": self.budget_bytes}
+
+
+@dataclass(frozen=True)
+class DeviceFractionBudget:
+    """A fraction of the device's total memory (on CPU: of `total_bytes`, else of physical RAM)."""
+
+    fraction_ratio: float
+    device: str = "cpu"
+    total_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction_ratio <= 1.0:
+            raise RequestError(f"a device fraction must be in (0, 1], got {self.fraction_ratio}")
+
+    def __call__(self) -> int:
+        return int(self.fraction_ratio * _device_total_bytes(torch.device(self.device), self.total_bytes))
+
+    def describe(self) -> dict:
+        return {"kind": "device_fraction", "fraction_ratio": self.fraction_ratio, "device": self.device}
+
+
+@dataclass(frozen=True)
+class LiveBudget:
+    """Free device memory, plus what this process's allocator already holds, minus a reserve.
+
+    Another tenant allocating on the same GPU lowers the reading at the next batch. What this
+    process holds counts as available because the engine itself decides what stays resident.
+    On CPU there is no allocator to read: the reading is `total_bytes - reserve_bytes`
+    (`total_bytes` defaults to physical RAM), a stand-in for tests and demos.
+    """
+
+    reserve_bytes: int = 0
+    device: str = "cpu"
+    total_bytes: int | None = None
+
+    def __call__(self) -> int:
+        dev = torch.device(self.device)
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            available = free + torch.cuda.memory_reserved(dev)
+        else:
+            available = _device_total_bytes(dev, self.total_bytes)
+        return max(0, available - self.reserve_bytes)
+
+    def describe(self) -> dict:
+        return {"kind": "live", "reserve_bytes": self.reserve_bytes, "device": self.device}
+
+
+@dataclass(frozen=True)
+class CallableBudget:
+    """Any zero-argument callable returning bytes (a trace replay, a cluster scheduler's hint...)."""
+
+    fn: Callable[[], int]
+    name: str = "callable"
+
+    def __call__(self) -> int:
+        return int(self.fn())
+
+    def describe(self) -> dict:
+        return {"kind": "callable", "name": self.name}
+
+
+BudgetSource = FixedBudget | DeviceFractionBudget | LiveBudget | CallableBudget
+
+
+def budget_from_spec(spec: Any, device: str = "cpu", total_bytes: int | None = None) -> BudgetSource:
+    """What users type after --budget (or PUT /v1/budget) -> a budget source.
+
+    - ``6GiB``, ``512MB``, ``123456789`` or an int: fixed bytes;
+    - ``0.5`` or ``50%``: that fraction of the device's memory;
+    - ``live`` or ``live:1GiB``: free device memory minus a reserve (default 0);
+    - a callable or a budget source: used as is.
+    """
+    if isinstance(spec, (FixedBudget, DeviceFractionBudget, LiveBudget, CallableBudget)):
+        return spec
+    if callable(spec):
+        return CallableBudget(spec, getattr(spec, "__name__", "callable"))
+    if isinstance(spec, bool) or spec is None:
+        raise RequestError(f"cannot read {spec!r} as a budget: use e.g. 6GiB, 0.5, 50%, live or live:1GiB")
+    if isinstance(spec, int):
+        if spec <= 0:
+            raise RequestError(f"a budget must be positive, got {spec}")
+        return FixedBudget(spec)
+    if isinstance(spec, float):
+        if 0.0 < spec <= 1.0:
+            return DeviceFractionBudget(spec, device, total_bytes)
+        return budget_from_spec(int(spec), device, total_bytes)
+    text = str(spec).strip().lower()
+    if text == "live" or text.startswith("live:"):
+        reserve = parse_bytes(text.split(":", 1)[1]) if ":" in text else 0
+        return LiveBudget(reserve, device, total_bytes)
+    if text.endswith("%"):
+        try:
+            return DeviceFractionBudget(float(text[:-1]) / 100.0, device, total_bytes)
+        except ValueError:
+            raise RequestError(f"cannot read {spec!r} as a percentage of the device") from None
+    if "." in text:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is not None and 0.0 < value <= 1.0:
+            return DeviceFractionBudget(value, device, total_bytes)
+    try:
+        value = parse_bytes(text)
+    except RequestError:
+        raise RequestError(f"cannot read {spec!r} as a budget: use e.g. 6GiB, 0.5, 50%, live or live:1GiB") from None
+    if value <= 0:
+        raise RequestError(f"a budget must be positive, got {spec!r}")
+    return FixedBudget(value)
+
+
+# ==== decisions and the built-in policy =========================================================
+@dataclass(frozen=True)
+class Decision:
+    """Which blocks run and how much of the prompt's KV cache is kept, for one batch."""
+
+    mask: BlockMask
+    kv_ratio: float = 1.0
+    predicted_peak_bytes: int = 0
+    policy: str = ""
+
+    def to_dict(self) -> dict:
+        return {"mask": str(self.mask), "dropped": list(self.mask.dropped), "kv_ratio": self.kv_ratio,
+                "predicted_peak_bytes": self.predicted_peak_bytes, "policy": self.policy}
+
+
+class Policy(Protocol):
+    def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int,
+               resident_mask: BlockMask | None) -> Any: ...
+
+
+def default_removal_order(num_layers: int) -> list[str]:
+    """No profile: FFN blocks from the last layer backwards, then attention blocks likewise.
+
+    Late layers change the residual stream least in most LMs, and FFN blocks are the larger ones,
+    so this frees the most bytes for the least quality in the absence of measured importance.
+    """
+    return [block_name("ffn", i) for i in reversed(range(num_layers))] + [
+        block_name("attn", i) for i in reversed(range(num_layers))]
+
+
+class GreedyPolicy:
+    """Drop blocks in a removal order (a profile's "order", else `default_removal_order`) until the
+    memory model says the request fits. Stands in for rap.policy until that package exists."""
+
+    name = "greedy"
+
+    def __init__(self, order: Sequence[str] | None = None, kv_ratio: float = 1.0):
+        self.order = list(order) if order is not None else None
+        self.kv_ratio = kv_ratio
+
+    @classmethod
+    def from_profile(cls, profile: dict | str | Path | None) -> "GreedyPolicy":
+        if profile is None:
+            return cls()
+        if not isinstance(profile, dict):
+            import json
+
+            try:
+                profile = json.loads(Path(profile).read_text())
+            except (OSError, ValueError) as e:
+                raise RapError(f"cannot read profile {profile}: {e}") from None
+        if "order" not in profile:
+            raise RapError('the profile has no "order" (list of blocks, least important first)')
+        return cls(profile["order"])
+
+    def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int,
+               resident_mask: BlockMask | None = None) -> Decision:
+        num_layers = memory_model.shape.num_layers
+        order = self.order or default_removal_order(num_layers)
+
+        def peak(count: int) -> int:
+            return memory_model.peak_bytes(BlockMask.from_order(num_layers, order, count), request, self.kv_ratio)
+
+        # Peak bytes only fall as more blocks go, so the fewest drops that fit is a binary search.
+        lo, hi = 0, len(order)
+        if peak(hi) > budget_bytes:
+            raise BudgetError(
+                f"a batch of {request.batch} x {request.total_tokens} tokens needs {format_bytes(peak(hi))} even with "
+                f"all {len(order)} droppable blocks dropped, but the budget is {format_bytes(budget_bytes)}")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if peak(mid) <= budget_bytes:
+                hi = mid
+            else:
+                lo = mid + 1
+        mask = BlockMask.from_order(num_layers, order, lo)
+        return Decision(mask, self.kv_ratio, peak(lo), self.name)
+
+
+def default_policy(profile: dict | str | Path | None = None) -> Any:
+    """rap.policy's default when that package is present (imported lazily), else GreedyPolicy."""
+    try:
+        policy_pkg = importlib.import_module("rap.policy")
+    except ModuleNotFoundError as e:
+        if e.name not in ("rap.policy", "rap"):
+            raise
+        return GreedyPolicy.from_profile(profile)
+    factory = getattr(policy_pkg, "default_policy", None)
+    if factory is None:
+        log.info("rap.policy has no default_policy(); using the built-in greedy policy")
+        return GreedyPolicy.from_profile(profile)
+    return factory(profile=profile)
+
+
+def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
+    """None -> default_policy; "greedy" -> GreedyPolicy; an object with .decide or a callable -> itself."""
+    if policy is None:
+        return default_policy(profile)
+    if isinstance(policy, str):
+        if policy == "greedy":
+            return GreedyPolicy.from_profile(profile)
+        pkg = importlib.import_module("rap.policy")  # named policies live there
+        return pkg.load_policy(policy, profile=profile)
+    if hasattr(policy, "decide") or callable(policy):
+        return policy
+    raise RapError(f"a policy needs a decide(memory_model, request, budget_bytes, resident_mask) method, got {policy!r}")
+
+
+def _call_policy(policy: Any, memory_model: MemoryModel, request: Request, budget_bytes: int,
+                 resident_mask: BlockMask) -> Decision:
+    decide = policy.decide if hasattr(policy, "decide") else policy
+    raw = decide(memory_model, request, budget_bytes, resident_mask)
+    mask = raw if isinstance(raw, BlockMask) else raw.mask
+    kv_ratio = float(getattr(raw, "kv_ratio", 1.0) or 1.0)
+    name = getattr(policy, "name", None) or type(policy).__name__
+    return Decision(mask, kv_ratio, memory_model.peak_bytes(mask, request, kv_ratio), str(name))
+
+
+# ==== weights that leave the device =============================================================
+class WeightResidency:
+    """Keeps exactly the blocks of a mask on the device; the others wait in pinned host memory.
+
+    Weights never change during inference, so each block's host copy is made once (on its first
+    drop) and kept: a later drop only releases the device tensor (no copy at all) and a restore is
+    one host-to-device copy on a side stream. Each block module gets a forward pre-hook that makes
+    the compute stream wait for that block's copy only, so layer 0 computes while layer 20 loads.
+    On CPU the weights already live in host memory: moves are no-ops, but residency is tracked.
+    """
+
+    def __init__(self, view: BlockView):
+        self.view = view
+        self.device = view.device
+        self.on_cuda = self.device.type == "cuda"
+        self.resident: set[str] = {b.name for b in view.blocks}
+        self._params: dict[str, list[torch.nn.Parameter]] = {
+            b.name: list(view.block_module(b.name).parameters()) for b in view.blocks}
+        self._host: dict[str, list[torch.Tensor]] = {}
+        self._pending: dict[str, torch.cuda.Event] = {}
+        self._stream = torch.cuda.Stream(self.device) if self.on_cuda else None
+        self.moves = Counter()  # "dropped" / "restored" block counts
+        for b in view.blocks:
+            view.block_module(b.name).register_forward_pre_hook(self._make_wait_hook(b.name))
+
+    def _make_wait_hook(self, name: str):
+        def wait_for_copy(module, args):
+            event = self._pending.pop(name, None)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+        return wait_for_copy
+
+    @property
+    def mask(self) -> BlockMask:
+        return BlockMask.from_drop(self.view.num_layers, [b.name for b in self.view.blocks if b.name not in self.resident])
+
+    def resident_bytes(self) -> int:
+        """Parameter bytes on the device: the base plus resident blocks."""
+        return self.view.base_bytes + sum(b.param_bytes for b in self.view.blocks if b.name in self.resident)
+
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._host.values() for t in ts)
+
+    def apply(self, mask: BlockMask) -> tuple[list[str], list[str]]:
+        """Drop what `mask` drops (first, freeing memory), then restore what it keeps. Returns
+        (dropped, restored) block names. A restore may still be in flight on return."""
+        drop = [b.name for b in self.view.blocks if b.name in self.resident and not mask.keeps(b.name)]
+        restore = [b.name for b in self.view.blocks if b.name not in self.resident and mask.keeps(b.name)]
+        for name in drop:
+            self._drop(name)
+        for name in restore:  # layer order, so early layers are ready first
+            self._restore(name)
+        if drop or restore:
+            log.debug("residency: dropped %s, restored %s", drop, restore)
+        return drop, restore
+
+    def _drop(self, name: str) -> None:
+        if self.on_cuda:
+            event = self._pending.pop(name, None)
+            if event is not None:
+                event.synchronize()
+            if name not in self._host:
+                host = []
+                for p in self._params[name]:
+                    h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
+                    h.copy_(p.data)
+                    host.append(h)
+                self._host[name] = host
+            for p, h in zip(self._params[name], self._host[name]):
+                p.data = h  # the device tensor's last reference goes: the allocator frees it
+        self.resident.discard(name)
+        self.moves["dropped"] += 1
+
+    def _restore(self, name: str) -> None:
+        if self.on_cuda:
+            compute = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(compute)  # don't overwrite memory compute may still read
+            with torch.cuda.stream(self._stream):
+                for p, h in zip(self._params[name], self._host[name]):
+                    d = h.to(self.device, non_blocking=True)
+                    d.record_stream(compute)  # allocated on the side stream, used on the compute stream
+                    p.data = d
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            self._pending[name] = event
+        self.resident.add(name)
+        self.moves["restored"] += 1
+
+    def synchronize(self) -> None:
+        for event in self._pending.values():
+            event.synchronize()
+        self._pending.clear()
+
+
+# ==== generation backends =======================================================================
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen; requests batch together only when these match."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class HFGenerateBackend:
+    """Hugging Face `generate` under the block mask (dynamic cache; a dropped attention block caches
+    nothing). Slow but available for every supported family, and it streams token by token."""
+
+    name = "hf-generate"
+    supports_kv_ratio = False
+    streams = True
+
+    def planning_request(self, request: Request) -> Request:
+        return request
+
+    def on_weights_restored(self, names: Sequence[str]) -> None:
+        pass
+
+    def resident_extra_bytes(self) -> int:
+        return 0
+
+    def generate(self, view: BlockView, prompts: list[list[int]], mask: BlockMask, kv_ratio: float,
+                 sampling: Sampling, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int],
+                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+        """New token ids per prompt (rows that stop early are padded); prompts are left-padded."""
+        from transformers import GenerationConfig
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=view.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=view.device)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
+                                  pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
+        if not sampling.greedy:
+            config.temperature, config.top_p, config.top_k = sampling.temperature, sampling.top_p, 0
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        streamer = _StepStreamer(on_step) if on_step is not None else None
+        with view.masked(mask), torch.inference_mode():
+            out = view.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                      streamer=streamer)
+        return out[:, width:].tolist()
+
+
+class _StepStreamer(BaseStreamer):
+    """transformers streamer protocol: put(prompt ids) once, then put(new ids [batch]) per step."""
+
+    def __init__(self, on_step: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.on_step = on_step
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.on_step(value.reshape(-1).cpu())
+
+    def end(self) -> None:
+        pass
+
+
+class DecoderBackend:
+    """rap.decode.Decoder (static cache for kept attention blocks, CUDA graphs per mask).
+
+    Two things tie it to weight residency: its captured graphs hold the addresses of the weights,
+    so when blocks come back to the device (at new addresses) every graph and cache buffer is
+    released and recaptured on demand; and it keeps KV buffers sized by (batch bucket, rounded
+    length) between calls, so the engine plans with that rounded request and counts the buffers
+    it still holds. Only arguments its `generate` accepts are passed.
+    """
+
+    name = "rap-decode"
+    streams = False  # tokens come back at the end of the batch
+
+    def __init__(self, view: BlockView, decoder_cls: type, module: Any):
+        self.decoder = decoder_cls(view)
+        self.module = module
+        self._accepts = set(inspect.signature(self.decoder.generate).parameters)
+        self.supports_kv_ratio = "kv_ratio" in self._accepts
+        self.streams = "on_step" in self._accepts
+
+    def planning_request(self, request: Request) -> Request:
+        bucket_batch = getattr(self.module, "bucket_batch", lambda n: n)
+        bucket_length = getattr(self.module, "bucket_length", lambda n: n)
+        length = bucket_length(request.total_tokens)
+        return Request(bucket_batch(request.batch), request.prompt, max(request.new_tokens, length - request.prompt))
+
+    def on_weights_restored(self, names: Sequence[str]) -> None:
+        if names:
+            self.decoder.release()
+
+    def resident_extra_bytes(self) -> int:
+        return int(getattr(self.decoder, "kv_resident_bytes", 0))
+
+    def release(self) -> None:
+        self.decoder.release()
+
+    def generate(self, view, prompts, mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
+                 on_step=None) -> list[list[int]]:
+        offered = dict(prompts=prompts, max_new_tokens=max_new_tokens, mask=mask, kv_ratio=kv_ratio,
+                       temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                       stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step)
+        out = self.decoder.generate(**{k: v for k, v in offered.items() if k in self._accepts})
+        return [list(row) for row in getattr(out, "tokens", out)]
+
+
+def make_backend(view: BlockView, backend: str = "auto"):
+    """"auto": rap.decode.Decoder when it imports and builds, else HF generate; "hf" or "decoder" to force."""
+    if backend == "hf":
+        return HFGenerateBackend()
+    try:
+        decode = importlib.import_module("rap.decode")
+        return DecoderBackend(view, decode.Decoder, decode)
+    except Exception as e:  # absent, half-built or unsupported family: the slow path still serves
+        if backend == "decoder":
+            raise RapError(f"rap.decode.Decoder is not usable here: {e}") from None
+        if not (isinstance(e, ModuleNotFoundError) and e.name == "rap.decode"):
+            log.warning("rap.decode.Decoder unavailable (%s); using Hugging Face generate", e)
+        return HFGenerateBackend()
+
+
+# ==== requests and results ======================================================================
+@dataclass
+class GenerationRequest:
+    """One prompt (text, or token ids) to complete. `on_token` is called from the engine's thread
+    with each new token id as it is generated (for streaming)."""
+
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    on_token: Callable[[int], None] | None = None
+    request_id: str = ""
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(float(self.temperature), float(self.top_p), self.seed)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What happened to one batch: the budget, the decision and the memory it took."""
+
+    step: int
+    batch: int
+    prompt_tokens: int  # padded prompt length of the batch
+    new_tokens: int  # the batch's max_new_tokens
+    budget_bytes: int
+    effective_budget_bytes: int  # the budget after headroom and learned correction
+    decision: Decision
+    predicted_peak_bytes: int
+    measured_peak_bytes: int | None  # torch.cuda.max_memory_allocated over the batch (GPU only)
+    resident_bytes: int  # parameter bytes on the device after the batch
+    dropped_blocks: tuple[str, ...]  # moved off the device for this batch
+    restored_blocks: tuple[str, ...]  # moved back for this batch
+    seconds: float
+    generated_tokens: int
+    oom_retry: bool
+    backend: str
+    started_at: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["decision"] = self.decision.to_dict()
+        d["dropped_blocks"], d["restored_blocks"] = list(self.dropped_blocks), list(self.restored_blocks)
+        d["tokens_per_s"] = self.tokens_per_s
+        return d
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    prompt_tokens: int = 0
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "error"
+    step: StepInfo | None = None
+    error: RapError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class EngineStats:
+    """Running totals (read by /metrics and benchmarks)."""
+
+    steps: int = 0
+    requests_served: int = 0
+    requests_rejected: int = 0
+    rejected_by_reason: Counter = field(default_factory=Counter)
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    oom_events: int = 0
+    oom_failures: int = 0
+    decisions: Counter = field(default_factory=Counter)  # (dropped block count, kv_ratio) -> batches
+    last_step: StepInfo | None = None
+
+
+class OutOfMemoryAfterRetry(BudgetError):
+    """The device ran out of memory, and again after shrinking."""
+
+
+# ==== the engine ================================================================================
+class Engine:
+    """A model served inside a memory budget that may change between batches."""
+
+    def __init__(self, model: str | Path | BlockView, budget: Any = None, policy: Any = None, *,
+                 tokenizer=None, profile: dict | str | Path | None = None, device: str | None = None,
+                 dtype: Any = None, backend: str = "auto", max_batch: int = 32, headroom_ratio: float = 0.0,
+                 device_total_bytes: int | None = None, oom_shrink_ratio: float = 0.75):
+        if isinstance(model, BlockView):
+            if tokenizer is None:
+                raise RapError("Engine(view) needs the tokenizer too: Engine(view, tokenizer=tok)")
+            self.view = model
+        else:
+            from .sources import load_view
+
+            self.view, tokenizer = load_view(str(model), dtype=dtype, device=device)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.device = self.view.device
+        self.device_total_bytes = device_total_bytes
+        self.memory_model = MemoryModel.from_view(self.view)
+        self.policy = as_policy(policy, profile)
+        self.residency = WeightResidency(self.view)
+        self.backend = make_backend(self.view, backend)
+        self._fallback_backend = HFGenerateBackend()
+        self.max_batch = max_batch
+        self.headroom_ratio = headroom_ratio
+        self.oom_shrink_ratio = oom_shrink_ratio
+        # measured / predicted peak, the worst seen (GPU only); budgets are divided by it
+        self.correction_ratio = 1.0
+        self.stats = EngineStats()
+        self._lock = threading.RLock()
+        self._eos_ids = self._find_eos_ids()
+        self.set_budget(budget if budget is not None else LiveBudget(0, str(self.device), device_total_bytes))
+
+    # ---- model facts ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    @property
+    def max_context(self) -> int:
+        return self.view.shape.max_context
+
+    def _find_eos_ids(self) -> tuple[int, ...]:
+        ids = set()
+        gen_eos = getattr(getattr(self.view.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return tuple(sorted(ids))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a chat, through the tokenizer's chat template when it has one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---- budget -----------------------------------------------------------------------------------
+    def set_budget(self, budget: Any) -> BudgetSource:
+        """Change where the budget comes from; takes effect at the next batch."""
+        self.budget_source = budget_from_spec(budget, str(self.device), self.device_total_bytes)
+        return self.budget_source
+
+    def read_budget(self) -> int:
+        return int(self.budget_source())
+
+    def effective_budget(self, budget_bytes: int) -> int:
+        """Budget the policy plans against: minus headroom, divided by the learned correction."""
+        return int(budget_bytes * (1.0 - self.headroom_ratio) / self.correction_ratio)
+
+    def dense_need_bytes(self, request: Request) -> int:
+        return self.memory_model.dense_need(request)
+
+    def smallest_need_bytes(self, request: Request) -> int:
+        order = default_removal_order(self.view.num_layers)
+        return self.memory_model.peak_bytes(BlockMask.from_drop(self.view.num_layers, order), request)
+
+    def planning_request(self, request: Request) -> Request:
+        """The request as the backend will allocate for it (the fast decoder rounds batch and length)."""
+        return self.backend.planning_request(request)
+
+    def check_admissible(self, request: Request) -> None:
+        """Raise BudgetError now if `request` cannot fit under the current budget even with every
+        block dropped (lets a server answer before queueing; the batch re-checks)."""
+        planning = self.effective_budget(self.read_budget())
+        need = self.smallest_need_bytes(self.planning_request(request))
+        if need > planning:
+            raise BudgetError(
+                f"{request.prompt} prompt + {request.new_tokens} new tokens need at least {format_bytes(need)} with every "
+                f"block dropped, but the budget is {format_bytes(planning)}: shorten the prompt, lower max_tokens "
+                f"or raise the budget")
+
+    def decide(self, request: Request, budget_bytes: int | None = None) -> Decision:
+        """The decision for `request` under `budget_bytes` (default: the current budget reading)."""
+        budget = self.read_budget() if budget_bytes is None else budget_bytes
+        return self._decide(request, self.effective_budget(budget))
+
+    def _decide(self, request: Request, planning_bytes: int) -> Decision:
+        decision = _call_policy(self.policy, self.memory_model, request, planning_bytes, self.residency.mask)
+        if decision.kv_ratio < 1.0 and not getattr(self.backend, "supports_kv_ratio", False):
+            # This backend keeps the whole prompt cache: plan with what it will really hold.
+            full_kv_bytes = self.memory_model.peak_bytes(decision.mask, request, 1.0)
+            if full_kv_bytes <= planning_bytes:
+                decision = Decision(decision.mask, 1.0, full_kv_bytes, decision.policy)
+            else:
+                log.info("backend %s cannot compress the KV cache; re-deciding with kv_ratio 1.0", self.backend.name)
+                decision = GreedyPolicy().decide(self.memory_model, request, planning_bytes, self.residency.mask)
+        if decision.predicted_peak_bytes > planning_bytes:
+            raise BudgetError(
+                f"policy {decision.policy} chose {decision.mask} needing {format_bytes(decision.predicted_peak_bytes)} "
+                f"but the budget is {format_bytes(planning_bytes)}; nothing smaller was offered")
+        return decision
+
+    # ---- serving ----------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest] | GenerationRequest) -> list[GenerationResult]:
+        """Serve a batch of requests. Never raises for one bad or oversized request: its result
+        carries the error (a RapError) and the others are served."""
+        if isinstance(requests, GenerationRequest):
+            requests = [requests]
+        with self._lock:
+            results: list[GenerationResult | None] = [None] * len(requests)
+            groups: dict[tuple, list] = {}
+            for i, r in enumerate(requests):
+                try:
+                    ids = self._validate(r)
+                except RapError as e:
+                    results[i] = self._reject(r, e, "invalid")
+                    continue
+                # Streaming needs per-token callbacks; a backend without them serves the batch at
+                # the end, so streamed requests go to one that streams.
+                backend = self.backend if (r.on_token is None or self.backend.streams) else self._fallback_backend
+                groups.setdefault((r.sampling, id(backend)), [backend, []])[1].append((i, r, ids))
+            for backend, items in groups.values():
+                for start in range(0, len(items), self.max_batch):
+                    for i, result in self._serve(items[start:start + self.max_batch], backend):
+                        results[i] = result
+            return results  # type: ignore[return-value]
+
+    def complete(self, prompt: str, **kwargs) -> GenerationResult:
+        """One prompt; raises the RapError instead of returning it."""
+        result = self.generate(GenerationRequest(prompt=prompt, **kwargs))[0]
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def _validate(self, r: GenerationRequest) -> list[int]:
+        ids = list(r.prompt_ids) if r.prompt_ids is not None else (self.encode(r.prompt) if r.prompt else [])
+        if not ids or (r.prompt_ids is None and not (r.prompt or "").strip()):
+            raise RequestError("the prompt is empty: send at least one token of text")
+        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, got {r.max_new_tokens!r}")
+        if len(ids) + r.max_new_tokens > self.max_context:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({r.max_new_tokens}) exceeds the model's "
+                               f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens")
+        if r.temperature < 0 or not 0 < r.top_p <= 1:
+            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        vocab = self.view.shape.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def _reject(self, r: GenerationRequest, error: RapError, reason: str) -> GenerationResult:
+        self.stats.requests_rejected += 1
+        self.stats.rejected_by_reason[reason] += 1
+        log.info("rejected request %s (%s): %s", r.request_id or "-", reason, error)
+        return GenerationResult(r.request_id, finish_reason="error", error=error)
+
+    def _serve(self, items: list, backend) -> list[tuple[int, GenerationResult]]:
+        budget = self.read_budget()
+        request = Request(len(items), max(len(ids) for _, _, ids in items), max(r.max_new_tokens for _, r, _ in items))
+        try:
+            decision = self._decide(backend.planning_request(request), self.effective_budget(budget))
+        except BudgetError as e:
+            if len(items) > 1:  # smaller batches may fit where the whole one does not
+                half = len(items) // 2
+                return self._serve(items[:half], backend) + self._serve(items[half:], backend)
+            i, r, ids = items[0]
+            error = BudgetError(f"prompt of {len(ids)} tokens + max_tokens {r.max_new_tokens} does not fit the memory "
+                                f"budget ({e}): send a shorter prompt, fewer max_tokens or raise the budget")
+            return [(i, self._reject(r, error, "budget"))]
+        return self._run(items, backend, request, decision, budget, retry=True)
+
+    def _run(self, items: list, backend, request: Request, decision: Decision, budget: int, retry: bool):
+        try:
+            return self._execute(items, backend, request, decision, budget, oom_retry=not retry)
+        except torch.OutOfMemoryError as e:
+            self.stats.oom_events += 1
+            self._release_cached_memory()
+            first_line = (str(e).splitlines() or ["out of memory"])[0]
+            if not retry:
+                self.stats.oom_failures += 1
+                log.error("out of memory again after shrinking (%s); rejecting %d request(s)", first_line, len(items))
+                error = OutOfMemoryAfterRetry(
+                    f"the device ran out of memory running {decision.mask} even after shrinking; "
+                    f"lower the budget or send smaller requests")
+                return [(i, self._reject(r, error, "oom")) for i, r, _ in items]
+            shrunk = int(min(budget, decision.predicted_peak_bytes) * self.oom_shrink_ratio)
+            log.warning("out of memory running %s (predicted %s, budget %s): %s; retrying once within %s",
+                        decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
+                        format_bytes(shrunk))
+            try:
+                smaller = self._decide(backend.planning_request(request), self.effective_budget(shrunk))
+            except BudgetError as be:
+                return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
+            return self._run(items, backend, request, smaller, budget, retry=False)
+
+    def _backends(self) -> list:
+        return [self.backend] if self.backend is self._fallback_backend else [self.backend, self._fallback_backend]
+
+    def _release_cached_memory(self) -> None:
+        self._release_backend_buffers()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _execute(self, items: list, backend, request: Request, decision: Decision, budget: int, oom_retry: bool):
+        t0 = time.perf_counter()
+        started_at = time.time()
+        dropped, restored = self.residency.apply(decision.mask)
+        for b in self._backends():
+            b.on_weights_restored(restored)
+        # Buffers a backend keeps between batches (the decoder's KV) come on top of the prediction
+        # only when they belong to another shape; release them if together they would not fit.
+        extra = sum(b.resident_extra_bytes() for b in self._backends())
+        if extra and decision.predicted_peak_bytes + extra > self.effective_budget(budget):
+            self._release_backend_buffers()
+            extra = 0
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            # Allocations that are not the engine's (another tenant in this process, leftovers)
+            # are subtracted so the measured peak is comparable with the predicted one.
+            others = torch.cuda.memory_allocated(self.device) - self.residency.resident_bytes() - extra
+            torch.cuda.reset_peak_memory_stats(self.device)
+        reqs = [r for _, r, _ in items]
+        rows = [ids for _, _, ids in items]
+        streams = _RowDispatcher(reqs, self._eos_ids) if any(r.on_token for r in reqs) else None
+        new = self._backend_generate(backend, rows, decision, reqs[0].sampling, request.new_tokens,
+                                     streams.on_step if streams else None)
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        measured = torch.cuda.max_memory_allocated(self.device) - others if on_cuda else None
+        if measured is not None and decision.predicted_peak_bytes > 0:
+            ratio = measured / decision.predicted_peak_bytes
+            if ratio > self.correction_ratio:
+                log.info("measured peak %s exceeds predicted %s: planning with %.3fx from now on",
+                         format_bytes(measured), format_bytes(decision.predicted_peak_bytes), ratio)
+                self.correction_ratio = ratio
+        outputs = []
+        for row, r in enumerate(reqs):
+            ids, reason = _cut(list(new[row]), r.max_new_tokens, self._eos_ids)
+            text = self.decode(ids)
+            for s in r.stop:
+                if s and s in text:
+                    text, reason = text[: text.index(s)], "stop"
+            outputs.append((ids, text, reason))
+        generated = sum(len(ids) for ids, _, _ in outputs)
+        self.stats.steps += 1
+        info = StepInfo(
+            step=self.stats.steps, batch=len(items), prompt_tokens=request.prompt, new_tokens=request.new_tokens,
+            budget_bytes=budget, effective_budget_bytes=self.effective_budget(budget), decision=decision,
+            predicted_peak_bytes=decision.predicted_peak_bytes, measured_peak_bytes=measured,
+            resident_bytes=self.residency.resident_bytes(), dropped_blocks=tuple(dropped),
+            restored_blocks=tuple(restored), seconds=seconds, generated_tokens=generated, oom_retry=oom_retry,
+            backend=backend.name, started_at=started_at)
+        self.stats.requests_served += len(items)
+        self.stats.generated_tokens += generated
+        self.stats.generate_seconds += seconds
+        self.stats.decisions[(len(decision.mask.dropped), decision.kv_ratio)] += 1
+        self.stats.last_step = info
+        log.info("step %d: batch %d, budget %s, %s, predicted %s, measured %s, %.1f tok/s", info.step, info.batch,
+                 format_bytes(budget), decision.mask, format_bytes(info.predicted_peak_bytes),
+                 "-" if measured is None else format_bytes(measured), info.tokens_per_s)
+        return [(i, GenerationResult(r.request_id, text, tuple(ids), len(ids_in), reason, info))
+                for (i, r, ids_in), (ids, text, reason) in zip(items, outputs)]
+
+    def _release_backend_buffers(self) -> None:
+        for b in self._backends():
+            if hasattr(b, "release"):
+                b.release()
+
+    def _backend_generate(self, backend, prompts: list[list[int]], decision: Decision, sampling: Sampling,
+                          max_new_tokens: int, on_step) -> list[list[int]]:
+        args = (self.view, prompts, decision.mask, decision.kv_ratio, sampling, max_new_tokens,
+                self.tokenizer.pad_token_id, self._eos_ids)
+        if backend is self._fallback_backend:
+            return backend.generate(*args, on_step=on_step)
+        try:
+            return backend.generate(*args, on_step=on_step)
+        except (torch.OutOfMemoryError, RapError):
+            raise
+        except Exception as e:  # keep serving on the slow path, loudly
+            log.error("backend %s failed (%s: %s); switching to Hugging Face generate",
+                      backend.name, type(e).__name__, e)
+            self.backend = self._fallback_backend
+            return self._fallback_backend.generate(*args, on_step=on_step)
+
+    # ---- introspection ------------------------------------------------------------------------------
+    def budget_info(self, reference: Request | None = None) -> dict:
+        reference = reference or Request(1, 64, 64)
+        planned = self.planning_request(reference)
+        budget = self.read_budget()
+        return {
+            "budget_bytes": budget, "effective_budget_bytes": self.effective_budget(budget),
+            "source": self.budget_source.describe(), "device": str(self.device),
+            "resident_bytes": self.residency.resident_bytes(), "resident_mask": str(self.residency.mask),
+            "dense_param_bytes": self.view.resident_param_bytes(BlockMask.full(self.view.num_layers)),
+            "reference_request": dataclasses.asdict(reference),
+            "dense_need_bytes": self.dense_need_bytes(planned),
+            "smallest_need_bytes": self.smallest_need_bytes(planned),
+            "backend": self.backend.name,
+            "correction_ratio": self.correction_ratio,
+        }
+
+
+class _RowDispatcher:
+    """Turns per-step token vectors [batch] into per-request `on_token` calls, stopping each row at
+    its EOS or its own max_new_tokens (the batch runs to the largest)."""
+
+    def __init__(self, requests: Sequence[GenerationRequest], eos_ids: Iterable[int]):
+        self.requests = list(requests)
+        self.eos = set(eos_ids)
+        self.count = [0] * len(self.requests)
+        self.done = [False] * len(self.requests)
+
+    def on_step(self, tokens: torch.Tensor) -> None:
+        for row, token in enumerate(tokens.tolist()):
+            r = self.requests[row]
+            if self.done[row]:
+                continue
+            if token in self.eos:
+                self.done[row] = True
+                continue
+            self.count[row] += 1
+            if r.on_token is not None:
+                r.on_token(int(token))
+            if self.count[row] >= r.max_new_tokens:
+                self.done[row] = True
+
+
+def _cut(ids: list[int], max_new_tokens: int, eos_ids: Sequence[int]) -> tuple[list[int], str]:
+    """A row's own completion: up to its first EOS ("stop") or its max_new_tokens ("length")."""
+    eos = set(eos_ids)
+    for k, token in enumerate(ids[:max_new_tokens]):
+        if token in eos:
+            return ids[:k], "stop"
+    return ids[:max_new_tokens], "length"
+
+
+def dense_fraction_budget(engine: Engine, request: Request, fraction_ratio: float) -> int:
+    """Bytes that are `fraction_ratio` of what `request` needs on the dense model (demo traces)."""
+    return int(math.floor(fraction_ratio * engine.dense_need_bytes(request)))
