@@ -51,7 +51,7 @@ DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # RoPE variants whose cos/sin depend only on the position (not on the current sequence length)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
-LENGTH_QUANTUM = 256  # cache lengths are rounded up to this, so nearby requests share a graph
+LENGTH_QUANTUM = 64  # cache lengths are rounded up to this, so nearby requests share a graph
 
 
 # ---- the layer math (pure functions over tensors, so torch.compile traces each once) -------------
@@ -194,6 +194,24 @@ def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return order.gather(-1, choice).squeeze(-1)
 
 
+_COMPILED: tuple | None = None
+
+
+def _compiled_block_functions() -> tuple:
+    """torch.compile'd block functions, shared by every Decoder (one compile per shape, not per layer:
+    weights are arguments, so all layers of a model hit the same compiled code)."""
+    global _COMPILED
+    if _COMPILED is None:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, limit, max(getattr(cfg, limit), 64))
+        opts = dict(fullgraph=True, dynamic=False)
+        _COMPILED = tuple(torch.compile(f, **opts) for f in (attn_decode_static, ffn_block, final_logits))
+    return _COMPILED
+
+
 # ---- results ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Timing:
@@ -330,13 +348,7 @@ class Decoder:
         self._head_fn: Callable = final_logits
         self.compile = compile
         if compile:
-            import torch._dynamo
-
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            opts = dict(fullgraph=True, dynamic=False)
-            self._attn_fn = torch.compile(attn_decode_static, **opts)
-            self._ffn_fn = torch.compile(ffn_block, **opts)
-            self._head_fn = torch.compile(final_logits, **opts)
+            self._attn_fn, self._ffn_fn, self._head_fn = _compiled_block_functions()
         self._workspaces: dict[tuple[int, int], _Workspace] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -512,6 +524,7 @@ class Decoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
             self._step(ws, mask, sampled)
+        graph.replay()  # the first replay uploads the graph; keep that out of the first request
         torch.cuda.synchronize(self.device)
         log.info("captured decode graph for [%s] batch %d length %d", mask, ws.batch, ws.length)
         return graph
