@@ -1,0 +1,128 @@
+"""Profile: a block-removal order and everything needed to trust and reuse it, as one JSON file.
+
+Schema (docs/HELPERS.md; issue 7 reads it):
+    model, model_hash, method, settings, calibration {source, tokens, windows, seq_len, seed, ids_sha256},
+    order [first = least important], ppl_after [calibration PPL after each removal], dense_ppl,
+    scores {block: score} (one-shot methods), steps [{removed, seconds, block_forwards, ...}],
+    block_forward_unit, complete, versions, device, created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import RapError
+from ..model import BlockView
+
+BLOCK_FORWARD_UNIT = "one block applied to the whole calibration set (block-window passes / windows)"
+
+
+@dataclass
+class Step:
+    removed: str
+    seconds: float
+    block_forwards: float
+    ppl: float  # calibration PPL after this removal
+    candidates: dict[str, float] = field(default_factory=dict)  # candidate -> calibration PPL if removed
+    windows: dict[str, int] = field(default_factory=dict)  # racing: windows each candidate was scored on
+    argmin: str | None = None  # when following a given order: the block exact GSI would have removed
+
+
+@dataclass
+class Profile:
+    model: str
+    model_hash: str
+    method: str
+    calibration: dict
+    num_layers: int
+    dense_ppl: float | None = None
+    order: list[str] = field(default_factory=list)
+    ppl_after: list[float] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    complete: bool = False
+    seconds: float = 0.0
+    block_forwards: float = 0.0
+    block_forward_unit: str = BLOCK_FORWARD_UNIT
+    versions: dict = field(default_factory=dict)
+    device: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Atomic write: a killed run leaves the previous checkpoint, never half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        data = dict(data)
+        data["steps"] = [Step(**s) for s in data.get("steps", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def load_profile(path: str | Path) -> Profile:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RapError(f"cannot read profile {path}: {e}") from None
+    for key in ("model", "method", "order"):
+        if key not in data:
+            raise RapError(f"{path} is not a rap profile (no {key!r}); make one with `rap profile`")
+    return Profile.from_dict(data)
+
+
+def model_hash(view: BlockView) -> str:
+    """sha256 of the config (as JSON) and of every parameter's name, dtype, shape and bytes."""
+    h = hashlib.sha256(view.config.to_json_string(use_diff=False).encode())
+    for name, p in sorted(view.model.state_dict().items()):
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def environment(device: torch.device | str) -> tuple[dict, str]:
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["rap"] = version("rap-runtime")
+    except Exception:  # not installed as a distribution
+        pass
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        versions["cuda"] = torch.version.cuda
+        text = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        text = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+    return versions, text
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def ppl_from_nll(total_nll: float, tokens: int) -> float:
+    return math.exp(total_nll / tokens) if total_nll / tokens < 700 else float("inf")
