@@ -12,4 +12,5 @@ if [ -f /root/smol.gguf ]; then
     python3 -m rap ppl smollm2-135m --seq-len 2048 --dtype $dt --out "$OUT/ppl-dense-$date.json" 2>/dev/null
   done
 fi
-python3 -m benchmarks.memory_model
+python3 -m benchmarks.memory_model --path decoder
+python3 -m benchmarks.memory_model --path hf

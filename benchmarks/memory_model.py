@@ -1,9 +1,15 @@
 """Does the memory model predict the real peak? Predicted vs torch.cuda.max_memory_allocated.
 
-For each (model shape, mask, batch, prompt, new tokens) this runs the generate path the memory
-model describes: weights resident, a static KV cache for prompt + new tokens in the kept attention
-blocks only, prefill with SDPA keeping last-position logits, then sampled decode steps
-(fp32 softmax + top-p sort). Model weights are random (shape is what matters for bytes).
+For each (model shape, mask, batch, prompt, new tokens) this runs a generate path with weights
+resident, a static KV cache for prompt + new tokens in the kept attention blocks only, prefill with
+SDPA keeping last-position logits, then sampled decode steps (fp32 softmax + top-p):
+
+* `--path decoder` (default): rap's own fast path, `rap.decode.Decoder` (CUDA graph per mask), the
+  one the engine serves with; its cache is sized for the bucketed batch and length it allocates;
+* `--path hf`: transformers' forward with a `StaticCache`, for comparison (its SDPA call gets a
+  materialised mask, and PyTorch's backend choice then varies with the shape).
+
+Model weights are random (shape is what matters for bytes).
 
     python -m benchmarks.memory_model            # on the GPU; writes $OUT/memory-model-<date>.json
     python -m benchmarks.memory_model --smoke    # CPU: runs the loop, predicts, no measurement
@@ -53,6 +59,24 @@ def masks_for(view: BlockView) -> dict[str, BlockMask]:
     }
 
 
+def decoder_request(req: Request) -> Request:
+    """The request the Decoder actually allocates for (batch bucket, length rounded to its quantum)."""
+    from rap.decode import bucket_batch, bucket_length
+
+    total = bucket_length(req.total_tokens)
+    return Request(bucket_batch(req.batch), req.prompt, total - req.prompt)
+
+
+@torch.no_grad()
+def run_decoder_path(view: BlockView, mask: BlockMask, req: Request, device: str) -> None:
+    from rap.decode import Decoder
+
+    prompts = torch.randint(10, view.shape.vocab_size, (req.batch, req.prompt)).tolist()
+    decoder = Decoder(view)
+    decoder.generate(prompts, req.new_tokens, mask=mask, temperature=1.0, top_p=0.9, seed=0)
+    decoder.release()
+
+
 @torch.no_grad()
 def run_generate_path(view: BlockView, mask: BlockMask, req: Request, device: str) -> None:
     model = view.model
@@ -87,7 +111,9 @@ PLAN = [  # (shape, mask, batch, prompt, new)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny plan, no measurement")
+    parser.add_argument("--path", choices=["decoder", "hf"], default="decoder", help="which generate path to measure")
     args = parser.parse_args()
+    run = run_decoder_path if args.path == "decoder" else run_generate_path
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     plan = PLAN if device == "cuda" else [("smollm2-135m", m, 1, 32, 4) for m in ("dense", "mixed")]
     rows, views = [], {}
@@ -100,19 +126,21 @@ def main() -> None:
             views[shape] = BlockView(model_from_config(config_for(shape), dtype=dtype, device=device), name=shape)
         view = views[shape]
         mask, req = masks_for(view)[mask_name], Request(batch, prompt, new)
-        predicted = MemoryModel.from_view(view).breakdown(mask, req)
+        planned = decoder_request(req) if args.path == "decoder" else req
+        predicted = MemoryModel.from_view(view).breakdown(mask, planned)
         measured = None
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            run_generate_path(view, mask, req, device)
+            run(view, mask, req, device)
             torch.cuda.synchronize()
             measured = torch.cuda.max_memory_allocated()
         else:
-            run_generate_path(view, mask, req, device)
+            run(view, mask, req, device)
         row = {"config": f"{shape} {mask_name} b={batch} p={prompt} n={new}", "shape": shape, "mask": mask_name,
-               "batch": batch, "prompt": prompt, "new_tokens": new,
+               "batch": batch, "prompt": prompt, "new_tokens": new, "path": args.path,
+               "planned_request": {"batch": planned.batch, "prompt": planned.prompt, "new_tokens": planned.new_tokens},
                "predicted_bytes": predicted.total_bytes, "measured_bytes": measured,
                "rel_error": None if measured is None else (predicted.total_bytes - measured) / measured,
                "predicted": predicted.to_dict()}
@@ -124,7 +152,7 @@ def main() -> None:
     print_table(rows, ["config", "predicted_bytes", "measured_bytes", "rel_error"])
     print(summary)
     date = datetime.date.today().isoformat()
-    write_json(f"memory-model-{date}.json", {**summary, "rows": rows})
+    write_json(f"memory-model-{args.path}-{date}.json", {**summary, "rows": rows})
 
 
 if __name__ == "__main__":
