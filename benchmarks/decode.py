@@ -134,24 +134,39 @@ def random_prompts(batch: int, prompt: int, vocab: int, seed: int = 0) -> list[l
 
 
 @torch.no_grad()
-def stock_row(view, mem, mask, label, batch, prompt, n1, n2, bandwidth, device, repeats=1) -> dict:
+def stock_row(view, mem, mask, label, batch, prompt, n1, n2, bandwidth, device, repeats=2,
+              static_compiled: bool = False) -> dict:
+    """Stock `generate`: dynamic cache (default), or a StaticCache, with which transformers compiles
+    the forward itself (auto-compile, mode reduce-overhead) - the ecosystem's fast path."""
     ids = torch.tensor(random_prompts(batch, prompt, view.shape.vocab_size), device=device)
     attn = torch.ones_like(ids)
+    cache = None
+    if static_compiled:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=view.model.config, max_cache_len=prompt + n2)
 
     def run(n):
+        kwargs = {}
+        if cache is not None:
+            cache.reset()
+            kwargs["past_key_values"] = cache
         sync(device)
         t = time.perf_counter()
         view.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)
+                            pad_token_id=0, eos_token_id=None, **kwargs)
         sync(device)
         return time.perf_counter() - t
 
     reset_peak(device)
+    t0 = time.perf_counter()
     with view.masked(mask):
-        run(n1)  # warm-up
+        run(n2)  # warm-up at the longer length: the allocator (and any compile) must not be timed
+        warm_s = time.perf_counter() - t0
         t1, t2 = min(run(n1) for _ in range(repeats)), min(run(n2) for _ in range(repeats))
     ms = (t2 - t1) / (n2 - n1) * 1e3
-    row = {"impl": "stock generate", "batch": batch, "prompt": prompt, "new_tokens": f"{n1}->{n2}",
+    impl = "stock generate (static cache, auto-compile)" if static_compiled else "stock generate"
+    row = {"impl": impl, "batch": batch, "prompt": prompt, "new_tokens": f"{n1}->{n2}", "warmup_s": warm_s,
            **mask_info(view, mask, label), "ms_per_token": ms, "tok_s": batch / (ms / 1e3),
            "prefill_ms": None, "peak_bytes": peak_bytes(device)}
     row.update(roofline(view, mem, mask, batch, prompt, n2, bandwidth))
@@ -218,12 +233,16 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="comma list (default 1,8,32)")
     ap.add_argument("--prompts", default=None, help="comma list (default 512,4096)")
     ap.add_argument("--new", type=int, default=None, help="new tokens per rap row (default 128)")
-    ap.add_argument("--stock-tokens", default=None, help="n1,n2 for stock generate (default 2,8)")
+    ap.add_argument("--stock-tokens", default=None, help="n1,n2 for stock generate (default 2,10)")
+    ap.add_argument("--stock-static", action="store_true",
+                    help="also time generate with a StaticCache (transformers auto-compiles it), at the end")
+    ap.add_argument("--allow-weight-copies", action="store_true",
+                    help="let --explore pick fused projections (a weight copy); default: no copies")
     ap.add_argument("--fractions", default="0.1,0.2,0.3,0.4")
     ap.add_argument("--explore", action="store_true", help="compare decoder variants first, pick the fastest")
     ap.add_argument("--compile", action="store_true", help="without --explore: compile the block functions")
     ap.add_argument("--attention", default="sdpa", help="without --explore: sdpa | matmul")
-    ap.add_argument("--fuse", action="store_true", help="without --explore: fuse q/k/v and gate/up (weight copy)")
+    ap.add_argument("--fuse", default="none", help="without --explore: none | copy | inplace (q/k/v, gate/up)")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--max-seconds", type=float, default=450, help="skip the grid rows left after this long")
     args = ap.parse_args()
@@ -236,7 +255,7 @@ def main() -> None:
     batches = [int(x) for x in (args.batches or ("1,2" if args.smoke else "1,8,32")).split(",")]
     prompts = [int(x) for x in (args.prompts or ("32,96" if args.smoke else "512,4096")).split(",")]
     new = args.new or (8 if args.smoke else 128)
-    n1, n2 = [int(x) for x in (args.stock_tokens or ("2,4" if args.smoke else "2,8")).split(",")]
+    n1, n2 = [int(x) for x in (args.stock_tokens or ("2,4" if args.smoke else "2,10")).split(",")]
     fractions = [float(x) for x in args.fractions.split(",")]
     date = datetime.date.today().isoformat()
     out_path = out_dir() / f"decode-{date}.json"
@@ -295,17 +314,17 @@ def main() -> None:
     # 1. variants of the decoder at (b0, p0) and (b0, longest prompt), dense; the fastest runs the rest
     config = dict(compile=args.compile, attention=args.attention, fuse_projections=args.fuse)
     if args.explore:
-        tried = [dict(compile=False, attention="sdpa", fuse_projections=False),
-                 dict(compile=False, attention="matmul", fuse_projections=False),
-                 dict(compile=True, attention="sdpa", fuse_projections=False),
-                 dict(compile=True, attention="matmul", fuse_projections=False)]
-        for cfg in tried + [None]:
+        tried = [dict(compile=False, attention="sdpa", fuse_projections="none"),
+                 dict(compile=False, attention="matmul", fuse_projections="none"),
+                 dict(compile=True, attention="sdpa", fuse_projections="none"),
+                 dict(compile=True, attention="matmul", fuse_projections="none")]
+        for cfg in tried + ["copy", "inplace"]:
             if time.perf_counter() - t_start > args.max_seconds / 2:
                 print("exploration stopped: time budget")
                 break
-            if cfg is None:  # fused projections on top of the best so far
-                best = min(variants, key=lambda v: v["score_ms"])
-                cfg = {**best["config"], "fuse_projections": True}
+            if isinstance(cfg, str):  # fused projections on top of the best unfused so far
+                best = min(variants[:len(tried)], key=lambda v: v["score_ms"])
+                cfg = {**best["config"], "fuse_projections": cfg}
             try:
                 t = time.perf_counter()
                 dec = Decoder(view, step=None if device.type == "cuda" else "static", **cfg)
@@ -326,11 +345,13 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             save()
-        best = min(variants, key=lambda v: v["score_ms"])
+        # rap exists to fit memory budgets: a weight copy is used only when asked for, and then only
+        # if it is >= 2% faster than the same configuration without it
+        pool = [v for v in variants if args.allow_weight_copies or v["config"]["fuse_projections"] != "copy"]
+        best = min(pool, key=lambda v: v["score_ms"])
         config = best["config"]
-        # a weight copy must pay for itself: keep fusion only if >= 2% faster than the same config unfused
-        if config["fuse_projections"]:
-            plain = [v for v in variants if v["config"] == {**config, "fuse_projections": False}]
+        if config["fuse_projections"] != "none":
+            plain = [v for v in variants if v["config"] == {**config, "fuse_projections": "none"}]
             if plain and best["score_ms"] > 0.98 * plain[0]["score_ms"]:
                 config = plain[0]["config"]
     result["decoder_config"] = config
@@ -358,7 +379,7 @@ def main() -> None:
             for name in stock_masks:
                 try:
                     rows.append(stock_row(view, mem, masks[name], name, b, p, n1, n2, bandwidth, device,
-                                          repeats=3 if device.type == "cpu" else 1))
+                                          repeats=3 if device.type == "cpu" else 2))
                 except torch.OutOfMemoryError as e:
                     rows.append({"impl": "stock generate", "batch": b, "prompt": p, "mask": name,
                                  "skipped": f"out of memory: {str(e).splitlines()[0]}"})
@@ -412,11 +433,35 @@ def main() -> None:
         "mask_switch_ms_cached": result.get("mask_switch_ms_cached"),
         "mask_capture_ms_new": statistics.median([r["capture_ms"] for r in mask_rows]) if mask_rows else None,
         "first_capture_ms": rd and rd["capture_ms"],
+        "decoder_config": config,
     }
+    for v in variants:
+        if v.get("config", {}).get("fuse_projections") != "none" and "error" not in v:
+            kind = v["config"]["fuse_projections"]
+            result["headline"][f"dense_b1_frac_of_roofline_fused_{kind}"] = v[f"frac_b{b0}_p{p0}"]
+            result["headline"][f"fused_{kind}_extra_weight_bytes"] = v["extra_weight_bytes"]
     for k in ("dense_b1_frac_of_roofline", "speedup_vs_generate_b1", "mask_speedups", "mask_switch_ms_cached",
               "mask_capture_ms_new"):
         result[k] = result["headline"][k]
     save()
+
+    # 4. the ecosystem's fast path, last (its compile is slow and must not starve the grid)
+    if args.stock_static and not args.no_stock:
+        dec.release()
+        del dec
+        gc.collect()
+        try:
+            r = stock_row(view, mem, dense, "dense", b0, p0, 4, 36, bandwidth, device, static_compiled=True)
+            rows.append(r)
+            print_row(r)
+            if rd:
+                result["headline"]["stock_static_compiled_b1_tok_s"] = r["tok_s"]
+                result["headline"]["speedup_vs_generate_static_compiled_b1"] = rd["tok_s"] / r["tok_s"]
+        except Exception as e:  # reported, not fatal
+            traceback.print_exc()
+            rows.append({"impl": "stock generate (static cache, auto-compile)", "batch": b0, "prompt": p0,
+                         "mask": "dense", "skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+        save()
     print()
     print_table([r for r in rows if "skipped" not in r],
                 ["impl", "batch", "prompt", "mask", "dropped_bytes_fraction", "ms_per_token", "tok_s",

@@ -199,3 +199,23 @@ def test_rap_generate_prints_the_continuation_and_the_speed():
     res = json.loads(out.stdout)
     assert res["mask"] == "-ffn.4" and res["texts"][0].startswith(", there was")
     assert res["timing"]["decode_steps"] >= 1
+
+
+@pytest.mark.parametrize("fuse", ["copy", "inplace"])
+def test_fused_projections_change_no_token_and_inplace_adds_no_bytes(fuse):
+    from rap.sources import load_view
+
+    view, tok = load_view("stories260k", dtype=torch.float32, device="cpu")  # fresh: inplace re-lays it out
+    ids = [tok(p).input_ids for p in PROMPTS]
+    mask = BlockMask.from_drop(5, ["ffn.1"])
+    before = Decoder(view, step="static").generate(ids, 16, mask=mask, pad_token_id=0).tokens
+    params = sum(p.numel() for p in view.model.parameters())
+    dec = Decoder(view, step="static", fuse_projections=fuse)
+    assert dec.generate(ids, 16, mask=mask, pad_token_id=0).tokens == before
+    assert sum(p.numel() for p in view.model.parameters()) == params
+    assert (dec.extra_weight_bytes > 0) == (fuse == "copy")
+    if fuse == "inplace":
+        a = view.attention_module(0)
+        assert a.q_proj.weight.untyped_storage().data_ptr() == a.v_proj.weight.untyped_storage().data_ptr()
+        assert Decoder(view).generate(ids, 16, mask=mask, pad_token_id=0).tokens == \
+            stock_generate(view, mask, ids, 16)  # the HF model still computes the same function

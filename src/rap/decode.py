@@ -75,7 +75,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @dataclass(eq=False)
 class AttnWeights:
-    """One attention block's parameters: the HF module's own tensors (fused ones are optional copies)."""
+    """One attention block's parameters: the HF module's own tensors (see Decoder's `fuse_projections`)."""
 
     norm_w: torch.Tensor
     norm_eps: float
@@ -96,7 +96,7 @@ class AttnWeights:
     scaling: float
     window: int | None  # sliding window in tokens, or None
     module: nn.Module  # for transformers' sdpa_attention_forward on the eager path
-    wqkv: torch.Tensor | None = None  # fused copy, only with fuse_projections=True
+    wqkv: torch.Tensor | None = None  # [q; k; v] rows, only with fuse_projections
     bqkv: torch.Tensor | None = None
 
 
@@ -110,7 +110,7 @@ class FfnWeights:
     bg: torch.Tensor | None
     bu: torch.Tensor | None
     bd: torch.Tensor | None
-    wgu: torch.Tensor | None = None  # fused copy, only with fuse_projections=True
+    wgu: torch.Tensor | None = None  # [gate; up] rows, only with fuse_projections
     bgu: torch.Tensor | None = None
 
 
@@ -298,13 +298,16 @@ class Decoder:
         compile: run the per-block functions through `torch.compile` inside the graph (fuses the
             norm/RoPE/activation element-wise ops; costs a one-time compile per shape).
         attention: "sdpa" or "matmul" for the captured decode attention (prefill always uses SDPA).
-        fuse_projections: concatenate q/k/v and gate/up weights once per layer (a weight *copy*,
-            counted in `extra_weight_bytes`); only worth it where it measures faster.
+        fuse_projections: one matmul for q/k/v and one for gate/up instead of five (larger GEMVs run
+            closer to bandwidth at batch 1). "none" (default); "copy": concatenated copies, counted in
+            `extra_weight_bytes`; "inplace": concatenate once, then re-point the HF parameters at row
+            slices of the fused tensors and free the originals, so no byte is added (the model still
+            works unchanged, but its q/k/v and gate/up parameters now share storage).
         budget_bytes: if given, refuse requests whose memory-model peak exceeds it.
     """
 
     def __init__(self, model: BlockView | nn.Module, *, step: str | None = None,
-                 compile: bool = False, attention: str = "sdpa", fuse_projections: bool = False,
+                 compile: bool = False, attention: str = "sdpa", fuse_projections: str = "none",
                  budget_bytes: int | None = None, check_every: int = 16):
         view = model if isinstance(model, BlockView) else BlockView(model)
         model_type = view.config.model_type
@@ -341,8 +344,11 @@ class Decoder:
         self.attn = [self._attn_weights(i) for i in range(view.num_layers)]
         self.ffn = [self._ffn_weights(i) for i in range(view.num_layers)]
         self.extra_weight_bytes = 0
-        if fuse_projections:
-            self._fuse()
+        if fuse_projections not in ("none", "copy", "inplace"):
+            raise ValueError(f"fuse_projections must be 'none', 'copy' or 'inplace', got {fuse_projections!r}")
+        self.fuse_projections = fuse_projections
+        if fuse_projections != "none":
+            self._fuse(in_place=fuse_projections == "inplace")
         self._attn_fn: Callable = attn_decode_static
         self._ffn_fn: Callable = ffn_block
         self._head_fn: Callable = final_logits
@@ -381,17 +387,32 @@ class Decoder:
                           wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
                           bg=m.gate_proj.bias, bu=m.up_proj.bias, bd=m.down_proj.bias)
 
-    def _fuse(self) -> None:
-        """Concatenate q/k/v and gate/up once per layer: one matmul instead of three/two (a copy)."""
+    @torch.no_grad()
+    def _fuse(self, in_place: bool) -> None:
+        """Concatenate q/k/v and gate/up once per layer: one matmul instead of three/two."""
         def cat(*ts):
-            return None if any(t is None for t in ts) else torch.cat(ts, dim=0)
+            return None if any(t is None for t in ts) else torch.cat([t.detach() for t in ts], dim=0)
+
+        def repoint(params, fused):  # HF parameters become row slices of `fused`; old storage is freed
+            start = 0
+            for p in params:
+                p.data = fused[start:start + p.shape[0]]
+                start += p.shape[0]
 
         for a, f in zip(self.attn, self.ffn):
             a.wqkv, a.bqkv = cat(a.wq, a.wk, a.wv), cat(a.bq, a.bk, a.bv)
             f.wgu, f.bgu = cat(f.wg, f.wu), cat(f.bg, f.bu)
-            for t in (a.wqkv, a.bqkv, f.wgu, f.bgu):
-                if t is not None:
-                    self.extra_weight_bytes += t.numel() * t.element_size()
+            if in_place:
+                repoint((a.wq, a.wk, a.wv), a.wqkv)
+                repoint((f.wg, f.wu), f.wgu)
+                if a.bqkv is not None:
+                    repoint((a.bq, a.bk, a.bv), a.bqkv)
+                if f.bgu is not None:
+                    repoint((f.bg, f.bu), f.bgu)
+            else:
+                for t in (a.wqkv, a.bqkv, f.wgu, f.bgu):
+                    if t is not None:
+                        self.extra_weight_bytes += t.numel() * t.element_size()
 
     # ---- memory -------------------------------------------------------------------------------------
     def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
