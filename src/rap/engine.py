@@ -348,6 +348,10 @@ class WeightResidency:
         restore = [b.name for b in self.view.blocks if b.name not in self.resident and mask.keeps(b.name)]
         for name in drop:
             self._drop(name)
+        if drop and self.on_cuda:
+            # Hand the freed blocks back to the driver, not just to this process's cache, so
+            # another tenant (and a live budget reading free memory) sees them.
+            torch.cuda.empty_cache()
         for name in restore:  # layer order, so early layers are ready first
             self._restore(name)
         if drop or restore:
@@ -395,7 +399,7 @@ class WeightResidency:
 # ==== generation backends =======================================================================
 @dataclass(frozen=True)
 class Sampling:
-    """How tokens are chosen; requests batch together only when these match."""
+    """How tokens are chosen; requests batch together when temperature and top_p match."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -624,7 +628,7 @@ class Engine:
     def __init__(self, model: str | Path | BlockView, budget: Any = None, policy: Any = None, *,
                  tokenizer=None, profile: dict | str | Path | None = None, device: str | None = None,
                  dtype: Any = None, backend: str = "auto", max_batch: int = 32, headroom_ratio: float = 0.0,
-                 device_total_bytes: int | None = None, oom_shrink_ratio: float = 0.75):
+                 device_total_bytes: int | None = None, oom_shrink_ratio: float = 0.75, calibrate: bool = True):
         if isinstance(model, BlockView):
             if tokenizer is None:
                 raise RapError("Engine(view) needs the tokenizer too: Engine(view, tokenizer=tok)")
@@ -647,12 +651,17 @@ class Engine:
         self.max_batch = max_batch
         self.headroom_ratio = headroom_ratio
         self.oom_shrink_ratio = oom_shrink_ratio
-        # measured / predicted peak, the worst seen (GPU only); budgets are divided by it
+        # What the memory model does not see, learned on the GPU: a fixed overhead (cuBLAS
+        # workspace, RoPE tables...) measured once at start, and the worst measured/predicted
+        # ratio of the rest. Budgets are planned net of both.
+        self.overhead_bytes = 0
         self.correction_ratio = 1.0
         self.stats = EngineStats()
         self._lock = threading.RLock()
         self._eos_ids = self._find_eos_ids()
         self.set_budget(budget if budget is not None else LiveBudget(0, str(self.device), device_total_bytes))
+        if calibrate and self.device.type == "cuda":
+            self.calibrate()
 
     # ---- model facts ----------------------------------------------------------------------------
     @property
@@ -697,15 +706,46 @@ class Engine:
         return int(self.budget_source())
 
     def effective_budget(self, budget_bytes: int) -> int:
-        """Budget the policy plans against: minus headroom, divided by the learned correction."""
-        return int(budget_bytes * (1.0 - self.headroom_ratio) / self.correction_ratio)
+        """Budget the policy plans against: net of the measured overhead and headroom, divided by
+        the learned correction (on CPU: the budget itself)."""
+        net = (budget_bytes - self.overhead_bytes) * (1.0 - self.headroom_ratio) / self.correction_ratio
+        return max(0, int(net))
+
+    def need_bytes(self, predicted_bytes: int) -> int:
+        """Device bytes a configuration the memory model puts at `predicted_bytes` really takes:
+        the inverse of `effective_budget` (so need_bytes(p) <= b exactly when p fits b)."""
+        scaled = math.ceil(predicted_bytes * self.correction_ratio / (1.0 - self.headroom_ratio))
+        return scaled + self.overhead_bytes
 
     def dense_need_bytes(self, request: Request) -> int:
-        return self.memory_model.dense_need(request)
+        return self.need_bytes(self.memory_model.dense_need(request))
 
     def smallest_need_bytes(self, request: Request) -> int:
         order = default_removal_order(self.view.num_layers)
-        return self.memory_model.peak_bytes(BlockMask.from_drop(self.view.num_layers, order), request)
+        return self.need_bytes(self.memory_model.peak_bytes(BlockMask.from_drop(self.view.num_layers, order), request))
+
+    def calibrate(self, prompt_tokens: int = 8, new_tokens: int = 4) -> int:
+        """GPU: run one tiny dense batch and take what its measured peak exceeds the prediction by
+        as a fixed overhead (cuBLAS workspace, tables, graph pools). Returns the overhead bytes."""
+        with self._lock:
+            full = BlockMask.full(self.view.num_layers)
+            self.residency.apply(full)
+            self.residency.synchronize()
+            ids = [[min(5, self.view.shape.vocab_size - 1)] * prompt_tokens]
+            planned = self.planning_request(Request(1, prompt_tokens, new_tokens))
+            for _ in range(2):  # the first call also pays one-time allocations (graph capture)
+                torch.cuda.synchronize(self.device)
+                others = torch.cuda.memory_allocated(self.device) - self.residency.resident_bytes() - sum(
+                    b.resident_extra_bytes() for b in self._backends())
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self.backend.generate(self.view, ids, full, 1.0, Sampling(), new_tokens, self.tokenizer.pad_token_id,
+                                      self._eos_ids)
+                torch.cuda.synchronize(self.device)
+                measured = torch.cuda.max_memory_allocated(self.device) - others
+                self.overhead_bytes = max(self.overhead_bytes,
+                                          measured - self.memory_model.peak_bytes(full, planned))
+            log.info("calibrated: %s of device memory beyond the memory model", format_bytes(self.overhead_bytes))
+            return self.overhead_bytes
 
     def planning_request(self, request: Request) -> Request:
         """The request as the backend will allocate for it (the fast decoder rounds batch and length)."""
@@ -714,12 +754,12 @@ class Engine:
     def check_admissible(self, request: Request) -> None:
         """Raise BudgetError now if `request` cannot fit under the current budget even with every
         block dropped (lets a server answer before queueing; the batch re-checks)."""
-        planning = self.effective_budget(self.read_budget())
+        budget = self.read_budget()
         need = self.smallest_need_bytes(self.planning_request(request))
-        if need > planning:
+        if need > budget:
             raise BudgetError(
                 f"{request.prompt} prompt + {request.new_tokens} new tokens need at least {format_bytes(need)} with every "
-                f"block dropped, but the budget is {format_bytes(planning)}: shorten the prompt, lower max_tokens "
+                f"block dropped, but the budget is {format_bytes(budget)}: shorten the prompt, lower max_tokens "
                 f"or raise the budget")
 
     def decide(self, request: Request, budget_bytes: int | None = None) -> Decision:
@@ -761,7 +801,10 @@ class Engine:
                 # Streaming needs per-token callbacks; a backend without them serves the batch at
                 # the end, so streamed requests go to one that streams.
                 backend = self.backend if (r.on_token is None or self.backend.streams) else self._fallback_backend
-                groups.setdefault((r.sampling, id(backend)), [backend, []])[1].append((i, r, ids))
+                # Seeds do not split batches: a batch samples with its first request's seed
+                # (OpenAI's seed is best-effort too), so seeded requests still batch together.
+                key = (dataclasses.replace(r.sampling, seed=None), id(backend))
+                groups.setdefault(key, [backend, []])[1].append((i, r, ids))
             for backend, items in groups.values():
                 for start in range(0, len(items), self.max_batch):
                     for i, result in self._serve(items[start:start + self.max_batch], backend):
@@ -826,12 +869,12 @@ class Engine:
                     f"the device ran out of memory running {decision.mask} even after shrinking; "
                     f"lower the budget or send smaller requests")
                 return [(i, self._reject(r, error, "oom")) for i, r, _ in items]
-            shrunk = int(min(budget, decision.predicted_peak_bytes) * self.oom_shrink_ratio)
+            shrunk = int(min(self.effective_budget(budget), decision.predicted_peak_bytes) * self.oom_shrink_ratio)
             log.warning("out of memory running %s (predicted %s, budget %s): %s; retrying once within %s",
                         decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
                         format_bytes(shrunk))
             try:
-                smaller = self._decide(backend.planning_request(request), self.effective_budget(shrunk))
+                smaller = self._decide(backend.planning_request(request), shrunk)
             except BudgetError as be:
                 return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
             return self._run(items, backend, request, smaller, budget, retry=False)
@@ -866,14 +909,16 @@ class Engine:
         reqs = [r for _, r, _ in items]
         rows = [ids for _, _, ids in items]
         streams = _RowDispatcher(reqs, self._eos_ids) if any(r.on_token for r in reqs) else None
-        new = self._backend_generate(backend, rows, decision, reqs[0].sampling, request.new_tokens,
+        seed = next((r.seed for r in reqs if r.seed is not None), None)
+        sampling = dataclasses.replace(reqs[0].sampling, seed=seed)
+        new = self._backend_generate(backend, rows, decision, sampling, request.new_tokens,
                                      streams.on_step if streams else None)
         if on_cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         measured = torch.cuda.max_memory_allocated(self.device) - others if on_cuda else None
         if measured is not None and decision.predicted_peak_bytes > 0:
-            ratio = measured / decision.predicted_peak_bytes
+            ratio = (measured - self.overhead_bytes) / decision.predicted_peak_bytes
             if ratio > self.correction_ratio:
                 log.info("measured peak %s exceeds predicted %s: planning with %.3fx from now on",
                          format_bytes(measured), format_bytes(decision.predicted_peak_bytes), ratio)
@@ -941,7 +986,7 @@ class Engine:
             "dense_need_bytes": self.dense_need_bytes(planned),
             "smallest_need_bytes": self.smallest_need_bytes(planned),
             "backend": self.backend.name,
-            "correction_ratio": self.correction_ratio,
+            "correction_ratio": self.correction_ratio, "overhead_bytes": self.overhead_bytes,
         }
 
 

@@ -450,8 +450,13 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                 "usage": usage([result]), "rap": _meta(result)}
 
     @app.get("/v1/budget")
-    async def get_budget():
-        return engine.budget_info()
+    async def get_budget(batch: int = 1, prompt: int = 64, new_tokens: int = 64):
+        """The budget now, plus the dense and smallest needs of a reference request (query params)."""
+        try:
+            reference = Request(batch, prompt, new_tokens)
+        except RequestError as e:
+            raise APIError(400, str(e)) from None
+        return engine.budget_info(reference)
 
     @app.put("/v1/budget")
     async def put_budget(body: BudgetBody):

@@ -1,0 +1,94 @@
+"""`rap serve` (OpenAI-compatible HTTP server over an Engine) and `rap demo` (a budget trace replay)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import RapError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        model: str = typer.Argument(..., help="known name (rap models), HF folder or .gguf file"),
+        budget: str = typer.Option("live", help="6GiB | bytes | 0.5 or 50% of the device | live | live:1GiB "
+                                               "(free memory minus a reserve); change it at run time with PUT /v1/budget"),
+        port: int = typer.Option(8000, help="TCP port"),
+        host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
+        profile: Optional[Path] = typer.Option(None, help="profile.json: block removal order for the policy"),
+        policy: Optional[str] = typer.Option(None, help="policy name (default: rap.policy's default, else greedy)"),
+        dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
+        device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda if available)"),
+        backend: str = typer.Option("auto", help="auto (rap's fast decoder if usable) | decoder | hf"),
+        max_batch: int = typer.Option(32, help="most requests per engine batch"),
+        batch_window_ms: float = typer.Option(5.0, help="wait this long after a request for others to batch with"),
+        max_tokens_limit: Optional[int] = typer.Option(None, help="refuse max_tokens above this"),
+        device_total: Optional[str] = typer.Option(None, help="CPU only: pretend the device has this much memory "
+                                                              "(for fraction/live budgets)"),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice; 1 is "
+                                                         "faster for tiny models on a busy machine)"),
+    ) -> None:
+        """Serve MODEL over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions) inside a budget."""
+        try:
+            import uvicorn
+
+            from .server import create_app
+        except ImportError as e:
+            raise RapError(f"`rap serve` needs the serve extra ({e.name} is missing): pip install 'rap-runtime[serve]'")
+        from .cli import console, load_view_for_cli
+        from .engine import Engine
+        from .memory import format_bytes, parse_bytes
+
+        _set_threads(threads)
+        view, tok = load_view_for_cli(model, dtype=dtype, device=device)
+        engine = Engine(view, tokenizer=tok, budget=budget, policy=policy, profile=profile, backend=backend,
+                        max_batch=max_batch, device_total_bytes=parse_bytes(device_total) if device_total else None)
+        info = engine.budget_info()
+        console.print(f"rap serve: {view.name} on {engine.device}, backend {engine.backend.name}, budget "
+                      f"{format_bytes(info['budget_bytes'])} ({info['source']['kind']}); dense weights "
+                      f"{format_bytes(info['dense_param_bytes'])}; http://{host}:{port}/v1")
+        app_ = create_app(engine, model_name=view.name, max_batch=max_batch, batch_window_s=batch_window_ms / 1e3,
+                          max_tokens_limit=max_tokens_limit)
+        level = logging.getLevelName(logging.getLogger().level).lower()
+        uvicorn.run(app_, host=host, port=port, log_level=level if level in ("debug", "info") else "warning",
+                    access_log=False)
+
+    @app.command()
+    def demo(
+        model: str = typer.Option("smollm2-135m", help="model to demo (fetched and cached once; stories260k offline)"),
+        trace: str = typer.Option("1.0,0.4,0.7,1.0", help="budget levels as fractions of the dense need"),
+        batches: int = typer.Option(3, help="batches served at each budget level"),
+        out: Path = typer.Option(Path("rap-demo"), help="folder for the JSON log and the plot"),
+        profile: Optional[Path] = typer.Option(None, help="profile.json: block removal order"),
+        device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda if available)"),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    ) -> None:
+        """Replay a memory-budget trace with a mixed request stream: live table, summary, plot."""
+        started = time.perf_counter()
+        from .cli import _quiet_transformers, console
+        from .demo import run_demo
+
+        _quiet_transformers()
+        _set_threads(threads)
+        try:
+            levels = [float(x) for x in trace.split(",") if x.strip()]
+        except ValueError:
+            raise RapError(f"--trace {trace!r}: give fractions separated by commas, e.g. 1.0,0.4,0.7,1.0") from None
+        if batches < 1:
+            raise RapError("--batches must be at least 1")
+        run_demo(model, levels, batches, out, device=device, profile=profile, console=console,
+                 live=console.is_terminal, started=started)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise RapError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
