@@ -11,12 +11,16 @@ the Hugging Face model's weights (no copies) instead of `model.generate`:
   dropped block is simply absent from the graph, so every byte a mask drops is time saved, and
   switching back to a mask seen before is a dictionary lookup. On CPU the same step runs eagerly.
 
-Why not transformers' `StaticCache` + `generate`: its decode step still walks every layer in
-Python (a dropped block costs a launch and mask bookkeeping), keeps one cache entry per layer,
-and its compiled path recompiles per model object; at batch 1 `generate` reaches ~4% of the
-memory-bandwidth roofline on an H100 (issue 6). This module is gpt-fast's recipe on top of the
-HF modules' own parameters; the layer math mirrors transformers' Llama/Mistral/Qwen2/Qwen3 code
-op for op (checked against transformers 5.17 and 5.23), so greedy tokens equal `generate`'s.
+Why our own step rather than transformers' pieces (measured on an H100, Llama-2-7B shape, batch 1,
+benchmarks/results/decode-2026-11-23.json): `generate` with its dynamic cache decodes at 43 tok/s
+(20% of the bandwidth roofline; Python-bound); with a `StaticCache`, which makes transformers
+compile the forward (reduce-overhead), it reaches 124 tok/s (57%), but only for the dense model:
+a dropped attention block's `SkippedCacheLayer` is not compileable, and every mask would be a new
+whole-model compile. This path reaches 169 tok/s (78%) dense, and a new mask costs ~50 ms of
+capture because the compiled unit is one block, shared by all layers and masks. It is gpt-fast's
+recipe on top of the HF modules' own parameters; the layer math mirrors transformers'
+Llama/Mistral/Qwen2/Qwen3 code op for op (checked against transformers 5.17 and 5.23), so greedy
+tokens equal `generate`'s.
 
 Layout. Cache column j of row b holds the token at padded position j; prompts are left-padded to
 the longest one, so row b's real tokens start at column `pad[b]` and its RoPE position is
