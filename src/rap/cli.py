@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -205,7 +206,13 @@ _register_feature_commands()
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("RAP_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    # Other libraries' warnings (deprecations, optional backends) are not the user's problem: the CLI
+    # shows rap's own log lines (RAP_LOG=INFO for more) and one line per error.
+    warnings.simplefilter("ignore")
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rap").setLevel(os.environ.get("RAP_LOG", "WARNING"))
+    for noisy in ("torch", "torchao", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         app()
     except RapError as e:
