@@ -198,8 +198,8 @@ def check_against_generate(device: torch.device, dtype: torch.dtype, new: int = 
     view, tok = load_view("stories260k", dtype=dtype, device=str(device))
     texts = ["Once upon a time", "The little dog ran to the park and saw", "Tom and his mom went to the"]
     prompts = [tok(t).input_ids for t in texts]
-    dec = Decoder(view, step=None if device.type == "cuda" else "static")
-    out = {"model": "stories260k", "dtype": str(dtype).replace("torch.", ""), "new_tokens": new, "rows": []}
+    dec = Decoder(view, step=None if device.type == "cuda" else "static", compile=False)
+    out = {"model": "stories260k", "compiled": False, "dtype": str(dtype).replace("torch.", ""), "new_tokens": new, "rows": []}
     for mask in (BlockMask.full(5), BlockMask.from_drop(5, ["attn.2", "ffn.4"])):
         for batch in ([p] for p in prompts[:1]), [prompts]:
             for group in batch:

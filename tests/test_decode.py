@@ -172,7 +172,7 @@ def test_cuda_graph_per_mask_matches_eager_and_switching_back_costs_no_capture()
 
     view, tok = load_view("stories260k", dtype=torch.float32, device="cuda")
     ids = [tok(p).input_ids for p in PROMPTS]
-    dec = Decoder(view)
+    dec = Decoder(view, compile=False)  # the graph mechanics; compiled kernels may round differently
     dense, masked = BlockMask.full(5), BlockMask.from_drop(5, ["attn.2", "ffn.1"])
     for mask in (dense, masked):
         got = dec.generate(ids, 24, mask=mask, pad_token_id=0)

@@ -21,7 +21,8 @@ def generate(
     stop: Optional[str] = typer.Option(None, help="comma-separated stop token ids (default: the tokenizer's EOS)"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
     device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the block functions inside the graph"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile the block functions (default: on CUDA only)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (texts, tokens, timing)"),
 ) -> None:
     """Generate with rap's decoder: static KV cache for kept attention blocks, one CUDA graph per mask."""
