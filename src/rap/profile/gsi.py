@@ -80,7 +80,7 @@ class Wavefront:
     """
 
     def __init__(self, runner: BlockRunner, windows: torch.Tensor, kept: list[str], *, resident: bool = True,
-                 chunk_windows: int = 1, batch_windows: int = 8):
+                 chunk_windows: int = 1, batch_windows: int = 8, snapshot_bytes: int = 0):
         self.runner = runner
         self.windows = windows
         self.kept = list(kept)
@@ -92,6 +92,8 @@ class Wavefront:
         self.valid = torch.full((self.num_windows,), -1, dtype=torch.long)
         self.resume: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (r, rows [r, W, S, D], ok [r, W])
         self.saving: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.snapshot_bytes = snapshot_bytes  # per snapshot position; windows beyond it are not kept
+        self.snapshot_windows = 0  # most windows one snapshot covered (reported)
 
     @property
     def m(self) -> int:
@@ -238,16 +240,22 @@ class Wavefront:
         return rows[j[:, None], w.to(rows.device)[None, :]].flatten(0, 1)
 
     def _save(self, p: int, w: torch.Tensor, active: torch.Tensor, row_ids: list[int], c: int) -> None:
-        rows, ok = self.saving.get(p, (None, torch.zeros(p, self.num_windows, dtype=torch.bool)))
-        if rows is None:
-            rows = torch.empty((p, self.num_windows, *active.shape[1:]), dtype=active.dtype, device=active.device)
-        view = active.view(len(row_ids), c, *active.shape[1:])
+        """Keep the streams of candidates j < p entering block p, for windows 0..n-1 that fit."""
+        if p not in self.saving:
+            per_window = p * active[0].numel() * active.element_size()
+            n = min(self.num_windows, self.snapshot_bytes // max(1, per_window))
+            rows = torch.empty((p, n, *active.shape[1:]), dtype=active.dtype, device=active.device) if n else None
+            self.saving[p] = (rows, torch.zeros(p, self.num_windows, dtype=torch.bool))
+            self.snapshot_windows = max(self.snapshot_windows, n)
+        rows, ok = self.saving[p]
+        fits = w < (0 if rows is None else rows.shape[1])
         keep = [i for i, j in enumerate(row_ids) if j < p]
-        if keep:
-            js = torch.tensor([row_ids[i] for i in keep])
-            rows[js.to(rows.device)[:, None], w.to(rows.device)[None, :]] = view[keep]
-            ok[js[:, None], w[None, :]] = True
-        self.saving[p] = (rows, ok)
+        if not keep or not bool(fits.any()):
+            return
+        view = active.view(len(row_ids), c, *active.shape[1:])[keep][:, fits.to(active.device)]
+        js, ws = torch.tensor([row_ids[i] for i in keep]), w[fits]
+        rows[js.to(rows.device)[:, None], ws.to(rows.device)[None, :]] = view
+        ok[js[:, None], ws[None, :]] = True
 
     # -- moving on --
     def remove(self, r: int) -> None:
@@ -275,15 +283,17 @@ def _available_bytes(device: torch.device) -> int:
     return 4 << 30
 
 
-def plan(view: BlockView, calib: Calibration, predict: int, cache_bytes: int | None) -> tuple[bool, int]:
-    """(resident, snapshot slots) that fit in `cache_bytes` (default: half the free memory)."""
+def plan(view: BlockView, calib: Calibration, predict: int, cache_bytes: int | None,
+         blocks_left: int | None = None) -> tuple[bool, int]:
+    """(keep the boundary cache resident?, bytes per snapshot position) within `cache_bytes`
+    (default: half the free memory). The boundary cache goes first; snapshots share the rest,
+    and cover as many windows as fit (all, on small models; a part, on 7B at 128 x 2048)."""
     budget = cache_bytes if cache_bytes is not None else _available_bytes(view.device)
-    state = calib.tokens * view.shape.hidden_size * view.shape.dtype_bytes
-    m = 2 * view.num_layers
-    if (m + 1) * state > budget:
-        return False, 0
-    slots = max(0, min(predict, (budget - (m + 1) * state) // max(1, m * state)))
-    return True, int(slots)
+    state = calib.tokens * view.shape.hidden_size * view.shape.dtype_bytes  # one stream, all windows
+    m = blocks_left if blocks_left is not None else 2 * view.num_layers
+    resident = (m + 1) * state <= budget
+    left = budget - (m + 1) * state if resident else budget
+    return resident, int(left // predict) if predict > 0 else 0
 
 
 # ---- the search --------------------------------------------------------------------------------
@@ -334,8 +344,8 @@ def gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, racing
     if follow is not None:
         total_steps = min(total_steps, len(follow))
     method = "gsi-racing" if racing else "gsi"
-    resident, slots = plan(view, calib, predict, cache_bytes)
-    settings = {"racing": vars(racing) if racing else None, "predict": predict, "snapshot_slots": slots,
+    resident, snapshot_bytes = plan(view, calib, predict, cache_bytes)
+    settings = {"racing": vars(racing) if racing else None, "predict": predict, "snapshot_bytes": snapshot_bytes,
                 "resident_cache": resident, "dtype": str(view.dtype).replace("torch.", ""),
                 "steps_requested": total_steps, "follow": follow is not None}
     versions, device_text = environment(view.device)
@@ -347,18 +357,18 @@ def gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, racing
         same = (old.model_hash == profile.model_hash and old.method == method
                 and old.calibration.get("ids_sha256") == calib.sha256
                 and (old.settings or {}).get("racing") == settings["racing"])
-        if same and not old.complete:
+        if same and len(old.order) >= total_steps and old.complete:
+            return old
+        if same and len(old.order) < total_steps:
             profile = old
             profile.settings.update(settings)
             log.info("resuming %s after %d removals", checkpoint, len(old.order))
-        elif same and old.complete and len(old.order) >= total_steps:
-            return old
     done = len(profile.order)
     mask = BlockMask.from_drop(view.num_layers, profile.order)
     if chunk_windows is None:
         chunk_windows = max(1, batch_windows // 4) if resident else max(1, batch_windows // 8)
     wf = Wavefront(runner, calib.windows, runner.kept_blocks(mask), resident=resident,
-                   chunk_windows=chunk_windows, batch_windows=batch_windows)
+                   chunk_windows=chunk_windows, batch_windows=batch_windows, snapshot_bytes=snapshot_bytes)
     tokens = calib.scored_tokens
     W = calib.num_windows
     perm = torch.randperm(W, generator=torch.Generator().manual_seed(calib.seed)).tolist()
@@ -391,7 +401,7 @@ def gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, racing
         passes0 = runner.block_window_passes
         m = wf.m
         cands = list(range(m))
-        save_at = {wf.kept.index(b) for b in guess[:slots]} if resident else set()
+        save_at = {wf.kept.index(b) for b in guess[:predict]} if snapshot_bytes else set()
         shown = [0.0]
 
         def tick(n: int, unit: float = step_cost(m) / W) -> None:
@@ -432,6 +442,7 @@ def gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, racing
         bar.set_postfix_str(f"-{removed} ppl {ppl_r:.2f}", refresh=False)
         log.info("step %d: -%s ppl %.3f (%.1fs, %.1f block forwards)", step + 1, removed, ppl_r, seconds, forwards)
     bar.close()
+    profile.settings["snapshot_windows"] = wf.snapshot_windows
     profile.complete = True
     if checkpoint is not None:
         profile.save(checkpoint)

@@ -90,13 +90,22 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def model_hash(view: BlockView) -> str:
-    """sha256 of the config (as JSON) and of every parameter's name, dtype, shape and bytes."""
+    """sha256 of the config (as JSON) and of every parameter's name, dtype, shape and bytes.
+    Computed once per view (profiling never changes weights; a 7B model takes seconds)."""
+    cached = getattr(view, "_rap_model_hash", None)
+    if cached is not None:
+        return cached
+    from ..mask import BlockMask
+
     h = hashlib.sha256(view.config.to_json_string(use_diff=False).encode())
-    for name, p in sorted(view.model.state_dict().items()):
+    with view.masked(BlockMask.full(view.num_layers)):  # dropped blocks' weights count too
+        state = view.model.state_dict()
+    for name, p in sorted(state.items()):
         t = p.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    view._rap_model_hash = h.hexdigest()
+    return view._rap_model_hash
 
 
 def environment(device: torch.device | str) -> tuple[dict, str]:
