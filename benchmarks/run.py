@@ -1,0 +1,482 @@
+"""The benchmark suite in one command: throughput and memory under budgets, the KV-heavy case, quality,
+and the quantization peer. Runs the pieces that exist and writes $OUT/bench-<date>.json with the
+headline keys of issue 9, each computed from measurements made in this run (or read from a named
+result file), or null with the reason in `notes`.
+
+    python -m benchmarks.run --suite gpu --model /root/smollm2 [--profile gsi.json]   # H100, < 8 min
+    python -m benchmarks.run --suite cpu      # SmolLM2 on CPU: throughput rows; quality from a result file
+    python -m benchmarks.run --suite smoke    # CPU, seconds: every code path on tiny models
+
+Sections (rows carry `section`):
+- ``throughput``: KV-light request (batch 1, prompt 512, 128 new) at budgets 100/80/60/40% of the dense
+  need (memory model: weights + KV + activations). Rows: rap (policy decision, dropped blocks moved off
+  the device, rap.decode.Decoder), ShortGPT-style static layer removal that fits the same budget (same
+  decoder), and stock `model.generate` (dense). 7B/8B shapes use random weights: timing only.
+- ``kv-heavy``: batch 32 x prompt 4096 on the Llama-2-7B shape under a budget of 80% of the dense need,
+  enforced with `torch.cuda.set_per_process_memory_fraction`: dense (does it run out of memory?), rap
+  (does it serve within the budget?), and dense with a plain KV limit (prompts cut to what fits).
+- ``quality``: benchmarks.quality on SmolLM2 (or the rows of `--quality-json`).
+- ``quant``: benchmarks.quant_peer (torchao int8/int4 weight-only) when torchao imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import glob
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from benchmarks.common import environment, out_dir, print_table
+from rap.mask import BlockMask
+from rap.memory import MemoryModel, Request
+from rap.model import BlockView
+
+log = logging.getLogger("benchmarks.run")
+
+SHAPES = {  # random-weight shapes for timing (published configs' sizes)
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, tie_word_embeddings=False),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=160,
+                       num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, tie_word_embeddings=False),
+}
+BUDGETS = (1.0, 0.8, 0.6, 0.4)
+HEADLINE_KEYS = ("throughput_ratio_80pct_kv_light", "quality_kept_80pct", "kv_heavy_dense_ooms",
+                 "kv_heavy_rap_served")
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_prompts(batch: int, prompt: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, prompt), generator=g).tolist()
+
+
+def build_view(shape: str, model_path: str | None, device: str, dtype: torch.dtype) -> tuple[BlockView, bool]:
+    """(view, real_weights)."""
+    from rap.sources import load_view, model_from_config
+
+    if shape == "smollm2-135m":
+        view, _ = load_view(model_path or "smollm2-135m", dtype=dtype, device=device)
+        return view, True
+    kw = dict(SHAPES[shape])
+    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    torch.manual_seed(0)
+    return BlockView(model_from_config(config, dtype=dtype, device=device), name=shape), False
+
+
+def planning_request(request: Request) -> Request:
+    """The request as the Decoder allocates it (batch bucket, cache length rounded up)."""
+    try:
+        from rap.decode import bucket_batch, bucket_length
+    except ImportError:
+        return request
+    length = bucket_length(request.total_tokens)
+    return Request(bucket_batch(request.batch), request.prompt, length - request.prompt)
+
+
+def decide(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: int, profile: dict | None):
+    """The runtime decision for this budget: rap.policy's default when it gives a KV ratio the decoder can
+    run (1.0), else the engine's greedy policy over the profile order (or the engine's default order)."""
+    from rap.engine import GreedyPolicy, default_policy
+
+    full = BlockMask.full(view.num_layers)
+    try:
+        policy = default_policy(profile)
+        raw = policy.decide(mem, request, budget_bytes, full)
+        mask = raw if isinstance(raw, BlockMask) else raw.mask
+        kv_ratio = float(getattr(raw, "kv_ratio", 1.0) or 1.0)
+        if kv_ratio >= 1.0 and mem.fits(budget_bytes, mask, request):
+            return mask, getattr(policy, "name", type(policy).__name__)
+    except Exception as e:  # a policy that needs a quality model or profile we do not have here
+        log.info("default policy unavailable here (%s); using the greedy policy", e)
+    raw = GreedyPolicy(profile["order"] if profile else None).decide(mem, request, budget_bytes, full)
+    return raw.mask, "greedy" + (" (profile order)" if profile else " (default order)")
+
+
+def shortgpt_mask(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: int) -> BlockMask | None:
+    """Static baseline: the fewest whole layers removed (last layers first, ShortGPT's typical pick without
+    calibration data) so that the request fits the budget; None if even all layers do not fit."""
+    L = view.num_layers
+    for k in range(L):
+        drop = [n for i in range(L - k, L) for n in (f"attn.{i}", f"ffn.{i}")]
+        mask = BlockMask.from_drop(L, drop)
+        if mem.fits(budget_bytes, mask, request):
+            return mask
+    return None
+
+
+def time_decoder(view: BlockView, mask: BlockMask, request: Request, device: str, budget_bytes: int | None,
+                 residency=None) -> dict:
+    """Move dropped blocks off the device, then time rap.decode.Decoder (prefill + decode) and its peak."""
+    from rap.decode import Decoder
+
+    if residency is not None:
+        residency.apply(mask)
+        residency.synchronize()
+    free_cuda()
+    step = None if torch.device(device).type == "cuda" else "static"
+    dec = Decoder(view, step=step, budget_bytes=budget_bytes)
+    prompts = random_prompts(request.batch, request.prompt, view.shape.vocab_size)
+    try:
+        dec.prepare(mask, request.batch, request.total_tokens, prompt=request.prompt)
+        dec.generate(prompts, min(8, request.new_tokens), mask=mask)  # warm-up (allocator, kernels)
+        sync(device)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        res = dec.generate(prompts, request.new_tokens, mask=mask)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        t = res.timing
+        return {"tokens_per_s": t.tokens_per_s, "ms_per_token": t.ms_per_step, "prefill_ms": t.prefill_ms,
+                "peak_bytes": peak, "resident_param_bytes": view.resident_param_bytes(mask)}
+    finally:
+        dec.release()
+        del dec
+        free_cuda()
+
+
+def time_stock_generate(view: BlockView, request: Request, device: str) -> dict:
+    """Stock `model.generate` (dense, dynamic cache, greedy): decode ms/token from two lengths."""
+    ids = torch.tensor(random_prompts(request.batch, request.prompt, view.shape.vocab_size), device=device)
+    n1, n2 = 8, max(16, request.new_tokens)
+
+    def run(n: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        view.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t
+
+    run(n1)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t1, t2 = run(n1), run(n2)
+    ms = (t2 - t1) / (n2 - n1) * 1e3
+    return {"tokens_per_s": request.batch * 1e3 / ms if ms > 0 else None, "ms_per_token": ms,
+            "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "resident_param_bytes": view.resident_param_bytes(BlockMask.full(view.num_layers))}
+
+
+# ---- sections -----------------------------------------------------------------------------------------
+def throughput_section(shape: str, args, profile: dict | None, request: Request) -> list[dict]:
+    from rap.engine import WeightResidency
+
+    view, real = build_view(shape, args.model, args.device, args.dtype)
+    weights = "real" if real else "random (timing only)"
+    mem = MemoryModel.from_view(view, on_cuda=torch.device(args.device).type == "cuda")
+    plan_req = planning_request(request)
+    need = mem.dense_need(plan_req)
+    residency = WeightResidency(view)
+    prof = profile if (real and profile) else None
+    rows, dense_tps = [], None
+    base = {"section": "throughput", "model": shape, "weights": weights, "batch": request.batch,
+            "prompt": request.prompt, "new_tokens": request.new_tokens, "dense_need_bytes": need}
+    try:
+        row = {**base, "method": "stock generate (dense)", "budget_ratio": 1.0, "budget_bytes": need}
+        try:
+            residency.apply(BlockMask.full(view.num_layers))
+            row.update(time_stock_generate(view, request, args.device))
+        except Exception as e:
+            row["status"] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+        rows.append(row)
+        print_table([row], ["model", "method", "budget_ratio", "tokens_per_s", "peak_bytes", "status"])
+        for ratio in args.budgets:
+            budget = int(ratio * need)
+            candidates = []
+            try:
+                mask, policy = decide(view, mem, plan_req, budget, prof)
+                candidates.append(("rap" if ratio < 1 else "dense (rap decoder)", mask, policy))
+            except Exception as e:
+                rows.append({**base, "method": "rap", "budget_ratio": ratio, "budget_bytes": budget,
+                             "status": f"no decision: {e}"})
+            if ratio < 1:
+                sg = shortgpt_mask(view, mem, plan_req, budget)
+                if sg is not None:
+                    candidates.append(("shortgpt-static", sg, "last layers removed"))
+            for method, mask, policy in candidates:
+                row = {**base, "method": method, "policy": policy, "budget_ratio": ratio, "budget_bytes": budget,
+                       "blocks_dropped": len(mask.dropped), "dropped": list(mask.dropped),
+                       "predicted_peak_bytes": mem.peak_bytes(mask, plan_req)}
+                try:
+                    row.update(time_decoder(view, mask, request, args.device, budget, residency))
+                    if method.startswith("dense"):
+                        dense_tps = row["tokens_per_s"]
+                    row["ratio_vs_dense"] = row["tokens_per_s"] / dense_tps if dense_tps else None
+                    row["within_budget"] = row["peak_bytes"] <= budget if row.get("peak_bytes") else None
+                except Exception as e:
+                    row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    free_cuda()
+                rows.append(row)
+                print_table([row], ["model", "method", "budget_ratio", "blocks_dropped", "tokens_per_s",
+                                    "ratio_vs_dense", "peak_bytes", "budget_bytes", "within_budget", "status"])
+        stock = rows[0].get("tokens_per_s")
+        for r in rows:
+            if stock and r.get("tokens_per_s"):
+                r["ratio_vs_stock"] = r["tokens_per_s"] / stock
+    finally:
+        del residency, view
+        free_cuda()
+    return rows
+
+
+def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], dict]:
+    """Dense vs rap vs dense-with-a-KV-limit under one enforced budget (CUDA only)."""
+    from rap.engine import WeightResidency
+
+    view, real = build_view(shape, args.model, args.device, args.dtype)
+    mem = MemoryModel.from_view(view, on_cuda=True)
+    plan_req = planning_request(request)
+    need = mem.dense_need(plan_req)
+    budget = int(args.kv_heavy_budget_ratio * need)
+    total = torch.cuda.get_device_properties(0).total_memory
+    base = {"section": "kv-heavy", "model": shape, "weights": "real" if real else "random (timing only)",
+            "batch": request.batch, "prompt": request.prompt, "new_tokens": request.new_tokens,
+            "budget_ratio": args.kv_heavy_budget_ratio, "budget_bytes": budget, "dense_need_bytes": need,
+            "device_total_bytes": total}
+    residency = WeightResidency(view)
+    rows, summary = [], {}
+
+    def attempt(method: str, mask: BlockMask, req: Request, extra: dict) -> dict:
+        row = {**base, **extra, "method": method, "blocks_dropped": len(mask.dropped),
+               "predicted_peak_bytes": mem.peak_bytes(mask, planning_request(req)), "prompt": req.prompt}
+        residency.apply(mask)
+        residency.synchronize()
+        free_cuda()
+        # the budget is enforced by the allocator: nothing may allocate past it (weights included)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        try:
+            row.update(time_decoder(view, mask, req, args.device, None, None))
+            row["served"], row["oom"] = True, False
+            row["within_budget"] = row["peak_bytes"] <= budget
+        except torch.OutOfMemoryError as e:
+            row.update(served=False, oom=True, status=f"OutOfMemoryError: {str(e).splitlines()[0][:120]}")
+        except Exception as e:
+            row.update(served=False, oom=False, status=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            free_cuda()
+        rows.append(row)
+        print_table([row], ["model", "method", "prompt", "blocks_dropped", "served", "oom", "tokens_per_s",
+                            "peak_bytes", "budget_bytes", "status"])
+        return row
+
+    try:
+        full = BlockMask.full(view.num_layers)
+        dense = attempt("dense", full, request, {})
+        mask, policy = decide(view, mem, plan_req, budget, None)
+        rap = attempt("rap", mask, request, {"policy": policy})
+        # plain KV limit: the dense model keeps every block and cuts prompts to the longest that fits
+        fit = 0
+        for p in range(request.prompt, 0, -64):
+            if mem.fits(budget, full, planning_request(Request(request.batch, p, request.new_tokens))):
+                fit = p
+                break
+        if fit:
+            attempt("dense + KV limit (prompt cut)", full, Request(request.batch, fit, request.new_tokens),
+                    {"prompt_kept_ratio": fit / request.prompt})
+        summary = {"kv_heavy_dense_ooms": dense.get("oom"), "kv_heavy_rap_served": bool(
+            rap.get("served") and rap.get("within_budget"))}
+    finally:
+        del residency, view
+        free_cuda()
+    return rows, summary
+
+
+def quality_section(args, profile_path: str | None) -> tuple[dict | None, str | None]:
+    """(quality JSON, its path) from running benchmarks.quality here, or from --quality-json."""
+    if args.quality_json:
+        paths = sorted(glob.glob(args.quality_json))
+        if not paths:
+            return None, f"--quality-json {args.quality_json} matches no file"
+        return json.loads(Path(paths[-1]).read_text()), paths[-1]
+    from benchmarks import quality
+
+    argv = ["--name", f"quality-{args.date}.json", "--limit", str(args.quality_limit),
+            "--ppl-tokens", str(args.quality_ppl_tokens)]
+    if args.suite == "smoke":
+        argv.append("--smoke")
+    else:
+        argv += ["--model", args.model or "smollm2-135m", "--batch-size", str(args.quality_batch_size),
+                 "--calib-windows", str(args.calib_windows), "--calib-seq-len", "2048" if args.suite == "gpu" else "256"]
+    if profile_path:
+        argv += ["--profile", profile_path]
+    quality.main(argv)
+    path = out_dir() / f"quality-{args.date}.json"
+    return json.loads(path.read_text()), str(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("gpu", "cpu", "smoke"), default="gpu")
+    parser.add_argument("--model", default=None, help="SmolLM2 folder or .gguf (default: rap's cached smollm2-135m)")
+    parser.add_argument("--profile", default=None, help="GSI profile JSON for SmolLM2's removal order")
+    parser.add_argument("--quality-json", default=None, help="use this quality result instead of measuring")
+    parser.add_argument("--shapes", default=None, help="comma list of shapes for the throughput section")
+    parser.add_argument("--sections", default="throughput,kv-heavy,quality,quant")
+    parser.add_argument("--max-minutes", type=float, default=7.5, help="skip sections that start after this")
+    parser.add_argument("--kv-heavy-budget-ratio", type=float, default=0.8)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args.date = datetime.date.today().isoformat()
+    cuda = torch.cuda.is_available() and args.suite == "gpu"
+    if args.suite == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--suite gpu needs a CUDA device; use --suite cpu or smoke here")
+    args.device = "cuda" if cuda else "cpu"
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    args.budgets = BUDGETS
+    if args.suite == "gpu":
+        shapes = ["llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m"]
+        light, heavy = Request(1, 512, 128), Request(32, 4096, 16)
+        args.quality_limit, args.quality_ppl_tokens, args.quality_batch_size, args.calib_windows = 500, 0, 64, 16
+    elif args.suite == "cpu":
+        shapes = ["smollm2-135m"]
+        light, heavy = Request(1, 128, 16), None
+        args.quality_json = args.quality_json or "benchmarks/results/quality-*.json"
+    else:
+        shapes = ["tiny-llama"]
+        light, heavy = Request(1, 32, 8), None
+        args.quality_limit, args.quality_ppl_tokens, args.quality_batch_size, args.calib_windows = 8, 512, 8, 2
+    if args.shapes:
+        shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    sections = [s.strip() for s in args.sections.split(",")]
+    profile = json.loads(Path(args.profile).read_text()) if args.profile else None
+
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    notes: dict[str, str] = {}
+    headline: dict = {k: None for k in HEADLINE_KEYS}
+    sources: dict[str, str] = {}
+
+    def time_left() -> bool:
+        return (time.perf_counter() - t0) / 60 < args.max_minutes
+
+    def guarded(name: str, fn):
+        if name not in sections:
+            notes[f"section:{name}"] = "not requested (--sections)"
+            return None
+        if not time_left():
+            notes[f"section:{name}"] = f"skipped: the run passed --max-minutes {args.max_minutes}"
+            return None
+        try:
+            return fn()
+        except Exception as e:
+            notes[f"section:{name}"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            traceback.print_exc()
+            free_cuda()
+            return None
+
+    # 1. throughput under budgets (KV-light)
+    for shape in shapes:
+        got = guarded("throughput", lambda: throughput_section(shape, args, profile, light))
+        rows += got or []
+    primary = next((s for s in ("llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m", "tiny-llama") if s in shapes),
+                   None)
+    r80 = next((r for r in rows if r["section"] == "throughput" and r["model"] == primary and r["method"] == "rap"
+                and abs(r["budget_ratio"] - 0.8) < 1e-9 and r.get("ratio_vs_dense")), None)
+    if r80:
+        headline["throughput_ratio_80pct_kv_light"] = r80["ratio_vs_dense"]
+        sources["throughput_ratio_80pct_kv_light"] = (
+            f"{primary} ({r80['weights']}), batch {light.batch} x prompt {light.prompt}, {light.new_tokens} new tokens: "
+            f"rap decoder under the 80% decision vs the same decoder dense, same run")
+    else:
+        notes["throughput_ratio_80pct_kv_light"] = ("no rap row at 80% was measured "
+                                                    f"(see section notes; shapes {shapes})")
+
+    # 2. KV-heavy under an enforced budget
+    if heavy is None:
+        notes["kv_heavy_dense_ooms"] = notes["kv_heavy_rap_served"] = (
+            "needs a CUDA device: out-of-memory under an enforced budget is measured with the CUDA allocator")
+    else:
+        got = guarded("kv-heavy", lambda: kv_heavy_section("llama-2-7b", args, heavy))
+        if got:
+            rows += got[0]
+            headline.update(got[1])
+            for k in ("kv_heavy_dense_ooms", "kv_heavy_rap_served"):
+                sources[k] = (f"llama-2-7b shape (random weights), batch {heavy.batch} x prompt {heavy.prompt}, "
+                              f"budget {args.kv_heavy_budget_ratio:.0%} of the dense need, enforced by the allocator")
+        else:
+            notes.setdefault("kv_heavy_dense_ooms", "the kv-heavy section did not run (see section notes)")
+            notes.setdefault("kv_heavy_rap_served", "the kv-heavy section did not run (see section notes)")
+
+    # 3. quality
+    got = guarded("quality", lambda: quality_section(args, args.profile))
+    if got and got[0]:
+        q, qpath = got
+        headline["quality_kept_80pct"] = q.get("quality_kept_80pct")
+        sources["quality_kept_80pct"] = (f"{qpath}: {q.get('model')}, rap-order mask at 80% of parameter bytes, "
+                                         f"mean zero-shot headline accuracy / dense (limit {q.get('limit_per_task')})")
+        for r in q.get("rows", []):
+            rows.append({"section": "quality", "model": q.get("model"), "method": r["method"],
+                         "budget_ratio": r["budget"], "param_ratio": r["param_ratio"],
+                         "mean_headline": r["mean_headline"], "quality_kept": r.get("quality_kept"),
+                         "wikitext2_ppl": r.get("wikitext2_ppl")})
+    elif got and got[1]:
+        notes["quality_kept_80pct"] = got[1]
+    if headline["quality_kept_80pct"] is None:
+        notes.setdefault("quality_kept_80pct", "quality section did not produce a rap-order row at 80%")
+
+    # 4. quantization peer
+    def quant():
+        from benchmarks import quant_peer
+
+        argv = ["--name", f"quant-{args.date}.json"]
+        if args.suite == "smoke":
+            argv.append("--smoke")
+        else:
+            argv += ["--model", args.model or "smollm2-135m"]
+            if args.suite == "gpu":
+                argv += ["--limit", "500", "--ppl-tokens", "0"]
+        if args.profile:
+            argv += ["--profile", args.profile]
+        quant_peer.main(argv)
+        return True
+
+    guarded("quant", quant)
+
+    payload = {**environment(), "kind": "bench", "suite": args.suite, **headline,
+               "headline_sources": sources, "notes": notes, "seconds": time.perf_counter() - t0,
+               "requests": {"kv_light": light.__dict__, "kv_heavy": heavy.__dict__ if heavy else None},
+               "rows": rows}
+    path = out_dir() / f"bench-{args.date}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print()
+    print_table([r for r in rows if r["section"] != "quality"],
+                ["section", "model", "weights", "method", "budget_ratio", "batch", "prompt", "tokens_per_s",
+                 "ratio_vs_dense", "peak_bytes", "budget_bytes", "within_budget", "status"])
+    print(json.dumps({k: payload[k] for k in HEADLINE_KEYS}, indent=2))
+    if notes:
+        print("notes:", json.dumps(notes, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
