@@ -83,7 +83,7 @@ def _kernels():
     def partial_kernel(Q, K, V, STARTS, LENS, O_PART, M_PART, L_PART,
                        scale, q_len, m_rows, num_splits, split_size,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
         s = tl.program_id(0)
         sp = tl.program_id(1)
         mb = tl.program_id(2)
@@ -106,7 +106,10 @@ def _kernels():
             k_ok = offs < hi
             kv_off = (start + offs.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]
             k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            if IEEE:  # float32 caches: true fp32 products (TF32 would cost ~1e-3 relative error)
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * scale
             visible = k_ok[None, :] & (offs[None, :] <= limit[:, None])
             qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -114,7 +117,10 @@ def _kernels():
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         part = (s * num_splits + sp) * m_rows + rows
         tl.store(M_PART + part, m_i, mask=row_ok)
@@ -187,11 +193,10 @@ def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float) -> 
     o_part = torch.empty(S * num_splits * M, D, device=dev, dtype=torch.float32)
     m_part = torch.empty(S * num_splits * M, device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    precision = "ieee" if keys.dtype == torch.float32 else "tf32"
     partial_kernel[(S, num_splits, m_blocks)](
         queries, keys, values, kv.starts, kv.lengths, o_part, m_part, l_part,
         float(scaling), q, M, num_splits, split,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=keys.dtype == torch.float32,
         num_warps=4, num_stages=2)
     out = torch.empty(S, M, D, device=dev, dtype=query.dtype)
     combine_kernel[(S, m_blocks)](o_part, m_part, l_part, out, M, num_splits,

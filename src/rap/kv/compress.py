@@ -136,3 +136,30 @@ def _is_eos(token: torch.Tensor, eos) -> bool:
         return False
     eos = [eos] if isinstance(eos, int) else list(eos)
     return bool(torch.isin(token, torch.tensor(eos, device=token.device)).all())
+
+
+@torch.no_grad()
+def answer_questions(view_or_model, context_ids: torch.Tensor, questions: list[torch.Tensor], max_new_tokens: int,
+                     press: Press | None = None, budget: Budget | None = None, question_aware: bool = True,
+                     eos_token_id: int | list[int] | None = None) -> list[torch.Tensor]:
+    """Answers [1, <= max_new_tokens] to several questions about one context.
+
+    Question-agnostic with a press: the context is compressed once and every question is read
+    through that cache, which is cropped back to the compressed context after each answer.
+    """
+    if press is None or question_aware:
+        return [generate(view_or_model, context_ids, max_new_tokens, press, budget, q, question_aware, eos_token_id)
+                for q in questions]
+    model = _model(view_or_model)
+    longest = max(q.shape[1] for q in questions)
+    comp = compress(model, press, context_ids, budget or Budget(kv_ratio=1.0), reserve=longest + max_new_tokens)
+    T = context_ids.shape[1]
+    gen = dict(do_sample=False, eos_token_id=eos_token_id, temperature=None, top_p=None, top_k=None,
+               pad_token_id=eos_token_id if isinstance(eos_token_id, int) else None)
+    answers = []
+    for q in questions:
+        prompt = torch.cat([context_ids, q], dim=1)
+        out = model.generate(prompt, past_key_values=comp.cache, max_new_tokens=max_new_tokens, **gen)
+        answers.append(out[:, prompt.shape[1]:])
+        comp.cache.crop(-(comp.cache.get_seq_length() - T))
+    return answers

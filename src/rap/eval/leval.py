@@ -1,0 +1,123 @@
+"""L-Eval closed-ended long-document tasks (OpenLMLab/LEval, ../shared/data/leval), exact-match scored.
+
+Tasks: `topic_retrieval_longchat` (name the first/second/third topic of a long chat; correct if
+the gold topic appears in the answer), the multiple-choice sets `quality`, `tpo` (one letter) and
+`coursera` (one or more letters, all must match), `sci_fi` (True/False, loyal to the document)
+and `gsm100` (last number of the answer). The document goes first, then one instruction, in the
+model's chat template. Documents longer than the context budget keep their beginning (as L-Eval's
+baselines truncate). All questions about one document share the document's prefix, so in the
+question-agnostic mode the document's cache is compressed once and reused for each question.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import data_file
+from ..errors import RequestError
+from .needle import split_chat_prompt
+
+KINDS = {"topic_retrieval_longchat": "topic", "quality": "choice", "tpo": "choice", "coursera": "multi_choice",
+         "sci_fi": "true_false", "gsm100": "number"}
+DEFAULT_TASKS = ("topic_retrieval_longchat", "quality", "tpo", "coursera", "sci_fi")
+HEAD = ("Now you are given a very long document. Please follow the instruction after this document. "
+        "These instructions may include summarizing a document, answering questions based on the document, "
+        "or writing a required paragraph.\n\nDocument is as follows.\n")
+SUFFIX = {"choice": "\nAnswer with the letter of the correct option.",
+          "multi_choice": "\nAnswer with the letters of all correct options.",
+          "true_false": "\nAnswer True or False.", "topic": "", "number": ""}
+
+
+@dataclass(frozen=True)
+class Document:
+    task: str
+    index: int
+    context_ids: torch.Tensor  # [1, n] template head + (truncated) document
+    questions: tuple[torch.Tensor, ...]  # [1, m] each: instruction + template tail
+    golds: tuple[str, ...]
+    truncated: bool
+
+
+def load_documents(tok, task: str, max_context: int, max_docs: int | None = None,
+                   max_questions: int | None = None, max_new_tokens: int = 32) -> list[Document]:
+    if task not in KINDS:
+        raise RequestError(f"unknown L-Eval task {task!r}; choose from {', '.join(KINDS)}")
+    path = data_file(f"leval/Closed-ended-tasks/{task}.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    docs, budget_q = [], max_questions
+    for i, rec in enumerate(records[:max_docs] if max_docs else records):
+        pairs = list(zip(rec["instructions"], rec["outputs"]))
+        if budget_q is not None:
+            pairs = pairs[:budget_q]
+            budget_q -= len(pairs)
+        if not pairs:
+            break
+        head, _ = split_chat_prompt(tok, HEAD, "")
+        tails = [split_chat_prompt(tok, HEAD, f"\n\nInstruction: {inst}{SUFFIX[KINDS[task]]}")[1] for inst, _ in pairs]
+        doc = tok(rec["input"], add_special_tokens=False).input_ids
+        room = max_context - len(head) - max(len(t) for t in tails) - max_new_tokens
+        if room < 64:
+            raise RequestError(f"--max-context {max_context} leaves no room for {task}'s documents")
+        docs.append(Document(task, i, torch.tensor([head + doc[:room]]), tuple(torch.tensor([t]) for t in tails),
+                             tuple(g for _, g in pairs), len(doc) > room))
+    return docs
+
+
+def _letters(text: str) -> set[str]:
+    return set(re.findall(r"(?<![A-Za-z])([A-D])(?![a-z])", text))
+
+
+def score_answer(task: str, prediction: str, gold: str) -> float:
+    kind = KINDS[task]
+    pred = prediction.strip()
+    if kind == "topic":
+        norm = lambda s: re.sub(r"[^a-z0-9 ]", "", s.lower()).strip()  # noqa: E731
+        return float(norm(gold) in norm(pred))
+    if kind == "choice":
+        want = re.match(r"\s*\(?([A-D])", gold)
+        got = re.search(r"(?<![A-Za-z])\(?([A-D])(?![a-z])", pred)
+        return float(bool(want and got and want.group(1) == got.group(1)))
+    if kind == "multi_choice":
+        first_line = pred.splitlines()[0] if pred else ""
+        return float(_letters(first_line) == set(gold.strip()))
+    if kind == "true_false":
+        want = gold.split("[")[0].strip().lower()
+        got = re.search(r"\b(true|false)\b", pred.lower())
+        return float(bool(got) and got.group(1) == want)
+    nums = re.findall(r"-?\d[\d,]*\.?\d*", pred)
+    return float(bool(nums) and nums[-1].replace(",", "").rstrip(".") == gold.strip())
+
+
+def run_leval(view, tok, presses: dict, budgets: list[float], tasks: list[str], max_context: int,
+              max_docs: int | None = None, max_questions: int | None = 20, max_new_tokens: int = 32,
+              question_aware: bool = True, progress: bool = True) -> list[dict]:
+    """One row per (press, budget, task, question); `presses`: name -> Press or None (full cache)."""
+    from ..kv import Budget
+    from ..kv.compress import answer_questions
+
+    device = view.device
+    docs = {t: load_documents(tok, t, max_context, max_docs, max_questions, max_new_tokens) for t in tasks}
+    jobs = [(name, press, b) for name, press in presses.items() for b in ([1.0] if press is None else budgets)]
+    total = len(jobs) * sum(len(d.questions) for ds in docs.values() for d in ds)
+    bar = tqdm(total=total, desc="leval", disable=not progress, leave=False)
+    rows = []
+    for name, press, b in jobs:
+        for task, ds in docs.items():
+            for doc in ds:
+                answers = answer_questions(view, doc.context_ids.to(device), [q.to(device) for q in doc.questions],
+                                           max_new_tokens, press, Budget(kv_ratio=b), question_aware,
+                                           tok.eos_token_id)
+                for k, (ans, gold) in enumerate(zip(answers, doc.golds)):
+                    text = tok.decode(ans[0], skip_special_tokens=True)
+                    rows.append({"press": name, "budget": b, "task": task, "doc": doc.index, "question": k,
+                                 "context_tokens": int(doc.context_ids.shape[1]), "truncated": doc.truncated,
+                                 "score": score_answer(task, text, gold), "answer": text.strip()[:120],
+                                 "gold": gold[:120]})
+                    bar.update()
+    bar.close()
+    return rows

@@ -1,0 +1,188 @@
+"""`rap kv needle | leval | continuation`: press x budget evaluations of KV-cache compression.
+
+Each prints a table (rows: presses, columns: budgets, plus the full-cache reference) and writes
+`<out>/kv-<eval>-<model>-<date>.json` (every row, the summary, device, date, command) and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+kv_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                     help="KV-cache compression (StreamingLLM, SnapKV, PyramidKV, Ada-KV): evaluations.")
+
+PRESSES_HELP = "comma list of: streaming, snapkv, pyramidkv, adakv (=AdaKV(SnapKV)), ada-pyramidkv"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(kv_app, name="kv")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    from ..errors import RequestError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RequestError(f"cannot read {what} {text!r}: give comma-separated numbers, e.g. 0.05,0.1,0.2") from None
+    if not values:
+        raise RequestError(f"no {what} given")
+    return values
+
+
+def _budgets(text: str) -> list[float]:
+    from ..errors import RequestError
+
+    values = [v / 100 if v > 1 else v for v in _floats(text, "budgets")]  # accept 5,10,20 as percent
+    if any(not 0 < v <= 1 for v in values):
+        raise RequestError(f"budgets must be in (0, 1] (or percentages), got {text!r}")
+    return values
+
+
+def _presses(text: str, full: bool) -> dict:
+    from . import make_press
+
+    presses = {"full": None} if full else {}
+    for name in text.split(","):
+        if name.strip():
+            presses[name.strip().lower()] = make_press(name)
+    return presses
+
+
+def _load(model: str, dtype: Optional[str], device: Optional[str]):
+    from ..cli import load_view_for_cli
+
+    return load_view_for_cli(model, dtype=dtype, device=device)
+
+
+def _stem(kind: str, view) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(view.name))
+    return f"kv-{kind}-{safe}-{datetime.date.today().isoformat()}"
+
+
+def _finish(kind: str, view, out: Path, rows: list[dict], summary: dict, metric: str, settings: dict,
+            value_fmt: str, higher_is_better: bool) -> None:
+    from .report import table_text, write_result
+
+    title = f"{kind} on {view.name}: {metric} ({'higher' if higher_is_better else 'lower'} is better)"
+    console.print(table_text(summary, value_fmt, title))
+    payload = {"eval": kind, "model": view.name, "metric": metric, "settings": settings, "summary": summary,
+               "rows": rows}
+    json_path, png_path = write_result(out, _stem(kind, view), payload, summary, metric, title)
+    console.print(f"wrote {json_path} and {png_path}")
+
+
+@kv_app.command()
+def needle(
+    model: str,
+    presses: str = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP),
+    budgets: str = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)"),
+    lengths: Optional[str] = typer.Option(None, help="context lengths in tokens (default: up to the model's context)"),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="needle depths in [0, 1]"),
+    max_new: int = typer.Option(32, help="answer tokens"),
+    agnostic: bool = typer.Option(False, "--agnostic", help="compress the haystack before the question is known"),
+    full: bool = typer.Option(True, "--full/--no-full", help="also run the full-cache reference"),
+    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu"),
+    out: Path = typer.Option(Path("out"), help="folder for the JSON and the plot"),
+) -> None:
+    """Needle-in-a-haystack retrieval (Paul Graham essays) per press x budget, averaged over depths and lengths."""
+    from ..eval.needle import run_needle, summarize
+
+    view, tok = _load(model, dtype, device)
+    ctx = view.shape.max_context
+    lens = [int(x) for x in _floats(lengths, "lengths")] if lengths else default_lengths(ctx)
+    rows = run_needle(view, tok, _presses(presses, full), _budgets(budgets), lens, _floats(depths, "depths"),
+                      max_new, question_aware=not agnostic)
+    settings = {"lengths": lens, "depths": _floats(depths, "depths"), "max_new_tokens": max_new,
+                "question_aware": not agnostic, "dtype": str(view.dtype)}
+    _finish("needle", view, out, rows, summarize(rows), "needle accuracy", settings, "{:.3f}", True)
+
+
+def default_lengths(max_context: int) -> list[int]:
+    lens = [n for n in (1024, 2048, 4096, 8192) if n <= max_context - 64]
+    if max_context - 64 > (lens[-1] if lens else 0) * 1.5:
+        lens.append(max_context - 64)
+    return lens or [max_context // 2, max_context - 16]
+
+
+@kv_app.command()
+def leval(
+    model: str,
+    tasks: str = typer.Option("topic_retrieval_longchat,quality,tpo,coursera,sci_fi", help="L-Eval closed-ended tasks"),
+    presses: str = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP),
+    budgets: str = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)"),
+    max_context: Optional[int] = typer.Option(None, help="prompt tokens (default: the model's context)"),
+    max_docs: Optional[int] = typer.Option(None, help="documents per task"),
+    max_questions: int = typer.Option(20, help="questions per task"),
+    max_new: int = typer.Option(32, help="answer tokens"),
+    agnostic: bool = typer.Option(False, "--agnostic", help="compress each document once, before its questions"),
+    full: bool = typer.Option(True, "--full/--no-full", help="also run the full-cache reference"),
+    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32"),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu"),
+    out: Path = typer.Option(Path("out"), help="folder for the JSON and the plot"),
+) -> None:
+    """L-Eval long-document exact-match tasks per press x budget (mean over tasks of per-task accuracy)."""
+    from ..eval.leval import run_leval
+
+    view, tok = _load(model, dtype, device)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    ctx = max_context or view.shape.max_context
+    rows = run_leval(view, tok, _presses(presses, full), _budgets(budgets), task_list, ctx, max_docs,
+                     max_questions, max_new, question_aware=not agnostic)
+    per_task: dict = {}
+    for r in rows:
+        per_task.setdefault(r["task"], {}).setdefault(r["press"], {}).setdefault(f"{r['budget']:g}", []).append(
+            r["score"])
+    per_task = {t: {p: {b: sum(v) / len(v) for b, v in d.items()} for p, d in ps.items()} for t, ps in per_task.items()}
+    summary = {p: {b: sum(per_task[t][p][b] for t in per_task) / len(per_task) for b in d}
+               for p, d in next(iter(per_task.values())).items()}
+    from .report import table_text
+
+    for task, s in per_task.items():
+        console.print(table_text(s, "{:.3f}", f"{task}: accuracy"))
+    settings = {"tasks": task_list, "max_context": ctx, "max_docs": max_docs, "max_questions": max_questions,
+                "max_new_tokens": max_new, "question_aware": not agnostic, "per_task": per_task,
+                "dtype": str(view.dtype)}
+    _finish("leval", view, out, rows, summary, "L-Eval accuracy (mean over tasks)", settings, "{:.3f}", True)
+
+
+@kv_app.command()
+def continuation(
+    model: str,
+    file: Optional[str] = typer.Option(None, "--file", help="plain-text file (default: WikiText-2 raw test)"),
+    prefix: Optional[int] = typer.Option(None, help="prefix tokens compressed (default: 3/4 of the model's context)"),
+    cont: Optional[int] = typer.Option(None, "--continuation", help="tokens scored after the prefix (default: 1/4)"),
+    windows: int = typer.Option(8, help="non-overlapping windows of prefix + continuation"),
+    presses: str = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP),
+    budgets: str = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)"),
+    full: bool = typer.Option(True, "--full/--no-full", help="also run the full-cache reference"),
+    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32"),
+    device: Optional[str] = typer.Option(None, help="cuda | cpu"),
+    out: Path = typer.Option(Path("out"), help="folder for the JSON and the plot"),
+) -> None:
+    """Perplexity of the continuation after compressing a long prefix, per press x budget."""
+    from ..data import WIKITEXT2_TEST, read_text
+    from ..eval.perplexity import needs_bos, token_windows
+    from .continuation import run_continuation
+
+    view, tok = _load(model, dtype, device)
+    ctx = view.shape.max_context
+    P = prefix or (3 * ctx) // 4
+    C = cont or ctx // 4
+    text = read_text(file or WIKITEXT2_TEST)
+    wins = token_windows(text, tok, P + C, max_tokens=windows * (P + C) + P + C,
+                         bos=needs_bos(tok, view.config.model_type))[:windows]
+    rows = run_continuation(view, wins, P, _presses(presses, full), _budgets(budgets))
+    summary: dict = {}
+    for r in rows:
+        summary.setdefault(r["press"], {})[f"{r['budget']:g}"] = r["ppl"]
+    settings = {"file": file or WIKITEXT2_TEST, "prefix_tokens": P, "continuation_tokens": C,
+                "windows": int(wins.shape[0]), "dtype": str(view.dtype)}
+    _finish("continuation", view, out, rows, summary, "continuation perplexity", settings, "{:.2f}", False)
