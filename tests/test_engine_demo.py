@@ -48,8 +48,10 @@ def test_rap_demo_and_serve_are_registered_commands(tmp_path):
 
     runner = CliRunner()
     assert "OpenAI-compatible" in runner.invoke(app, ["serve", "--help"]).output
+    import torch
+
     r = runner.invoke(app, ["demo", "--model", "stories260k", "--trace", "1.0,0.5", "--batches", "1",
-                            "--out", str(tmp_path), "--device", "cpu"])
+                            "--out", str(tmp_path), "--device", "cpu", "--threads", str(torch.get_num_threads())])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "demo-stories260k.png").is_file() and (tmp_path / "demo-stories260k.json").is_file()
     bad = runner.invoke(app, ["demo", "--model", "stories260k", "--trace", "lots"])

@@ -195,8 +195,12 @@ def render_table(result: DemoResult, title: str, last: int | None = 14):
         decision = "dense" if r.decision == "dense" else f"-{r.dropped_ffn} ffn, -{r.dropped_attn} attn"
         table.add_row(f"{r.elapsed_s:.1f}", budget, decision, format_bytes(r.resident_bytes),
                       format_bytes(r.predicted_peak_bytes), str(r.batch), f"{r.tokens_per_s:.1f}",
-                      f"{r.quality_ppl:.2f}", escape(r.sample.replace("\n", " ")))
+                      _ppl(r.quality_ppl), escape(r.sample.replace("\n", " ")))
     return table
+
+
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1000 else f"{x:.2g}"
 
 
 def render_levels(result: DemoResult):
@@ -212,7 +216,7 @@ def render_levels(result: DemoResult):
                       str(dropped[0]) if len(dropped) == 1 else f"{dropped[0]}-{dropped[-1]}",
                       format_bytes(lv["max_resident_bytes"]), f"{lv['tokens_per_s']:.1f}",
                       f"{lv['tokens_per_s_vs_dense']:.2f}x",
-                      f"{min(ppl):.2f}" if min(ppl) == max(ppl) else f"{min(ppl):.2f}-{max(ppl):.2f}")
+                      _ppl(min(ppl)) if min(ppl) == max(ppl) else f"{_ppl(min(ppl))}-{_ppl(max(ppl))}")
     return table
 
 
