@@ -12,7 +12,7 @@ the throughput; per level it reports throughput relative to the dense level.
 
 Headline keys: oom_crashes (OOM errors that escaped the engine), max_resident_over_budget_bytes
 (max over batches of measured peak - budget; predicted peak on CPU, where nothing is measured;
-must be <= 0), steps. Writes $OUT/engine-trace-<date>.json and a plot beside it.
+must be <= 0), steps. Writes $OUT/engine-trace-<date>-<model>.json and a plot beside it.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class NumericTokenizer:
     """Stand-in tokenizer for random-weight shapes: ids in, ids out (timing runs only)."""
 
     padding_side = "left"
-    pad_token = eos_token = unk_token = "<0>"
-    pad_token_id = eos_token_id = 0
+    pad_token = unk_token = "<0>"
+    eos_token = eos_token_id = None  # random weights: run every row to max_new_tokens
+    pad_token_id = 0
     chat_template = None
 
     def __init__(self, vocab_size: int):
@@ -140,6 +141,7 @@ def main() -> None:
             info = served[0].step if served else None
             steps_run = {id(r.step): r.step for r in served}.values()  # a batch may have been split
             allocated = torch.cuda.memory_allocated(engine.device) if on_cuda else None
+            reserved = torch.cuda.memory_reserved(engine.device) if on_cuda else None
             measured = max((s.measured_peak_bytes for s in steps_run if s.measured_peak_bytes is not None),
                            default=None)
             predicted = max((s.predicted_peak_bytes for s in steps_run), default=0)
@@ -147,11 +149,14 @@ def main() -> None:
             rows.append({
                 "step": step, "level_ratio": level, "budget_bytes": budget, "batch": len(batch),
                 "prompt_max": max(len(r.prompt_ids) for r in batch), "new_max": max(r.max_new_tokens for r in batch),
-                "decision": str(info.decision.mask) if info else "-",
+                "decision": ("dense" if info.decision.mask.is_full else
+                             f"-{len(info.decision.mask.dropped)} blocks") if info else "rejected",
+                "mask": str(info.decision.mask) if info else None,
                 "dropped_ffn": sum(n.startswith("ffn") for n in info.decision.mask.dropped) if info else None,
                 "dropped_attn": sum(n.startswith("attn") for n in info.decision.mask.dropped) if info else None,
                 "predicted_peak_bytes": predicted, "measured_peak_bytes": measured,
-                "allocated_after_bytes": allocated, "resident_param_bytes": engine.residency.resident_bytes(),
+                "allocated_after_bytes": allocated, "reserved_after_bytes": reserved,
+                "resident_param_bytes": engine.residency.resident_bytes(),
                 "moved_blocks": sum(len(s.dropped_blocks) + len(s.restored_blocks) for s in steps_run),
                 "engine_batches": len(steps_run), "tokens": tokens, "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -166,6 +171,7 @@ def main() -> None:
     over = [(r["measured_peak_bytes"] if r["measured_peak_bytes"] is not None else r["predicted_peak_bytes"])
             - r["budget_bytes"] for r in rows if r["tokens"]]
     over_alloc = [r["allocated_after_bytes"] - r["budget_bytes"] for r in rows if r["allocated_after_bytes"] is not None]
+    over_reserved = [r["reserved_after_bytes"] - r["budget_bytes"] for r in rows if r["reserved_after_bytes"] is not None]
     levels = []
     dense_tps = None
     for level_index, level in enumerate(trace):
@@ -193,6 +199,9 @@ def main() -> None:
         "max_resident_over_budget_source": "measured max_memory_allocated" if on_cuda else
                                            "predicted (CPU: no allocator statistics)",
         "max_allocated_after_batch_over_budget_bytes": max(over_alloc) if over_alloc else None,
+        # the caching allocator's reserve (includes CUDA-graph pools and cached free blocks): context only
+        "max_reserved_after_batch_over_budget_bytes": max(over_reserved) if over_reserved else None,
+        "budget_violations": sum(1 for v in over if v > 0),
         "steps": len(rows),
         "oom_events_caught": engine.stats.oom_events, "oom_failures": engine.stats.oom_failures,
         "requests_rejected": engine.stats.requests_rejected,
@@ -200,10 +209,12 @@ def main() -> None:
     }
     print("\n" + "  ".join(f"{k}={v}" for k, v in headline.items()))
     date = datetime.date.today().isoformat()
-    name = f"engine-trace-{date}" + ("-smoke" if args.smoke else "")
+    slug = (args.shape or args.model).replace("/", "_").replace(".", "_").split("_gguf")[0][-40:]
+    name = f"engine-trace-{date}-{slug}" + ("-smoke" if args.smoke else "")
     payload = {**headline, "model": view.name, "note": note, "backend": engine.backend.name,
                "dtype": str(view.dtype), "trace": trace, "dense_need_bytes": dense_need,
-               "reference_request": reference.__dict__, "wall_seconds": wall, "levels": levels, "rows": rows,
+               "reference_request": reference.__dict__, "wall_seconds": wall,
+               "overhead_bytes": engine.overhead_bytes, "levels": levels, "rows": rows,
                "args": vars(args)}
     write_json(f"{name}.json", payload)
     plot(rows, trace, dense_need, f"{view.name} on {engine.device}", out_dir() / f"{name}.png")

@@ -313,7 +313,8 @@ class WeightResidency:
         self.view = view
         self.device = view.device
         self.on_cuda = self.device.type == "cuda"
-        self.resident: set[str] = {b.name for b in view.blocks}
+        # replaced, never mutated: other threads (metrics, /v1/budget) read it while a batch runs
+        self.resident: frozenset[str] = frozenset(b.name for b in view.blocks)
         self._params: dict[str, list[torch.nn.Parameter]] = {
             b.name: list(view.block_module(b.name).parameters()) for b in view.blocks}
         self._host: dict[str, list[torch.Tensor]] = {}
@@ -339,7 +340,7 @@ class WeightResidency:
         return self.view.base_bytes + sum(b.param_bytes for b in self.view.blocks if b.name in self.resident)
 
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._host.values() for t in ts)
+        return sum(t.numel() * t.element_size() for ts in list(self._host.values()) for t in ts)
 
     def apply(self, mask: BlockMask) -> tuple[list[str], list[str]]:
         """Drop what `mask` drops (first, freeing memory), then restore what it keeps. Returns
@@ -372,7 +373,7 @@ class WeightResidency:
                 self._host[name] = host
             for p, h in zip(self._params[name], self._host[name]):
                 p.data = h  # the device tensor's last reference goes: the allocator frees it
-        self.resident.discard(name)
+        self.resident = self.resident - {name}
         self.moves["dropped"] += 1
 
     def _restore(self, name: str) -> None:
@@ -387,7 +388,7 @@ class WeightResidency:
                 event = torch.cuda.Event()
                 event.record(self._stream)
             self._pending[name] = event
-        self.resident.add(name)
+        self.resident = self.resident | {name}
         self.moves["restored"] += 1
 
     def synchronize(self) -> None:
@@ -892,6 +893,10 @@ class Engine:
         t0 = time.perf_counter()
         started_at = time.time()
         dropped, restored = self.residency.apply(decision.mask)
+        if not isinstance(backend, HFGenerateBackend):
+            # The fast decoder reads weights directly (no module forward, so no per-block wait
+            # hooks) and may run them on its own streams: the copies must be complete first.
+            self.residency.synchronize()
         for b in self._backends():
             b.on_weights_restored(restored)
         # Buffers a backend keeps between batches (the decoder's KV) come on top of the prediction
@@ -1010,7 +1015,12 @@ class _RowDispatcher:
                 continue
             self.count[row] += 1
             if r.on_token is not None:
-                r.on_token(int(token))
+                try:
+                    r.on_token(int(token))
+                except Exception as e:  # a gone listener must not fail the batch for the others
+                    log.warning("on_token callback of request %s failed (%s); not streaming it further",
+                                r.request_id or "-", e)
+                    r.on_token = None
             if self.count[row] >= r.max_new_tokens:
                 self.done[row] = True
 
