@@ -229,6 +229,7 @@ def main() -> None:
     if args.smoke:
         args.requests, args.duration = 120, 6.0
 
+    load_before = os.getloadavg()
     out_root = Path(os.environ.get("OUT", "out"))
     out_root.mkdir(parents=True, exist_ok=True)
     proc = None
@@ -279,6 +280,8 @@ def main() -> None:
         "stream_ttft_p50_ms": percentile(ttft, 0.5), "stream_ttft_p99_ms": percentile(ttft, 0.99),
         "wall_seconds": wall, "requests_per_s": len(results) / wall,
         "server_alive_after": health == 200,
+        # other processes on this machine compete with client and server (1-minute load averages)
+        "load_average_before": round(load_before[0], 2), "load_average_after": round(os.getloadavg()[0], 2),
     }
     print_table(phases, ["phase", "level_ratio", "budget_bytes", "served", "mean_dropped_blocks", "max_dropped_blocks",
                          "mean_batch", "p50_ms"])
