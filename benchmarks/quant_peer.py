@@ -21,6 +21,11 @@ memory-bound (`--speed-shape`). torchao is imported lazily; if it cannot run, th
 
     python -m benchmarks.quant_peer --model PATH                  # GPU (carry the torchao wheel)
     python -m benchmarks.quant_peer --smoke                       # CPU, seconds, stories260k
+
+torchao 0.18.0 (`pip install rap-runtime[quant]`) needs torch >= 2.11: it imports and runs int8 weight-only on
+CPU with torch 2.13 (its CUDA .so files fail to load there, with a warning), and matches the GPU machine's
+torch 2.11. Keep it out of a shared venv (`pip install --target DIR` + PYTHONPATH): once installed,
+transformers imports it on every model load and each import prints those warnings.
 """
 
 from __future__ import annotations

@@ -315,10 +315,11 @@ def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], di
 def quality_section(args, profile_path: str | None) -> tuple[dict | None, str | None]:
     """(quality JSON, its path) from running benchmarks.quality here, or from --quality-json."""
     if args.quality_json:
-        paths = sorted(glob.glob(args.quality_json))
-        if not paths:
-            return None, f"--quality-json {args.quality_json} matches no file"
-        return json.loads(Path(paths[-1]).read_text()), paths[-1]
+        found = [(p, json.loads(Path(p).read_text())) for p in sorted(glob.glob(args.quality_json))]
+        found = [(p, d) for p, d in found if isinstance(d, dict) and d.get("kind") == "quality"]
+        if not found:
+            return None, f"--quality-json {args.quality_json} matches no quality result (kind 'quality')"
+        return found[-1][1], found[-1][0]
     from benchmarks import quality
 
     argv = ["--name", f"quality-{args.date}.json", "--limit", str(args.quality_limit),
