@@ -297,6 +297,18 @@ def latency(shape: dict, device: str, contexts: list[int], batches: list[int], r
     return rows
 
 
+def _try_graph(fn, device: str, iters: int) -> float | None:
+    """The step replayed as one CUDA graph (launch overhead removed), or None if it cannot be captured."""
+    if device != "cuda":
+        return None
+    try:
+        return time_ms(fn, device, iters, graph=True)
+    except Exception as e:  # e.g. a host sync inside the forward
+        print(f"  graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        torch.cuda.synchronize()
+        return None
+
+
 @torch.no_grad()
 def decode_step(view: BlockView, device: str, T: int, batches: list[int], ratio: float, iters: int) -> list[dict]:
     """Whole-model decode step (eager HF forward, one token) with the full DynamicCache vs a compressed cache."""
@@ -312,6 +324,7 @@ def decode_step(view: BlockView, device: str, T: int, batches: list[int], ratio:
             dc.crop(-1)
 
         dense_ms = time_ms(step_dense, device, iters, graph=False)
+        dense_graph_ms = _try_graph(step_dense, device, iters)
         del dc
         gc.collect()
         comp = compress(view, AdaKV(SnapKV()), ids, Budget(kv_ratio=ratio), reserve=8)
@@ -321,8 +334,11 @@ def decode_step(view: BlockView, device: str, T: int, batches: list[int], ratio:
             comp.cache.crop(-1)
 
         comp_ms = time_ms(step_comp, device, iters, graph=False)
+        comp_graph_ms = _try_graph(step_comp, device, iters)
         rows.append({"context": T, "batch": B, "budget": ratio, "dense_step_ms": dense_ms, "adakv_step_ms": comp_ms,
-                     "speedup": dense_ms / comp_ms})
+                     "speedup": dense_ms / comp_ms, "dense_step_graph_ms": dense_graph_ms,
+                     "adakv_step_graph_ms": comp_graph_ms,
+                     "speedup_graph": dense_graph_ms / comp_graph_ms if dense_graph_ms and comp_graph_ms else None})
         del comp
         gc.collect()
     return rows
@@ -342,6 +358,45 @@ def needle(model: str, device: str, budgets: list[float], lengths: list[int] | N
     rows = run_needle(view, tok, chosen, budgets, lens, depths, max_new_tokens=32)
     return rows, summarize(rows), {"model": view.name, "lengths": lens, "depths": depths,
                                    "dtype": str(view.dtype)}
+
+
+@torch.no_grad()
+def kvpress_side_by_side(model: str | None, T: int, ratio: float) -> dict:
+    """kvpress's AdaKVPress and ours on the same model and prompt, CPU, in an environment where
+    kvpress imports (it pins transformers<5.3; see --kvpress). Measures what each cache holds."""
+    import kvpress
+    import transformers
+    from kvpress import AdaKVPress, SnapKVPress
+
+    if model:
+        from rap.sources import load_view
+
+        view, _ = load_view(model, dtype=torch.float32, device="cpu")
+    else:
+        torch.manual_seed(0)
+        view = BlockView(model_from_config(config_from({**SMOLLM2, "max_position_embeddings": 8192}),
+                                           dtype=torch.float32, device="cpu"), name="smollm2-shaped-random")
+    ids = torch.randint(10, view.shape.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    dc = DynamicCache()
+    press = AdaKVPress(SnapKVPress(compression_ratio=1.0 - ratio))
+    with press(view.model):
+        view.model(ids, past_key_values=dc, use_cache=True, logits_to_keep=1)
+    theirs = cache_nbytes(dc)
+    attn = [view.attention_module(i) for i in range(view.num_layers)]
+    masked = sum(len(m.masked_key_indices[0]) for m in attn if getattr(m, "masked_key_indices", None) is not None)
+    for m in attn:
+        m.masked_key_indices = None
+    del dc
+    comp = compress(view, AdaKV(SnapKV()), ids, Budget(kv_ratio=ratio))
+    s = view.shape
+    per_token_head = 2 * s.head_dim * s.dtype_bytes
+    return {"model": view.name, "prompt_tokens": T, "kv_ratio": ratio, "kvpress_version": kvpress.__version__
+            if hasattr(kvpress, "__version__") else "0.5.5", "transformers": transformers.__version__,
+            "kvpress_adakv_cache_bytes": theirs, "kvpress_masked_entries": masked,
+            "kvpress_masked_fraction": masked / (s.num_layers * s.num_kv_heads * T),
+            "ours_adakv_cache_bytes": comp.cache.nbytes,
+            "dense_cache_bytes": s.num_layers * s.num_kv_heads * T * per_token_head,
+            "ours_expected_bytes": sum(comp.layer_tokens.values()) * s.num_kv_heads * per_token_head}
 
 
 def plot_latency(rows: list[dict], path) -> None:
@@ -380,7 +435,17 @@ def main() -> None:
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--presses", default="streaming,snapkv,pyramidkv,adakv")
     ap.add_argument("--dtype", default=None, help="needle model dtype (default bf16 on GPU)")
+    ap.add_argument("--kvpress-json", default=None,
+                    help="embed a --kvpress result (kvpress run in its own environment) in the headline JSON")
+    ap.add_argument("--kvpress", action="store_true",
+                    help="only: kvpress AdaKVPress vs ours on the same model/prompt, CPU (needs kvpress importable)")
     args = ap.parse_args()
+    if args.kvpress:
+        T = args.prompt if args.prompt != 32768 else 4096
+        res = kvpress_side_by_side(args.model, T, 0.1)
+        print(res)
+        write_json(f"kv-kvpress-cpu-{datetime.date.today().isoformat()}.json", res)
+        return
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     skip = set(filter(None, args.skip.split(",")))
     shape = TINY if args.smoke else SMOLLM2
@@ -418,7 +483,12 @@ def main() -> None:
                       kvpress_adakv_cache_bytes=rows[0]["cache_bytes_measured"],
                       kvpress_adakv_cache_bytes_note="kvpress AdaKVPress keeps the whole DynamicCache (it masks "
                       "evicted keys at attention time): this is the DynamicCache measured after the same prefill; "
-                      "kvpress was not run (it pins transformers<5.3)")
+                      "kvpress was not run here (it pins transformers<5.3; see kvpress_measured_cpu)")
+        if args.kvpress_json:
+            import json
+            from pathlib import Path
+
+            result["kvpress_measured_cpu"] = json.loads(Path(args.kvpress_json).read_text())
     if "latency" not in skip:
         rows = latency(shape, device, contexts, batches, [1.0, 0.2, 0.1], iters)
         print_table(rows, ["context", "batch", "full_baseline", "full_sdpa_ms", "hf_sdpa_ms", "ours_100pct_ms",
@@ -431,7 +501,8 @@ def main() -> None:
         plot_latency(rows, out_dir() / f"kv-latency-{datetime.date.today().isoformat()}.png")
     if "step" not in skip:
         rows = decode_step(view, device, T, batches, 0.1, 5 if args.smoke else 30)
-        print_table(rows, ["context", "batch", "budget", "dense_step_ms", "adakv_step_ms", "speedup"])
+        print_table(rows, ["context", "batch", "budget", "dense_step_ms", "adakv_step_ms", "speedup",
+                           "dense_step_graph_ms", "adakv_step_graph_ms", "speedup_graph"])
         sec["decode_step"] = rows
     del view
     gc.collect()

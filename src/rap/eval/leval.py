@@ -12,6 +12,7 @@ question-agnostic mode the document's cache is compressed once and reused for ea
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from ..data import data_file
 from ..errors import RequestError
 from .needle import split_chat_prompt
+
+log = logging.getLogger(__name__)
 
 KINDS = {"topic_retrieval_longchat": "topic", "quality": "choice", "tpo": "choice", "coursera": "multi_choice",
          "sci_fi": "true_false", "gsm100": "number"}
@@ -59,12 +62,20 @@ def load_documents(tok, task: str, max_context: int, max_docs: int | None = None
             break
         head, _ = split_chat_prompt(tok, HEAD, "")
         tails = [split_chat_prompt(tok, HEAD, f"\n\nInstruction: {inst}{SUFFIX[KINDS[task]]}")[1] for inst, _ in pairs]
+        # instructions too long for this context (small models) are left out, with a note
+        fits = [k for k, t in enumerate(tails) if len(head) + len(t) + max_new_tokens + 64 <= max_context]
+        if len(fits) < len(pairs):
+            log.warning("%s doc %d: %d of %d instructions do not fit %d tokens; skipped",
+                        task, i, len(pairs) - len(fits), len(pairs), max_context)
+        if not fits:
+            continue
+        pairs, tails = [pairs[k] for k in fits], [tails[k] for k in fits]
         doc = tok(rec["input"], add_special_tokens=False).input_ids
         room = max_context - len(head) - max(len(t) for t in tails) - max_new_tokens
-        if room < 64:
-            raise RequestError(f"--max-context {max_context} leaves no room for {task}'s documents")
         docs.append(Document(task, i, torch.tensor([head + doc[:room]]), tuple(torch.tensor([t]) for t in tails),
                              tuple(g for _, g in pairs), len(doc) > room))
+    if not docs:
+        raise RequestError(f"no {task} instruction fits {max_context} tokens; raise --max-context or pick other tasks")
     return docs
 
 

@@ -64,7 +64,9 @@ def varlen_attention_torch(query: torch.Tensor, kv: FlatKV, scaling: float) -> t
 # ---- Triton kernel --------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
-    if os.environ.get("RAP_KV_NO_TRITON") == "1" or not torch.cuda.is_available():
+    if os.environ.get("RAP_KV_NO_TRITON") == "1":
+        return False
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
         import triton  # noqa: F401
@@ -130,50 +132,53 @@ def _kernels():
 
     @triton.jit
     def combine_kernel(O_PART, M_PART, L_PART, OUT, m_rows, num_splits,
-                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        s = tl.program_id(0)
-        mb = tl.program_id(1)
-        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < m_rows
+                       HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program per (segment, query row): all splits' partials are loaded at once (one
+        # [splits, D] tile), so the merge costs one memory round trip instead of one per split.
+        pid = tl.program_id(0)
+        s = pid // m_rows
+        r = pid % m_rows
+        sp = tl.arange(0, BLOCK_S)
+        sp_ok = sp < num_splits
+        part = (s * num_splits + sp) * m_rows + r
+        m = tl.load(M_PART + part, mask=sp_ok, other=-1.0e30)
+        l = tl.load(L_PART + part, mask=sp_ok, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))
+        denom = tl.sum(w * l, 0)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-        for sp in range(0, num_splits):
-            part = (s * num_splits + sp) * m_rows + rows
-            m = tl.maximum(m, tl.load(M_PART + part, mask=row_ok, other=-1.0e30))
-        l = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for sp in range(0, num_splits):
-            part = (s * num_splits + sp) * m_rows + rows
-            w = tl.exp(tl.load(M_PART + part, mask=row_ok, other=-1.0e30) - m)
-            l += w * tl.load(L_PART + part, mask=row_ok, other=0.0)
-            o = tl.load(O_PART + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            acc += w[:, None] * o
-        out = acc / tl.maximum(l, 1.0e-30)[:, None]
-        out_ptrs = OUT + (s * m_rows + rows).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
-        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        o = tl.load(O_PART + part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+                    mask=sp_ok[:, None] & d_ok[None, :], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / denom
+        tl.store(OUT + (s * m_rows + r).to(tl.int64) * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
     return partial_kernel, combine_kernel
 
 
 @lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # TRITON_INTERPRET=1 on the CPU (kernel tests without a GPU)
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+MAX_SPLITS = 128  # the merge kernel loads all splits of a row as one tile
+
+
 def split_plan(segments: int, max_length: int, m_rows: int, num_sms: int,
                block_m: int, block_n: int) -> tuple[int, int]:
-    """(split_size, num_splits): enough programs to fill the GPU about 4 times over."""
+    """(split_size, num_splits): about four programs per SM (short critical path: a small decode
+    problem becomes one key tile per program), at most MAX_SPLITS splits."""
     m_blocks = -(-m_rows // block_m)
     wanted = max(1, (4 * num_sms) // max(1, segments * m_blocks))
-    split = -(-max(max_length, 1) // wanted)
-    split = max(block_n, -(-split // block_n) * block_n)
-    return split, -(-max(max_length, 1) // split)
+    n = max(max_length, 1)
+    split = max(block_n, -(-n // wanted), -(-n // MAX_SPLITS))
+    split = -(-split // block_n) * block_n
+    return split, -(-n // split)
 
 
 def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float) -> torch.Tensor:
@@ -187,7 +192,7 @@ def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float) -> 
     block_m = min(64, max(16, _next_pow2(M)))
     block_n = 64
     block_d = max(16, _next_pow2(D))
-    split, num_splits = split_plan(S, kv.max_length, M, _num_sms(query.device.index or 0), block_m, block_n)
+    split, num_splits = split_plan(S, kv.max_length, M, _num_sms(query.device), block_m, block_n)
     m_blocks = -(-M // block_m)
     dev = query.device
     o_part = torch.empty(S * num_splits * M, D, device=dev, dtype=torch.float32)
@@ -199,8 +204,8 @@ def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float) -> 
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=keys.dtype == torch.float32,
         num_warps=4, num_stages=2)
     out = torch.empty(S, M, D, device=dev, dtype=query.dtype)
-    combine_kernel[(S, m_blocks)](o_part, m_part, l_part, out, M, num_splits,
-                                  HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    combine_kernel[(S * M,)](o_part, m_part, l_part, out, M, num_splits,
+                             HEAD_DIM=D, BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_D=block_d, num_warps=4)
     return out.view(B, Hq, q, D).transpose(1, 2).contiguous()
 
 

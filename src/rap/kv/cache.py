@@ -192,6 +192,9 @@ class VarlenLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # transformers < 5.3 names get_max_length so (kvpress side-by-side)
+        return -1
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Positions, not stored tokens: the mask (when one is built) spans every position seen.
         return self.seen_tokens + query_length, 0
