@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from rap.eval.leval import score_answer as leval_score
@@ -10,7 +11,19 @@ from rap.kv import AdaKV, Budget, SnapKV
 from rap.kv.continuation import continuation_nll
 
 
-def test_needle_case_fits_its_length_and_holds_the_needle_near_its_depth(stories):
+@pytest.fixture
+def haystack():
+    """The Paul Graham essays from ../shared/data (or $RAP_DATA); skip where they are not present."""
+    from rap.data import data_file
+    from rap.errors import RapError
+
+    try:
+        return data_file("needle-haystack-paulgraham/needle_defaults.json")
+    except RapError as e:
+        pytest.skip(str(e))
+
+
+def test_needle_case_fits_its_length_and_holds_the_needle_near_its_depth(stories, haystack):
     _, tok = stories
     needle = tok(default_spec().needle, add_special_tokens=False).input_ids
     for depth in (0.0, 0.5, 1.0):
@@ -22,7 +35,7 @@ def test_needle_case_fits_its_length_and_holds_the_needle_near_its_depth(stories
         assert abs(starts[0] - depth * (len(ids) - len(needle))) <= 0.15 * len(ids)
 
 
-def test_needle_answers_score_the_fraction_of_key_phrases():
+def test_needle_answers_score_the_fraction_of_key_phrases(haystack):
     assert score_answer("Eat a sandwich in Dolores Park.") == 1.0
     assert score_answer("eat a sandwich") == 0.5
     assert score_answer("eat a burrito") == 0.0
@@ -46,7 +59,7 @@ def test_continuation_nll_with_a_full_budget_equals_the_uncompressed_nll(stories
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_rap_kv_needle_prints_a_press_by_budget_table_and_writes_json_and_plot(tmp_path):
+def test_rap_kv_needle_prints_a_press_by_budget_table_and_writes_json_and_plot(tmp_path, haystack):
     from typer.testing import CliRunner
 
     from rap.cli import app
