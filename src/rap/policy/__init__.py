@@ -1,0 +1,177 @@
+"""The runtime policy: for one request under the live memory budget, which blocks run and how
+much of the prompt's KV cache is kept.
+
+Every policy answers `decide(request, budget_bytes) -> Decision` and every Decision it returns
+has been checked with `MemoryModel.fits` (the single source of truth for fit); when nothing
+fits, policies raise `BudgetError` instead of returning a decision that would not run.
+
+    context.py    PolicyContext: memory model + profile + quality model, fast byte tables, finalize()
+    evaluator.py  quality: measured log-PPL ratio (memoised), KV penalty, surrogate, QualityModel
+    ladder.py     MaskLadder: the best known mask for each (attention kept, FFN kept) count pair
+    baselines.py  gsi-order, knapsack, ffn-first, attn-first
+    oracle.py     expensive search (evaluation only)
+    env.py        gymnasium environment for one decision
+    rl.py         the trained agent (sb3-contrib MaskablePPO) and the bundle file it lives in
+    train.py      training loop (seeded, resumable, progress bar)
+    commands.py   `rap train-policy`, `rap decide`
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..mask import BlockMask
+from ..memory import MemoryBreakdown, Request
+
+# The policy `rap decide` uses when none is named. Chosen from the held-out evaluation in
+# benchmarks/results/policy-2026-11-23.json (see benchmarks/policy.py).
+DEFAULT_POLICY = "ladder"
+BASELINE_NAMES = ("gsi-order", "knapsack", "ffn-first", "attn-first")
+POLICY_NAMES = ("rl", "ladder", *BASELINE_NAMES, "oracle")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What runs for one request: a block mask and a KV keep ratio, with what it costs and
+    what it is expected to do to quality."""
+
+    policy: str
+    mask: BlockMask
+    kv_ratio: float
+    request: Request
+    budget_bytes: int
+    breakdown: MemoryBreakdown  # from MemoryModel.breakdown for exactly this mask/request/ratio
+    predicted_log_ratio: float  # predicted log(PPL / PPL_dense)
+
+    @property
+    def predicted_ppl_ratio(self) -> float:
+        return math.exp(self.predicted_log_ratio)
+
+    @property
+    def kept_attn(self) -> int:
+        return sum(self.mask.keep_attn)
+
+    @property
+    def kept_ffn(self) -> int:
+        return sum(self.mask.keep_ffn)
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy, "drop": list(self.mask.dropped), "kept_attn": self.kept_attn,
+            "kept_ffn": self.kept_ffn, "kv_ratio": self.kv_ratio,
+            "request": {"batch": self.request.batch, "prompt": self.request.prompt,
+                        "new_tokens": self.request.new_tokens},
+            "budget_bytes": self.budget_bytes, "breakdown": self.breakdown.to_dict(),
+            "predicted_log_ratio": self.predicted_log_ratio, "predicted_ppl_ratio": self.predicted_ppl_ratio,
+        }
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Anything that turns (request, budget) into a fitting Decision."""
+
+    name: str
+
+    def decide(self, request: Request, budget_bytes: int) -> Decision:
+        """A decision that fits `budget_bytes`; raises rap.errors.BudgetError if none does."""
+        ...
+
+
+def make_policy(name: str, context, bundle=None) -> Policy:
+    """A policy by name over `context` (a PolicyContext). 'rl' needs a trained bundle."""
+    from ..errors import RapError
+
+    if name in BASELINE_NAMES:
+        from .baselines import make_baseline
+
+        return make_baseline(name, context)
+    if name == "ladder":
+        from .ladder import LadderPolicy
+
+        return LadderPolicy(context)
+    if name == "oracle":
+        from .oracle import OraclePolicy
+
+        return OraclePolicy(context)
+    if name == "rl":
+        if bundle is None or bundle.agent is None:
+            raise RapError("policy 'rl' needs a trained policy file: rap train-policy MODEL --profile ... --out policy.zip")
+        from .rl import RLPolicy
+
+        return RLPolicy(context, bundle.agent)
+    raise RapError(f"unknown policy {name!r}; use a policy .zip or one of: {', '.join(POLICY_NAMES)}")
+
+
+# ---- for rap.engine: decide(memory_model, request, budget_bytes, resident_mask) -------------------
+class EnginePolicy:
+    """Adapts a named policy (or a trained policy file) to rap.engine's calling convention,
+    building the PolicyContext for whichever memory model the engine passes (once per model).
+    `resident_mask` is accepted but not used: switching cost is not modelled yet."""
+
+    def __init__(self, name: str, bundle=None, profile: dict | None = None):
+        self.name = name
+        self.bundle = bundle
+        self.profile = profile
+        self._policies: dict[int, Policy] = {}
+
+    def decide(self, memory_model, request: Request, budget_bytes: int, resident_mask: BlockMask | None = None):
+        key = id(memory_model)
+        if key not in self._policies:
+            if self.bundle is not None:
+                ctx = self.bundle.context(memory_model)
+            else:
+                from .context import PolicyContext
+                from .evaluator import QualityModel
+
+                ctx = PolicyContext(memory_model, self.profile["order"], QualityModel.from_profile(self.profile),
+                                    self.profile.get("scores"))
+            self._policies[key] = make_policy(self.name, ctx, self.bundle)
+        return self._policies[key].decide(request, budget_bytes)
+
+
+def _read(profile):
+    """A profile dict, a profile .json path or a trained policy .zip path -> (bundle, profile)."""
+    import json
+    from pathlib import Path
+
+    from ..errors import RapError
+
+    if profile is None or isinstance(profile, dict):
+        return None, profile
+    path = Path(profile)
+    if path.suffix == ".zip":
+        from .rl import Bundle
+
+        return Bundle.load(path), None
+    try:
+        return None, json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RapError(f"cannot read profile {path}: {e}") from None
+
+
+def load_policy(spec: str, profile=None) -> EnginePolicy:
+    """rap.engine's hook: `spec` is a policy name or a trained policy .zip; `profile` a profile
+    (dict or path) or a policy .zip providing the quality model."""
+    if spec.endswith(".zip"):
+        bundle, _ = _read(spec)
+        return EnginePolicy("rl", bundle)
+    bundle, prof = _read(profile)
+    if bundle is None and prof is None:
+        from ..errors import RapError
+
+        raise RapError(f"policy {spec!r} needs a profile (block removal order) or a trained policy .zip")
+    return EnginePolicy(spec, bundle, prof)
+
+
+def default_policy(profile=None):
+    """rap.engine's hook: the best policy of the held-out evaluation over what `profile` gives
+    (a trained policy .zip, or a profile); with nothing, the engine's own greedy policy."""
+    bundle, prof = _read(profile)
+    if bundle is None and prof is None:
+        from ..engine import GreedyPolicy
+
+        return GreedyPolicy()
+    name = DEFAULT_POLICY if (bundle is not None and (DEFAULT_POLICY != "rl" or bundle.agent is not None)) else "ladder"
+    return EnginePolicy(name, bundle, prof)

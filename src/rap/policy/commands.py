@@ -1,0 +1,179 @@
+"""`rap train-policy` and `rap decide`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import RapError
+
+
+def planning_memory(model: str, dtype: str = "bf16"):
+    """MemoryModel for MODEL in the dtype it will run in, from its config alone (no weights read)."""
+    import torch
+    from transformers import AutoConfig
+
+    from ..cli import _quiet_transformers
+    from ..memory import MemoryModel
+    from ..model import BlockView
+    from ..sources import model_from_config, resolve
+
+    _quiet_transformers()
+    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise RapError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+    folder, gguf = resolve(model)
+    config = AutoConfig.from_pretrained(str(folder), **({"gguf_file": gguf} if gguf else {}))
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    view = BlockView(model_from_config(text, dtypes[dtype], "meta"), name=model)
+    return MemoryModel.from_view(view)
+
+
+def read_profile(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise RapError(f"cannot read profile {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise RapError(f"profile {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train-policy")
+    def train_policy(
+        model: str,
+        profile: Path = typer.Option(..., help="profile.json (block removal order) from rap profile"),
+        out: Path = typer.Option(Path("policy.zip"), help="where to write the trained policy"),
+        steps: int = typer.Option(200_000, help="RL environment steps (one decision each)"),
+        seed: int = typer.Option(0, help="seed for scenarios, network init and sampling"),
+        resume: bool = typer.Option(False, "--resume", help="continue training the policy already at --out"),
+        calib_seq: int = typer.Option(256, help="calibration window length (WikiText-2 valid)"),
+        calib_tokens: int = typer.Option(512, help="calibration tokens (windows x length)"),
+        design: int = typer.Option(150, help="random masks measured to fit the quality surrogate"),
+        kv_samples: int = typer.Option(2, help="spans per prompt length when measuring the KV penalty"),
+        ladder_step: int = typer.Option(2, help="measure the mask ladder at every N-th count pair (0: none)"),
+        dtype: str = typer.Option("bf16", help="dtype the model will run in (what the memory model plans for)"),
+        cache: Optional[Path] = typer.Option(None, help="measurement cache (default: OUT + .cache.json)"),
+        progress: bool = typer.Option(True, help="show progress bars"),
+    ) -> None:
+        """Train the runtime policy: measure quality on calibration data, then MaskablePPO."""
+        from rich.console import Console
+
+        from ..cli import load_view_for_cli
+        from ..data import WIKITEXT2_VALID, read_text
+        from ..eval.perplexity import needs_bos, token_windows
+        from .context import PolicyContext
+        from .evaluator import MeasuredEvaluator
+        from .train import TrainConfig, base_meta, prepare_quality, train_agent, validate_profile
+
+        console = Console(highlight=False, stderr=True)
+        try:
+            import sb3_contrib  # noqa: F401
+        except ImportError:
+            raise RapError("training needs the rl extra: pip install 'rap-runtime[rl]'") from None
+        prof = read_profile(profile)
+        view, tok = load_view_for_cli(model, dtype="fp32", device="cpu")
+        validate_profile(prof, view.num_layers)
+        memory = planning_memory(model, dtype)
+        text = read_text(WIKITEXT2_VALID)
+        bos = needs_bos(tok, view.config.model_type)
+        windows = token_windows(text[:400_000], tok, calib_seq, calib_tokens, bos=bos)
+        evaluator = MeasuredEvaluator(view, windows, cache_path=cache or out.with_name(out.name + ".cache.json"),
+                                      label=f"{WIKITEXT2_VALID} {tuple(windows.shape)}")
+        stream = tok(text[400_000:], add_special_tokens=False, return_tensors="pt").input_ids[0]
+        t0 = time.perf_counter()
+        quality, ladder = prepare_quality(view, prof, evaluator, kv_stream=stream, design_count=design,
+                                          kv_samples=kv_samples, ladder_step=ladder_step, seed=seed,
+                                          progress=progress)
+        quality.calibration.update(chars=400_000, seq_len=calib_seq, max_tokens=calib_tokens, source=WIKITEXT2_VALID)
+        console.print(f"quality model: {len(quality.measured)} masks measured on {evaluator.tokens} calibration "
+                      f"tokens, surrogate held-out rmse {quality.surrogate.cv_rmse:.3f} (log1p), "
+                      f"{time.perf_counter() - t0:.0f} s")
+        ctx = PolicyContext(memory, prof["order"], quality, prof.get("scores"), model, ladder=ladder)
+        meta = base_meta(model, view.num_layers, prof, quality, ladder, dtype)
+        cfg = TrainConfig(steps=steps, seed=seed)
+        bundle = train_agent(ctx, meta, out, cfg, resume=resume, progress=progress)
+        t = bundle.meta["training"]
+        console.print(f"wrote {out}: {t['timesteps']:,} steps in {t['seconds']:.0f} s (seed {seed})")
+
+    @app.command()
+    def decide(
+        model: str,
+        budget: str = typer.Option(..., help="memory budget, e.g. 6GiB"),
+        batch: int = typer.Option(1, help="sequences in the batch"),
+        prompt: int = typer.Option(512, help="prompt tokens per sequence"),
+        new: int = typer.Option(128, help="new tokens per sequence"),
+        policy: Optional[str] = typer.Option(None, help="a trained policy .zip, or: rl, ladder, gsi-order, "
+                                             "knapsack, ffn-first, attn-first, oracle (default: the best "
+                                             "policy in the held-out evaluation)"),
+        bundle: Optional[Path] = typer.Option(None, help="trained policy .zip providing the quality model for "
+                                              "named policies"),
+        profile: Optional[Path] = typer.Option(None, help="profile.json, for named policies without a bundle"),
+        dtype: str = typer.Option("bf16", help="dtype the model runs in"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    ) -> None:
+        """Pick blocks and a KV keep ratio for one request under a memory budget."""
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        from ..memory import Request, format_bytes, parse_bytes
+        from . import DEFAULT_POLICY, make_policy
+
+        console = Console(highlight=False)
+        request = Request(batch, prompt, new)
+        budget_bytes = parse_bytes(budget)
+        memory = planning_memory(model, dtype)
+        name = policy or DEFAULT_POLICY
+        if name.endswith(".zip"):
+            bundle, name = Path(name), "rl"
+        ctx, loaded = _context(memory, model, bundle, profile)
+        pol = make_policy(name, ctx, loaded)
+        t0 = time.perf_counter()
+        d = pol.decide(request, budget_bytes)
+        ms = (time.perf_counter() - t0) * 1e3
+        if as_json:
+            print(json.dumps({**d.to_dict(), "decision_ms": ms, "model": model}, indent=2))
+            return
+        br = d.breakdown
+        console.print(escape(f"{model}: batch {batch}, prompt {prompt}, new {new}, budget {format_bytes(budget_bytes)} "
+                             f"-> policy {d.policy} ({ms:.2f} ms)"))
+        L = ctx.num_layers
+        console.print(f"keep {d.kept_attn}/{L} attention and {d.kept_ffn}/{L} FFN blocks, KV keep ratio {d.kv_ratio:g}")
+        console.print(escape(f"dropped: {', '.join(d.mask.dropped) or 'nothing'}"))
+        table = Table("term", "bytes", "")
+        for label, n in (("parameters", br.param_bytes), ("KV cache", br.kv_bytes),
+                         ("activations", br.activation_bytes), ("total peak", br.total_bytes),
+                         ("budget", d.budget_bytes)):
+            table.add_row(label, f"{n:,}", format_bytes(n))
+        console.print(table)
+        dense = ctx.quality.dense_ppl
+        ppl = f" (calibration PPL {dense * d.predicted_ppl_ratio:.2f} vs dense {dense:.2f})" if math.isfinite(dense) else ""
+        console.print(f"predicted quality: PPL ratio to dense {d.predicted_ppl_ratio:.3f}{ppl}")
+        if not math.isfinite(dense) or ctx.quality.kv_penalty.method.startswith("none"):
+            console.print("[dim]predicted from the profile's curve only (no trained policy bundle): "
+                          "KV compression not considered[/dim]")
+
+
+def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]):
+    """PolicyContext from a trained bundle, or from a profile alone."""
+    from .context import PolicyContext
+    from .evaluator import QualityModel
+    from .rl import Bundle
+
+    if bundle is not None:
+        loaded = Bundle.load(bundle)
+        return loaded.context(memory), loaded
+    if profile is None:
+        raise RapError("give a trained policy (--policy policy.zip or --bundle policy.zip) or --profile profile.json")
+    prof = read_profile(profile)
+    from .train import validate_profile
+
+    validate_profile(prof, memory.shape.num_layers)
+    return PolicyContext(memory, prof["order"], QualityModel.from_profile(prof), prof.get("scores"), model), None
