@@ -6,8 +6,11 @@ Three implementations of one function, `varlen_attention(query, kv, scaling)`:
     never in the stored cache;
   * `varlen_attention_triton`: split-K flash-decoding over segments (CUDA). One program per
     (segment, key split, block of query rows): it loads all query heads of the KV head's group (GQA:
-    the keys are read once for the whole group), walks its key range with an online softmax, and a
-    second kernel merges the splits. Used on CUDA when Triton imports;
+    the keys are read once for the whole group), walks its key range with an online softmax; a
+    second kernel merges all splits of a query row from one [splits, D] tile. Splits are sized so a
+    small decode problem becomes about one key tile per program (short critical path). Used on CUDA
+    when Triton imports; `TRITON_INTERPRET=1` runs it on the CPU (float32 only: the interpreter's
+    bf16 dot is wrong). H100 numbers: benchmarks/results/kv-2026-11-23-h100.json;
   * the float64 loop in the tests, the obviously-correct reference both are checked against.
 
 Queries may be more than one token (a question appended to a compressed context): query j of q
