@@ -244,7 +244,7 @@ def plot(rows: list[dict], trace: list[float], dense_need: int, title: str, path
     ax1.set_ylim(bottom=0)
     ax1.set_ylabel("MiB")
     ax1.legend(fontsize=7, loc="lower left")
-    ax1.set_title(f"engine trace: {title}, budget " + " -> ".join(f"{t:.0%}" for t in trace))
+    ax1.set_title(f"engine trace: {title}, budget " + " -> ".join(f"{t:.0%}" for t in trace), fontsize=10)
     ax2.plot(x, [r["tokens_per_s"] for r in rows], "o-", color="tab:purple")
     ax2.set_ylabel("tokens/s (batch)")
     ax2.set_xlabel("batch")

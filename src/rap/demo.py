@@ -248,7 +248,7 @@ def save_plot(result: DemoResult, path: Path) -> Path | None:
     ax1.set_ylim(bottom=0)
     ax1.legend(fontsize=7, loc="lower left")
     ax1.set_title(f"rap demo: {result.model} on {result.device}, budget "
-                  + " -> ".join(f"{level:.0%}" for level in result.trace) + " of the dense need")
+                  + " -> ".join(f"{level:.0%}" for level in result.trace) + " of the dense need", fontsize=10)
     ax2.plot(x, [r.quality_ppl for r in result.rows], "o-", color="tab:green")
     ax2.set_ylabel("passage perplexity")
     ax2.set_yscale("log")
