@@ -9,7 +9,9 @@ SDPA keeping last-position logits, then sampled decode steps (fp32 softmax + top
 * `--path hf`: transformers' forward with a `StaticCache`, for comparison (its SDPA call gets a
   materialised mask, and PyTorch's backend choice then varies with the shape).
 
-Model weights are random (shape is what matters for bytes).
+Model weights are random (shape is what matters for bytes). As the engine serves a mask, the
+blocks it drops leave the device first (`rap.engine.WeightResidency`, host copies), so the
+resident parameters are what `MemoryModel.param_bytes(mask)` counts.
 
     python -m benchmarks.memory_model            # on the GPU; writes $OUT/memory-model-<date>.json
     python -m benchmarks.memory_model --smoke    # CPU: runs the loop, predicts, no measurement
@@ -25,6 +27,7 @@ import torch
 from transformers import AutoConfig, StaticCache
 
 from benchmarks.common import print_table, write_json
+from rap.engine import WeightResidency
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
 from rap.model import BlockView
@@ -112,30 +115,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny plan, no measurement")
     parser.add_argument("--path", choices=["decoder", "hf"], default="decoder", help="which generate path to measure")
+    parser.add_argument("--explain", action="store_true",
+                        help="GPU: record allocation history and attribute the bytes alive at each peak")
     args = parser.parse_args()
     run = run_decoder_path if args.path == "decoder" else run_generate_path
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     plan = PLAN if device == "cuda" else [("smollm2-135m", m, 1, 32, 4) for m in ("dense", "mixed")]
-    rows, views = [], {}
+    rows, views, residency = [], {}, {}
     for shape, mask_name, batch, prompt, new in plan:
         if shape not in views:
             views.clear()
+            residency.clear()
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             views[shape] = BlockView(model_from_config(config_for(shape), dtype=dtype, device=device), name=shape)
+            residency[shape] = WeightResidency(views[shape])
         view = views[shape]
         mask, req = masks_for(view)[mask_name], Request(batch, prompt, new)
+        residency[shape].apply(mask)  # dropped blocks leave the device, as in the engine
+        residency[shape].synchronize()
         planned = decoder_request(req) if args.path == "decoder" else req
         predicted = MemoryModel.from_view(view).breakdown(mask, planned)
-        measured = None
+        measured = baseline = explained = None
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            run(view, mask, req, device)
-            torch.cuda.synchronize()
-            measured = torch.cuda.max_memory_allocated()
+            baseline = torch.cuda.memory_allocated()  # weights (and anything an earlier row left)
+            if args.explain:
+                from benchmarks._memdiag import explain_peak, print_explain
+
+                explained = explain_peak(lambda: run(view, mask, req, device))
+                measured = explained["measured_peak_bytes"]
+            else:
+                torch.cuda.reset_peak_memory_stats()
+                run(view, mask, req, device)
+                torch.cuda.synchronize()
+                measured = torch.cuda.max_memory_allocated()
         else:
             run(view, mask, req, device)
         row = {"config": f"{shape} {mask_name} b={batch} p={prompt} n={new}", "shape": shape, "mask": mask_name,
@@ -143,9 +159,14 @@ def main() -> None:
                "planned_request": {"batch": planned.batch, "prompt": planned.prompt, "new_tokens": planned.new_tokens},
                "predicted_bytes": predicted.total_bytes, "measured_bytes": measured,
                "rel_error": None if measured is None else (predicted.total_bytes - measured) / measured,
-               "predicted": predicted.to_dict()}
+               "predicted": predicted.to_dict(), "baseline_bytes": baseline,
+               "resident_param_bytes": residency[shape].resident_bytes()}
+        if explained is not None:
+            row["explain"] = explained
         rows.append(row)
         print_table([row], ["config", "predicted_bytes", "measured_bytes", "rel_error"])
+        if explained is not None:
+            print_explain(explained)
     errors = [abs(r["rel_error"]) for r in rows if r["rel_error"] is not None]
     summary = {"max_abs_rel_error": max(errors) if errors else None, "configs": len(rows),
                "weights": "random (shape only; bytes do not depend on values)"}

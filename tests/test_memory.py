@@ -62,3 +62,88 @@ def test_bad_sizes_are_request_errors(bad):
 def test_non_positive_request_sizes_are_rejected(args):
     with pytest.raises(RequestError, match="positive"):
         Request(*args)
+
+
+# ---- the decoder path's fixed and transient terms (derivations in rap/memory.py) --------------------
+def test_cuda_runtime_is_two_cublas_workspaces_and_only_on_cuda(mem, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    from rap.memory import cuda_cublas_workspace_bytes
+
+    assert cuda_cublas_workspace_bytes() == 32 * 2**20
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
+    assert cuda_cublas_workspace_bytes() == 8 * 2**20 + 128 * 2**10
+    cuda = MemoryModel(mem.shape, mem.base_bytes, mem.block_bytes, on_cuda=True, compiled=False,
+                       cublas_workspace_bytes=32 * 2**20)
+    assert cuda.runtime_bytes == 2 * 32 * 2**20 and mem.runtime_bytes == 0
+    req, mask = Request(2, 64, 8), BlockMask.full(5)
+    assert cuda.prefill_activation_bytes(req, mask) - mem.prefill_activation_bytes(req, mask) == cuda.runtime_bytes
+
+
+def test_compiling_on_cuda_adds_the_autotuners_l2_flush_buffer_to_the_decode_peak(mem):
+    kw = dict(on_cuda=True, cublas_workspace_bytes=0, l2_cache_bytes=50 * 2**20)
+    plain = MemoryModel(mem.shape, mem.base_bytes, mem.block_bytes, compiled=False, **kw)
+    compiled = MemoryModel(mem.shape, mem.base_bytes, mem.block_bytes, compiled=True, **kw)
+    req, mask = Request(1, 16, 16), BlockMask.full(5)
+    assert compiled.decode_activation_bytes(req, mask) >= 50 * 2**20 + compiled.buffer_bytes(req)
+    assert compiled.decode_activation_bytes(req, mask) > plain.decode_activation_bytes(req, mask)
+    assert compiled.prefill_activation_bytes(req, mask) == plain.prefill_activation_bytes(req, mask)
+
+
+def test_sampler_peak_is_the_sort_with_its_radix_buffers(mem):
+    V = mem.shape.vocab_size
+    # logits, logits / T, sorted values, int64 indices + CUB buffers (measured on the H100: 36.4 and
+    # 48.2 bytes per element on top of the logits, benchmarks/_memdiag.py)
+    assert mem.sampler_bytes(1) == 40 * V
+    assert mem.sampler_bytes(8) == 8 * 52 * V
+    assert mem.sampler_bytes(128) == 128 * 40 * V
+
+
+def test_decoder_buffers_scale_with_batch_vocab_and_length(mem):
+    s = mem.shape
+    one, two = mem.buffer_bytes(Request(1, 10, 6)), mem.buffer_bytes(Request(2, 10, 6))
+    assert two - one == 4 * s.vocab_size + 8 * 16  # another row of noise and of the token record
+
+
+def test_prefill_peak_is_one_layers_transient_on_the_residual_stream(mem):
+    s, e = mem.shape, mem.shape.dtype_bytes
+    req = Request(1, 256, 8)
+    only_ffn = BlockMask((False,) * 5, (True,) * 5)
+    stream = 256 * (e * s.hidden_size + 16 + 2 * e * s.head_dim) + 8 * 256
+    mlp = 256 * max(8 * s.hidden_size, e * (s.hidden_size + 4 * s.intermediate_size),
+                    e * (2 * s.hidden_size + 3 * s.intermediate_size), e * (3 * s.hidden_size + 2 * s.intermediate_size))
+    assert mem.prefill_activation_bytes(req, only_ffn) == stream + mlp + mem.buffer_bytes(req)
+    # the peak depends on the mask only through "some attention / some FFN block kept" (the policy's
+    # cost tables rely on it)
+    assert mem.prefill_activation_bytes(req, only_ffn) == mem.prefill_activation_bytes(
+        req, BlockMask((False,) * 5, (True, False, False, False, False)))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_decoder_peak_on_cuda_is_what_the_memory_model_says():
+    import torch
+    from transformers import AutoConfig
+
+    from rap.decode import Decoder, bucket_batch, bucket_length
+    from rap.model import BlockView
+    from rap.sources import model_from_config
+
+    config = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=512, intermediate_size=1536,
+                                  num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                                  max_position_embeddings=4096)
+    view = BlockView(model_from_config(config, dtype=torch.bfloat16, device="cuda"))
+    mask, (B, P, N) = BlockMask.full(6), (4, 2048, 8)
+    prompts = torch.randint(10, 32000, (B, P)).tolist()
+    dec = Decoder(view, compile=False)
+    dec.generate(prompts, N, mask=mask, temperature=1.0, top_p=0.9, seed=0)  # every workspace exists now
+    dec.release()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    dec.generate(prompts, N, mask=mask, temperature=1.0, top_p=0.9, seed=0)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    T = bucket_length(P + N)
+    mem = MemoryModel.from_view(view, on_cuda=True)
+    req = Request(bucket_batch(B), P, T - P)
+    predicted = mem.kv_bytes(req, mask) + mem.prefill_activation_bytes(req, mask) - mem.runtime_bytes
+    assert abs(predicted - measured) <= 0.1 * measured

@@ -3,8 +3,9 @@
 `Decoder(view).generate(prompts, max_new_tokens, mask=...)` runs its own compact forward pass over
 the Hugging Face model's weights (no copies) instead of `model.generate`:
 
-* prefill: eager, one SDPA call per kept attention block (flash / memory-efficient kernels),
-  writing keys and values straight into the static cache;
+* prefill: eager, one SDPA call per kept attention block (cuDNN / flash / memory-efficient kernels),
+  writing keys and values straight into the static cache; each block's tensors are freed before
+  the next block runs, so the peak is one block's transients (what `rap.memory` counts);
 * decode: one step = embedding -> kept blocks -> norm -> lm_head -> greedy or sampled pick ->
   stop-token bookkeeping, all on the device. On CUDA that step is captured as a
   `torch.cuda.CUDAGraph` per (mask, batch bucket, cache length, greedy/sampled) and cached: a
@@ -127,13 +128,16 @@ def project_qkv(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.T
             [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], dim=-1)
     else:
         q, k, v = F.linear(h, a.wq, a.bq), F.linear(h, a.wk, a.bk), F.linear(h, a.wv, a.bv)
+    del h  # eager prefill: the normed input must not outlive the projections (rap.memory counts it so)
     q = q.view(B, S, a.heads, a.head_dim)
     k = k.view(B, S, a.kv_heads, a.head_dim)
     v = v.view(B, S, a.kv_heads, a.head_dim).transpose(1, 2)
     if a.q_norm_w is not None:
         q = rms_norm(q, a.q_norm_w, a.qk_eps)
         k = rms_norm(k, a.k_norm_w, a.qk_eps)
-    return rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin), v
+    q = rope(q.transpose(1, 2), cos, sin)  # rebinding frees the unrotated q before k is rotated
+    k = rope(k.transpose(1, 2), cos, sin)
+    return q, k, v
 
 
 def ffn_block(x: torch.Tensor, f: FfnWeights) -> torch.Tensor:
@@ -179,6 +183,27 @@ def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b) -> torch.Tenso
     return F.linear(rms_norm(x[:, -1], norm_w, eps), lm_w, lm_b).float()
 
 
+def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
+                      vc: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """One attention block over a whole prompt (eager), writing its K/V into the static cache.
+
+    Through transformers' SDPA wrapper, so tokens equal `generate`'s (unpadded prompts take the
+    is_causal path: cuDNN or flash attention, no score matrix; measured on the H100, every backend
+    allocates only its output). A function of its own so that nothing of one layer (q, k, v, the
+    SDPA output) stays alive into the next layer's FFN, as the loop's locals used to: the prefill
+    peak is then one layer's transients on top of the residual stream, which rap.memory counts.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n, P, _ = x.shape
+    q, k, v = project_qkv(x, a, cos, sin)
+    kc[:n, :, :P] = k
+    vc[:n, :, :P] = v
+    o, _ = sdpa_attention_forward(a.module, q, k, v, attn_mask, dropout=0.0, scaling=a.scaling)
+    del q, k, v
+    return x + F.linear(o.reshape(n, P, -1), a.wo, a.bo)
+
+
 def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                 noise: torch.Tensor | None) -> torch.Tensor:
     """Greedy (noise None) or temperature + nucleus sampling by the Gumbel-max trick.
@@ -196,6 +221,23 @@ def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))  # i.i.d., so no need to permute it
     choice = (scores + gumbel).argmax(-1, keepdim=True)
     return order.gather(-1, choice).squeeze(-1)
+
+
+_CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def capture_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream on which every Decoder of the process warms up and captures its graphs.
+
+    cuBLAS keeps a workspace per stream it has run on (32 MiB on Hopper, in PyTorch's caching
+    allocator, never freed). A new stream per capture for the warm-up plus torch.cuda.graph's own
+    capture stream left one more workspace allocated per captured graph (+33.5 MB each, measured on
+    the H100); with this stream the process holds two, the current stream's and this one's, which is
+    what rap.memory counts.
+    """
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
 
 
 _COMPILED: tuple | None = None
@@ -541,14 +583,14 @@ class Decoder:
     def _capture(self, ws: _Workspace, mask: BlockMask, sampled: bool) -> "torch.cuda.CUDAGraph":
         ws.col.zero_()
         ws.done.fill_(True)
-        side = torch.cuda.Stream(self.device)
+        side = capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(2):  # warm-up: compiles (if asked) and initialises cuBLAS outside the capture
                 self._step(ws, mask, sampled)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+        with torch.cuda.graph(graph, pool=self._pool, stream=side), torch.no_grad():
             self._step(ws, mask, sampled)
         graph.replay()  # the first replay uploads the graph; keep that out of the first request
         torch.cuda.synchronize(self.device)
@@ -558,15 +600,12 @@ class Decoder:
     # ---- prefill (eager; the same math, with transformers' SDPA wrapper for exactness) ----------------
     def _prefill(self, ws: _Workspace, mask: BlockMask, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """ids [n, P] left-padded; writes K/V of columns [0, P) for rows [0, n); returns logits [n, V]."""
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         n, P = ids.shape
         cols = torch.arange(P, device=self.device)
         pos = (cols[None, :] - pad[:, None]).clamp_min(0)
         cos, sin = ws.cos[pos][:, None], ws.sin[pos][:, None]  # [n, 1, P, D]
+        del pos
         padded = bool((pad > 0).any())
-        causal = cols[None, :] <= cols[:, None]  # [q, k]
-        real_key = cols[None, None, :] >= pad[:, None, None]  # [n, 1, k]
         masks: dict[int | None, torch.Tensor | None] = {}
 
         def mask_for(window: int | None):
@@ -576,23 +615,23 @@ class Decoder:
                 if not padded and window is None:
                     masks[window] = None  # plain causal: SDPA's is_causal path, as generate uses
                 else:
-                    m = causal[None] & real_key
+                    # [n, P, P] bool, built in place (no int64 [P, P] difference, no eye): query q sees
+                    # key k iff k <= q, k is a real token and (window) q - k < window; a pad query sees
+                    # itself, so its (unused) output stays finite
+                    q_col, k_col = cols[:, None], cols[None, :]
+                    m = (k_col <= q_col) & (k_col >= pad[:, None, None])
                     if window is not None:
-                        m = m & (cols[:, None] - cols[None, :] < window)
-                    # a pad query sees itself, so its (unused) output stays finite
-                    masks[window] = (m | torch.eye(P, dtype=torch.bool, device=self.device))[:, None]
+                        m &= k_col > q_col - window
+                    m.diagonal(dim1=-2, dim2=-1).fill_(True)
+                    masks[window] = m[:, None]
             return masks[window]
 
         x = F.embedding(ids, self.embed_w)
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
                 a = self.attn[i]
-                q, k, v = project_qkv(x, a, cos, sin)
                 kc, vc = ws.kv[i]
-                kc[:n, :, :P] = k
-                vc[:n, :, :P] = v
-                o, _ = sdpa_attention_forward(a.module, q, k, v, mask_for(a.window), dropout=0.0, scaling=a.scaling)
-                x = x + F.linear(o.reshape(n, P, -1), a.wo, a.bo)
+                x = prefill_attention(x, a, cos, sin, kc, vc, mask_for(a.window))
             if mask.keep_ffn[i]:
                 x = ffn_block(x, self.ffn[i])
         return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)

@@ -1,16 +1,33 @@
 """MemoryModel: bytes of parameters, KV cache and activations for (mask, request, KV keep ratio).
 
 Everything the policy and the engine decide is checked against this model, so each term is
-written from what the forward pass actually allocates, not fitted:
+written from what rap's decode path (`rap.decode.Decoder`) actually allocates, not fitted:
 
 * params: the base (embeddings, norms, lm_head; tied weights once) plus the kept blocks;
 * KV cache: preallocated for prompt + new tokens, only for kept attention blocks
   (a sliding-window layer holds at most its window); with a KV keep ratio r the prompt part
   shrinks to ceil(r * prompt) tokens per head on average (Ada-KV cache, no padding), and
   decoded tokens are appended uncompressed;
-* activations: the larger of the prefill peak (one decoder layer's transients on top of the
-  residual stream, plus the attention mask and the last-position logits) and the decode peak
-  (logits over the vocabulary in fp32 and the sampler's copies, which often dominate at batch > 1).
+* fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
+  PyTorch for the life of the process: the current stream's (prefill) and the decoder's one
+  capture stream (warm-up and graph capture);
+* the decoder's per-request buffers: sampling noise [B, V] fp32, the token record [B, T] int64,
+  the RoPE cos/sin tables [T, head_dim];
+* activations: the larger of
+  - the prefill peak: the residual stream [B, P, hidden] plus the RoPE rows of the prompt, plus
+    the largest transient of one kept layer (the eager prefill frees each layer's tensors before
+    the next: the fp32 RMSNorm, q/k/v and their rotation, flash attention's output, or the MLP's
+    gate, up, act(gate) and product), and
+  - the decode peak: the last-position logits in fp32 and the sampler (temperature, a full sort of
+    the vocabulary with its radix-sort buffers, softmax / cumsum for top-p, Gumbel noise), which
+    dominates at batch > 1 for large vocabularies; or, while a new decode step is compiled
+    (torch.compile, the decoder's default on CUDA), Inductor's autotuning: an L2-sized buffer it
+    fills between timed runs plus a copy of the largest tensor the timed kernel writes in place
+    (one layer's key cache) or the head's logits. Sampling is assumed (greedy needs less).
+
+Assumes prompts of equal length (the benchmark's and the usual planning case). A left-padded
+batch also materialises a [B, 1, P, P] boolean attention mask (and SDPA's per-layer float copy
+of it), which this model does not count.
 
 `benchmarks/memory_model.py` checks the total against `torch.cuda.max_memory_allocated`.
 """
@@ -64,22 +81,37 @@ class MemoryBreakdown:
 
 
 class MemoryModel:
-    """Predicts peak device bytes of rap's generate path for a model shape."""
+    """Predicts peak device bytes of rap's generate path (`rap.decode.Decoder`) for a model shape."""
 
-    # cuBLAS keeps a 32 MiB workspace per handle in PyTorch's caching allocator on CUDA (:4096:8)
-    CUDA_WORKSPACE_BYTES = 8 * 4096 * 1024
+    # model types whose attention normalises q and k per head (an extra fp32 RMSNorm in the prefill)
+    QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")
 
-    def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int], on_cuda: bool = False):
+    def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int], on_cuda: bool = False,
+                 qk_norm: bool = False, compiled: bool | None = None, cublas_workspace_bytes: int | None = None,
+                 l2_cache_bytes: int | None = None):
         self.shape = shape
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
-        self.runtime_bytes = self.CUDA_WORKSPACE_BYTES if on_cuda else 0
+        self.qk_norm = qk_norm
+        self.on_cuda = on_cuda
+        self.runtime_bytes = 0
+        self.autotune_buffer_bytes = 0
+        if on_cuda:
+            ws = cublas_workspace_bytes if cublas_workspace_bytes is not None else cuda_cublas_workspace_bytes()
+            # two streams run matmuls: the current one (prefill, RoPE table) and the decoder's capture
+            # stream (warm-up + graph capture, `rap.decode.capture_stream`); each keeps its workspace
+            self.runtime_bytes = 2 * ws
+            if compiled is None or compiled:  # the Decoder compiles its block functions by default on CUDA
+                # torch._inductor.runtime.benchmarking: `torch.empty(L2_cache_size // 4, dtype=int)`,
+                # zeroed between timed runs to flush the L2, while a kernel with several configs is tuned
+                self.autotune_buffer_bytes = l2_cache_bytes if l2_cache_bytes is not None else cuda_l2_cache_bytes()
 
     @classmethod
     def from_view(cls, view: BlockView, on_cuda: bool | None = None) -> "MemoryModel":
         if on_cuda is None:
             on_cuda = view.device.type == "cuda"
-        return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks}, on_cuda)
+        qk_norm = getattr(view.config, "model_type", "") in cls.QK_NORM_MODEL_TYPES
+        return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks}, on_cuda, qk_norm)
 
     # ---- terms ----------------------------------------------------------------------------
     def param_bytes(self, mask: BlockMask) -> int:
@@ -104,31 +136,85 @@ class MemoryModel:
         layers = self.shape.num_layers if mask is None else len(mask.kept_attn_layers)
         return layers * self.shape.kv_bytes_per_token_per_layer
 
-    def prefill_activation_bytes(self, request: Request, mask: BlockMask) -> int:
+    def buffer_bytes(self, request: Request) -> int:
+        """The decoder's per-(batch, length) buffers, alive from capture to the end of the request."""
         s = self.shape
-        B, T, e = request.batch, request.prompt, s.dtype_bytes
-        q_width, kv_width = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        # residual stream + its normed copy live through every layer; cos/sin once; RMSNorm
-        # computes in fp32 (two fp32 copies of its input while it runs)
-        stream = B * T * ((2 * s.hidden_size + 2 * s.head_dim) * e + 2 * s.hidden_size * 4)
-        # MLP: act(gate), up and their product are alive together
-        mlp = 3 * B * T * s.intermediate_size * e if any(mask.keep_ffn) else 0
-        # attention: q, k, v, their rotated copies, the SDPA output and o_proj's output
-        attn = B * T * (3 * q_width + 4 * kv_width + s.hidden_size) * e if any(mask.keep_attn) else 0
-        # boolean causal mask over the whole (static) key length
-        attn_mask = B * T * request.total_tokens if any(mask.keep_attn) else 0
-        # last-position logits, plus their fp32 copy
-        logits = B * s.vocab_size * (e + 4)
-        return stream + max(mlp, attn + attn_mask) + logits + self.runtime_bytes
+        B, T = request.batch, request.total_tokens
+        noise = 4 * B * s.vocab_size  # [B, V] fp32 uniform noise for the Gumbel-max sampler
+        record = 8 * B * T + 8 * T  # generated token per column [B, T] int64, column index [T] int64
+        rope = 2 * T * s.head_dim * s.dtype_bytes  # cos and sin [T, head_dim]
+        return noise + record + rope
+
+    def sampler_bytes(self, batch: int) -> int:
+        """Peak of the last-position logits (fp32) plus `rap.decode.pick_tokens` (temperature + top-p).
+
+        The full sort over the vocabulary dominates: logits / temperature (4), the sorted values (4)
+        and their int64 indices (8), plus PyTorch's CUDA sort buffers (aten/src/ATen/native/cuda/
+        Sort.cu, CUB radix sort without double buffering): with 2..127 rows it sorts (value,
+        (row, index)) pairs once and the pairs again by row: two int2 arrays (8 + 8), a key output
+        (4) and CUB's alternate keys and pair values (4 + 8) = 32 bytes per element; with one row
+        (or >= 128) an int64 index iota (8) and CUB's alternate keys and values (4 + 8) = 20. After
+        the sort, softmax / cumsum / mask / Gumbel noise hold at most 29 bytes per element.
+        """
+        B, V = batch, self.shape.vocab_size
+        sort_buffers = 32 if 1 < B < 128 else 20
+        during_sort = 4 + 4 + 4 + 8 + sort_buffers
+        return B * V * max(during_sort, 29)
+
+    def prefill_layer_bytes(self, mask: BlockMask) -> tuple[int, int]:
+        """Transient bytes per prompt token of one kept (attention, FFN) block in the eager prefill,
+        on top of the residual stream; 0 for a kind of block the mask drops everywhere."""
+        s, e = self.shape, self.shape.dtype_bytes
+        h, I, H = s.hidden_size, s.intermediate_size, s.num_heads
+        qw, kw = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        rms = 8 * h  # RMSNorm in fp32: the upcast input and its square / normalised product
+        attn = 0
+        if any(mask.keep_attn):
+            phases = [
+                rms,
+                e * (h + qw + 2 * kw),  # normed input, q, k, v
+                e * (4 * qw + 2 * kw),  # q, k, v + rotating q: x*cos, rotate_half(x), its *sin (and the sum)
+                e * (qw + 5 * kw),  # rotated q, k, v + rotating k
+                e * (2 * qw + 2 * kw) + 4 * H,  # q, k, v + SDPA's output (+ flash's fp32 log-sum-exp)
+                e * (qw + 2 * h),  # attention output, o_proj's output and the new residual
+            ]
+            if self.qk_norm:  # q, k, v + RMSNorm of q in fp32
+                phases.append(e * (qw + 2 * kw) + 8 * qw)
+            attn = max(phases)
+        ffn = 0
+        if any(mask.keep_ffn):
+            ffn = max(rms,
+                      e * (h + 4 * I),  # normed input, gate, up, act(gate), act(gate) * up
+                      e * (2 * h + 3 * I),  # ... + down's output
+                      e * (3 * h + 2 * I))  # ... + the new residual
+        return attn, ffn
+
+    def prefill_activation_bytes(self, request: Request, mask: BlockMask) -> int:
+        s, e = self.shape, self.shape.dtype_bytes
+        B, P = request.batch, request.prompt
+        tokens = B * P
+        # residual stream, prompt ids and positions (int64), RoPE rows cos/sin [B, P, head_dim]
+        stream = tokens * (e * s.hidden_size + 8 + 8 + 2 * e * s.head_dim) + 8 * P
+        attn, ffn = self.prefill_layer_bytes(mask)
+        layers = stream + tokens * max(attn, ffn)
+        # after the last layer: the residual stream and the last position's logits (dtype, then fp32)
+        head = tokens * e * s.hidden_size + B * s.vocab_size * (e + 4)
+        return max(layers, head) + self.buffer_bytes(request) + self.runtime_bytes
 
     def decode_activation_bytes(self, request: Request, mask: BlockMask) -> int:
-        s = self.shape
-        B, e = request.batch, s.dtype_bytes
-        layer = B * max(3 * s.intermediate_size, 4 * s.num_heads * s.head_dim) * e
-        attn_mask = B * request.total_tokens
-        # logits (dtype), fp32 copy, softmax/top-p sort values (fp32) and indices (int64)
-        logits = B * s.vocab_size * (e + 4 + 4 + 8)
-        return layer + attn_mask + logits + self.runtime_bytes
+        s, e = self.shape, self.shape.dtype_bytes
+        B, T = request.batch, request.total_tokens
+        qw = s.num_heads * s.head_dim
+        # one block's transients for one token per row, the key mask [B, T] and its float copy
+        layer = B * max(3 * s.intermediate_size, 4 * qw) * e + B * T * (1 + e)
+        logits = B * s.vocab_size * (e + 4)  # lm_head output, then its fp32 copy
+        peak = max(layer, logits, self.sampler_bytes(B))
+        if self.autotune_buffer_bytes:
+            # compiling a new step shape: the flush buffer plus a copy of what the tuned kernel writes
+            # in place (the index_copy into one layer's key or value cache), or the head's logits
+            kv_layer = B * s.num_kv_heads * T * s.head_dim * e if any(mask.keep_attn) else 0
+            peak = max(peak, self.autotune_buffer_bytes + max(kv_layer, logits))
+        return peak + self.buffer_bytes(request) + self.runtime_bytes
 
     # ---- answers --------------------------------------------------------------------------
     def breakdown(self, mask: BlockMask, request: Request, kv_ratio: float = 1.0) -> MemoryBreakdown:
@@ -148,6 +234,36 @@ class MemoryModel:
 
     def dense_need(self, request: Request) -> int:
         return self.peak_bytes(BlockMask.full(self.shape.num_layers), request)
+
+
+def cuda_cublas_workspace_bytes(device=None) -> int:
+    """Size of the cuBLAS workspace PyTorch allocates per stream (aten/src/ATen/cuda/CublasHandlePool.cpp):
+    CUBLAS_WORKSPACE_CONFIG (":SIZE_KiB:COUNT" pairs) if set, else 32 MiB on Hopper/Blackwell
+    (compute capability 9.x, 10.x, 12.x) and 4096 KiB * 2 + 16 KiB * 8 before."""
+    import os
+    import re
+
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        pairs = re.findall(r":([0-9]+):([0-9]+)", config)
+        if pairs:
+            return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    import torch
+
+    if not torch.cuda.is_available():  # planning for a GPU from a machine without one: assume Hopper
+        return 4096 * 8 * 1024
+    major = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device()).major
+    return 4096 * 8 * 1024 if major in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def cuda_l2_cache_bytes(device=None) -> int:
+    """The GPU's L2 cache size (50 MiB on the H100), which Inductor's autotuner allocates to flush it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 50 * 2**20
+    return int(torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+               .L2_cache_size)
 
 
 def parse_bytes(text: str | int | float) -> int:
