@@ -35,17 +35,21 @@ class Kind:
     render: Optional[Callable[[dict], list[str]]] = None  # extra Markdown before the rows table
 
 
+def _is_bytes(key: str) -> bool:
+    return "bytes" in key and not any(x in key for x in ("per_s", "ratio", "fraction", "equal", "note", "error"))
+
+
 def _fmt(value: Any, key: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) and key.endswith("_bytes"):
+    if isinstance(value, int) and _is_bytes(key):
         from .memory import format_bytes
 
         return format_bytes(value)
     if isinstance(value, float):
-        if key.endswith("_bytes") and not math.isnan(value):
+        if _is_bytes(key) and not math.isnan(value):
             from .memory import format_bytes
 
             return format_bytes(int(value))
@@ -86,10 +90,35 @@ def table(rows: list[dict], columns: Iterable[str] | None = None) -> list[str]:
     return lines
 
 
+BULKY_KEYS = {"order", "scores", "steps", "profile", "ppl_after", "shortgpt_block_influence", "tasks", "notes",
+              "headline_sources", "dropped"}
+
+
 def _summary(data: dict, skip: Iterable[str] = ()) -> list[str]:
     skip = set(skip) | set(ENV_KEYS) | {"rows", "kind"}
     items = [(k, v) for k, v in data.items() if k not in skip and not isinstance(v, (dict, list))]
     return [f"- `{k}`: {_fmt(v, k)}" for k, v in items]
+
+
+def _nested(data: dict, depth: int = 0) -> list[str]:
+    """Dict and list-of-dict values (other than rows and bulky keys): a line per small dict of scalars,
+    a table per list of dicts, one level of sub-sections for a dict of those."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if key in BULKY_KEYS or key in ENV_KEYS or key == "rows":
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines += ["", f"**{key}**", ""] + table(value) + [""]
+        elif isinstance(value, dict) and value:
+            scalars = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
+            if scalars:
+                lines.append(f"- `{key}`: " + ", ".join(f"{k}={_fmt(v, k)}" for k, v in list(scalars.items())[:16]))
+            if depth == 0:
+                rest = {k: v for k, v in value.items() if isinstance(v, (dict, list))}
+                sub = _nested(rest, depth + 1)
+                if sub:
+                    lines += [f"- `{key}` (continued):"] + sub
+    return lines
 
 
 # ---- kind-specific sections -------------------------------------------------------------------
@@ -169,8 +198,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("curve", "Quality vs blocks removed", ("removed", "blocks_removed", "param_ratio", "ppl", "calib_ppl",
                                                 "test_ppl")),
     Kind("kv", "KV-cache compression", ()),
-    Kind("decode", "Decode throughput", ("impl", "model", "batch", "prompt", "mask", "tokens_per_s", "ms_per_step",
-                                         "roofline_fraction", "speedup_vs_stock", "peak_bytes")),
+    Kind("decode", "Decode throughput", ("impl", "model", "batch", "prompt", "new_tokens", "mask", "dropped_blocks",
+                                         "dropped_bytes_fraction", "ms_per_token", "tok_s", "tokens_per_s",
+                                         "frac_of_roofline", "prefill_ms", "peak_bytes", "skipped")),
     Kind("policy", "Policy decisions under a budget", ()),
     Kind("engine-trace", "Engine under a changing budget", ("step", "level_ratio", "batch", "decision",
                                                             "predicted_peak_bytes", "measured_peak_bytes",
@@ -361,6 +391,10 @@ def build_report(paths: Iterable[Path], out: Path) -> Path:
             summary = _summary(d, skip=("tasks", "order", "scores", "notes"))
             if summary:
                 lines += summary + [""]
+            if kind not in ("quality", "zeroshot", "gsi", "bench"):
+                nested = _nested(d)
+                if nested:
+                    lines += nested + [""]
             rows = d.get("rows")
             if isinstance(rows, list) and rows and kind not in ("quality",):
                 lines += table(rows, spec.columns if spec and spec.columns else None) + [""]
