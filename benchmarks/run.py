@@ -138,7 +138,12 @@ def time_decoder(view: BlockView, mask: BlockMask, request: Request, device: str
     prompts = random_prompts(request.batch, request.prompt, view.shape.vocab_size)
     try:
         dec.prepare(mask, request.batch, request.total_tokens, prompt=request.prompt)
-        dec.generate(prompts, min(8, request.new_tokens), mask=mask)  # warm-up (allocator, kernels)
+        # warm-up (allocator, kernels) in the same (batch bucket, cache length) workspace as the timed call,
+        # so no second KV workspace is allocated and counted in the peak
+        from rap.decode import bucket_length
+
+        warm = 8 if bucket_length(request.prompt + 8) == bucket_length(request.total_tokens) else request.new_tokens
+        dec.generate(prompts, min(warm, request.new_tokens), mask=mask)
         sync(device)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
