@@ -121,9 +121,12 @@ def main() -> None:
     run = run_decoder_path if args.path == "decoder" else run_generate_path
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     plan = PLAN if device == "cuda" else [("smollm2-135m", m, 1, 32, 4) for m in ("dense", "mixed")]
-    rows, views, residency = [], {}, {}
+    rows, views, residency, view = [], {}, {}, None
     for shape, mask_name, batch, prompt, new in plan:
         if shape not in views:
+            # the previous model must be gone before the next is measured (WeightResidency's hooks make
+            # a reference cycle, so only the collector frees it: drop every reference first)
+            view = None
             views.clear()
             residency.clear()
             gc.collect()

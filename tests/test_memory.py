@@ -1,8 +1,10 @@
+import math
+
 import pytest
 
 from rap.errors import RequestError
 from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request, parse_bytes
+from rap.memory import MemoryModel, Request, cuda_block_bytes, parse_bytes
 
 
 @pytest.fixture
@@ -147,3 +149,16 @@ def test_decoder_peak_on_cuda_is_what_the_memory_model_says():
     req = Request(bucket_batch(B), P, T - P)
     predicted = mem.kv_bytes(req, mask) + mem.prefill_activation_bytes(req, mask) - mem.runtime_bytes
     assert abs(predicted - measured) <= 0.1 * measured
+
+
+def test_cuda_kv_tensors_are_charged_as_the_caching_allocator_rounds_them(mem):
+    MiB = 2**20
+    assert cuda_block_bytes(1000) == 1024  # 512-byte granules
+    assert cuda_block_bytes(33 * MiB) == 34 * MiB  # own 2 MiB-rounded segment, 1 MiB remainder kept
+    assert cuda_block_bytes(int(24.75 * MiB)) == int(24.75 * MiB)  # 1.25 MiB remainder is split off
+    assert cuda_block_bytes(int(3.1875 * MiB)) == math.ceil(20 * MiB / 6)  # 6 per 20 MiB segment, last takes the rest
+    cuda = MemoryModel(mem.shape, mem.base_bytes, mem.block_bytes, on_cuda=True, cublas_workspace_bytes=0,
+                       l2_cache_bytes=0)
+    req, mask = Request(3, 100, 20), BlockMask.full(5)
+    layer = mem.kv_bytes(req, mask) // 5
+    assert cuda.kv_bytes(req, mask) == 5 * 2 * cuda_block_bytes(layer // 2) >= mem.kv_bytes(req, mask)

@@ -7,7 +7,8 @@ written from what rap's decode path (`rap.decode.Decoder`) actually allocates, n
 * KV cache: preallocated for prompt + new tokens, only for kept attention blocks
   (a sliding-window layer holds at most its window); with a KV keep ratio r the prompt part
   shrinks to ceil(r * prompt) tokens per head on average (Ada-KV cache, no padding), and
-  decoded tokens are appended uncompressed;
+  decoded tokens are appended uncompressed; on CUDA each dense key / value tensor is charged as
+  PyTorch's caching allocator rounds it (`cuda_block_bytes`: up to 1 MiB more per tensor);
 * fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
   PyTorch for the life of the process: the current stream's (prefill) and the decoder's one
   capture stream (warm-up and graph capture);
@@ -129,8 +130,16 @@ class MemoryModel:
         return tokens
 
     def kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0) -> int:
+        """KV cache bytes: on CUDA, as the caching allocator charges the decoder's dense [B, Hkv, T, D]
+        key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size."""
         per_token = self.shape.kv_bytes_per_token_per_layer
-        return sum(request.batch * self.kv_tokens(request, kv_ratio, i) * per_token for i in mask.kept_attn_layers)
+        total = 0
+        for i in mask.kept_attn_layers:
+            layer = request.batch * self.kv_tokens(request, kv_ratio, i) * per_token
+            if self.on_cuda and kv_ratio >= 1.0:
+                layer = 2 * cuda_block_bytes(layer // 2)
+            total += layer
+        return total
 
     def kv_bytes_per_token(self, mask: BlockMask | None = None) -> int:
         layers = self.shape.num_layers if mask is None else len(mask.kept_attn_layers)
@@ -254,6 +263,30 @@ def cuda_cublas_workspace_bytes(device=None) -> int:
         return 4096 * 8 * 1024
     major = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device()).major
     return 4096 * 8 * 1024 if major in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def cuda_block_bytes(size: int) -> int:
+    """Bytes PyTorch's CUDA caching allocator charges (memory_allocated) for one tensor of `size` bytes
+    allocated from fresh segments, default config (c10/cuda/CUDACachingAllocator.cpp): sizes round
+    up to 512 B; up to 1 MiB come from 2 MiB segments split exactly; from 10 MiB a tensor gets its
+    own segment rounded up to 2 MiB, and a remainder of at most 1 MiB is not split off but charged
+    to the tensor; in between, tensors are carved out of 20 MiB segments one after another and the
+    last one of a segment takes a remainder of at most 1 MiB (amortised here over the segment)."""
+    MiB = 2**20
+    size = max(512, 512 * math.ceil(size / 512))
+    if size <= MiB:
+        return size
+    if size >= 10 * MiB:
+        segment = 2 * MiB * math.ceil(size / (2 * MiB))
+        return segment if segment - size <= MiB else size
+    charged, remaining, count = 0, 20 * MiB, 0
+    while remaining >= size:  # one 20 MiB segment
+        count += 1
+        if remaining - size > MiB:
+            charged, remaining = charged + size, remaining - size
+        else:
+            charged, remaining = charged + remaining, 0
+    return math.ceil(charged / count)
 
 
 def cuda_l2_cache_bytes(device=None) -> int:
