@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -143,7 +142,8 @@ def compare(args) -> None:
     from rap.profile import gsi, load_calibration, naive_gsi
     from rap.sources import load_view
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     view, tok = load_view(args.model, dtype=args.dtype, device=args.device)
     calib = load_calibration(tok, view.config.model_type, args.calib, args.tokens, args.seq_len, 0)
     t = time.process_time()
@@ -255,7 +255,7 @@ def main() -> None:
     t.add_argument("--seq-len", type=int, default=2048)
     t.add_argument("--batch-windows", type=int, default=16)
     t.add_argument("--exact-steps", type=int, default=1)
-    t.add_argument("--racing-steps", type=int, default=2)
+    t.add_argument("--racing-steps", type=int, default=1)
     t.add_argument("--predict", type=int, default=1)
     t.add_argument("--cache-gib", type=float, default=None, help="memory for cached streams (default: 70%% of free)")
     t.add_argument("--racing-ratio", type=float, default=None, help="racing block-forward ratio from a real model")
