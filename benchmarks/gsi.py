@@ -259,7 +259,7 @@ def main() -> None:
     t.add_argument("--predict", type=int, default=1)
     t.add_argument("--cache-gib", type=float, default=None, help="memory for cached streams (default: 70%% of free)")
     t.add_argument("--racing-ratio", type=float, default=None, help="racing block-forward ratio from a real model")
-    t.add_argument("--time-limit", type=float, default=480, help="skip later runs after this many seconds")
+    t.add_argument("--time-limit", type=float, default=330, help="skip later runs after this many seconds")
     c = sub.add_parser("compare", help="naive vs exact GSI on a real model")
     c.add_argument("--model", default="smollm2-135m")
     c.add_argument("--calib", default=None)
