@@ -247,7 +247,7 @@ def test_surrogate_recovers_a_synthetic_damage_model():
     w = rng.uniform(0.01, 0.3, 20)
     D = (rng.random((300, 20)) < rng.random((300, 1))).astype(float)
     y = 0.8 * np.log1p(D @ w) + 0.05 * np.expm1(0.7 * (D @ w))
-    s = MaskSurrogate.fit(D, y, steps=3000)
+    s = MaskSurrogate.fit(D, y, steps=1500)
     assert s.cv_rmse < 0.05
     assert s(BlockMask.full(10)) == 0.0
 

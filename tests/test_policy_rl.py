@@ -42,17 +42,27 @@ def test_environment_passes_the_gymnasium_checker():
 
 
 def test_action_masks_mark_exactly_the_actions_that_fit():
+    """Action (r, n_a) is allowed iff some ladder entry with n_a attention blocks fits at ratio r,
+    and it then decodes to the best-valued such entry."""
     from rap.policy.env import DecisionEnv
-    from rap.policy.ladder import decode_action
+    from rap.policy.ladder import decode_split
 
     ctx = stories_context()
     env = DecisionEnv(ctx, seed=1)
+    L1 = ctx.num_layers + 1
     for _ in range(5):
         env.reset()
         sc = env.scenario
         for a, ok in enumerate(env.action_masks()):
-            mask, r = decode_action(env.ladder, ctx.kv_ratios, a)
-            assert bool(ok) == ctx.memory.fits(sc.budget_bytes, mask, sc.request, r)
+            r_i, n_a = divmod(a, L1)
+            r = ctx.kv_ratios[r_i]
+            fitting = [e for e in range(n_a * L1, (n_a + 1) * L1)
+                       if ctx.memory.fits(sc.budget_bytes, env.ladder.mask(e), sc.request, r)]
+            assert bool(ok) == bool(fitting)
+            if ok:
+                mask, ratio = decode_split(env.ladder, ctx.kv_ratios, a, env._entries)
+                assert ratio == r and mask in [env.ladder.mask(e) for e in fitting]
+                assert env.ladder.value_of(mask) == min(env.ladder.values[e] for e in fitting)
 
 
 def test_reward_is_minus_the_predicted_log_ratio_and_misfits_are_penalised():

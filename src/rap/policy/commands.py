@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         calib_tokens: int = typer.Option(512, help="calibration tokens (windows x length)"),
         design: int = typer.Option(150, help="random masks measured to fit the quality surrogate"),
         kv_samples: int = typer.Option(2, help="spans per prompt length when measuring the KV penalty"),
-        ladder_step: int = typer.Option(2, help="measure the mask ladder at every N-th count pair (0: none)"),
+        ladder_step: int = typer.Option(5, help="measure the mask ladder at every N-th count pair (0: none)"),
         dtype: str = typer.Option("bf16", help="dtype the model will run in (what the memory model plans for)"),
         cache: Optional[Path] = typer.Option(None, help="measurement cache (default: OUT + .cache.json)"),
         progress: bool = typer.Option(True, help="show progress bars"),
@@ -70,33 +70,43 @@ def register(app: typer.Typer) -> None:
         from ..eval.perplexity import needs_bos, token_windows
         from .context import PolicyContext
         from .evaluator import MeasuredEvaluator
+        from .rl import Bundle
         from .train import TrainConfig, base_meta, prepare_quality, train_agent, validate_profile
 
         console = Console(highlight=False, stderr=True)
-        try:
-            import sb3_contrib  # noqa: F401
-        except ImportError:
-            raise RapError("training needs the rl extra: pip install 'rap-runtime[rl]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("sb3_contrib") is None:
+            raise RapError("training needs the rl extra: pip install 'rap-runtime[rl]'")
         prof = read_profile(profile)
-        view, tok = load_view_for_cli(model, dtype="fp32", device="cpu")
-        validate_profile(prof, view.num_layers)
         memory = planning_memory(model, dtype)
-        text = read_text(WIKITEXT2_VALID)
-        bos = needs_bos(tok, view.config.model_type)
-        windows = token_windows(text[:400_000], tok, calib_seq, calib_tokens, bos=bos)
-        evaluator = MeasuredEvaluator(view, windows, cache_path=cache or out.with_name(out.name + ".cache.json"),
-                                      label=f"{WIKITEXT2_VALID} {tuple(windows.shape)}")
-        stream = tok(text[400_000:], add_special_tokens=False, return_tensors="pt").input_ids[0]
-        t0 = time.perf_counter()
-        quality, ladder = prepare_quality(view, prof, evaluator, kv_stream=stream, design_count=design,
-                                          kv_samples=kv_samples, ladder_step=ladder_step, seed=seed,
-                                          progress=progress)
-        quality.calibration.update(chars=400_000, seq_len=calib_seq, max_tokens=calib_tokens, source=WIKITEXT2_VALID)
-        console.print(f"quality model: {len(quality.measured)} masks measured on {evaluator.tokens} calibration "
-                      f"tokens, surrogate held-out rmse {quality.surrogate.cv_rmse:.3f} (log1p), "
-                      f"{time.perf_counter() - t0:.0f} s")
+        validate_profile(prof, memory.shape.num_layers)
+        if resume and out.is_file():
+            # the quality model and ladder were measured before training started: reuse them
+            old = Bundle.load(out)
+            if old.order != list(prof["order"]):
+                raise RapError(f"{out} was trained with another profile order; resume with the same --profile")
+            quality, ladder, meta = old.quality, old.ladder, {k: v for k, v in old.meta.items() if k != "training"}
+            console.print(f"resuming {out}: reusing its quality model ({len(quality.measured)} measured masks)")
+        else:
+            view, tok = load_view_for_cli(model, dtype="fp32", device="cpu")
+            text = read_text(WIKITEXT2_VALID)
+            bos = needs_bos(tok, view.config.model_type)
+            windows = token_windows(text[:400_000], tok, calib_seq, calib_tokens, bos=bos)
+            evaluator = MeasuredEvaluator(view, windows, cache_path=cache or out.with_name(out.name + ".cache.json"),
+                                          label=f"{WIKITEXT2_VALID} {tuple(windows.shape)}")
+            stream = tok(text[400_000:], add_special_tokens=False, return_tensors="pt").input_ids[0]
+            t0 = time.perf_counter()
+            quality, ladder = prepare_quality(view, prof, evaluator, kv_stream=stream, design_count=design,
+                                              kv_samples=kv_samples, ladder_step=ladder_step, seed=seed,
+                                              progress=progress)
+            quality.calibration.update(chars=400_000, seq_len=calib_seq, max_tokens=calib_tokens,
+                                       source=WIKITEXT2_VALID)
+            console.print(f"quality model: {len(quality.measured)} masks measured on {evaluator.tokens} calibration "
+                          f"tokens, surrogate held-out rmse {quality.surrogate.cv_rmse:.3f} (log1p), "
+                          f"{time.perf_counter() - t0:.0f} s")
+            meta = base_meta(model, view.num_layers, prof, quality, ladder, dtype)
         ctx = PolicyContext(memory, prof["order"], quality, prof.get("scores"), model, ladder=ladder)
-        meta = base_meta(model, view.num_layers, prof, quality, ladder, dtype)
         cfg = TrainConfig(steps=steps, seed=seed)
         bundle = train_agent(ctx, meta, out, cfg, resume=resume, progress=progress)
         t = bundle.meta["training"]

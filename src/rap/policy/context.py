@@ -98,7 +98,7 @@ class PolicyContext:
 
     # ---- bytes ------------------------------------------------------------------------------
     def costs(self, request: Request) -> Costs:
-        L, m = self.num_layers, self.memory
+        m = self.memory
         block = np.tile(self.block_param_bytes, (len(self.kv_ratios), 1))
         for r_i, r in enumerate(self.kv_ratios):
             for layers in self._kv_groups.values():
@@ -126,7 +126,11 @@ class PolicyContext:
 
     # ---- quality ----------------------------------------------------------------------------
     def predicted_log_ratio(self, mask: BlockMask, kv_ratio: float, request: Request) -> float:
-        return self.quality.log_ratio(mask, kv_ratio, request.prompt)
+        """The ladder's value for masks on it (measured / residual-corrected), else the quality model."""
+        value = self.ladder.value_of(mask)
+        if value is None:
+            value = self.quality.mask_log_ratio(mask)
+        return value + self.quality.kv_penalty(kv_ratio, request.prompt)
 
     @property
     def ladder(self):

@@ -3,10 +3,11 @@
 Observation: the request and budget as scale-free features (`ladder.observe`: budget / dense
 need, the dense model's parameter / KV / activation shares, log batch / prompt / output lengths,
 what all attention / all FFN blocks / the base / activations cost relative to the budget).
-Action: one of R * (L+1)^2 = (KV keep ratio, ladder entry); the entry is the best known mask
-keeping n_a attention and n_f FFN blocks (see ladder.py for why the choice is one-shot).
-`action_masks()` marks exactly the actions whose peak fits the budget, computed from the
-memory model's terms for the whole table at once (MaskablePPO never samples the others).
+Action: one of R * (L+1) = (KV keep ratio, attention blocks kept), one shot; the mask is the
+ladder entry with that many attention blocks and the best-valued FFN count that fits (see
+ladder.py: why one shot, and why the FFN count need not be learned). `action_masks()` marks
+exactly the actions for which such an entry fits, computed from the memory model's terms for the
+whole table at once (MaskablePPO never samples the others).
 Reward: minus the predicted log(PPL / PPL_dense) of the chosen configuration, clipped at
 -`reward_clip`; a configuration that MemoryModel.fits rejects earns -`misfit_penalty` (it can
 only happen without action masking, e.g. a random agent). Episodes last one step.
@@ -18,7 +19,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .ladder import FEATURES, decode_action, feasible, observe
+from .ladder import decode_split, n_features, observe, split_choices
 from .workload import Scenario, Workload
 
 
@@ -33,8 +34,8 @@ class DecisionEnv(gym.Env):
         self.workload = workload or Workload()
         self.reward_clip = reward_clip
         self.misfit_penalty = misfit_penalty
-        self.observation_space = spaces.Box(-np.inf, np.inf, (FEATURES,), np.float32)
-        self.action_space = spaces.Discrete(len(context.kv_ratios) * self.ladder.size)
+        self.observation_space = spaces.Box(-np.inf, np.inf, (n_features(len(context.kv_ratios)),), np.float32)
+        self.action_space = spaces.Discrete(len(context.kv_ratios) * (self.ladder.num_layers + 1))
         self._rng = np.random.default_rng(seed)
         self.scenario: Scenario | None = None
         self._mask = None
@@ -52,7 +53,7 @@ class DecisionEnv(gym.Env):
                 break
             scenario = None  # nothing fits at all: draw another (never happens for the default workload)
         self.scenario, self._costs = scenario, costs
-        self._mask = feasible(self.ladder, costs, scenario.budget_bytes)
+        self._mask, self._entries = split_choices(ctx, self.ladder, scenario.request, costs, scenario.budget_bytes)
         self._obs = observe(ctx, scenario.request, scenario.budget_bytes, costs)
         return self._obs, {}
 
@@ -61,12 +62,12 @@ class DecisionEnv(gym.Env):
 
     def step(self, action):
         ctx, sc = self.context, self.scenario
-        mask, r = decode_action(self.ladder, ctx.kv_ratios, int(action))
-        fits = ctx.memory.fits(sc.budget_bytes, mask, sc.request, r)
+        mask, r = decode_split(self.ladder, ctx.kv_ratios, int(action), self._entries)
+        fits = mask is not None and ctx.memory.fits(sc.budget_bytes, mask, sc.request, r)
         if fits:
-            entry = int(action) % self.ladder.size
+            entry = int(self._entries[int(action)])
             y = float(self.ladder.values[entry]) + ctx.quality.kv_penalty(r, sc.request.prompt)
             reward = -min(y, self.reward_clip)
         else:
             y, reward = float("nan"), -self.misfit_penalty
-        return self._obs, reward, True, False, {"fits": fits, "log_ratio": y}
+        return self._obs.copy(), reward, True, False, {"fits": fits, "log_ratio": y}

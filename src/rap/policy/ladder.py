@@ -10,8 +10,10 @@ among R * (L+1)^2 actions whose fit is computed exactly for the whole table in o
 product. Models with layers of different KV cost (sliding windows) still work: the table's fit
 is computed per mask, not per count.
 
-`LadderPolicy` picks the best-scoring feasible action by enumeration; the RL agent (rl.py)
-learns the same choice from request features; both share `observe`/`feasible` below.
+`LadderPolicy` picks the best-scoring feasible (r, entry) by enumeration. The RL agent (rl.py)
+learns the hard part of that choice from request features: the KV ratio and how many attention
+blocks to keep (R * (L+1) actions); given those, the FFN count is the best one that fits
+(`split_choices`), because keeping fewer FFN blocks than the budget allows never helps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from ..mask import BlockMask
 from ..memory import Request
 from .evaluator import block_index, mask_from_keep, mask_key
 
-FEATURES = 13  # length of `observe`'s vector
+def n_features(num_kv_ratios: int) -> int:
+    """Length of `observe`'s vector."""
+    return 13 + 2 * num_kv_ratios
 
 
 class MaskLadder:
@@ -40,6 +44,7 @@ class MaskLadder:
         self.any_attn = self.keep[:, :L].any(1).astype(int)
         self.any_ffn = self.keep[:, L:].any(1).astype(int)
         self._masks = [mask_from_keep(k) for k in self.keep]
+        self._entry = {m: i for i, m in enumerate(self._masks)}
 
     @property
     def size(self) -> int:
@@ -50,6 +55,11 @@ class MaskLadder:
 
     def mask(self, entry: int) -> BlockMask:
         return self._masks[entry]
+
+    def value_of(self, mask: BlockMask) -> float | None:
+        """The ladder's predicted log ratio of `mask`, None if the mask is not on the ladder."""
+        entry = self._entry.get(mask)
+        return None if entry is None else float(self.values[entry])
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
@@ -72,11 +82,27 @@ class MaskLadder:
 
         With the profile's order, every mask gsi-order, ffn-first and attn-first can pick is on
         the ladder, so the ladder policies differ from them only in which (n_a, n_f, r) they pick.
+        Values: measured where the calibration set measured the mask; elsewhere the surrogate
+        plus the measured-minus-surrogate residual interpolated (bilinearly in the counts) from
+        the measured grid; finally made monotone (keeping more blocks is never predicted worse).
         """
+        L = num_layers
         attn = [n for n in order if n.startswith("attn")]
         ffn = [n for n in order if n.startswith("ffn")]
-        keep = cls.keep_matrix(num_layers, attn, ffn)
-        return cls(keep, np.array([quality.mask_log_ratio(mask_from_keep(k)) for k in keep]))
+        keep = cls.keep_matrix(L, attn, ffn)
+        masks = [mask_from_keep(k) for k in keep]
+        surrogate = quality.surrogate.predict_drop(1.0 - keep).reshape(L + 1, L + 1)
+        measured = np.array([quality.measured.get(mask_key(m), np.nan) for m in masks]).reshape(L + 1, L + 1)
+        measured = np.where(np.isnan(measured), np.nan, np.maximum(measured, 0.0))
+        values = surrogate + _interpolated_residual(measured - surrogate)
+        values = np.where(np.isnan(measured), np.maximum(values, 0.0), measured)
+        for a in range(L + 1):  # monotone: a mask keeping more of either kind is never worse
+            for f in range(L + 1):
+                if a:
+                    values[a, f] = min(values[a, f], values[a - 1, f])
+                if f:
+                    values[a, f] = min(values[a, f], values[a, f - 1])
+        return cls(keep, values.reshape(-1))
 
     @staticmethod
     def grid_masks(num_layers: int, order: Sequence[str], step: int) -> list[BlockMask]:
@@ -90,10 +116,6 @@ class MaskLadder:
     def all_masks(self) -> list[BlockMask]:
         return list(self._masks)
 
-    def refresh(self, quality) -> None:
-        """Re-read values (after more masks were measured)."""
-        self.values = np.array([quality.mask_log_ratio(m) for m in self._masks])
-
     def to_dict(self) -> dict:
         return {"keep": [mask_key(m) for m in self._masks], "values": [float(v) for v in self.values]}
 
@@ -104,6 +126,19 @@ class MaskLadder:
         masks = [mask_from_key(k) for k in d["keep"]]
         keep = np.array([[*m.keep_attn, *m.keep_ffn] for m in masks], dtype=np.float64)
         return cls(keep, np.asarray(d["values"]))
+
+
+def _interpolated_residual(residual: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation over (n_a, n_f) of residuals known on a regular sub-grid (NaN elsewhere)."""
+    known = ~np.isnan(residual)
+    grid = [c for c in range(residual.shape[0]) if known[c].sum() >= 2 and known[:, c].sum() >= 2]
+    grid = [c for c in grid if all(known[c, g] and known[g, c] for g in grid)]
+    if len(grid) < 2:
+        return np.zeros_like(residual)
+    sub = residual[np.ix_(grid, grid)]
+    x = np.arange(residual.shape[0])
+    rows = np.stack([np.interp(x, grid, sub[i]) for i in range(len(grid))])  # [G, L+1] along n_f
+    return np.stack([np.interp(x, grid, rows[:, j]) for j in range(residual.shape[1])], axis=1)
 
 
 # ---- the one-shot action space ------------------------------------------------------------------
@@ -127,12 +162,37 @@ def action_scores(context, ladder: MaskLadder, request: Request) -> np.ndarray:
 
 
 def decode_action(ladder: MaskLadder, kv_ratios: Sequence[float], action: int) -> tuple[BlockMask, float]:
+    """Full action space (R * E): (KV ratio index, ladder entry)."""
     r_index, entry = divmod(int(action), ladder.size)
     return ladder.mask(entry), kv_ratios[r_index]
 
 
+def split_choices(context, ladder: MaskLadder, request: Request, costs, budget_bytes: int):
+    """The agent's action space: (KV ratio, attention blocks kept), R * (L+1) actions.
+
+    For each, the FFN count is not a choice: the best-valued ladder entry with that many attention
+    blocks that fits is taken (exact, by enumeration). Returns (ok [R*(L+1)] bool: some entry
+    fits; entry [R*(L+1)] int: the entry to use, -1 where none fits).
+    """
+    L1 = ladder.num_layers + 1
+    R = len(context.kv_ratios)
+    fits = (peaks(ladder, costs) <= budget_bytes).reshape(R, L1, L1)
+    scores = np.where(fits, action_scores(context, ladder, request).reshape(R, L1, L1), np.inf)
+    best_f = scores.argmin(-1)  # [R, L1]
+    ok = np.isfinite(np.take_along_axis(scores, best_f[..., None], -1)[..., 0])
+    entry = np.where(ok, np.arange(L1)[None, :] * L1 + best_f, -1)
+    return ok.reshape(-1), entry.reshape(-1)
+
+
+def decode_split(ladder: MaskLadder, kv_ratios: Sequence[float], action: int, entries: np.ndarray):
+    """Split action -> (mask, kv ratio); mask None if that (ratio, attention count) has no fitting entry."""
+    r_index = int(action) // (ladder.num_layers + 1)
+    entry = int(entries[int(action)])
+    return (ladder.mask(entry) if entry >= 0 else None), kv_ratios[r_index]
+
+
 def observe(context, request: Request, budget_bytes: int, costs) -> np.ndarray:
-    """Request and budget as scale-free features (fractions and log lengths), float32 [FEATURES]."""
+    """Request and budget as scale-free features (fractions and log lengths), float32 [n_features(R)]."""
     L = context.num_layers
     block1 = costs.block_bytes[0]  # parameters + KV at r = 1
     attn_all, ffn_all = float(block1[:L].sum()), float(block1[L:].sum())
@@ -141,6 +201,7 @@ def observe(context, request: Request, budget_bytes: int, costs) -> np.ndarray:
     dense_kv = attn_all + ffn_all + costs.base_bytes - dense_params
     dense = dense_params + dense_kv + dense_act
     b = float(budget_bytes)
+    room = np.full(len(costs.kv_ratios), b - costs.base_bytes - dense_act)
     return np.array([
         b / dense,
         dense_params / dense,
@@ -155,6 +216,9 @@ def observe(context, request: Request, budget_bytes: int, costs) -> np.ndarray:
         costs.base_bytes / b,
         dense_act / b,
         float(costs.act_bytes[0, 1]) / b,
+        # the frontier's geometry: how many attention (FFN) blocks alone would fit, per KV ratio
+        *np.clip(room / (costs.block_bytes[:, :L].mean(1) * L), 0.0, 2.0),
+        *np.clip(room / (costs.block_bytes[:, L:].mean(1) * L), 0.0, 2.0),
     ], dtype=np.float32)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import RapError
 from ..memory import MemoryModel, Request
 from .evaluator import QualityModel
-from .ladder import MaskLadder, decode_action, feasible, observe
+from .ladder import MaskLadder, decode_split, observe, split_choices
 
 FORMAT = 1
 
@@ -141,7 +141,7 @@ class Bundle:
 
 
 class RLPolicy:
-    """The trained agent: features -> masked argmax over (KV ratio, ladder entry)."""
+    """The trained agent: features -> masked argmax over (KV ratio, attention blocks kept)."""
 
     name = "rl"
 
@@ -149,7 +149,7 @@ class RLPolicy:
         self.context = context
         self.agent = agent
         self.ladder = context.ladder
-        expected = len(context.kv_ratios) * self.ladder.size
+        expected = len(context.kv_ratios) * (self.ladder.num_layers + 1)
         if agent.head[0].shape[0] != expected:
             raise RapError(f"the agent has {agent.head[0].shape[0]} actions, this model's action space has {expected}")
 
@@ -157,7 +157,9 @@ class RLPolicy:
         ctx = self.context
         costs = ctx.costs(request)
         ctx.check_budget(request, budget_bytes, costs)
-        ok = feasible(self.ladder, costs, budget_bytes)
+        ok, entries = split_choices(ctx, self.ladder, request, costs, budget_bytes)
         action = self.agent.act(observe(ctx, request, budget_bytes, costs), ok)
-        mask, r = decode_action(self.ladder, ctx.kv_ratios, action)
-        return ctx.finalize(self.name, mask, r, request, budget_bytes, ctx.predicted_log_ratio(mask, r, request))
+        mask, r = decode_split(self.ladder, ctx.kv_ratios, action, entries)
+        entry = int(entries[action])
+        predicted = float(self.ladder.values[entry]) + ctx.quality.kv_penalty(r, request.prompt)
+        return ctx.finalize(self.name, mask, r, request, budget_bytes, predicted)

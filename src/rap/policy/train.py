@@ -109,7 +109,6 @@ def train_agent(context, meta: dict, out: str | Path, config: TrainConfig = Trai
     from stable_baselines3.common.utils import set_random_seed
     from tqdm.auto import tqdm
 
-    from ..errors import RapError
     from .env import DecisionEnv
     from .rl import Agent, Bundle
 
@@ -120,10 +119,9 @@ def train_agent(context, meta: dict, out: str | Path, config: TrainConfig = Trai
     start, history = 0, []
     if resume and out.is_file():
         old = Bundle.load(out, with_sb3=True)
-        if old.sb3_bytes is None:
-            raise RapError(f"{out} holds no training state to resume (sb3_model.zip missing)")
-        start = int(old.meta.get("training", {}).get("timesteps", 0))
-        history = list(old.meta.get("training", {}).get("history", []))
+        if old.sb3_bytes is not None:  # else: only the quality model is there; train from step 0
+            start = int(old.meta.get("training", {}).get("timesteps", 0))
+            history = list(old.meta.get("training", {}).get("history", []))
     env = DecisionEnv(context, workload, seed=config.seed + start)
     if start:
         model = MaskablePPO.load(io.BytesIO(old.sb3_bytes), env=env, device="cpu")
