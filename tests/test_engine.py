@@ -123,6 +123,20 @@ def test_shrinking_budget_drops_blocks_and_growing_it_restores_them(loaded):
     assert engine.residency.moves == {"dropped": len(gone), "restored": len(gone)}
 
 
+def test_bytes_held_since_the_last_batch_are_released_when_they_would_not_fit_beside_the_next(loaded):
+    # On the GPU the engine measures what the backend kept after a batch (KV buffers AND graph
+    # pools, which no backend reports); here we plant that reading and check the consequence.
+    engine = make_engine(loaded)
+    released = []
+    engine.backend.release = lambda: released.append(True)
+    engine.retained_bytes = 1 << 20  # fits beside the plan under a big budget: kept
+    engine.complete("Once upon a time", max_new_tokens=8)
+    assert not released and engine.retained_bytes == 1 << 20
+    engine.retained_bytes = BIG  # cannot fit beside any plan: released first
+    engine.complete("Once upon a time", max_new_tokens=8)
+    assert released and engine.retained_bytes == 0
+
+
 def test_request_that_cannot_fit_is_rejected_while_the_others_are_served(loaded):
     engine = make_engine(loaded)
     short, long_ = GenerationRequest("Once upon a time", max_new_tokens=8), \

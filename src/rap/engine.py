@@ -657,6 +657,9 @@ class Engine:
         # ratio of the rest. Budgets are planned net of both.
         self.overhead_bytes = 0
         self.correction_ratio = 1.0
+        # Device bytes the backend still held after the last batch beyond the weights (KV buffers,
+        # CUDA-graph pools), MEASURED: a backend only knows its KV, not its graphs' private pools.
+        self.retained_bytes = 0
         self.stats = EngineStats()
         self._lock = threading.RLock()
         self._eos_ids = self._find_eos_ids()
@@ -901,7 +904,7 @@ class Engine:
             b.on_weights_restored(restored)
         # Buffers a backend keeps between batches (the decoder's KV) come on top of the prediction
         # only when they belong to another shape; release them if together they would not fit.
-        extra = sum(b.resident_extra_bytes() for b in self._backends())
+        extra = self._held_bytes()
         if extra and decision.predicted_peak_bytes + extra > self.effective_budget(budget):
             self._release_backend_buffers()
             extra = 0
@@ -922,6 +925,9 @@ class Engine:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         measured = torch.cuda.max_memory_allocated(self.device) - others if on_cuda else None
+        if on_cuda:
+            self.retained_bytes = max(0, torch.cuda.memory_allocated(self.device) - others
+                                      - self.residency.resident_bytes())
         if measured is not None and decision.predicted_peak_bytes > 0:
             ratio = (measured - self.overhead_bytes) / decision.predicted_peak_bytes
             if ratio > self.correction_ratio:
@@ -956,10 +962,17 @@ class Engine:
         return [(i, GenerationResult(r.request_id, text, tuple(ids), len(ids_in), reason, info))
                 for (i, r, ids_in), (ids, text, reason) in zip(items, outputs)]
 
+    def _held_bytes(self) -> int:
+        """Bytes kept between batches on top of the weights: what the backends report (their KV
+        buffers) or, on the GPU, what was measured after the last batch if that is more."""
+        reported = sum(b.resident_extra_bytes() for b in self._backends())
+        return max(reported, self.retained_bytes)
+
     def _release_backend_buffers(self) -> None:
         for b in self._backends():
             if hasattr(b, "release"):
                 b.release()
+        self.retained_bytes = 0
 
     def _backend_generate(self, backend, prompts: list[list[int]], decision: Decision, sampling: Sampling,
                           max_new_tokens: int, on_step) -> list[list[int]]:
