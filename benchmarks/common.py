@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 
-
-def environment() -> dict:
-    import torch
-    import transformers
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
-    else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), no GPU"
-    return {
-        "device": device,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "cuda": torch.version.cuda if torch.cuda.is_available() else None},
-    }
+from rap.provenance import environment  # noqa: F401  (re-exported: every benchmark stamps its JSON)
 
 
 def out_dir() -> Path:

@@ -645,6 +645,13 @@ class Engine:
         self.device = self.view.device
         self.device_total_bytes = device_total_bytes
         self.memory_model = MemoryModel.from_view(self.view)
+        if profile is None:
+            from .sources import bundled_profile
+
+            profile = bundled_profile(self.view.name, self.view.num_layers)
+            if profile is not None:
+                log.info("using the profile shipped for %s: %s", self.view.name, profile)
+        self.profile = profile
         self.policy = as_policy(policy, profile)
         self.residency = WeightResidency(self.view)
         self.backend = make_backend(self.view, backend)

@@ -63,6 +63,18 @@ def bundled_path(name: str = "stories260k") -> Path:
     return Path(str(resources.files("rap") / "assets" / name))
 
 
+def bundled_profile(name: str, num_layers: int) -> Path | None:
+    """The block-importance profile (GSI order) shipped for a known model, if any: without it a
+    fresh install would drop blocks in a guessed order until the user runs `rap profile` (hours
+    on CPU). Matched by model name and layer count; an explicit --profile always wins."""
+    path = Path(str(resources.files("rap") / "assets" / "profiles" / f"{name}.json"))
+    if not path.is_file():
+        return None
+    import json
+
+    return path if json.loads(path.read_text()).get("num_layers") == num_layers else None
+
+
 def converted_path(name: str) -> Path:
     return cache_dir() / "models" / name
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
-import sys
 from pathlib import Path
+
+from .. import provenance
 
 
 def budget_label(budget: str | float) -> str:
@@ -55,27 +54,10 @@ def plot_summary(summary: dict[str, dict[str, float]], path: Path, ylabel: str, 
     return path
 
 
-def environment() -> dict:
-    import torch
-    import transformers
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        device = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-    else:
-        import os
-
-        device = f"CPU ({platform.machine()}, {os.cpu_count()} cores), no GPU"
-    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["rap", *sys.argv[1:]]) if Path(sys.argv[0]).name == "rap" else " ".join(sys.argv),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__}}
-
-
 def write_result(out_dir: Path, stem: str, payload: dict, summary: dict, ylabel: str, title: str) -> tuple[Path, Path]:
     """`<stem>.json` (environment + payload) and `<stem>.png` in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
-    json_path.write_text(json.dumps({**environment(), **payload}, indent=2, default=str))
+    json_path.write_text(json.dumps({**provenance.environment(), **payload}, indent=2, default=str))
     plot_summary(summary, png_path, ylabel, title)
     return json_path, png_path

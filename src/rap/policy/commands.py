@@ -181,7 +181,12 @@ def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]
         loaded = Bundle.load(bundle)
         return loaded.context(memory), loaded
     if profile is None:
-        raise RapError("give a trained policy (--policy policy.zip or --bundle policy.zip) or --profile profile.json")
+        from ..sources import bundled_profile
+
+        profile = bundled_profile(model, memory.shape.num_layers)
+    if profile is None:
+        raise RapError(f"no profile ships for {model}: give a trained policy (--policy policy.zip or --bundle "
+                       "policy.zip) or --profile profile.json (from `rap profile`)")
     prof = read_profile(profile)
     from .train import validate_profile
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,24 +108,14 @@ def model_hash(view: BlockView) -> str:
 
 
 def environment(device: torch.device | str) -> tuple[dict, str]:
-    import transformers
+    """(software versions, device line); on CPU the line names the torch threads, which set the timings."""
+    from .. import provenance
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__}
-    try:
-        from importlib.metadata import version
-
-        versions["rap"] = version("rap-runtime")
-    except Exception:  # not installed as a distribution
-        pass
     device = torch.device(device)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        versions["cuda"] = torch.version.cuda
-        text = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    else:
-        text = f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-    return versions, text
+    text = provenance.device_line(device)
+    if device.type != "cuda":
+        text += f", {torch.get_num_threads()} torch threads"
+    return provenance.versions(), text
 
 
 def now() -> str:
