@@ -206,6 +206,40 @@ def test_streamed_tokens_are_exactly_the_returned_ones_for_mixed_lengths(loaded)
         assert seen[i] == list(r.token_ids) and len(r.token_ids) == reqs[i].max_new_tokens
 
 
+def test_streamed_requests_are_served_by_the_decoder_and_stream_what_it_returns(loaded):
+    engine = make_engine(loaded, backend="decoder")
+    assert engine.backend.streams
+    seen = []
+    (result,) = engine.generate(GenerationRequest("The little dog", max_new_tokens=10, on_token=seen.append))
+    assert result.step.backend == "rap-decode" and seen == list(result.token_ids) and len(seen) == 10
+
+
+class FixedKV:
+    def __init__(self, kv_ratio):
+        self.kv_ratio = kv_ratio
+
+    def decide(self, memory_model, request, budget_bytes, resident_mask):
+        return Decision(BlockMask.from_drop(resident_mask.num_layers, ["ffn.2"]), self.kv_ratio)
+
+
+def test_a_policy_kv_ratio_is_applied_by_the_decoder_and_shrinks_its_cache_as_predicted(loaded):
+    view, tok = loaded
+    prompt = "The cat sat on the mat and looked at the dog. " * 12
+    ids = tok(prompt).input_ids
+    request = Request(1, len(ids), 8)
+    held = {}
+    for ratio in (1.0, 0.5):
+        engine = make_engine(loaded, backend="decoder", policy=FixedKV(ratio))
+        assert engine.backend.supports_kv_ratio
+        step = engine.complete(prompt, max_new_tokens=8).step
+        planned = engine.planning_request(request)
+        assert step.backend == "rap-decode" and step.decision.kv_ratio == ratio
+        assert step.predicted_peak_bytes == engine.memory_model.peak_bytes(step.decision.mask, planned, ratio)
+        held[ratio] = engine.backend.decoder.kv_resident_bytes
+        assert held[ratio] == engine.memory_model.kv_bytes(planned, step.decision.mask, ratio)
+    assert held[0.5] < held[1.0]
+
+
 def test_stop_strings_cut_the_text(loaded):
     engine = make_engine(loaded)
     full = engine.complete("Once upon a time", max_new_tokens=20).text

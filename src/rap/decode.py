@@ -25,12 +25,24 @@ tokens equal `generate`'s.
 
 Layout. Cache column j of row b holds the token at padded position j; prompts are left-padded to
 the longest one, so row b's real tokens start at column `pad[b]` and its RoPE position is
-`j - pad[b]` (= cumsum of the attention mask - 1, as in `generate`). Keys before `pad[b]` and
-after the current column are masked. Each kept attention layer owns a [B, Hkv, T, D] key and
-value buffer (zero-initialised: masked garbage must never be NaN, since 0 * NaN poisons P @ V);
-buffers live per (batch bucket, T) workspace and are shared by every mask's graph, so the
-resident KV is that of the union of kept attention layers over the cached graphs. `release()`
-frees graphs and buffers.
+`j - pad[b] + shift[b]` (= cumsum of the attention mask - 1, as in `generate`; shift is 0 without
+KV compression). Keys before `pad[b]` and after the current column are masked. Each kept
+attention layer owns a [B, Hkv, T, D] key and value buffer (zero-initialised: masked garbage
+must never be NaN, since 0 * NaN poisons P @ V); buffers live per (batch bucket, T, RoPE length)
+workspace and are shared by every mask's graph, so the resident KV is that of the union of kept
+attention layers over the cached graphs. `release()` frees graphs and buffers.
+
+KV keep ratio (`generate(..., kv_ratio=r)`, r < 1): right after its prefill, each kept attention
+layer keeps per (row, KV head) the top k_b = max(1, ceil(r * P_b)) prompt tokens by SnapKV
+scores (`snapkv_scores`: the last min(32, P_b) queries' attention, averaged over each KV head's
+query group, max-pooled with kernel 7; the observation window always ranks first). The count is
+uniform over heads, so the buffers stay dense [B, Hkv, T, D]: row b's kept tokens sit in
+ascending order in columns [K - k_b, K) (K = max_b k_b), decoding starts at column K, `pad[b]`
+= K - k_b masks the rest, and `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE
+position. Only the layer being compressed ever holds its full prompt K/V (the transient q, k, v
+of its prefill); the buffers hold `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_tokens(...)`
+columns, the compressed length rounded up like every cache length. This is SnapKV with uniform
+per-head budgets; Ada-KV's per-head adaptive budgets need the variable-length cache of `rap.kv`.
 """
 
 from __future__ import annotations
@@ -183,22 +195,103 @@ def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b) -> torch.Tenso
     return F.linear(rms_norm(x[:, -1], norm_w, eps), lm_w, lm_b).float()
 
 
+SNAPKV_WINDOW = 32  # observation window and pooling kernel of SnapKV (Li et al. 2024, their LongBench setting)
+SNAPKV_KERNEL = 7
+
+
+@dataclass(frozen=True, eq=False)
+class KeepPlan:
+    """Which prompt tokens a compressed prefill keeps: row b keeps its top `kept[b]` tokens per KV head
+    into cache columns [width - kept[b], width). pad [n]: first real prompt column per row."""
+
+    pad: torch.Tensor
+    kept: torch.Tensor
+    width: int
+    window: int = SNAPKV_WINDOW
+    kernel: int = SNAPKV_KERNEL
+
+
+def snapkv_scores(q: torch.Tensor, k: torch.Tensor, pad: torch.Tensor, scaling: float,
+                  window: int = SNAPKV_WINDOW, kernel: int = SNAPKV_KERNEL) -> torch.Tensor:
+    """SnapKV importance of every prompt key per (row, KV head): float32 [n, Hkv, P].
+
+    q [n, H, P, D], k [n, Hkv, P, D]: rotated queries and keys of a left-padded prompt; pad [n]: first
+    real column per row. Row b's observation window is its last w_b = min(window, P_b) queries;
+    each earlier real key scores its softmax attention from them (fp32, causal), averaged over the
+    window and over the KV head's query group, then max-pooled over the earlier keys (`kernel`
+    wide). Window keys score 2 + (their index in the window) / w_b, above any probability, the most
+    recent highest; pad columns score -inf. One KV head at a time, so the transient is
+    [n, H / Hkv, window, P] in fp32 (what SnapKV's own implementation materialises per head too).
+    """
+    n, H, P, _ = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    W = min(window, P)
+    cols = torch.arange(P, device=q.device)
+    w_row = (P - pad).clamp(max=window)  # [n]
+    start = P - w_row  # [n] first window column
+    q_cols = cols[P - W:]
+    in_window = q_cols[None, :] >= start[:, None]  # [n, W]
+    sees = (cols[None, None, :] <= q_cols[None, :, None]) & (cols[None, None, :] >= pad[:, None, None])  # [n, W, P]
+    weight = (in_window.float() / w_row[:, None].float())[:, None, :, None]  # [n, 1, W, 1]
+    scores = torch.empty(n, Hkv, P, device=q.device, dtype=torch.float32)
+    for h in range(Hkv):
+        logits = torch.matmul(q[:, h * G:(h + 1) * G, P - W:].float(), k[:, h:h + 1].float().transpose(-1, -2))
+        probs = (logits * scaling).masked_fill(~sees[:, None], float("-inf")).softmax(-1)
+        # a pad query outside the row's window sees no key (NaN row): where() drops it, weight 0 would not
+        probs = torch.where(in_window[:, None, :, None], probs, 0.0)
+        scores[:, h] = (probs * weight).sum(2).mean(1)
+    prefix = (cols[None, :] >= pad[:, None]) & (cols[None, :] < start[:, None])  # [n, P]
+    # probabilities are >= 0, so zeroing the window and padding equals pooling over the prefix alone
+    pooled = F.max_pool1d(scores.masked_fill(~prefix[:, None], 0.0), kernel, stride=1, padding=kernel // 2)
+    rank = 2.0 + (cols[None, :] - start[:, None]).float() / w_row[:, None].float()  # [n, P]
+    rank = rank.masked_fill(cols[None, :] < start[:, None], float("-inf"))
+    return torch.where(prefix[:, None], pooled, rank[:, None])
+
+
+def kept_columns(scores: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Prompt columns to keep, [n, Hkv, width]: row b's top kept[b] by score per head (ties: the
+    earlier column), ascending and right-aligned; the first width - kept[b] entries are column 0,
+    placeholders that the row's padding masks."""
+    n, Hkv, P = scores.shape
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=scores.device).expand_as(order))
+    cols = torch.arange(P, device=scores.device).expand_as(order)
+    chosen = torch.where(ranks < kept[:, None, None], cols, -1)
+    return chosen.sort(-1).values[..., P - width:].clamp_min(0)
+
+
+def keep_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                plan: KeepPlan, scaling: float) -> None:
+    """Write the SnapKV-kept prompt keys and values of rows [0, n) into cache columns [0, plan.width)."""
+    n, _, _, D = k.shape
+    idx = kept_columns(snapkv_scores(q, k, plan.pad, scaling, plan.window, plan.kernel), plan.kept, plan.width)
+    idx = idx[..., None].expand(-1, -1, -1, D)
+    kc[:n, :, :plan.width] = k.gather(2, idx)
+    vc[:n, :, :plan.width] = v.gather(2, idx)
+
+
 def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
-                      vc: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """One attention block over a whole prompt (eager), writing its K/V into the static cache.
+                      vc: torch.Tensor, attn_mask: torch.Tensor | None, plan: KeepPlan | None = None) -> torch.Tensor:
+    """One attention block over a whole prompt (eager), writing its K/V into the static cache
+    (all of it, or with a `plan` the SnapKV-kept columns only, scored before attention runs).
 
     Through transformers' SDPA wrapper, so tokens equal `generate`'s (unpadded prompts take the
     is_causal path: cuDNN or flash attention, no score matrix; measured on the H100, every backend
     allocates only its output). A function of its own so that nothing of one layer (q, k, v, the
     SDPA output) stays alive into the next layer's FFN, as the loop's locals used to: the prefill
     peak is then one layer's transients on top of the residual stream, which rap.memory counts.
+    With a plan, this layer's full-prompt k and v are the only full-length K/V that exist.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     n, P, _ = x.shape
     q, k, v = project_qkv(x, a, cos, sin)
-    kc[:n, :, :P] = k
-    vc[:n, :, :P] = v
+    if plan is None:
+        kc[:n, :, :P] = k
+        vc[:n, :, :P] = v
+    else:
+        keep_prompt(q, k, v, kc, vc, plan, a.scaling)
     o, _ = sdpa_attention_forward(a.module, q, k, v, attn_mask, dropout=0.0, scaling=a.scaling)
     del q, k, v
     return x + F.linear(o.reshape(n, P, -1), a.wo, a.bo)
@@ -288,6 +381,7 @@ class Generation:
     tokens: list[list[int]]  # new tokens per prompt, up to and including the first stop token
     timing: Timing
     mask: BlockMask
+    kv_ratio: float = 1.0
 
 
 # ---- per (batch bucket, cache length) state --------------------------------------------------------
@@ -296,19 +390,21 @@ class _Workspace:
     """Static buffers a captured step reads and writes; shared by the graphs of every mask."""
 
     batch: int
-    length: int
+    length: int  # cache columns T
+    rope_length: int  # positions the RoPE table covers (> T when the KV press dropped prompt tokens)
     tokens: torch.Tensor  # [B] current token per row
     col: torch.Tensor  # [1] cache column of the current token
     pad: torch.Tensor  # [B] first real column per row
+    shift: torch.Tensor  # [B] RoPE position minus (column - pad): prompt tokens the KV press dropped
     done: torch.Tensor  # [B] row has emitted a stop token
-    out: torch.Tensor  # [B, T] token per column (generated ones from column P on)
+    out: torch.Tensor  # [B, T] token per column (generated ones from the first decode column on)
     stop: torch.Tensor  # [S] stop ids, -1 = unused slot
     pad_id: torch.Tensor  # [] token written after a row stops
     temperature: torch.Tensor  # []
     top_p: torch.Tensor  # []
     noise: torch.Tensor  # [B, V] uniform noise for sampling
     arange: torch.Tensor  # [T]
-    cos: torch.Tensor  # [T, D] RoPE table
+    cos: torch.Tensor  # [rope_length, D] RoPE table
     sin: torch.Tensor
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     graphs: dict[tuple[BlockMask, bool], "torch.cuda.CUDAGraph"] = field(default_factory=dict)
@@ -333,7 +429,13 @@ def bucket_length(n: int) -> int:
 
 
 class Decoder:
-    """Generates from a BlockView (or HF model) under any BlockMask, fast.
+    """Generates from a BlockView (or HF model) under any BlockMask and KV keep ratio, fast.
+
+    `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
+    attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) by SnapKV scores
+    (see the module docstring; uniform per head) and the cache buffers shrink to what
+    `MemoryModel.kv_bytes(request, mask, kv_ratio)` predicts; `on_step` receives each step's [n]
+    new tokens (on the host; one device sync per step, only when given).
 
     Args:
         model: a `BlockView` or a supported HF causal LM (Llama, Mistral, Qwen2, Qwen3).
@@ -371,7 +473,7 @@ class Decoder:
         if attention not in ("sdpa", "matmul"):
             raise ValueError(f"attention must be 'sdpa' or 'matmul', got {attention!r}")
         self.view = view
-        self.memory = MemoryModel.from_view(view)
+        self.memory = MemoryModel.from_view(view, kv_length_quantum=LENGTH_QUANTUM)
         self.device = view.device
         self.dtype = view.dtype
         self.step = step or ("graph" if self.device.type == "cuda" else "exact")
@@ -402,7 +504,7 @@ class Decoder:
         self.compile = (self.device.type == "cuda") if compile is None else compile
         if self.compile:
             self._attn_fn, self._ffn_fn, self._head_fn = _compiled_block_functions()
-        self._workspaces: dict[tuple[int, int], _Workspace] = {}
+        self._workspaces: dict[tuple[int, int, int], _Workspace] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_prepare_ms = 0.0
@@ -475,44 +577,67 @@ class Decoder:
         free, _ = torch.cuda.mem_get_info(self.device)
         return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
-    def _check_fits(self, mask: BlockMask, batch: int, prompt: int, length: int, new_layers: Sequence[int]) -> None:
+    def _smallest_window(self, mask: BlockMask | None = None) -> int | None:
+        """The smallest sliding window among (kept) attention layers, or None (no windowed layer)."""
+        windows = [a.window for i, a in enumerate(self.attn)
+                   if a.window is not None and (mask is None or mask.keep_attn[i])]
+        return min(windows) if windows else None
+
+    @property
+    def compresses_kv(self) -> bool:
+        """Can every request take a KV keep ratio < 1? Not with sliding-window layers: the window is
+        counted in true positions, which compressed cache columns no longer are (such a model takes
+        a ratio only for requests that fit inside its window)."""
+        return self._smallest_window() is None
+
+    def _kv_length(self, prompt: int, length: int, kv_ratio: float) -> int:
+        """Cache columns for a request of `prompt` tokens in a `length`-column bucket: the memory model's
+        count for the request the engine plans with (rap.engine.DecoderBackend.planning_request)."""
+        if kv_ratio >= 1.0:
+            return length
+        return self.memory.kv_tokens(Request(1, max(1, prompt), max(1, length - prompt)), kv_ratio)
+
+    def _check_fits(self, mask: BlockMask, batch: int, prompt: int, length: int, new_layers: Sequence[int],
+                    kv_ratio: float = 1.0) -> None:
         request = Request(batch, max(1, prompt), max(1, length - prompt))
-        if self.budget_bytes is not None and not self.memory.fits(self.budget_bytes, mask, request):
-            need = self.memory.peak_bytes(mask, request)
+        if self.budget_bytes is not None and not self.memory.fits(self.budget_bytes, mask, request, kv_ratio):
+            need = self.memory.peak_bytes(mask, request, kv_ratio)
             raise BudgetError(f"batch {batch} x {length} tokens under [{mask}] needs {format_bytes(need)} "
                               f"(memory model), over the budget of {format_bytes(self.budget_bytes)}: "
                               "use a smaller batch, fewer tokens or drop more blocks")
         if self.device.type != "cuda":
             return
         sub = BlockMask(tuple(i in new_layers for i in range(mask.num_layers)), (False,) * mask.num_layers)
-        need = self.memory.kv_bytes(request, sub) + max(self.memory.prefill_activation_bytes(request, mask),
-                                                        self.memory.decode_activation_bytes(request, mask))
+        need = self.memory.kv_bytes(request, sub, kv_ratio) + max(
+            self.memory.prefill_activation_bytes(request, mask), self.memory.decode_activation_bytes(request, mask))
         free = self._free_device_bytes()
         if need > free:
             raise BudgetError(f"the KV cache for batch {batch} x {length} tokens under [{mask}] plus activations "
                               f"needs {format_bytes(need)}, only {format_bytes(free)} is free on {self.device}: "
                               "use a smaller batch, fewer tokens or drop more attention blocks")
 
-    def _workspace(self, batch: int, length: int) -> _Workspace:
-        key = (batch, length)
+    def _workspace(self, batch: int, length: int, rope_length: int | None = None) -> _Workspace:
+        rope_length = rope_length or length
+        key = (batch, length, rope_length)
         if key not in self._workspaces:
             dev, V = self.device, self.view.shape.vocab_size
-            cos, sin = self._rope_table(length)
+            cos, sin = self._rope_table(rope_length)
             long = dict(device=dev, dtype=torch.long)
             self._workspaces[key] = _Workspace(
-                batch=batch, length=length, tokens=torch.zeros(batch, **long), col=torch.zeros(1, **long),
-                pad=torch.zeros(batch, **long), done=torch.zeros(batch, device=dev, dtype=torch.bool),
+                batch=batch, length=length, rope_length=rope_length, tokens=torch.zeros(batch, **long),
+                col=torch.zeros(1, **long), pad=torch.zeros(batch, **long), shift=torch.zeros(batch, **long),
+                done=torch.zeros(batch, device=dev, dtype=torch.bool),
                 out=torch.zeros(batch, length, **long), stop=torch.full((MAX_STOP_IDS,), -1, **long),
                 pad_id=torch.zeros((), **long), temperature=torch.ones((), device=dev),
                 top_p=torch.ones((), device=dev), noise=torch.rand(batch, V, device=dev),
                 arange=torch.arange(length, **long), cos=cos, sin=sin)
         return self._workspaces[key]
 
-    def _ensure_kv(self, ws: _Workspace, mask: BlockMask, prompt: int) -> None:
+    def _ensure_kv(self, ws: _Workspace, mask: BlockMask, prompt: int, kv_ratio: float = 1.0) -> None:
         new = [i for i in mask.kept_attn_layers if i not in ws.kv]
         if not new:
             return
-        self._check_fits(mask, ws.batch, prompt, ws.length, new)
+        self._check_fits(mask, ws.batch, prompt, ws.rope_length, new, kv_ratio)
         s = self.view.shape
         shape = (ws.batch, s.num_kv_heads, ws.length, s.head_dim)
         for i in new:
@@ -539,7 +664,7 @@ class Decoder:
     def _step(self, ws: _Workspace, mask: BlockMask, sampled: bool) -> None:
         """One decode step over static buffers: capturable (no host syncs, no data-dependent shapes)."""
         x = F.embedding(ws.tokens[:, None], self.embed_w)  # [B, 1, hidden]
-        pos = ws.col - ws.pad  # [B]
+        pos = ws.col - ws.pad + ws.shift  # [B] true positions (columns of a compressed cache are fewer)
         cos, sin = ws.cos[pos][:, None, None, :], ws.sin[pos][:, None, None, :]
         valid = (ws.arange[None, :] >= ws.pad[:, None]) & (ws.arange[None, :] <= ws.col)
         windowed: dict[int, torch.Tensor] = {}
@@ -567,14 +692,17 @@ class Decoder:
         ws.out.index_copy_(1, ws.col, nxt[:, None])
         ws.tokens.copy_(nxt)
 
-    def prepare(self, mask: BlockMask, batch: int, max_len: int, sampled: bool = False, prompt: int = 1) -> float:
+    def prepare(self, mask: BlockMask, batch: int, max_len: int, sampled: bool = False, prompt: int = 1,
+                kv_ratio: float = 1.0) -> float:
         """Make sure (mask, batch bucket, cache length) has its cache and, on CUDA, its captured graph.
 
+        max_len: prompt + new tokens; with kv_ratio < 1 the cache holds the compressed length.
         Returns the milliseconds spent (≈0 when cached: switching masks is a dictionary lookup).
         """
         t0 = time.perf_counter()
-        ws = self._workspace(bucket_batch(batch), bucket_length(max_len))
-        self._ensure_kv(ws, mask, prompt)
+        T = bucket_length(max_len)
+        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T)
+        self._ensure_kv(ws, mask, prompt, kv_ratio)
         if self.use_graphs and (mask, sampled) not in ws.graphs:
             ws.graphs[(mask, sampled)] = self._capture(ws, mask, sampled)
         self.last_prepare_ms = (time.perf_counter() - t0) * 1e3
@@ -598,8 +726,10 @@ class Decoder:
         return graph
 
     # ---- prefill (eager; the same math, with transformers' SDPA wrapper for exactness) ----------------
-    def _prefill(self, ws: _Workspace, mask: BlockMask, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """ids [n, P] left-padded; writes K/V of columns [0, P) for rows [0, n); returns logits [n, V]."""
+    def _prefill(self, ws: _Workspace, mask: BlockMask, ids: torch.Tensor, pad: torch.Tensor,
+                 plan: KeepPlan | None = None) -> torch.Tensor:
+        """ids [n, P] left-padded; writes K/V of columns [0, P) for rows [0, n) (with a plan, the kept
+        columns [0, plan.width)); returns logits [n, V]."""
         n, P = ids.shape
         cols = torch.arange(P, device=self.device)
         pos = (cols[None, :] - pad[:, None]).clamp_min(0)
@@ -631,7 +761,7 @@ class Decoder:
             if mask.keep_attn[i]:
                 a = self.attn[i]
                 kc, vc = ws.kv[i]
-                x = prefill_attention(x, a, cos, sin, kc, vc, mask_for(a.window))
+                x = prefill_attention(x, a, cos, sin, kc, vc, mask_for(a.window), plan)
             if mask.keep_ffn[i]:
                 x = ffn_block(x, self.ffn[i])
         return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
@@ -644,7 +774,7 @@ class Decoder:
         col = int(ws.col)
         L = col + 1
         x = F.embedding(ws.tokens[:n, None], self.embed_w)
-        pos = ws.col - ws.pad[:n]
+        pos = ws.col - ws.pad[:n] + ws.shift[:n]
         cos, sin = ws.cos[pos][:, None, None, :], ws.sin[pos][:, None, None, :]
         keys = ws.arange[:L]
         real = keys[None, :] >= ws.pad[:n, None]  # [n, L]
@@ -674,12 +804,16 @@ class Decoder:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mask: BlockMask | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 stop_token_ids: Sequence[int] | int | None = None, pad_token_id: int | None = None) -> Generation:
+                 stop_token_ids: Sequence[int] | int | None = None, pad_token_id: int | None = None,
+                 kv_ratio: float = 1.0, on_step: Callable[[torch.Tensor], None] | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt under `mask` (default: the view's current mask).
 
         prompts: token id lists of any lengths (left-padded internally). temperature 0 = greedy.
-        stop_token_ids: a row stops after emitting one of these (default: none). Returns the new
-        tokens per prompt (up to and including its stop token) and the timing.
+        stop_token_ids: a row stops after emitting one of these (default: none). kv_ratio in (0, 1]:
+        the share of each prompt's tokens every kept attention layer keeps per KV head (SnapKV, see
+        the module docstring; 1.0 keeps all, exactly as before). on_step: called with the [n] new
+        tokens (CPU tensor) after prefill and after every decode step; rows that stopped repeat the
+        pad token. Returns the new tokens per prompt (up to and including its stop token) and the timing.
         """
         mask = mask or self.view.mask
         if mask.num_layers != self.view.num_layers:
@@ -691,6 +825,8 @@ class Decoder:
             raise RequestError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        if not 0.0 < kv_ratio <= 1.0:
+            raise RequestError(f"kv_ratio must be in (0, 1], got {kv_ratio}")
         stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids or [])
         if len(stops) > MAX_STOP_IDS:
             raise RequestError(f"at most {MAX_STOP_IDS} stop token ids")
@@ -701,15 +837,23 @@ class Decoder:
                                                                else (stops[0] if stops else 0))
         sampled = temperature > 0
         n, P = len(prompts), max(len(p) for p in prompts)
+        window = self._smallest_window(mask)
+        if kv_ratio < 1.0 and window is not None and P + max_new_tokens > window:
+            raise RequestError(f"kv_ratio < 1 with sliding-window attention ({window} tokens) needs prompt + new "
+                               f"tokens within the window, got {P + max_new_tokens}: use kv_ratio 1.0")
+        lengths = [len(p) for p in prompts]
+        kept = [max(1, math.ceil(kv_ratio * L)) if kv_ratio < 1.0 else L for L in lengths]
+        compress = kept != lengths
+        K = max(kept)  # first decode column (= P without compression)
         capture_ms = 0.0
         B, T = bucket_batch(n), bucket_length(P + max_new_tokens)
-        ws = self._workspace(B, T)
+        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T)
         if self.use_graphs:
             cached = (mask, sampled) in ws.graphs and all(i in ws.kv for i in mask.kept_attn_layers)
-            spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P)
+            spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P, kv_ratio=kv_ratio)
             capture_ms = 0.0 if cached else spent
         else:
-            self._ensure_kv(ws, mask, P)
+            self._ensure_kv(ws, mask, P, kv_ratio)
         gen = None
         if sampled:
             gen = torch.Generator(self.device)
@@ -720,10 +864,15 @@ class Decoder:
         ids = torch.full((n, P), pad_id, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, P - len(p):] = torch.tensor(p)
-        pad = torch.full((B,), P - 1, dtype=torch.long)
-        pad[:n] = torch.tensor([P - len(p) for p in prompts])
+        prompt_pad = torch.tensor([P - L for L in lengths]).to(dev)
+        pad = torch.full((B,), K - 1, dtype=torch.long)  # idle bucket rows see one column
+        pad[:n] = torch.tensor([K - k for k in kept])
+        shift = torch.zeros(B, dtype=torch.long)
+        shift[:n] = torch.tensor([L - k for L, k in zip(lengths, kept)])
+        plan = KeepPlan(prompt_pad, torch.tensor(kept).to(dev), K) if compress else None
         ws.pad.copy_(pad)
-        ws.col.fill_(P)
+        ws.shift.copy_(shift)
+        ws.col.fill_(K)
         ws.stop.fill_(-1)
         if stops:
             ws.stop[:len(stops)] = torch.tensor(stops, device=dev)
@@ -735,21 +884,23 @@ class Decoder:
 
         sync(dev)
         t0 = time.perf_counter()
-        logits = self._prefill(ws, mask, ids.to(dev), ws.pad[:n])
+        logits = self._prefill(ws, mask, ids.to(dev), prompt_pad, plan)
         if sampled:
             ws.noise[:n].uniform_(generator=gen)
         first = pick_tokens(logits, ws.temperature, ws.top_p, ws.noise[:n] if sampled else None)
         ws.tokens.fill_(pad_id)
         ws.tokens[:n] = first
-        ws.out[:, P] = ws.tokens
+        ws.out[:, K] = ws.tokens
         ws.done.fill_(True)
         ws.done[:n] = (first[:, None] == ws.stop[None, :]).any(-1)
+        if on_step is not None:
+            on_step(first.to("cpu", copy=True))
         sync(dev)
         t1 = time.perf_counter()
 
         steps = 0
         graph = ws.graphs.get((mask, sampled)) if self.use_graphs else None
-        every = self.check_every if graph is not None else 1
+        every = self.check_every if graph is not None and on_step is None else 1
         for _ in range(max_new_tokens - 1):
             if steps % every == 0 and bool(ws.done.all()):
                 break
@@ -762,10 +913,12 @@ class Decoder:
             else:
                 self._step_eager(ws, mask, sampled, n)
             steps += 1
+            if on_step is not None:
+                on_step(ws.tokens[:n].to("cpu", copy=True))  # the one host sync per step streaming costs
         sync(dev)
         t2 = time.perf_counter()
 
-        out = ws.out[:n, P:P + 1 + steps].tolist()
+        out = ws.out[:n, K:K + 1 + steps].tolist()
         stopset = set(stops)
         tokens = []
         for row in out:
@@ -773,5 +926,4 @@ class Decoder:
             tokens.append(row[:cut])
         timing = Timing(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, decode_steps=steps, rows=n,
                         capture_ms=capture_ms, graph=graph is not None)
-        return Generation(tokens=tokens, timing=timing, mask=mask)
-
+        return Generation(tokens=tokens, timing=timing, mask=mask, kv_ratio=kv_ratio)

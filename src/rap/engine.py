@@ -12,7 +12,9 @@ For every batch of requests the engine
    first forward waits only for its own copy, so reloading overlaps with the layers before it;
 4. generates with a *backend* (rap.decode.Decoder when that module exists, else Hugging Face
    `generate` under the block mask) and returns per-request text with metadata: decision,
-   predicted and measured memory, time.
+   predicted and measured memory, time. The decoder applies the decision's KV keep ratio
+   (SnapKV, uniform per head; its buffers shrink as the memory model says) and streams tokens;
+   HF `generate` keeps the whole cache, so under it a ratio < 1 is re-decided at 1.0.
 
 A request whose smallest configuration cannot fit is rejected with `BudgetError` while the rest
 of the batch is served. An out-of-memory error is caught, logged, and the batch is retried once
@@ -475,18 +477,21 @@ class DecoderBackend:
     so when blocks come back to the device (at new addresses) every graph and cache buffer is
     released and recaptured on demand; and it keeps KV buffers sized by (batch bucket, rounded
     length) between calls, so the engine plans with that rounded request and counts the buffers
-    it still holds. Only arguments its `generate` accepts are passed.
+    it still holds. Only arguments its `generate` accepts are passed: a decoder with `kv_ratio`
+    compresses the KV cache (dense buffers whose compressed length it rounds up to
+    `kv_length_quantum` tokens, which the engine's memory model then plans with; not for models
+    with sliding-window layers), one with `on_step` streams.
     """
 
     name = "rap-decode"
-    streams = False  # tokens come back at the end of the batch
 
     def __init__(self, view: BlockView, decoder_cls: type, module: Any):
         self.decoder = decoder_cls(view)
         self.module = module
         self._accepts = set(inspect.signature(self.decoder.generate).parameters)
-        self.supports_kv_ratio = "kv_ratio" in self._accepts
-        self.streams = "on_step" in self._accepts
+        self.supports_kv_ratio = "kv_ratio" in self._accepts and bool(getattr(self.decoder, "compresses_kv", True))
+        self.kv_length_quantum = getattr(module, "LENGTH_QUANTUM", None) if self.supports_kv_ratio else None
+        self.streams = "on_step" in self._accepts  # else tokens come back at the end of the batch
 
     def planning_request(self, request: Request) -> Request:
         bucket_batch = getattr(self.module, "bucket_batch", lambda n: n)
@@ -656,6 +661,8 @@ class Engine:
         self.residency = WeightResidency(self.view)
         self.backend = make_backend(self.view, backend)
         self._fallback_backend = HFGenerateBackend()
+        # a compressed cache is as long as the backend allocates it (the decoder rounds it up)
+        self.memory_model.kv_length_quantum = getattr(self.backend, "kv_length_quantum", None)
         self.max_batch = max_batch
         self.headroom_ratio = headroom_ratio
         self.oom_shrink_ratio = oom_shrink_ratio
@@ -778,15 +785,16 @@ class Engine:
         budget = self.read_budget() if budget_bytes is None else budget_bytes
         return self._decide(request, self.effective_budget(budget))
 
-    def _decide(self, request: Request, planning_bytes: int) -> Decision:
+    def _decide(self, request: Request, planning_bytes: int, backend=None) -> Decision:
+        backend = backend or self.backend
         decision = _call_policy(self.policy, self.memory_model, request, planning_bytes, self.residency.mask)
-        if decision.kv_ratio < 1.0 and not getattr(self.backend, "supports_kv_ratio", False):
+        if decision.kv_ratio < 1.0 and not getattr(backend, "supports_kv_ratio", False):
             # This backend keeps the whole prompt cache: plan with what it will really hold.
             full_kv_bytes = self.memory_model.peak_bytes(decision.mask, request, 1.0)
             if full_kv_bytes <= planning_bytes:
                 decision = Decision(decision.mask, 1.0, full_kv_bytes, decision.policy)
             else:
-                log.info("backend %s cannot compress the KV cache; re-deciding with kv_ratio 1.0", self.backend.name)
+                log.info("backend %s cannot compress the KV cache; re-deciding with kv_ratio 1.0", backend.name)
                 decision = GreedyPolicy().decide(self.memory_model, request, planning_bytes, self.residency.mask)
         if decision.predicted_peak_bytes > planning_bytes:
             raise BudgetError(
@@ -855,7 +863,7 @@ class Engine:
         budget = self.read_budget()
         request = Request(len(items), max(len(ids) for _, _, ids in items), max(r.max_new_tokens for _, r, _ in items))
         try:
-            decision = self._decide(backend.planning_request(request), self.effective_budget(budget))
+            decision = self._decide(backend.planning_request(request), self.effective_budget(budget), backend)
         except BudgetError as e:
             if len(items) > 1:  # smaller batches may fit where the whole one does not
                 half = len(items) // 2
@@ -885,7 +893,7 @@ class Engine:
                         decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
                         format_bytes(shrunk))
             try:
-                smaller = self._decide(backend.planning_request(request), shrunk)
+                smaller = self._decide(backend.planning_request(request), shrunk, backend)
             except BudgetError as be:
                 return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
             return self._run(items, backend, request, smaller, budget, retry=False)

@@ -7,8 +7,11 @@ written from what rap's decode path (`rap.decode.Decoder`) actually allocates, n
 * KV cache: preallocated for prompt + new tokens, only for kept attention blocks
   (a sliding-window layer holds at most its window); with a KV keep ratio r the prompt part
   shrinks to ceil(r * prompt) tokens per head on average (Ada-KV cache, no padding), and
-  decoded tokens are appended uncompressed; on CUDA each dense key / value tensor is charged as
-  PyTorch's caching allocator rounds it (`cuda_block_bytes`: up to 1 MiB more per tensor);
+  decoded tokens are appended uncompressed. With `kv_length_quantum` set (the decoder's dense
+  [B, Hkv, T, D] buffers, which keep ceil(r * prompt) tokens in every head), the compressed
+  length is rounded up to that quantum as the decoder rounds its buffers, never above prompt +
+  new; on CUDA each dense key / value tensor is charged as PyTorch's caching allocator rounds it
+  (`cuda_block_bytes`: up to 1 MiB more per tensor);
 * fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
   PyTorch for the life of the process: the current stream's (prefill) and the decoder's one
   capture stream (warm-up and graph capture);
@@ -89,8 +92,11 @@ class MemoryModel:
 
     def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int], on_cuda: bool = False,
                  qk_norm: bool = False, compiled: bool | None = None, cublas_workspace_bytes: int | None = None,
-                 l2_cache_bytes: int | None = None):
+                 l2_cache_bytes: int | None = None, kv_length_quantum: int | None = None):
         self.shape = shape
+        # None: a compressed cache holds exactly its tokens (rap.kv's VarlenCache); an int: it is a
+        # dense buffer whose length is rounded up to this many tokens (rap.decode.LENGTH_QUANTUM)
+        self.kv_length_quantum = kv_length_quantum
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
         self.qk_norm = qk_norm
@@ -108,11 +114,13 @@ class MemoryModel:
                 self.autotune_buffer_bytes = l2_cache_bytes if l2_cache_bytes is not None else cuda_l2_cache_bytes()
 
     @classmethod
-    def from_view(cls, view: BlockView, on_cuda: bool | None = None) -> "MemoryModel":
+    def from_view(cls, view: BlockView, on_cuda: bool | None = None,
+                  kv_length_quantum: int | None = None) -> "MemoryModel":
         if on_cuda is None:
             on_cuda = view.device.type == "cuda"
         qk_norm = getattr(view.config, "model_type", "") in cls.QK_NORM_MODEL_TYPES
-        return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks}, on_cuda, qk_norm)
+        return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks}, on_cuda, qk_norm,
+                   kv_length_quantum=kv_length_quantum)
 
     # ---- terms ----------------------------------------------------------------------------
     def param_bytes(self, mask: BlockMask) -> int:
@@ -124,6 +132,9 @@ class MemoryModel:
             raise RequestError(f"kv ratio must be in (0, 1], got {kv_ratio}")
         prompt = request.prompt if kv_ratio >= 1.0 else math.ceil(kv_ratio * request.prompt)
         tokens = prompt + request.new_tokens
+        if kv_ratio < 1.0 and self.kv_length_quantum:
+            q = self.kv_length_quantum
+            tokens = min(request.total_tokens, q * math.ceil(tokens / q))
         s = self.shape
         if layer is not None and s.layer_types and s.layer_types[layer] == "sliding_attention" and s.sliding_window:
             tokens = min(tokens, s.sliding_window)
@@ -133,10 +144,11 @@ class MemoryModel:
         """KV cache bytes: on CUDA, as the caching allocator charges the decoder's dense [B, Hkv, T, D]
         key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size."""
         per_token = self.shape.kv_bytes_per_token_per_layer
+        dense = kv_ratio >= 1.0 or self.kv_length_quantum is not None
         total = 0
         for i in mask.kept_attn_layers:
             layer = request.batch * self.kv_tokens(request, kv_ratio, i) * per_token
-            if self.on_cuda and kv_ratio >= 1.0:
+            if self.on_cuda and dense:
                 layer = 2 * cuda_block_bytes(layer // 2)
             total += layer
         return total
