@@ -39,6 +39,7 @@ def test_ppl_of_the_bundled_model_on_wikitext(tmp_path):
     (("memory", "stories260k", "--batch", "0"), "positive"),
     (("memory", "stories260k", "--budget", "lots"), "cannot read"),
     (("ppl", "stories260k", "--file", "/no/such.txt"), "does not exist"),
+    (("generate", "stories260k", "-p", "Once", "--kv-ratio", "0"), "--kv-ratio must be in (0, 1]"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(args, message):
     out = rap(*args)

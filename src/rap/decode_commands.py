@@ -15,6 +15,7 @@ def generate(
     max_new: int = typer.Option(64, "--max-new", help="new tokens per prompt"),
     drop: Optional[str] = typer.Option(None, help="blocks to drop: attn.3,ffn.7 | a count/fraction with --profile | mask.json"),
     profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    kv_ratio: float = typer.Option(1.0, "--kv-ratio", help="KV keep ratio in (0, 1]: SnapKV top-k per head after prefill"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling (same seed, same tokens)"),
@@ -43,18 +44,20 @@ def generate(
         stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = [tok(p).input_ids for p in prompt]
     decoder = Decoder(view, compile=compile)
+    if not 0 < kv_ratio <= 1:
+        raise RequestError(f"--kv-ratio must be in (0, 1], got {kv_ratio}")
     result = decoder.generate(ids, max_new, mask=mask, temperature=temperature, top_p=top_p, seed=seed,
-                              stop_token_ids=stops, pad_token_id=tok.pad_token_id)
+                              stop_token_ids=stops, pad_token_id=tok.pad_token_id, kv_ratio=kv_ratio)
     texts = [tok.decode(t, skip_special_tokens=True) for t in result.tokens]
     t = result.timing
     if as_json:
-        print(json.dumps({"model": view.name, "mask": str(mask), "texts": texts, "tokens": result.tokens,
+        print(json.dumps({"model": view.name, "mask": str(mask), "kv_ratio": kv_ratio, "texts": texts, "tokens": result.tokens,
                           "timing": t.to_dict(), "device": str(view.device)}, indent=2))
         return
     for p, text in zip(prompt, texts):
         console.print(f"[bold]{escape(p)}[/bold]{escape(text)}")
     graph = f", graph capture {t.capture_ms:.0f} ms" if t.capture_ms else (", cached graph" if t.graph else "")
-    console.print(escape(f"[{mask}] {len(prompt)} prompt(s) on {view.device}: prefill {t.prefill_ms:.1f} ms, "
+    console.print(escape(f"[{mask}] kv ratio {kv_ratio:g}, {len(prompt)} prompt(s) on {view.device}: prefill {t.prefill_ms:.1f} ms, "
                          f"{t.decode_steps} decode steps at {t.ms_per_step:.2f} ms ({t.tokens_per_s:.1f} tok/s){graph}"),
                   style="dim")
 
