@@ -19,6 +19,14 @@ kv_app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 PRESSES_HELP = "comma list of: streaming, snapkv, pyramidkv, adakv (=AdaKV(SnapKV)), ada-pyramidkv"
 
+# Options every evaluation takes (one definition, so the three commands cannot drift apart).
+PRESSES = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP)
+BUDGETS = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)")
+FULL = typer.Option(True, "--full/--no-full", help="also run the full-cache reference")
+DTYPE = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+DEVICE = typer.Option(None, help="cuda | cpu")
+OUT = typer.Option(Path("out"), help="folder for the JSON and the plot")
+
 
 def register(app: typer.Typer) -> None:
     app.add_typer(kv_app, name="kv")
@@ -81,16 +89,16 @@ def _finish(kind: str, view, out: Path, rows: list[dict], summary: dict, metric:
 @kv_app.command()
 def needle(
     model: str,
-    presses: str = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP),
-    budgets: str = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)"),
+    presses: str = PRESSES,
+    budgets: str = BUDGETS,
     lengths: Optional[str] = typer.Option(None, help="context lengths in tokens (default: up to the model's context)"),
     depths: str = typer.Option("0,0.25,0.5,0.75,1", help="needle depths in [0, 1]"),
     max_new: int = typer.Option(32, help="answer tokens"),
     agnostic: bool = typer.Option(False, "--agnostic", help="compress the haystack before the question is known"),
-    full: bool = typer.Option(True, "--full/--no-full", help="also run the full-cache reference"),
-    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu"),
-    out: Path = typer.Option(Path("out"), help="folder for the JSON and the plot"),
+    full: bool = FULL,
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    out: Path = OUT,
 ) -> None:
     """Needle-in-a-haystack retrieval (Paul Graham essays) per press x budget, averaged over depths and lengths."""
     from ..eval.needle import run_needle, summarize
@@ -116,17 +124,17 @@ def default_lengths(max_context: int) -> list[int]:
 def leval(
     model: str,
     tasks: str = typer.Option("topic_retrieval_longchat,quality,tpo,coursera,sci_fi", help="L-Eval closed-ended tasks"),
-    presses: str = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP),
-    budgets: str = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)"),
+    presses: str = PRESSES,
+    budgets: str = BUDGETS,
     max_context: Optional[int] = typer.Option(None, help="prompt tokens (default: the model's context)"),
     max_docs: Optional[int] = typer.Option(None, help="documents per task"),
     max_questions: int = typer.Option(20, help="questions per task"),
     max_new: int = typer.Option(32, help="answer tokens"),
     agnostic: bool = typer.Option(False, "--agnostic", help="compress each document once, before its questions"),
-    full: bool = typer.Option(True, "--full/--no-full", help="also run the full-cache reference"),
-    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32"),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu"),
-    out: Path = typer.Option(Path("out"), help="folder for the JSON and the plot"),
+    full: bool = FULL,
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    out: Path = OUT,
 ) -> None:
     """L-Eval long-document exact-match tasks per press x budget (mean over tasks of per-task accuracy)."""
     from ..eval.leval import run_leval
@@ -160,12 +168,12 @@ def continuation(
     prefix: Optional[int] = typer.Option(None, help="prefix tokens compressed (default: 3/4 of the model's context)"),
     cont: Optional[int] = typer.Option(None, "--continuation", help="tokens scored after the prefix (default: 1/4)"),
     windows: int = typer.Option(8, help="non-overlapping windows of prefix + continuation"),
-    presses: str = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP),
-    budgets: str = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)"),
-    full: bool = typer.Option(True, "--full/--no-full", help="also run the full-cache reference"),
-    dtype: Optional[str] = typer.Option(None, help="bf16 | fp32"),
-    device: Optional[str] = typer.Option(None, help="cuda | cpu"),
-    out: Path = typer.Option(Path("out"), help="folder for the JSON and the plot"),
+    presses: str = PRESSES,
+    budgets: str = BUDGETS,
+    full: bool = FULL,
+    dtype: Optional[str] = DTYPE,
+    device: Optional[str] = DEVICE,
+    out: Path = OUT,
 ) -> None:
     """Perplexity of the continuation after compressing a long prefix, per press x budget."""
     from ..data import WIKITEXT2_TEST, read_text
