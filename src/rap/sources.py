@@ -75,6 +75,13 @@ def bundled_profile(name: str, num_layers: int) -> Path | None:
     return path if json.loads(path.read_text()).get("num_layers") == num_layers else None
 
 
+def bundled_policy(name: str, num_layers: int) -> Path | None:
+    """The trained policy bundle shipped for a known model (rap train-policy on the shipped profile:
+    its measured quality model, the ladder and the RL agent), if any; evaluated in benchmarks/results/policy-*.json."""
+    path = Path(str(resources.files("rap") / "assets" / "profiles" / f"{name}.zip"))
+    return path if path.is_file() and bundled_profile(name, num_layers) is not None else None
+
+
 def converted_path(name: str) -> Path:
     return cache_dir() / "models" / name
 

@@ -177,13 +177,14 @@ def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]
     from .evaluator import QualityModel
     from .rl import Bundle
 
+    if bundle is None and profile is None:
+        from ..sources import bundled_policy, bundled_profile
+
+        bundle = bundled_policy(model, memory.shape.num_layers)
+        profile = None if bundle is not None else bundled_profile(model, memory.shape.num_layers)
     if bundle is not None:
         loaded = Bundle.load(bundle)
         return loaded.context(memory), loaded
-    if profile is None:
-        from ..sources import bundled_profile
-
-        profile = bundled_profile(model, memory.shape.num_layers)
     if profile is None:
         raise RapError(f"no profile ships for {model}: give a trained policy (--policy policy.zip or --bundle "
                        "policy.zip) or --profile profile.json (from `rap profile`)")
