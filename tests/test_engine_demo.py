@@ -43,6 +43,13 @@ def test_demo_falls_back_to_stories260k_when_the_model_cannot_be_fetched(monkeyp
     assert view.name == "stories260k" and "stories260k" in note and "network unreachable" in note
 
 
+def test_demo_of_a_model_that_does_not_exist_is_an_error_not_a_fallback():
+    from rap.demo import load_demo_model
+
+    with pytest.raises(RapError, match="not found"):
+        load_demo_model("/no/such/model", device="cpu")
+
+
 def test_rap_demo_and_serve_are_registered_commands(tmp_path):
     from rap.cli import app
 

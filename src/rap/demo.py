@@ -121,14 +121,16 @@ class DemoResult:
 
 
 def load_demo_model(name: str, device: str | None = None, dtype=None):
-    """(view, tokenizer, note): the requested model, or the bundled stories260k when it cannot be fetched."""
-    from .sources import load_view
+    """(view, tokenizer, note): the requested model, or the bundled stories260k when a known model cannot
+    be fetched (offline laptop). A model the user names by path that does not load is an error, not a
+    reason to demo something else."""
+    from .sources import KNOWN_MODELS, load_view
 
     try:
         view, tok = load_view(name, device=device, dtype=dtype)
         return view, tok, ""
     except (RapError, OSError) as e:
-        if name == "stories260k":
+        if name == "stories260k" or name not in KNOWN_MODELS:
             raise
         note = f"could not load {name} ({e}); using the bundled stories260k instead (offline?)"
         log.warning(note)
