@@ -19,6 +19,11 @@ def test_info_lists_every_block_with_bytes():
     assert info["kv_bytes_per_token"] == 5 * 2 * 4 * 8 * 4
 
 
+def test_memory_beyond_the_context_says_the_model_cannot_serve_it():
+    out = rap("memory", "stories260k", "--prompt", "100000")
+    assert out.returncode == 0 and "cannot serve this request" in out.stdout
+
+
 def test_memory_prints_a_breakdown_and_a_verdict():
     out = rap("memory", "stories260k", "--batch", "2", "--prompt", "64", "--new", "8", "--drop", "attn.1", "--budget", "1GiB")
     assert out.returncode == 0, out.stderr
@@ -40,6 +45,7 @@ def test_ppl_of_the_bundled_model_on_wikitext(tmp_path):
     (("memory", "stories260k", "--budget", "lots"), "cannot read"),
     (("ppl", "stories260k", "--file", "/no/such.txt"), "does not exist"),
     (("generate", "stories260k", "-p", "Once", "--kv-ratio", "0"), "--kv-ratio must be in (0, 1]"),
+    (("generate", "stories260k", "-p", " "), "the prompt is empty"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(args, message):
     out = rap(*args)

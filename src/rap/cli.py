@@ -142,7 +142,7 @@ def memory(
     """Memory breakdown (params, KV cache, activations) for a request under a mask."""
     from .memory import MemoryModel, Request, format_bytes, parse_bytes
 
-    view, _ = load_view_for_cli(model, device="meta" if False else "cpu", dtype=dtype)
+    view, _ = load_view_for_cli(model, device="cpu", dtype=dtype)
     request = Request(batch, prompt, new)
     mask = parse_mask(view, drop, profile)
     mem = MemoryModel.from_view(view)
@@ -158,6 +158,9 @@ def memory(
         b = parse_bytes(budget)
         verdict = "fits" if br.total_bytes <= b else "does NOT fit"
         console.print(f"{verdict} in {format_bytes(b)} ({br.total_bytes / b:.1%} of budget)")
+    if prompt + new > view.shape.max_context:
+        console.print(f"[yellow]note: prompt + new = {prompt + new} tokens is beyond {escape(view.name)}'s context of "
+                      f"{view.shape.max_context}: the model cannot serve this request[/yellow]")
 
 
 @app.command()

@@ -42,6 +42,8 @@ def generate(
             raise RequestError(f"--stop takes token ids like 2 or 2,13, got {stop!r}") from None
     else:
         stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if any(not p.strip() for p in prompt):
+        raise RequestError("the prompt is empty: give some text with --prompt")
     ids = [tok(p).input_ids for p in prompt]
     decoder = Decoder(view, compile=compile)
     if not 0 < kv_ratio <= 1:
