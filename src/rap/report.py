@@ -278,12 +278,20 @@ def _plot_memory(items: list[tuple[Path, dict]], path: Path) -> bool:
     ax.set_xlabel("budget (GiB)")
     ax.set_ylabel("measured peak (GiB)")
     ax.set_title("Memory vs budget (points must lie under the line)", fontsize=9)
+    save_figure(fig, ax, path)
+    return True
+
+
+def save_figure(fig, ax, path: Path, legend_size: int = 7) -> Path:
+    """Grid, legend, tight layout, 120 dpi PNG, figure closed: every rap plot ends the same way."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    return Path(path)
 
 
 def _line_plot(series, path: Path, xlabel: str, ylabel: str, title: str, x_percent: bool = False,
@@ -302,11 +310,7 @@ def _line_plot(series, path: Path, xlabel: str, ylabel: str, title: str, x_perce
     if logy:
         ax.set_yscale("log")
     ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
     return True
 
 

@@ -46,12 +46,9 @@ def plot_summary(summary: dict[str, dict[str, float]], path: Path, ylabel: str, 
     ticks = sorted({float(b) * 100 for d in summary.values() for b in d if float(b) < 1})
     if ticks:
         ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from ..report import save_figure
+
+    return save_figure(fig, ax, path, legend_size=8)
 
 
 def write_result(out_dir: Path, stem: str, payload: dict, summary: dict, ylabel: str, title: str) -> tuple[Path, Path]:
