@@ -20,6 +20,15 @@ def stories():
     return load_view("stories260k", dtype=torch.float32, device="cpu")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """On a 2-core box OpenMP's thread wake-ups make every batch-1 GEMV take ~5 ms; one thread is 1000x faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(model_type: str, **overrides):
     """A 4-layer random config of a supported family (unit tests only, never quality)."""
     from transformers import AutoConfig

@@ -16,13 +16,7 @@ PROMPTS = ["Once upon a time", "The little dog ran to the park and saw", "Tom"]
 MASKS = {"dense": [], "masked": ["attn.1", "ffn.3", "attn.4"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a 2-core box OpenMP's thread wake-ups make every batch-1 GEMV take ~5 ms; one thread is 1000x faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stock_generate(view, mask, prompts, new_tokens, pad_id=0, eos=None):

@@ -23,12 +23,7 @@ STORY = ("Once upon a time there was a little girl named Lily. She loved to play
 MASKS = {"dense": [], "masked": ["attn.2", "ffn.1"]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
