@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -175,29 +174,40 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="known name, HF folder or .gguf")
-    parser.add_argument("--profile", default=None, help="profile JSON (its `order`); default: one-shot PPL ranking")
-    parser.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS))
+def add_protocol_args(parser: argparse.ArgumentParser) -> None:
+    """The evaluation protocol's options (zero-shot docs, PPL tokens, calibration windows): every
+    quality benchmark takes the same ones, so their rows compare."""
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--limit", type=int, default=200, help="documents per task (0 = all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--ppl-tokens", type=int, default=16384, help="WikiText-2 test tokens (0 = all)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--ppl-batch-size", type=int, default=1)
-    parser.add_argument("--calib-windows", type=int, default=8)
+    parser.add_argument("--calib-windows", type=int, default=8, help="WikiText-2 valid calibration windows")
     parser.add_argument("--calib-seq-len", type=int, default=256)
+    parser.add_argument("--smoke", action="store_true", help="stories260k, 8 docs/task, tiny PPL: seconds")
+
+
+def apply_smoke(args: argparse.Namespace) -> None:
+    """--smoke: the same code paths on stories260k with tiny sizes."""
+    args.model, args.limit, args.ppl_tokens, args.seq_len = "stories260k", 8, 512, 128
+    args.calib_windows, args.calib_seq_len = 2, 64
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="known name, HF folder or .gguf")
+    parser.add_argument("--profile", default=None, help="profile JSON (its `order`); default: one-shot PPL ranking")
+    parser.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS))
+    add_protocol_args(parser)
     parser.add_argument("--methods", default="rap-order,shortgpt")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--resume", default=None, help="a partial quality JSON: rows in it are not rerun")
     parser.add_argument("--name", default=None, help="output file name (default quality-<date>.json)")
-    parser.add_argument("--smoke", action="store_true", help="stories260k, 8 docs/task, tiny PPL: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.limit, args.ppl_tokens, args.seq_len = "stories260k", 8, 512, 128
-        args.calib_windows, args.calib_seq_len = 2, 64
+        apply_smoke(args)
     args.limit = args.limit or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from rap.cli import load_view_for_cli

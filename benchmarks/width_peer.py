@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import environment, print_table, write_json
-from benchmarks.quality import calibration_windows, evaluate_mask
+from benchmarks.quality import add_protocol_args, apply_smoke, calibration_windows, evaluate_mask
 from rap.data import WIKITEXT2_TEST, WIKITEXT2_VALID, read_text
 from rap.eval import zeroshot
 from rap.eval.perplexity import needs_bos, token_windows
@@ -253,24 +253,16 @@ def main(argv=None) -> None:
                         help="total: fraction of dense parameters (rap's unit in quality.py); blocks: of block params")
     parser.add_argument("--importances", default=",".join(IMPORTANCES))
     parser.add_argument("--round-to", type=int, default=4, help="FFN width multiple (torch-pruning's LLM example: 4)")
-    parser.add_argument("--tasks", default="all")
-    parser.add_argument("--limit", type=int, default=200, help="documents per task (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--ppl-tokens", type=int, default=16384, help="WikiText-2 test tokens (0 = all)")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--ppl-batch-size", type=int, default=1)
-    parser.add_argument("--calib-windows", type=int, default=8, help="Taylor: WikiText-2 valid windows")
-    parser.add_argument("--calib-seq-len", type=int, default=256)
+    add_protocol_args(parser)  # --calib-windows: the Taylor importance's windows here
     parser.add_argument("--head-check-seconds", type=float, default=20.0,
                         help="how long to let torch-pruning build attention-head groups (0: skip the check)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default=None, help="output file name (default width-peer-<date>.json)")
-    parser.add_argument("--smoke", action="store_true", help="stories260k, 8 docs/task, tiny PPL: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.limit, args.ppl_tokens, args.seq_len = "stories260k", 8, 512, 128
-        args.calib_windows, args.calib_seq_len, args.head_check_seconds = 2, 64, 3.0
+        apply_smoke(args)
+        args.head_check_seconds = 3.0
         torch.set_num_threads(1)  # a 260K-parameter model: threads only add contention (10x slower on a busy box)
     args.limit = args.limit or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
