@@ -651,10 +651,9 @@ class Engine:
         self.device_total_bytes = device_total_bytes
         self.memory_model = MemoryModel.from_view(self.view)
         if profile is None:
-            from .sources import bundled_policy, bundled_profile
+            from .sources import bundled_policy
 
-            profile = (bundled_policy(self.view.name, self.view.num_layers)
-                       or bundled_profile(self.view.name, self.view.num_layers))
+            profile = bundled_policy(self.view.name, self.view.num_layers)
             if profile is not None:
                 log.info("using the profile shipped for %s: %s", self.view.name, profile)
         self.profile = profile

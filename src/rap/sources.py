@@ -76,10 +76,12 @@ def bundled_profile(name: str, num_layers: int) -> Path | None:
 
 
 def bundled_policy(name: str, num_layers: int) -> Path | None:
-    """The trained policy bundle shipped for a known model (rap train-policy on the shipped profile:
-    its measured quality model, the ladder and the RL agent), if any; evaluated in benchmarks/results/policy-*.json."""
-    path = Path(str(resources.files("rap") / "assets" / "profiles" / f"{name}.zip"))
-    return path if path.is_file() and bundled_profile(name, num_layers) is not None else None
+    """What a model runs with when the user names no profile: the trained policy bundle shipped for it
+    (rap train-policy on the shipped profile: measured quality model, ladder, RL agent; evaluated in
+    benchmarks/results/policy-*.json), else its shipped profile, else None. A .zip or a .json path."""
+    profile = bundled_profile(name, num_layers)
+    bundle = Path(str(resources.files("rap") / "assets" / "profiles" / f"{name}.zip"))
+    return bundle if profile is not None and bundle.is_file() else profile
 
 
 def converted_path(name: str) -> Path:

@@ -178,10 +178,13 @@ def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]
     from .rl import Bundle
 
     if bundle is None and profile is None:
-        from ..sources import bundled_policy, bundled_profile
+        from ..sources import bundled_policy
 
-        bundle = bundled_policy(model, memory.shape.num_layers)
-        profile = None if bundle is not None else bundled_profile(model, memory.shape.num_layers)
+        shipped = bundled_policy(model, memory.shape.num_layers)
+        if shipped is not None and shipped.suffix == ".zip":
+            bundle = shipped
+        else:
+            profile = shipped
     if bundle is not None:
         loaded = Bundle.load(bundle)
         return loaded.context(memory), loaded
