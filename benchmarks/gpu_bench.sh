@@ -4,8 +4,10 @@
 # wikitext-2-raw/, piqa/, hellaswag/, winogrande/, arc/, boolq/, openbookqa/, lambada_openai/ from shared/data).
 # SmolLM2: /root/smol.gguf (converted here once), or MODEL=<HF folder>. PROFILE=<GSI profile JSON> if there is one.
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=src:.:/tmp/site RAP_DATA=$PWD/.devdata RAP_CACHE=/root/rapcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=src:.:/tmp/site RAP_DATA=${RAP_DATA:-$PWD/.devdata} RAP_CACHE=/root/rapcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -z "${MODEL:-}" ] && [ -f /root/smol.gguf ]; then
   python3 -m rap models fetch smollm2-135m --gguf /root/smol.gguf 2>/dev/null
 fi
