@@ -526,6 +526,14 @@ def main(argv=None) -> None:
 
     guarded("quant", quant)
 
+    # rows measured again in this run replace the merged ones (throughput: per batch and prompt)
+    def key(r):
+        sweep = (r.get("batch"), r.get("prompt")) if r["section"] == "throughput" else ()
+        return (r["section"], r.get("model"), *sweep)
+
+    fresh = {key(r) for r in rows if "merged_from" not in r}
+    rows = [r for r in rows if "merged_from" not in r or key(r) not in fresh]
+
     payload = {**environment(), "kind": "bench", "suite": args.suite, **headline,
                "headline_sources": sources, "notes": notes, "seconds": time.perf_counter() - t0,
                "requests": {"kv_light": light.__dict__, "kv_heavy": heavy.__dict__ if heavy else None},

@@ -66,6 +66,17 @@ def test_greedy_tokens_equal_stock_generate_for_a_left_padded_batch(stories, mas
     assert ours == stock_generate(view, mask, ids, 24)
 
 
+@pytest.mark.parametrize("kv_ratio", [1.0, 0.5])
+def test_a_prefill_run_one_row_at_a_time_gives_the_same_tokens(stories, kv_ratio):
+    view, tok = stories
+    ids = [tok(p).input_ids for p in PROMPTS]
+    mask = BlockMask.from_drop(5, MASKS["masked"])
+    whole = Decoder(view).generate(ids, 12, mask=mask, pad_token_id=0, kv_ratio=kv_ratio).tokens
+    rowwise = Decoder(view)
+    rowwise.prefill_chunk_tokens = 1  # one row per chunk
+    assert rowwise.generate(ids, 12, mask=mask, pad_token_id=0, kv_ratio=kv_ratio).tokens == whole
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "mistral"])
 def test_other_families_match_stock_generate_padded_and_masked(tiny_views, family):
     """Qwen3's q/k norms, Qwen2's q/k/v biases, Mistral's sliding window (5 < prompt + new)."""

@@ -124,17 +124,17 @@ def test_shrinking_budget_drops_blocks_and_growing_it_restores_them(loaded):
 
 
 def test_bytes_held_since_the_last_batch_are_released_when_they_would_not_fit_beside_the_next(loaded):
-    # On the GPU the engine measures what the backend kept after a batch (KV buffers AND graph
-    # pools, which no backend reports); here we plant that reading and check the consequence.
+    # On the GPU the engine measures everything it holds beyond the weights (KV buffers AND graph
+    # pools, which no backend reports); here we plant the backend's own reading and check the consequence.
     engine = make_engine(loaded)
     released = []
     engine.backend.release = lambda: released.append(True)
-    engine.retained_bytes = 1 << 20  # fits beside the plan under a big budget: kept
+    engine.backend.resident_extra_bytes = lambda: 1 << 20  # fits beside the plan under a big budget: kept
     engine.complete("Once upon a time", max_new_tokens=8)
-    assert not released and engine.retained_bytes == 1 << 20
-    engine.retained_bytes = BIG  # cannot fit beside any plan: released first
+    assert not released
+    engine.backend.resident_extra_bytes = lambda: BIG  # cannot fit beside any plan: released first
     engine.complete("Once upon a time", max_new_tokens=8)
-    assert released and engine.retained_bytes == 0
+    assert released
 
 
 def test_request_that_cannot_fit_is_rejected_while_the_others_are_served(loaded):

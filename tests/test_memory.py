@@ -110,7 +110,7 @@ def test_prefill_peak_is_one_layers_transient_on_the_residual_stream(mem):
     s, e = mem.shape, mem.shape.dtype_bytes
     req = Request(1, 256, 8)
     only_ffn = BlockMask((False,) * 5, (True,) * 5)
-    stream = 256 * (e * s.hidden_size + 16 + 2 * e * s.head_dim) + 8 * 256
+    stream = 256 * (e * s.hidden_size + 16 + 2 * e * s.head_dim) + 8 * 256 + 4 * s.vocab_size  # + fp32 logits
     mlp = 256 * max(8 * s.hidden_size, e * (s.hidden_size + 4 * s.intermediate_size),
                     e * (2 * s.hidden_size + 3 * s.intermediate_size), e * (3 * s.hidden_size + 2 * s.intermediate_size))
     assert mem.prefill_activation_bytes(req, only_ffn) == stream + mlp + mem.buffer_bytes(req)
@@ -118,6 +118,19 @@ def test_prefill_peak_is_one_layers_transient_on_the_residual_stream(mem):
     # cost tables rely on it)
     assert mem.prefill_activation_bytes(req, only_ffn) == mem.prefill_activation_bytes(
         req, BlockMask((False,) * 5, (True, False, False, False, False)))
+
+
+def test_prefill_runs_a_few_rows_at_a_time_so_its_transients_stop_growing_with_the_batch(mem):
+    from rap.memory import PREFILL_CHUNK_TOKENS
+
+    s, P = mem.shape, 1024
+    rows = PREFILL_CHUNK_TOKENS // P
+    full = BlockMask.full(5)
+    small, large = Request(rows, P, 8), Request(4 * rows, P, 8)
+    grown = mem.prefill_activation_bytes(large, full) - mem.prefill_activation_bytes(small, full)
+    # only what the whole batch holds grows: prompt ids, fp32 logits and the decoder's buffers
+    whole = 3 * rows * (8 * P + 4 * s.vocab_size)
+    assert grown == whole + mem.buffer_bytes(large) - mem.buffer_bytes(small)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

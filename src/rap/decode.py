@@ -59,7 +59,7 @@ from torch import nn
 
 from .errors import BudgetError, RequestError, UnsupportedModelError
 from .mask import BlockMask
-from .memory import MemoryModel, Request, format_bytes
+from .memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes, prefill_rows
 from .model import BlockView
 
 log = logging.getLogger(__name__)
@@ -485,6 +485,9 @@ class Decoder:
         self.attention = attention
         self.check_every = max(1, check_every)
         self.budget_bytes = budget_bytes
+        # prompts run through the prefill a few rows at a time, at most this many tokens together
+        # (at least one row): the prefill's transients stay bounded however large the batch is
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         self.embed_w = inner.embed_tokens.weight
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         head = view.model.lm_head
@@ -731,6 +734,20 @@ class Decoder:
         """ids [n, P] left-padded; writes K/V of columns [0, P) for rows [0, n) (with a plan, the kept
         columns [0, plan.width)); returns logits [n, V]."""
         n, P = ids.shape
+        rows = prefill_rows(P, self.prefill_chunk_tokens)
+        logits = torch.empty(n, self.view.shape.vocab_size, device=self.device, dtype=torch.float32)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            part = None if plan is None else KeepPlan(plan.pad[r0:r1], plan.kept[r0:r1], plan.width, plan.window,
+                                                      plan.kernel)
+            logits[r0:r1] = self._prefill_rows(ws, mask, ids[r0:r1], pad[r0:r1], r0, part)
+        return logits
+
+    def _prefill_rows(self, ws: _Workspace, mask: BlockMask, ids: torch.Tensor, pad: torch.Tensor, r0: int,
+                      plan: KeepPlan | None) -> torch.Tensor:
+        """The prefill of rows [r0, r0 + n) of the batch: every layer over these rows only (rows never
+        attend to each other, so this equals the whole batch at once), K/V into their cache rows."""
+        n, P = ids.shape
         cols = torch.arange(P, device=self.device)
         pos = (cols[None, :] - pad[:, None]).clamp_min(0)
         cos, sin = ws.cos[pos][:, None], ws.sin[pos][:, None]  # [n, 1, P, D]
@@ -761,7 +778,7 @@ class Decoder:
             if mask.keep_attn[i]:
                 a = self.attn[i]
                 kc, vc = ws.kv[i]
-                x = prefill_attention(x, a, cos, sin, kc, vc, mask_for(a.window), plan)
+                x = prefill_attention(x, a, cos, sin, kc[r0:r0 + n], vc[r0:r0 + n], mask_for(a.window), plan)
             if mask.keep_ffn[i]:
                 x = ffn_block(x, self.ffn[i])
         return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)

@@ -671,9 +671,14 @@ class Engine:
         # ratio of the rest. Budgets are planned net of both.
         self.overhead_bytes = 0
         self.correction_ratio = 1.0
-        # Device bytes the backend still held after the last batch beyond the weights (KV buffers,
-        # CUDA-graph pools), MEASURED: a backend only knows its KV, not its graphs' private pools.
-        self.retained_bytes = 0
+        # Device bytes that are not the engine's: what was allocated at start beyond the weights
+        # (another tenant of this process, leftovers). Everything above it and the resident weights
+        # is the engine's own (KV buffers, CUDA-graph pools, compile caches), measured, not reported:
+        # a backend knows its KV but not its graphs' private pools.
+        self._foreign_bytes = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._foreign_bytes = torch.cuda.memory_allocated(self.device) - self.residency.resident_bytes()
         self.stats = EngineStats()
         self._lock = threading.RLock()
         self._eos_ids = self._find_eos_ids()
@@ -927,7 +932,6 @@ class Engine:
         if on_cuda:
             # Allocations that are not the engine's (another tenant in this process, leftovers)
             # are subtracted so the measured peak is comparable with the predicted one.
-            others = torch.cuda.memory_allocated(self.device) - self.residency.resident_bytes() - extra
             torch.cuda.reset_peak_memory_stats(self.device)
         reqs = [r for _, r, _ in items]
         rows = [ids for _, _, ids in items]
@@ -939,10 +943,7 @@ class Engine:
         if on_cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        measured = torch.cuda.max_memory_allocated(self.device) - others if on_cuda else None
-        if on_cuda:
-            self.retained_bytes = max(0, torch.cuda.memory_allocated(self.device) - others
-                                      - self.residency.resident_bytes())
+        measured = torch.cuda.max_memory_allocated(self.device) - self._foreign_bytes if on_cuda else None
         if measured is not None and decision.predicted_peak_bytes > 0:
             ratio = (measured - self.overhead_bytes) / decision.predicted_peak_bytes
             if ratio > self.correction_ratio:
@@ -979,15 +980,18 @@ class Engine:
 
     def _held_bytes(self) -> int:
         """Bytes kept between batches on top of the weights: what the backends report (their KV
-        buffers) or, on the GPU, what was measured after the last batch if that is more."""
+        buffers) or, on the GPU, everything the engine holds now beyond the weights, if that is more."""
         reported = sum(b.resident_extra_bytes() for b in self._backends())
-        return max(reported, self.retained_bytes)
+        if self.device.type != "cuda":
+            return reported
+        torch.cuda.synchronize(self.device)
+        measured = torch.cuda.memory_allocated(self.device) - self._foreign_bytes - self.residency.resident_bytes()
+        return max(reported, measured)
 
     def _release_backend_buffers(self) -> None:
         for b in self._backends():
             if hasattr(b, "release"):
                 b.release()
-        self.retained_bytes = 0
 
     def _backend_generate(self, backend, prompts: list[list[int]], decision: Decision, sampling: Sampling,
                           max_new_tokens: int, on_step) -> list[list[int]]:

@@ -18,7 +18,9 @@ written from what rap's decode path (`rap.decode.Decoder`) actually allocates, n
 * the decoder's per-request buffers: sampling noise [B, V] fp32, the token record [B, T] int64,
   the RoPE cos/sin tables [T, head_dim];
 * activations: the larger of
-  - the prefill peak: the residual stream [B, P, hidden] plus the RoPE rows of the prompt, plus
+  - the prefill peak (the decoder prefills a few rows at a time, `PREFILL_CHUNK_TOKENS` tokens at
+    most): the batch's prompt ids and fp32 logits, plus one chunk's residual stream [rows, P, hidden]
+    and RoPE rows, plus
     the largest transient of one kept layer (the eager prefill frees each layer's tensors before
     the next: the fp32 RMSNorm, q/k/v and their rotation, flash attention's output, or the MLP's
     gate, up, act(gate) and product), and
@@ -44,6 +46,14 @@ from dataclasses import asdict, dataclass
 from .errors import RequestError
 from .mask import BlockMask
 from .model import BlockView, ModelShape
+
+
+PREFILL_CHUNK_TOKENS = 16384  # the decoder's prefill runs at most this many prompt tokens at once (whole rows)
+
+
+def prefill_rows(prompt: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> int:
+    """Rows of `prompt` tokens that one prefill chunk holds (at least one)."""
+    return max(1, chunk_tokens // max(1, prompt))
 
 
 @dataclass(frozen=True)
@@ -92,8 +102,10 @@ class MemoryModel:
 
     def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int], on_cuda: bool = False,
                  qk_norm: bool = False, compiled: bool | None = None, cublas_workspace_bytes: int | None = None,
-                 l2_cache_bytes: int | None = None, kv_length_quantum: int | None = None):
+                 l2_cache_bytes: int | None = None, kv_length_quantum: int | None = None,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         self.shape = shape
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         # None: a compressed cache holds exactly its tokens (rap.kv's VarlenCache); an int: it is a
         # dense buffer whose length is rounded up to this many tokens (rap.decode.LENGTH_QUANTUM)
         self.kv_length_quantum = kv_length_quantum
@@ -211,16 +223,20 @@ class MemoryModel:
         return attn, ffn
 
     def prefill_activation_bytes(self, request: Request, mask: BlockMask) -> int:
+        """The prefill runs `prefill_rows` rows at a time: the whole batch's prompt ids and its fp32
+        last-position logits live throughout; one chunk's stream and one layer's transients on top."""
         s, e = self.shape, self.shape.dtype_bytes
         B, P = request.batch, request.prompt
-        tokens = B * P
-        # residual stream, prompt ids and positions (int64), RoPE rows cos/sin [B, P, head_dim]
-        stream = tokens * (e * s.hidden_size + 8 + 8 + 2 * e * s.head_dim) + 8 * P
+        rows = min(B, prefill_rows(P, self.prefill_chunk_tokens))
+        tokens = rows * P
+        whole = 8 * B * P + 4 * B * s.vocab_size  # prompt ids (int64) and the batch's logits (fp32)
+        # one chunk: residual stream, positions (int64), RoPE rows cos/sin [rows, P, head_dim]
+        stream = tokens * (e * s.hidden_size + 8 + 2 * e * s.head_dim) + 8 * P
         attn, ffn = self.prefill_layer_bytes(mask)
         layers = stream + tokens * max(attn, ffn)
-        # after the last layer: the residual stream and the last position's logits (dtype, then fp32)
-        head = tokens * e * s.hidden_size + B * s.vocab_size * (e + 4)
-        return max(layers, head) + self.buffer_bytes(request) + self.runtime_bytes
+        # after the chunk's last layer: its residual stream and last-position logits (dtype, then fp32)
+        head = tokens * e * s.hidden_size + rows * s.vocab_size * (e + 4)
+        return whole + max(layers, head) + self.buffer_bytes(request) + self.runtime_bytes
 
     def decode_activation_bytes(self, request: Request, mask: BlockMask) -> int:
         s, e = self.shape, self.shape.dtype_bytes
