@@ -49,6 +49,8 @@ from .model import BlockView
 
 log = logging.getLogger(__name__)
 
+GPU_HEADROOM_RATIO = 0.005  # default planning margin on CUDA (see Engine.__init__)
+
 
 # ==== budget sources ==========================================================================
 def _device_total_bytes(device: torch.device, fallback_total_bytes: int | None) -> int:
@@ -633,7 +635,7 @@ class Engine:
 
     def __init__(self, model: str | Path | BlockView, budget: Any = None, policy: Any = None, *,
                  tokenizer=None, profile: dict | str | Path | None = None, device: str | None = None,
-                 dtype: Any = None, backend: str = "auto", max_batch: int = 32, headroom_ratio: float = 0.0,
+                 dtype: Any = None, backend: str = "auto", max_batch: int = 32, headroom_ratio: float | None = None,
                  device_total_bytes: int | None = None, oom_shrink_ratio: float = 0.75, calibrate: bool = True):
         if isinstance(model, BlockView):
             if tokenizer is None:
@@ -664,6 +666,11 @@ class Engine:
         # a compressed cache is as long as the backend allocates it (the decoder rounds it up)
         self.memory_model.kv_length_quantum = getattr(self.backend, "kv_length_quantum", None)
         self.max_batch = max_batch
+        # None: on the GPU, a margin of the memory model's worst measured error (0.39% over 14
+        # configurations, benchmarks/results/memory-model-*.json) rounded up, so the first batch,
+        # before any correction is learned, stays inside the budget too; nothing on the CPU.
+        if headroom_ratio is None:
+            headroom_ratio = GPU_HEADROOM_RATIO if self.device.type == "cuda" else 0.0
         self.headroom_ratio = headroom_ratio
         self.oom_shrink_ratio = oom_shrink_ratio
         # What the memory model does not see, learned on the GPU: a fixed overhead (cuBLAS
@@ -945,7 +952,8 @@ class Engine:
         seconds = time.perf_counter() - t0
         measured = torch.cuda.max_memory_allocated(self.device) - self._foreign_bytes if on_cuda else None
         if measured is not None and decision.predicted_peak_bytes > 0:
-            ratio = (measured - self.overhead_bytes) / decision.predicted_peak_bytes
+            # what this batch's own plan took: the buffers held from an earlier batch are not in it
+            ratio = (measured - self.overhead_bytes - extra) / decision.predicted_peak_bytes
             if ratio > self.correction_ratio:
                 log.info("measured peak %s exceeds predicted %s: planning with %.3fx from now on",
                          format_bytes(measured), format_bytes(decision.predicted_peak_bytes), ratio)
@@ -977,6 +985,12 @@ class Engine:
                  "-" if measured is None else format_bytes(measured), info.tokens_per_s)
         return [(i, GenerationResult(r.request_id, text, tuple(ids), len(ids_in), reason, info))
                 for (i, r, ids_in), (ids, text, reason) in zip(items, outputs)]
+
+    def release_buffers(self) -> None:
+        """Free what the backends keep between batches (KV buffers, captured graphs) and the
+        allocator's cache: the next batch starts from the weights alone."""
+        with self._lock:
+            self._release_cached_memory()
 
     def _held_bytes(self) -> int:
         """Bytes kept between batches on top of the weights: what the backends report (their KV
