@@ -13,5 +13,5 @@ export PYTHONPATH=src:.:/tmp/site RAP_DATA=${RAP_DATA:-$PWD/.devdata} RAP_CACHE=
   --depths 0,0.5,1 --budgets 0.05,0.1,0.2,0.4 --out "$OUT" 2>&1 | grep -v "Warning\|warn(\|enable_gqa\|it/s" | tail -25
 [ "${GSI_S:-150}" = 0 ] || timeout ${GSI_S:-150} python3 benchmarks/gsi.py timing --time-limit $(( ${GSI_S:-150} - 30 )) 2>&1 | grep -v "it/s" | tail -12
 [ "${TRACE_S:-150}" = 0 ] || timeout ${TRACE_S:-150} python3 -m benchmarks.engine_trace --shape llama-2-7b --batch 8 --prompt 512 --new 64 \
-  --batches-per-level 3 2>&1 | grep -v "it/s" | tail -15
+  --batches-per-level 6 2>&1 | grep -v "it/s" | tail -15
 ls -la "$OUT"
