@@ -380,7 +380,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="SmolLM2 folder or .gguf (default: rap's cached smollm2-135m)")
     parser.add_argument("--profile", default=None, help="GSI profile JSON for SmolLM2's removal order")
     parser.add_argument("--quality-json", default=None, help="use this quality result instead of measuring")
-    parser.add_argument("--shapes", default=None, help="comma list of shapes for the throughput section")
+    parser.add_argument("--shapes", default=None, help="comma list of shapes for the throughput section ('none': only --grid)")
     parser.add_argument("--sections", default="throughput,kv-heavy,quality,quant")
     parser.add_argument("--max-minutes", type=float, default=7.5, help="skip sections that start after this")
     parser.add_argument("--kv-heavy-budget-ratio", type=float, default=0.8)
@@ -414,7 +414,7 @@ def main(argv=None) -> None:
         light, heavy = Request(1, 32, 8), None
         args.quality_limit, args.quality_ppl_tokens, args.quality_batch_size, args.calib_windows = 8, 512, 8, 2
     if args.shapes:
-        shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        shapes = [] if args.shapes == "none" else [s.strip() for s in args.shapes.split(",") if s.strip()]
     grid_spec = args.grid if args.grid is not None else (",".join(GPU_GRID) if args.suite == "gpu" else "none")
     grid = [] if grid_spec == "none" else [parse_grid_item(g) for g in grid_spec.split(",") if g.strip()]
     sections = [s.strip() for s in args.sections.split(",")]
