@@ -87,10 +87,12 @@ def merge_earlier(path: str, rows: list[dict], headline: dict, sources: dict, no
     for k in HEADLINE_KEYS:
         if headline.get(k) is None and earlier.get(k) is not None:
             headline[k] = earlier[k]
-            sources[k] = f"{earlier.get('headline_sources', {}).get(k, '')} [measured by {earlier.get('command')}]"
+            source = earlier.get("headline_sources", {}).get(k, "")
+            # the first merge names the command that measured it; later merges pass that on unchanged
+            sources[k] = source if "[measured by " in source else f"{source} [measured by {earlier.get('command')}]"
             notes.pop(k, None)
     for k, v in earlier.get("notes", {}).items():
-        if k.startswith("section:"):
+        if k.startswith("section:") and not v.startswith("not requested"):
             notes.setdefault(f"{path}:{k}", v)
 
 
@@ -531,6 +533,9 @@ def main(argv=None) -> None:
         sweep = (r.get("batch"), r.get("prompt")) if r["section"] == "throughput" else ()
         return (r["section"], r.get("model"), *sweep)
 
+    for section in {r["section"] for r in rows}:  # merged rows cover a section this call did not run
+        if notes.get(f"section:{section}", "").startswith("not requested"):
+            del notes[f"section:{section}"]
     fresh = {key(r) for r in rows if "merged_from" not in r}
     rows = [r for r in rows if "merged_from" not in r or key(r) not in fresh]
 
