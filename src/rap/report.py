@@ -253,7 +253,7 @@ def _plot_throughput(items: list[tuple[Path, dict]], path: Path) -> bool:
     series = [(k, sorted(v)) for k, v in groups.items() if len(v) >= 2]
     if not series:
         return False
-    return _line_plot(series[:12], path, "memory budget, % of dense need", "decode tokens/s",
+    return _line_plot(series[:20], path, "memory budget, % of dense need", "decode tokens/s",
                       "Throughput vs budget", x_percent=True, logy=True)
 
 
@@ -302,8 +302,10 @@ def _line_plot(series, path: Path, xlabel: str, ylabel: str, title: str, x_perce
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, pts in series:
-        ax.plot([x * 100 if x_percent else x for x, _ in pts], [y for _, y in pts], "o-", label=label, ms=4)
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: no two series share one on a page
+    for i, (label, pts) in enumerate(series):
+        ax.plot([x * 100 if x_percent else x for x, _ in pts], [y for _, y in pts], "o-", label=label, ms=4,
+                color=colors[i % len(colors)])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
