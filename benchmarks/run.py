@@ -74,22 +74,32 @@ def parse_grid_item(item: str) -> tuple[str, Request]:
     return shape, Request(batch, prompt, 128)
 
 
+def row_key(r: dict) -> tuple:
+    """What a row measured: a later measurement of the same key replaces it (throughput: per batch, prompt)."""
+    sweep = (r.get("batch"), r.get("prompt")) if r["section"] == "throughput" else ()
+    return (r["section"], r.get("model"), *sweep)
+
+
 def merge_earlier(path: str, rows: list[dict], headline: dict, sources: dict, notes: dict) -> None:
-    """Fold an earlier bench JSON of this suite into this one: the GPU calls of a session are capped at
-    10 minutes, so the suite runs as two calls on the same warm device and the second merges the first."""
+    """Fold an earlier call of this suite into this one: GPU calls here are capped at 10 minutes, so the
+    suite runs as several calls on one device; the last names every earlier call's JSON, in order. Each
+    file contributes what it measured itself (rows without `merged_from`, headline keys without a
+    "[measured by" source), tagged with its command; a later file's row replaces an earlier one's."""
     earlier = json.loads(Path(path).read_text())
     if earlier.get("kind") != "bench":
         raise SystemExit(f"--merge {path}: not a bench result (kind {earlier.get('kind')!r})")
     mine = environment()["device"]
     if earlier.get("device") != mine:
         raise SystemExit(f"--merge {path}: measured on {earlier.get('device')!r}, this run is on {mine!r}")
-    rows += [{**r, "merged_from": path} for r in earlier.get("rows", [])]
+    command = earlier.get("command")
+    own = [{**r, "merged_from": path, "measured_by": command} for r in earlier.get("rows", []) if "merged_from" not in r]
+    replaced = {row_key(r) for r in own}
+    rows[:] = [r for r in rows if row_key(r) not in replaced] + own
     for k in HEADLINE_KEYS:
-        if headline.get(k) is None and earlier.get(k) is not None:
+        source = earlier.get("headline_sources", {}).get(k, "")
+        if earlier.get(k) is not None and "[measured by " not in source:
             headline[k] = earlier[k]
-            source = earlier.get("headline_sources", {}).get(k, "")
-            # the first merge names the command that measured it; later merges pass that on unchanged
-            sources[k] = source if "[measured by " in source else f"{source} [measured by {earlier.get('command')}]"
+            sources[k] = f"{source} [measured by {command}]"
             notes.pop(k, None)
     for k, v in earlier.get("notes", {}).items():
         if k.startswith("section:") and not v.startswith("not requested"):
@@ -463,8 +473,9 @@ def main(argv=None) -> None:
         headline["throughput_ratio_80pct_kv_light"] = r80["ratio_vs_dense"]
         notes.pop("throughput_ratio_80pct_kv_light", None)
         sources["throughput_ratio_80pct_kv_light"] = (
-            f"{r80.get('merged_from', 'this run')}: {primary} ({r80['weights']}), batch {light.batch} x prompt {light.prompt}, {light.new_tokens} new tokens: "
-            f"rap decoder under the 80% decision vs the same decoder dense, same run")
+            f"{primary} ({r80['weights']}), batch {light.batch} x prompt {light.prompt}, {light.new_tokens} new tokens: "
+            f"rap decoder under the 80% decision vs the same decoder dense, same run"
+            + (f" [measured by {r80['measured_by']}]" if "measured_by" in r80 else ""))
     elif headline["throughput_ratio_80pct_kv_light"] is None:
         notes["throughput_ratio_80pct_kv_light"] = ("no rap row at 80% was measured "
                                                     f"(see section notes; shapes {sorted(measured)})")
@@ -528,16 +539,12 @@ def main(argv=None) -> None:
 
     guarded("quant", quant)
 
-    # rows measured again in this run replace the merged ones (throughput: per batch and prompt)
-    def key(r):
-        sweep = (r.get("batch"), r.get("prompt")) if r["section"] == "throughput" else ()
-        return (r["section"], r.get("model"), *sweep)
-
+    # rows measured again in this run replace the merged ones
     for section in {r["section"] for r in rows}:  # merged rows cover a section this call did not run
         if notes.get(f"section:{section}", "").startswith("not requested"):
             del notes[f"section:{section}"]
-    fresh = {key(r) for r in rows if "merged_from" not in r}
-    rows = [r for r in rows if "merged_from" not in r or key(r) not in fresh]
+    fresh = {row_key(r) for r in rows if "merged_from" not in r}
+    rows = [r for r in rows if "merged_from" not in r or row_key(r) not in fresh]
 
     payload = {**environment(), "kind": "bench", "suite": args.suite, **headline,
                "headline_sources": sources, "notes": notes, "seconds": time.perf_counter() - t0,
