@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--backend", default="auto", help="auto | decoder | hf")
+    p.add_argument("--stage-host", action="store_true",
+                   help="make every block's pinned host copy at engine start (Engine(stage_host_copies=True))")
     p.add_argument("--no-warmup", action="store_true",
                    help="time the first level cold (torch.compile of each batch bucket counts against dense)")
     p.add_argument("--smoke", action="store_true", help="CPU check: stories260k, 3 batches per level, small sizes")
@@ -121,7 +123,10 @@ def main() -> None:
     trace = [float(x) for x in args.trace.split(",")]
 
     view, tok, note = load(args)
-    engine = Engine(view, tokenizer=tok, budget=FixedBudget(1 << 50), backend=args.backend)
+    t_stage = time.perf_counter()
+    engine = Engine(view, tokenizer=tok, budget=FixedBudget(1 << 50), backend=args.backend,
+                    stage_host_copies=args.stage_host)
+    engine_start_seconds = time.perf_counter() - t_stage
     on_cuda = engine.device.type == "cuda"
     reference = engine.planning_request(Request(args.batch, args.prompt, args.new))
     dense_need = engine.dense_need_bytes(reference)
@@ -226,10 +231,11 @@ def main() -> None:
     print("\n" + "  ".join(f"{k}={v}" for k, v in headline.items()))
     date = datetime.date.today().isoformat()
     slug = (args.shape or args.model).replace("/", "_").replace(".", "_").split("_gguf")[0][-40:]
-    name = f"engine-trace-{date}-{slug}" + ("-smoke" if args.smoke else "")
+    name = f"engine-trace-{date}-{slug}" + ("-staged" if args.stage_host else "") + ("-smoke" if args.smoke else "")
     payload = {**headline, "model": view.name, "note": note, "backend": engine.backend.name,
                "dtype": str(view.dtype), "trace": trace, "dense_need_bytes": dense_need,
-               "reference_request": reference.__dict__, "wall_seconds": wall,
+               "reference_request": reference.__dict__, "wall_seconds": wall, "engine_start_seconds": engine_start_seconds,
+               "host_bytes_after": engine.residency.host_bytes(),
                "overhead_bytes": engine.overhead_bytes, "levels": levels, "rows": rows,
                "args": vars(args)}
     write_json(f"{name}.json", payload)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rap.engine import (CallableBudget, Decision, DeviceFractionBudget, Engine, FixedBudget, GenerationRequest,
-                        GreedyPolicy, HFGenerateBackend, LiveBudget, OutOfMemoryAfterRetry, budget_from_spec,
-                        default_removal_order)
+                        GreedyPolicy, HFGenerateBackend, LiveBudget, OutOfMemoryAfterRetry, WeightResidency,
+                        budget_from_spec, default_removal_order)
 from rap.errors import BudgetError, RequestError
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
@@ -322,3 +322,24 @@ def test_dropped_blocks_leave_the_gpu_and_come_back():
     gone = sum(view.block(n).param_bytes for n in step.decision.mask.dropped)
     assert gone > 0 and dense_alloc - torch.cuda.memory_allocated() >= gone
     assert step.measured_peak_bytes <= step.budget_bytes
+
+
+def test_staging_host_copies_is_a_no_op_on_cpu_where_weights_already_live_in_host_memory(loaded):
+    engine = make_engine(loaded)
+    assert engine.residency.stage_host_copies() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_staged_host_copies_make_a_later_drop_allocate_no_host_memory():
+    from conftest import tiny_config
+    from rap.model import BlockView
+    from rap.sources import model_from_config
+
+    torch.manual_seed(0)
+    view = BlockView(model_from_config(tiny_config("llama"), dtype=torch.float32, device="cuda"))
+    residency = WeightResidency(view)
+    staged = residency.stage_host_copies()
+    assert staged == sum(b.param_bytes for b in view.blocks)
+    residency.apply(BlockMask.from_drop(view.num_layers, ["ffn.1", "attn.2"]))
+    assert residency.host_bytes() == staged  # the drop reused the staged copies
+    assert set(residency.mask.dropped) == {"attn.2", "ffn.1"}

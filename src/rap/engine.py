@@ -363,19 +363,31 @@ class WeightResidency:
             log.debug("residency: dropped %s, restored %s", drop, restore)
         return drop, restore
 
+    def stage_host_copies(self) -> int:
+        """Make every resident block's pinned host copy now rather than on its first drop (pinning
+        gigabytes takes seconds: a server that expects its budget to move pays it at start, not at the
+        first squeeze). Costs host memory equal to the blocks' bytes. Returns the host bytes held."""
+        if self.on_cuda:
+            for name in self.resident:
+                self._host_copy(name)
+        return self.host_bytes()
+
+    def _host_copy(self, name: str) -> list[torch.Tensor]:
+        if name not in self._host:
+            host = []
+            for p in self._params[name]:
+                h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
+                h.copy_(p.data)
+                host.append(h)
+            self._host[name] = host
+        return self._host[name]
+
     def _drop(self, name: str) -> None:
         if self.on_cuda:
             event = self._pending.pop(name, None)
             if event is not None:
                 event.synchronize()
-            if name not in self._host:
-                host = []
-                for p in self._params[name]:
-                    h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
-                    h.copy_(p.data)
-                    host.append(h)
-                self._host[name] = host
-            for p, h in zip(self._params[name], self._host[name]):
+            for p, h in zip(self._params[name], self._host_copy(name)):
                 p.data = h  # the device tensor's last reference goes: the allocator frees it
         self.resident = self.resident - {name}
         self.moves["dropped"] += 1
@@ -636,7 +648,8 @@ class Engine:
     def __init__(self, model: str | Path | BlockView, budget: Any = None, policy: Any = None, *,
                  tokenizer=None, profile: dict | str | Path | None = None, device: str | None = None,
                  dtype: Any = None, backend: str = "auto", max_batch: int = 32, headroom_ratio: float | None = None,
-                 device_total_bytes: int | None = None, oom_shrink_ratio: float = 0.75, calibrate: bool = True):
+                 device_total_bytes: int | None = None, oom_shrink_ratio: float = 0.75, calibrate: bool = True,
+                 stage_host_copies: bool = False):
         if isinstance(model, BlockView):
             if tokenizer is None:
                 raise RapError("Engine(view) needs the tokenizer too: Engine(view, tokenizer=tok)")
@@ -661,6 +674,8 @@ class Engine:
         self.profile = profile
         self.policy = as_policy(policy, profile)
         self.residency = WeightResidency(self.view)
+        if stage_host_copies:
+            log.info("staged pinned host copies of every block: %s", format_bytes(self.residency.stage_host_copies()))
         self.backend = make_backend(self.view, backend)
         self._fallback_backend = HFGenerateBackend()
         # a compressed cache is as long as the backend allocates it (the decoder rounds it up)

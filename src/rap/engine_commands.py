@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
                                                               "(for fraction/live budgets)"),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice; 1 is "
                                                          "faster for tiny models on a busy machine)"),
+        stage_host: bool = typer.Option(False, "--stage-host", help="GPU: make every block's pinned host copy at "
+                                        "start (host memory = weights), so the first budget drop moves no time"),
     ) -> None:
         """Serve MODEL over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions) inside a budget."""
         try:
@@ -47,7 +49,8 @@ def register(app: typer.Typer) -> None:
         _set_threads(threads)
         view, tok = load_view_for_cli(model, dtype=dtype, device=device)
         engine = Engine(view, tokenizer=tok, budget=budget, policy=policy, profile=profile, backend=backend,
-                        max_batch=max_batch, device_total_bytes=parse_bytes(device_total) if device_total else None)
+                        max_batch=max_batch, device_total_bytes=parse_bytes(device_total) if device_total else None,
+                        stage_host_copies=stage_host)
         info = engine.budget_info()
         console.print(f"rap serve: {view.name} on {engine.device}, backend {engine.backend.name}, budget "
                       f"{format_bytes(info['budget_bytes'])} ({info['source']['kind']}); dense weights "
