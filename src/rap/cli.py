@@ -78,7 +78,7 @@ def models_list(ctx: typer.Context) -> None:
 
     table = Table("name", "status", "description")
     for name, src in KNOWN_MODELS.items():
-        status = "bundled" if src.pypi is None else ("cached: " + str(converted_path(name)) if is_available(name)
+        status = "bundled" if src.bundled else ("cached: " + str(converted_path(name)) if is_available(name)
                                                       else f"not fetched (rap models fetch {name})")
         table.add_row(name, status, src.description)
     console.print(table)

