@@ -33,8 +33,10 @@ def test_memory_prints_a_breakdown_and_a_verdict():
 def test_ppl_of_the_bundled_model_on_wikitext(tmp_path):
     out = rap("ppl", "stories260k", "--seq-len", "256", "--max-tokens", "1024", "--out", str(tmp_path / "p.json"))
     assert out.returncode == 0, out.stderr
-    row = json.loads((tmp_path / "p.json").read_text())["rows"][0]
+    result = json.loads((tmp_path / "p.json").read_text())
+    row = result["rows"][0]
     assert 50 < row["ppl"] < 300 and row["tokens"] == 4 * 255
+    assert "ppl stories260k" in row["command"] and row["device"] and result["kind"] == "ppl"  # provenance
 
 
 @pytest.mark.parametrize("args, message", [

@@ -185,13 +185,17 @@ def ppl(
     windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
     with view.masked(mask):
         res = perplexity(view.model, windows, batch_size)
+    from .provenance import environment
+
+    # each row carries where, when and how it was measured: rows from several runs may share one file
     row = {"model": view.name, "mask": str(mask), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
-           "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype)}
+           "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype),
+           **environment(view.device)}
     console.print(escape(f"{view.name} [{mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
                   f"({windows.shape[0]} windows of {seq_len})"))
     if out is not None:
         rows = json.loads(out.read_text())["rows"] if out.exists() else []
-        out.write_text(json.dumps({"rows": rows + [row]}, indent=2))
+        out.write_text(json.dumps({"kind": "ppl", **environment(view.device), "rows": rows + [row]}, indent=2))
 
 
 def _register_feature_commands() -> None:
