@@ -96,6 +96,7 @@ def curve_command(
     from ..errors import RapError
     from ..eval.perplexity import needs_bos, token_windows
     from .curve import curve_counts, method_labels, plot_curves, ppl_at, removal_curves, rows
+    from ..provenance import command_line
     from .record import environment, load_profile, now
 
     profs = [load_profile(p) for p in profiles]
@@ -120,7 +121,8 @@ def curve_command(
                "calibration": {label: p.calibration for label, p in zip(labels, profs)},
                "x": "fraction of block parameters removed", "y": "held-out perplexity",
                "quarter_blocks": quarter, "ppl_at_25pct": ppl_at(points, quarter),
-               "rows": rows(points), "versions": versions, "device": device_text, "created": now()}
+               "rows": rows(points), "versions": versions, "device": device_text, "created": now(),
+               "command": command_line()}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     table = Table("blocks", "frac", *labels, title=f"{view.name}: held-out PPL by blocks removed")
     for k in counts:

@@ -56,12 +56,17 @@ class Profile:
     versions: dict = field(default_factory=dict)
     device: str = ""
     created: str = ""
+    command: str = ""  # the command line that made it (filled on the first save)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
         """Atomic write: a killed run leaves the previous checkpoint, never half a file."""
+        from .. import provenance
+
+        if not self.command:
+            self.command = provenance.command_line()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
