@@ -343,3 +343,20 @@ def test_staged_host_copies_make_a_later_drop_allocate_no_host_memory():
     residency.apply(BlockMask.from_drop(view.num_layers, ["ffn.1", "attn.2"]))
     assert residency.host_bytes() == staged  # the drop reused the staged copies
     assert set(residency.mask.dropped) == {"attn.2", "ffn.1"}
+
+
+@pytest.mark.parametrize("policy", [None, "greedy"])
+def test_a_profile_stopped_early_still_lets_the_policy_drop_as_far_as_the_budget_needs(loaded, policy):
+    import json
+
+    from rap.sources import bundled_profile
+
+    view, _ = loaded
+    full = json.loads(bundled_profile("stories260k", view.num_layers).read_text())
+    partial = {**full, "order": full["order"][:2], "ppl_after": full["ppl_after"][:2], "complete": False}
+    engine = make_engine(loaded, profile=partial, policy=policy)
+    request = engine.planning_request(Request(1, 5, 8))
+    engine.set_budget((engine.smallest_need_bytes(request) + engine.dense_need_bytes(request)) // 4)
+    step = engine.complete("Once upon a time", max_new_tokens=8).step
+    assert len(step.decision.mask.dropped) > 2  # beyond the two blocks the profile ranks
+    assert step.predicted_peak_bytes <= step.budget_bytes

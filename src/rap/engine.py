@@ -214,6 +214,14 @@ def default_removal_order(num_layers: int) -> list[str]:
         block_name("attn", i) for i in reversed(range(num_layers))]
 
 
+def complete_order(order: Sequence[str] | None, num_layers: int) -> list[str]:
+    """A profile's removal order, then every block it does not rank in the default order: a profile
+    stopped early (`rap profile --steps 12`) still lets a policy go as far as the budget needs."""
+    ranked = list(order or [])
+    seen = set(ranked)
+    return ranked + [b for b in default_removal_order(num_layers) if b not in seen]
+
+
 class GreedyPolicy:
     """Drop blocks in a removal order (a profile's "order", else `default_removal_order`) until the
     memory model says the request fits. Stands in for rap.policy until that package exists."""
@@ -242,7 +250,7 @@ class GreedyPolicy:
     def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int,
                resident_mask: BlockMask | None = None) -> Decision:
         num_layers = memory_model.shape.num_layers
-        order = self.order or default_removal_order(num_layers)
+        order = complete_order(self.order, num_layers)
 
         def peak(count: int) -> int:
             return memory_model.peak_bytes(BlockMask.from_order(num_layers, order, count), request, self.kv_ratio)

@@ -125,11 +125,14 @@ class EnginePolicy:
             if self.bundle is not None:
                 ctx = self.bundle.context(memory_model)
             else:
+                from ..engine import complete_order
                 from .context import PolicyContext
                 from .evaluator import QualityModel
 
-                ctx = PolicyContext(memory_model, self.profile["order"], QualityModel.from_profile(self.profile),
-                                    self.profile.get("scores"))
+                L = memory_model.shape.num_layers
+                profile = {**self.profile, "num_layers": L, "order": complete_order(self.profile["order"], L)}
+                ctx = PolicyContext(memory_model, profile["order"], QualityModel.from_profile(profile),
+                                    profile.get("scores"))
             self._policies[key] = make_policy(self.name, ctx, self.bundle)
         return self._policies[key].decide(request, budget_bytes)
 

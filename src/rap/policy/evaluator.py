@@ -361,7 +361,7 @@ class QualityModel:
         """Without measurements of our own: fit the surrogate to the profile's removal curve
         (PPL after each removal in its order). KV compression is not modelled (ratio 1 only)."""
         order = list(profile["order"])
-        L = len(order) // 2
+        L = int(profile.get("num_layers") or len(order) // 2)
         dense = float(profile.get("dense_ppl") or float("nan"))
         curve = profile.get("ppl_after") or []
         drops, ys = [np.zeros(2 * L)], [0.0]
