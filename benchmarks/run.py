@@ -80,6 +80,12 @@ def row_key(r: dict) -> tuple:
     return (r["section"], r.get("model"), *sweep)
 
 
+def replace_rows(rows: list[dict], new: list[dict]) -> None:
+    """Append `new`, dropping earlier rows that measured the same key (`row_key`)."""
+    replaced = {row_key(r) for r in new}
+    rows[:] = [r for r in rows if row_key(r) not in replaced] + new
+
+
 def merge_earlier(path: str, rows: list[dict], headline: dict, sources: dict, notes: dict) -> None:
     """Fold an earlier call of this suite into this one: GPU calls here are capped at 10 minutes, so the
     suite runs as several calls on one device; the last names every earlier call's JSON, in order. Each
@@ -92,9 +98,8 @@ def merge_earlier(path: str, rows: list[dict], headline: dict, sources: dict, no
     if earlier.get("device") != mine:
         raise SystemExit(f"--merge {path}: measured on {earlier.get('device')!r}, this run is on {mine!r}")
     command = earlier.get("command")
-    own = [{**r, "merged_from": path, "measured_by": command} for r in earlier.get("rows", []) if "merged_from" not in r]
-    replaced = {row_key(r) for r in own}
-    rows[:] = [r for r in rows if row_key(r) not in replaced] + own
+    replace_rows(rows, [{**r, "merged_from": path, "measured_by": command}
+                        for r in earlier.get("rows", []) if "merged_from" not in r])
     for k in HEADLINE_KEYS:
         source = earlier.get("headline_sources", {}).get(k, "")
         if earlier.get(k) is not None and "[measured by " not in source:
@@ -400,8 +405,8 @@ def main(argv=None) -> None:
                         help="extra throughput rows, comma list of SHAPE:BATCHxPROMPT (gpu default: "
                              + ",".join(GPU_GRID) + "; 'none' for none)")
     parser.add_argument("--merge", nargs="*", default=[],
-                        help="bench JSONs from earlier calls of this suite on the same device: their rows and "
-                             "headline keys are kept (keys measured in this run win); sources say which file")
+                        help="bench JSONs of earlier calls of this suite on the same device, in order: each "
+                             "contributes what it measured itself; a later measurement of a row or key wins")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("httpx", "transformers"):
@@ -462,7 +467,7 @@ def main(argv=None) -> None:
     # 1. throughput under budgets (KV-light)
     for shape in shapes:
         got = guarded("throughput", lambda: throughput_section(shape, args, profile, light))
-        rows += got or []
+        replace_rows(rows, got or [])
     measured = {r["model"] for r in rows if r["section"] == "throughput"}
     primary = next((s for s in ("llama-2-7b", "llama-3-8b", "qwen2.5-7b", "smollm2-135m", "tiny-llama") if s in measured),
                    None)
@@ -487,7 +492,7 @@ def main(argv=None) -> None:
     else:
         got = guarded("kv-heavy", lambda: kv_heavy_section("llama-2-7b", args, heavy))
         if got:
-            rows += got[0]
+            replace_rows(rows, got[0])
             headline.update(got[1])
             for k in ("kv_heavy_dense_ooms", "kv_heavy_rap_served"):
                 sources[k] = (f"llama-2-7b shape (random weights), batch {heavy.batch} x prompt {heavy.prompt}, "
@@ -502,7 +507,7 @@ def main(argv=None) -> None:
     # the batch / prompt sweep comes after the headline sections, so a time cap cuts it first
     for shape, request in grid:
         got = guarded("throughput", lambda: throughput_section(shape, args, profile, request))
-        rows += got or []
+        replace_rows(rows, got or [])
 
     # 3. quality
     got = guarded("quality", lambda: quality_section(args, args.profile))
@@ -511,11 +516,10 @@ def main(argv=None) -> None:
         headline["quality_kept_80pct"] = q.get("quality_kept_80pct")
         sources["quality_kept_80pct"] = (f"{qpath}: {q.get('model')}, rap-order mask at 80% of parameter bytes, "
                                          f"mean zero-shot headline accuracy / dense (limit {q.get('limit_per_task')})")
-        for r in q.get("rows", []):
-            rows.append({"section": "quality", "model": q.get("model"), "method": r["method"],
-                         "budget_ratio": r["budget"], "param_ratio": r["param_ratio"],
-                         "mean_headline": r["mean_headline"], "quality_kept": r.get("quality_kept"),
-                         "wikitext2_ppl": r.get("wikitext2_ppl")})
+        replace_rows(rows, [{"section": "quality", "model": q.get("model"), "method": r["method"],
+                             "budget_ratio": r["budget"], "param_ratio": r["param_ratio"],
+                             "mean_headline": r["mean_headline"], "quality_kept": r.get("quality_kept"),
+                             "wikitext2_ppl": r.get("wikitext2_ppl")} for r in q.get("rows", [])])
     elif got and got[1]:
         notes["quality_kept_80pct"] = got[1]
     if headline["quality_kept_80pct"] is None:
@@ -539,12 +543,9 @@ def main(argv=None) -> None:
 
     guarded("quant", quant)
 
-    # rows measured again in this run replace the merged ones
     for section in {r["section"] for r in rows}:  # merged rows cover a section this call did not run
         if notes.get(f"section:{section}", "").startswith("not requested"):
             del notes[f"section:{section}"]
-    fresh = {row_key(r) for r in rows if "merged_from" not in r}
-    rows = [r for r in rows if "merged_from" not in r or row_key(r) not in fresh]
 
     payload = {**environment(), "kind": "bench", "suite": args.suite, **headline,
                "headline_sources": sources, "notes": notes, "seconds": time.perf_counter() - t0,

@@ -188,14 +188,14 @@ def ppl(
     from .provenance import environment
 
     # each row carries where, when and how it was measured: rows from several runs may share one file
+    stamp = environment(view.device)
     row = {"model": view.name, "mask": str(mask), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
-           "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype),
-           **environment(view.device)}
+           "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype), **stamp}
     console.print(escape(f"{view.name} [{mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
                   f"({windows.shape[0]} windows of {seq_len})"))
     if out is not None:
         rows = json.loads(out.read_text())["rows"] if out.exists() else []
-        out.write_text(json.dumps({"kind": "ppl", **environment(view.device), "rows": rows + [row]}, indent=2))
+        out.write_text(json.dumps({"kind": "ppl", **stamp, "rows": rows + [row]}, indent=2))
 
 
 def _register_feature_commands() -> None:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -738,8 +738,7 @@ class Decoder:
         logits = torch.empty(n, self.view.shape.vocab_size, device=self.device, dtype=torch.float32)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            part = None if plan is None else KeepPlan(plan.pad[r0:r1], plan.kept[r0:r1], plan.width, plan.window,
-                                                      plan.kernel)
+            part = None if plan is None else replace(plan, pad=plan.pad[r0:r1], kept=plan.kept[r0:r1])
             logits[r0:r1] = self._prefill_rows(ws, mask, ids[r0:r1], pad[r0:r1], r0, part)
         return logits
 

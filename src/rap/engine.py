@@ -960,8 +960,7 @@ class Engine:
             extra = 0
         on_cuda = self.device.type == "cuda"
         if on_cuda:
-            # Allocations that are not the engine's (another tenant in this process, leftovers)
-            # are subtracted so the measured peak is comparable with the predicted one.
+            # the measured peak is this batch's: max_memory_allocated less the start-up `_foreign_bytes`
             torch.cuda.reset_peak_memory_stats(self.device)
         reqs = [r for _, r, _ in items]
         rows = [ids for _, _, ids in items]
