@@ -36,6 +36,7 @@ from transformers import AutoConfig
 from benchmarks.common import environment, out_dir, print_table
 from rap.decode import Decoder, bucket_batch, bucket_length
 from rap.errors import BudgetError
+from rap.hf import cache_kwargs
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request, format_bytes
 from rap.model import BlockView
@@ -143,7 +144,7 @@ def stock_row(view, mem, mask, label, batch, prompt, n1, n2, bandwidth, device, 
     attn = torch.ones_like(ids)
     cache = None
     if static_compiled:
-        from transformers import StaticCache
+        from rap.hf import StaticCache
 
         cache = StaticCache(config=view.model.config, max_cache_len=prompt + n2)
 
@@ -151,7 +152,7 @@ def stock_row(view, mem, mask, label, batch, prompt, n1, n2, bandwidth, device, 
         kwargs = {}
         if cache is not None:
             cache.reset()
-            kwargs["past_key_values"] = cache
+            kwargs.update(cache_kwargs(cache))
         sync(device)
         t = time.perf_counter()
         view.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,

@@ -30,12 +30,15 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, DynamicCache
+from transformers import AutoConfig
+
+from rap.hf import DynamicCache
 
 from benchmarks.common import out_dir, print_table, write_json
 from rap.kv import AdaKV, Budget, PyramidKV, SnapKV, StreamingLLM, adaptive_keep_mask, compress
 from rap.kv.attention import triton_available, varlen_attention_torch, varlen_attention_triton
 from rap.kv.cache import FlatKV, cache_nbytes
+from rap.hf import cache_kwargs
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
 from rap.model import BlockView
@@ -123,10 +126,10 @@ def model_step_check(view: BlockView, device: str, T: int) -> dict:
     ids = torch.randint(10, view.shape.vocab_size, (2, T), device=device)
     nxt = torch.randint(10, view.shape.vocab_size, (2, 1), device=device)
     dc = DynamicCache(config=view.model.config)
-    view.model(ids, past_key_values=dc, use_cache=True, logits_to_keep=1)
-    ref = view.model(nxt, past_key_values=dc, use_cache=True).logits.float()
+    view.model(ids, **cache_kwargs(dc), use_cache=True, logits_to_keep=1)
+    ref = view.model(nxt, **cache_kwargs(dc), use_cache=True).logits.float()
     comp = compress(view, SnapKV(), ids, Budget(kv_ratio=1.0), reserve=1)
-    got = view.model(nxt, past_key_values=comp.cache, use_cache=True).logits.float()
+    got = view.model(nxt, **cache_kwargs(comp.cache), use_cache=True).logits.float()
     return {"prompt": T, "dtype": str(view.dtype).split(".")[-1],
             "max_abs_logit_diff": (got - ref).abs().max().item(), "ref_logit_scale": ref.abs().max().item(),
             "argmax_equal": bool((got.argmax(-1) == ref.argmax(-1)).all())}
@@ -151,7 +154,7 @@ def memory(view: BlockView, device: str, T: int, ratios: list[float], new_tokens
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     dc = DynamicCache(config=view.model.config)
-    view.model(ids, past_key_values=dc, use_cache=True, logits_to_keep=1)
+    view.model(ids, **cache_kwargs(dc), use_cache=True, logits_to_keep=1)
     sync(device)
     dense = {"press": "none (DynamicCache)", "budget": 1.0, "prefill_s": time.perf_counter() - t0,
              "cache_bytes_measured": cache_nbytes(dc), "cache_bytes_expected": s.num_layers * T * s.num_kv_heads
@@ -230,7 +233,7 @@ class _AttnStub(torch.nn.Module):
 
 def latency(shape: dict, device: str, contexts: list[int], batches: list[int], ratios: list[float],
             iters: int) -> list[dict]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from rap.hf import sdpa_attention
 
     H, Hq, D = shape["num_key_value_heads"], shape["num_attention_heads"], shape["head_dim"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -246,7 +249,7 @@ def latency(shape: dict, device: str, contexts: list[int], batches: list[int], r
             v = torch.randn_like(k)
             # Full cache: transformers' own SDPA path, and plain SDPA under each backend in both GQA
             # forms (enable_gqa, or the group's query heads packed as query rows); the fastest is the baseline.
-            baselines = {"hf_sdpa": lambda: sdpa_attention_forward(stub, q, k, v, None, scaling=scale)}
+            baselines = {"hf_sdpa": lambda: sdpa_attention(stub, q, k, v, None, scaling=scale)}
             if device == "cuda":
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -317,10 +320,10 @@ def decode_step(view: BlockView, device: str, T: int, batches: list[int], ratio:
         ids = torch.randint(10, view.shape.vocab_size, (B, T), device=device)
         nxt = torch.randint(10, view.shape.vocab_size, (B, 1), device=device)
         dc = DynamicCache(config=view.model.config)
-        view.model(ids, past_key_values=dc, use_cache=True, logits_to_keep=1)
+        view.model(ids, **cache_kwargs(dc), use_cache=True, logits_to_keep=1)
 
         def step_dense():
-            view.model(nxt, past_key_values=dc, use_cache=True)
+            view.model(nxt, **cache_kwargs(dc), use_cache=True)
             dc.crop(-1)
 
         dense_ms = time_ms(step_dense, device, iters, graph=False)
@@ -330,7 +333,7 @@ def decode_step(view: BlockView, device: str, T: int, batches: list[int], ratio:
         comp = compress(view, AdaKV(SnapKV()), ids, Budget(kv_ratio=ratio), reserve=8)
 
         def step_comp():
-            view.model(nxt, past_key_values=comp.cache, use_cache=True)
+            view.model(nxt, **cache_kwargs(comp.cache), use_cache=True)
             comp.cache.crop(-1)
 
         comp_ms = time_ms(step_comp, device, iters, graph=False)
@@ -380,7 +383,7 @@ def kvpress_side_by_side(model: str | None, T: int, ratio: float) -> dict:
     dc = DynamicCache()
     press = AdaKVPress(SnapKVPress(compression_ratio=1.0 - ratio))
     with press(view.model):
-        view.model(ids, past_key_values=dc, use_cache=True, logits_to_keep=1)
+        view.model(ids, **cache_kwargs(dc), use_cache=True, logits_to_keep=1)
     theirs = cache_nbytes(dc)
     attn = [view.attention_module(i) for i in range(view.num_layers)]
     masked = sum(len(m.masked_key_indices[0]) for m in attn if getattr(m, "masked_key_indices", None) is not None)

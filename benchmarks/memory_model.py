@@ -24,10 +24,13 @@ import datetime
 import gc
 
 import torch
-from transformers import AutoConfig, StaticCache
+from transformers import AutoConfig
+
+from rap.hf import StaticCache
 
 from benchmarks.common import print_table, write_json
 from rap.engine import WeightResidency
+from rap.hf import cache_kwargs
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
 from rap.model import BlockView
@@ -87,7 +90,7 @@ def run_generate_path(view: BlockView, mask: BlockMask, req: Request, device: st
     gen = torch.Generator(device=device).manual_seed(0)
     with view.masked(mask):
         cache = StaticCache(config=model.config, max_cache_len=req.total_tokens)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
         for _ in range(req.new_tokens):
             probs = torch.softmax(logits[:, -1].float(), dim=-1)
             sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
@@ -95,7 +98,7 @@ def run_generate_path(view: BlockView, mask: BlockMask, req: Request, device: st
             sorted_p = sorted_p * keep
             nxt = sorted_i.gather(-1, torch.multinomial(sorted_p, 1, generator=gen))
             del probs, sorted_p, sorted_i, keep
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=nxt, **cache_kwargs(cache), use_cache=True).logits
         del cache, logits
 
 

@@ -1,6 +1,8 @@
 """Shared fixtures: the bundled real tiny Llama, and tiny random-weight models of other families."""
 
 import os
+import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -49,3 +51,29 @@ def tiny_view(request):
     torch.manual_seed(0)
     model = model_from_config(tiny_config(request.param), dtype=torch.float32, device="cpu")
     return BlockView(model, name=f"tiny-{request.param}")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_rap(*args) -> CliResult:
+    """`rap ARGS` run in this process through typer's CliRunner: the same exit code and streams a user
+    sees, without the ~4 s a subprocess pays to import torch and transformers. A few tests in
+    test_cli.py still run the installed command as a real process."""
+    from typer.testing import CliRunner
+
+    from rap.cli import app
+
+    argv = [str(a) for a in args]
+    saved, sys.argv = sys.argv, ["rap", *argv]  # result files record the command as typed
+    try:
+        result = CliRunner().invoke(app, argv)
+    finally:
+        sys.argv = saved
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return CliResult(result.exit_code, result.stdout, result.stderr)

@@ -1,4 +1,5 @@
-"""The CLI as a user meets it: real processes, one clear line on bad input."""
+"""The CLI as a user meets it: one clear line on bad input. Most tests run `rap` in process
+(conftest.run_rap); the last ones start the installed command as a real process."""
 
 import json
 import subprocess
@@ -6,8 +7,10 @@ import sys
 
 import pytest
 
+from conftest import run_rap as rap
 
-def rap(*args, timeout=180):
+
+def rap_process(*args, timeout=180):
     return subprocess.run([sys.executable, "-m", "rap", *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -62,3 +65,19 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
     out = rap("info", str(tmp_path))
     assert out.returncode == 2 and "not supported" in out.stderr and "llama" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "/no/such/model"), "not found"),
+    (("memory", "stories260k", "--budget", "lots"), "cannot read"),
+])
+def test_the_installed_command_exits_2_with_one_line_on_stderr(args, message):
+    out = rap_process(*args)
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_the_installed_command_prints_json_on_stdout():
+    out = rap_process("info", "stories260k", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["blocks"] == 10

@@ -189,18 +189,14 @@ def test_cuda_graph_per_mask_matches_eager_and_switching_back_costs_no_capture()
     assert dec.prepare(dense, 3, max(len(p) for p in ids) + 24) < 1.0  # milliseconds
 
 
-def test_rap_generate_prints_the_continuation_and_the_speed():
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "rap", "generate", "stories260k", "--prompt", "Once upon a time",
-                          "--max-new", "24", "--drop", "ffn.4", "--device", "cpu", "--json"],
-                         capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stderr
+def test_rap_generate_prints_the_continuation_and_the_speed(one_torch_thread):
     import json
 
+    from conftest import run_rap
+
+    out = run_rap("generate", "stories260k", "--prompt", "Once upon a time", "--max-new", "24", "--drop", "ffn.4",
+                  "--device", "cpu", "--json")
+    assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["mask"] == "-ffn.4" and res["texts"][0].startswith(", there was")
     assert res["timing"]["decode_steps"] >= 1

@@ -11,6 +11,7 @@ import rap.decode as decode
 from rap.decode import LENGTH_QUANTUM, Decoder, bucket_batch, bucket_length
 from rap.engine import DecoderBackend
 from rap.errors import RequestError
+from rap.hf import cache_kwargs, output_cache
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
 from rap.model import BlockView
@@ -62,7 +63,7 @@ def hf_on_pruned_cache(view, ids, mask, kv_ratio, new_tokens):
     try:
         with view.masked(mask):
             out = model(input_ids=torch.tensor([ids]), use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             for i in mask.kept_attn_layers:
                 layer = cache.layers[i]
                 idx = reference_keep(view, i, *seen[i], layer.keys, kept)[..., None]
@@ -71,7 +72,7 @@ def hf_on_pruned_cache(view, ids, mask, kv_ratio, new_tokens):
             tokens = [int(out.logits[0, -1].argmax())]
             first_step = None
             for t in range(new_tokens - 1):
-                step = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True,
+                step = model(input_ids=torch.tensor([[tokens[-1]]]), **cache_kwargs(cache), use_cache=True,
                              position_ids=torch.tensor([[P + t]]), cache_position=torch.tensor([kept + t]))
                 logits = step.logits[0, -1].float()
                 first_step = logits if first_step is None else first_step

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rap.hf import cache_kwargs
 from rap.kv import AdaKV, Budget, PyramidKV, SnapKV, StreamingLLM, VarlenLayer, compress, generate
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
@@ -82,7 +83,7 @@ def test_dropped_attention_blocks_keep_no_cache_and_generation_still_matches():
         got = generate(view, ids, 10, press=SnapKV(window_size=8), budget=Budget(kv_ratio=1.0))
         comp = compress(view, AdaKV(SnapKV(window_size=8)), ids, Budget(kv_ratio=0.2))
         out = view.model.generate(torch.cat([ids, comp.next_logits.argmax(-1, keepdim=True)], 1),
-                                  past_key_values=comp.cache, max_new_tokens=5, do_sample=False)
+                                  **cache_kwargs(comp.cache), max_new_tokens=5, do_sample=False)
     assert torch.equal(got, ref)
     assert out.shape[1] == 51 + 5
     assert isinstance(comp.cache.layers[1], SkippedCacheLayer) and comp.cache.layers[1].get_seq_length() == 55
@@ -99,10 +100,10 @@ def test_decode_appends_in_place_within_the_reserve_then_regrows():
     ptr = layer.keys.data_ptr()
     ref_keys = {s: layer.flat().dense(s)[0].clone() for s in range(4)}
     out = view.model.generate(torch.cat([ids, comp.next_logits.argmax(-1, keepdim=True)], 1),
-                              past_key_values=comp.cache, max_new_tokens=4, do_sample=False)
+                              **cache_kwargs(comp.cache), max_new_tokens=4, do_sample=False)
     assert layer.keys.data_ptr() == ptr  # 4 appends fit the reserve
     assert torch.equal(layer.kept_lengths(), kept + 4)
-    out = view.model.generate(out, past_key_values=comp.cache, max_new_tokens=3, do_sample=False)
+    out = view.model.generate(out, **cache_kwargs(comp.cache), max_new_tokens=3, do_sample=False)
     assert layer.keys.data_ptr() != ptr and torch.equal(layer.kept_lengths(), kept + 7)
     for s, k in ref_keys.items():  # the compressed prompt part survives regrowth unchanged
         assert torch.equal(layer.flat().dense(s)[0][: k.shape[0]], k)
@@ -113,11 +114,11 @@ def test_crop_rolls_a_compressed_cache_back_for_the_next_question(stories):
     ctx = prompt(1, 80, seed=4, vocab=500)
     comp = compress(view, SnapKV(window_size=8), ctx, Budget(kv_ratio=0.3), reserve=20)
     q1, q2 = prompt(1, 5, seed=5, vocab=500), prompt(1, 6, seed=6, vocab=500)
-    a = view.model.generate(torch.cat([ctx, q2], 1), past_key_values=comp.cache, max_new_tokens=5, do_sample=False)
+    a = view.model.generate(torch.cat([ctx, q2], 1), **cache_kwargs(comp.cache), max_new_tokens=5, do_sample=False)
     comp2 = compress(view, SnapKV(window_size=8), ctx, Budget(kv_ratio=0.3), reserve=20)
-    view.model.generate(torch.cat([ctx, q1], 1), past_key_values=comp2.cache, max_new_tokens=5, do_sample=False)
+    view.model.generate(torch.cat([ctx, q1], 1), **cache_kwargs(comp2.cache), max_new_tokens=5, do_sample=False)
     comp2.cache.crop(-(comp2.cache.get_seq_length() - 80))
-    b = view.model.generate(torch.cat([ctx, q2], 1), past_key_values=comp2.cache, max_new_tokens=5, do_sample=False)
+    b = view.model.generate(torch.cat([ctx, q2], 1), **cache_kwargs(comp2.cache), max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
 
 
@@ -130,6 +131,6 @@ def test_batched_compression_keeps_per_sequence_head_budgets():
         assert lengths.shape == (3, view.shape.num_kv_heads)
         assert (lengths.sum(-1) == 10 * view.shape.num_kv_heads).all()
     first = comp.next_logits.argmax(-1, keepdim=True)
-    out = view.model.generate(torch.cat([ids, first], 1), past_key_values=comp.cache, max_new_tokens=3,
+    out = view.model.generate(torch.cat([ids, first], 1), **cache_kwargs(comp.cache), max_new_tokens=3,
                               do_sample=False)
     assert out.shape == (3, 74)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from rap.hf import cache_given_to_attention, cache_kwargs
 from rap.kv import AdaKV, LayerInputs, PyramidKV, SnapKV, StreamingLLM, adaptive_keep_mask
 from rap.kv.base import window_attention
 
@@ -79,15 +80,15 @@ def test_window_attention_equals_the_models_own_attention_weights(tiny_view):
 
     def hook(module, args, kwargs, output):
         captured.update(hidden=kwargs["hidden_states"], pe=kwargs["position_embeddings"], attn=output[1],
-                        cache=kwargs["past_key_values"])
+                        cache=cache_given_to_attention(kwargs))
 
-    from transformers import DynamicCache
+    from rap.hf import DynamicCache
 
     attn = tiny_view.attention_module(0)
     h = attn.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(ids, past_key_values=DynamicCache(config=model.config), output_attentions=True)
+            model(ids, **cache_kwargs(DynamicCache(config=model.config)), output_attentions=True)
     finally:
         h.remove()
         model.set_attn_implementation("sdpa")

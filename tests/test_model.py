@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from rap.hf import DynamicCache, StaticCache, cache_kwargs
 
 from rap.errors import UnsupportedModelError
 from rap.mask import BlockMask
@@ -59,10 +59,10 @@ def test_removing_attn_block_drops_its_kv_cache(stories):
     ids = torch.randint(3, 500, (batch, prompt))
     cache = DynamicCache(config=view.model.config)
     with torch.no_grad(), view.masked(mask):
-        out = view.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = view.model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
         for _ in range(new):  # decode steps append one token each
             nxt = out.logits[:, -1:].argmax(-1)
-            out = view.model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = view.model(input_ids=nxt, **cache_kwargs(cache), use_cache=True)
     assert isinstance(cache.layers[0], SkippedCacheLayer) and isinstance(cache.layers[3], SkippedCacheLayer)
     assert cache.layers[0].keys is None and cache.layers[3].values is None
     # the cache still reports the true length even though layer 0 stores nothing
@@ -99,7 +99,7 @@ def test_static_cache_generation_works_when_layer_0_attention_is_dropped(stories
     mask = BlockMask.from_drop(5, ["attn.0", "attn.1"])
     with torch.no_grad(), view.masked(mask):
         cache = StaticCache(config=view.model.config, max_cache_len=ids.shape[1] + 8)
-        static = view.model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        static = view.model.generate(ids, **cache_kwargs(cache), max_new_tokens=8, do_sample=False)
         dynamic = view.model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(static, dynamic)
     assert cache.layers[0].keys is None

@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_rap as rap
 from rap.errors import BudgetError
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
@@ -286,8 +285,6 @@ def test_workload_draws_requests_in_range_and_budgets_between_30_and_100_percent
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
-def rap(*args):
-    return subprocess.run([sys.executable, "-m", "rap", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_decide_with_a_profile_prints_decision_breakdown_and_predicted_quality(tmp_path):

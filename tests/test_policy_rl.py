@@ -152,15 +152,13 @@ def test_rl_decisions_fit_and_take_under_a_millisecond_at_p99(trained):
 
 
 def test_decide_cli_with_a_policy_file(trained):
-    import subprocess
-    import sys
+    from conftest import run_rap
 
     ctx, _, out, _, _ = trained
     req = Request(8, 300, 64)
     budget = (ctx.smallest_peak(req) + ctx.memory.dense_need(req)) // 2
-    res = subprocess.run([sys.executable, "-m", "rap", "decide", "stories260k", "--budget", str(budget), "--batch", "8",
-                          "--prompt", "300", "--new", "64", "--policy", str(out), "--dtype", "fp32", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    res = run_rap("decide", "stories260k", "--budget", budget, "--batch", "8", "--prompt", "300", "--new", "64",
+                  "--policy", out, "--dtype", "fp32", "--json")
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
     assert d["policy"] == "rl" and d["breakdown"]["total_bytes"] <= budget and "predicted_ppl_ratio" in d

@@ -16,14 +16,33 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from .errors import RapError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+class RapGroup(TyperGroup):
+    """The top-level command group: a `RapError` from any command becomes one line on stderr and exit 2.
+
+    Done here rather than around `app()` so that in-process callers (typer's CliRunner in the tests)
+    see exactly what a user sees.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RapError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=RapGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Hugging Face causal LMs inside a GPU memory budget that changes at run time.")
 models_app = typer.Typer(add_completion=False, no_args_is_help=False, help="List and fetch models rap can load.",
                          invoke_without_command=True)
@@ -209,6 +228,14 @@ def _register_feature_commands() -> None:
         module.register(app)
 
 
+# Before the feature commands import transformers, which imports torchao when it is installed: torchao
+# logs a warning per CUDA extension a CPU build cannot load, and torch one per pytree enum. They are not
+# the user's problem, and without this they reach stderr (Python's last-resort handler) before main() runs.
+# torch configures its own loggers when imported, so it is imported first.
+import torch  # noqa: E402
+
+for _noisy in ("torch", "torchao", "transformers"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 _register_feature_commands()
 
 
@@ -218,11 +245,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rap").setLevel(os.environ.get("RAP_LOG", "WARNING"))
-    for noisy in ("torch", "torchao", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         app()
-    except RapError as e:
+    except RapError as e:  # raised outside a command's body (while parsing), which RapGroup does not see
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

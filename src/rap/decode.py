@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BudgetError, RequestError, UnsupportedModelError
+from .hf import rotary_tables, sdpa_attention
 from .mask import BlockMask
 from .memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes, prefill_rows
 from .model import BlockView
@@ -112,7 +113,7 @@ class AttnWeights:
     head_dim: int
     scaling: float
     window: int | None  # sliding window in tokens, or None
-    module: nn.Module  # for transformers' sdpa_attention_forward on the eager path
+    module: nn.Module  # for transformers' SDPA (rap.hf.sdpa_attention) on the eager path
     wqkv: torch.Tensor | None = None  # [q; k; v] rows, only with fuse_projections
     bqkv: torch.Tensor | None = None
 
@@ -283,8 +284,6 @@ def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: t
     peak is then one layer's transients on top of the residual stream, which rap.memory counts.
     With a plan, this layer's full-prompt k and v are the only full-length K/V that exist.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     n, P, _ = x.shape
     q, k, v = project_qkv(x, a, cos, sin)
     if plan is None:
@@ -292,7 +291,7 @@ def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: t
         vc[:n, :, :P] = v
     else:
         keep_prompt(q, k, v, kc, vc, plan, a.scaling)
-    o, _ = sdpa_attention_forward(a.module, q, k, v, attn_mask, dropout=0.0, scaling=a.scaling)
+    o, _ = sdpa_attention(a.module, q, k, v, attn_mask, scaling=a.scaling)
     del q, k, v
     return x + F.linear(o.reshape(n, P, -1), a.wo, a.bo)
 
@@ -572,7 +571,7 @@ class Decoder:
         if length not in self._rope_tables:
             pos = torch.arange(length, device=self.device)[None]
             probe = torch.empty(0, device=self.device, dtype=self.dtype)
-            cos, sin = self.view.model.model.rotary_emb(probe, pos)
+            cos, sin = rotary_tables(self.view.model.model.rotary_emb, probe, pos)
             self._rope_tables[length] = (cos[0], sin[0])
         return self._rope_tables[length]
 
@@ -785,7 +784,6 @@ class Decoder:
     def _step_eager(self, ws: _Workspace, mask: BlockMask, sampled: bool, n: int) -> None:
         """The decode step without a graph: attends to the filled columns only, through transformers'
         SDPA wrapper with the mask `generate` would build, so float32 tokens equal generate's exactly."""
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         col = int(ws.col)
         L = col + 1
@@ -806,8 +804,7 @@ class Decoder:
                 if a.window is not None and L > a.window:
                     m = m & (keys[None, :] > col - a.window)
                 m = m[:, None, None, :] if (padded or m is not real) else None
-                o, _ = sdpa_attention_forward(a.module, q, kc[:n, :, :L], vc[:n, :, :L], m, dropout=0.0,
-                                              scaling=a.scaling)
+                o, _ = sdpa_attention(a.module, q, kc[:n, :, :L], vc[:n, :, :L], m, scaling=a.scaling)
                 x = x + F.linear(o.reshape(n, 1, -1), a.wo, a.bo)
             if mask.keep_ffn[i]:
                 x = ffn_block(x, self.ffn[i])

@@ -12,7 +12,8 @@ block is restored. This works for every decoder layer shaped like
 A dropped attention block must also create no KV-cache entries. Its stand-in replaces the
 layer's entry in whatever transformers `Cache` it is handed with a `SkippedCacheLayer`: no
 tensors, only a token count, so the cache still reports the right sequence length (generate
-asks layer 0 for it) and the right mask sizes. Checked against transformers 5.17 and 5.23.
+asks layer 0 for it) and the right mask sizes. The cache keyword it is handed comes through
+`rap.hf` (it was renamed in 5.24); CI checks the oldest and the newest supported release.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin
-
 from .errors import UnsupportedModelError
+from .hf import Cache, CacheLayerMixin, cache_given_to_attention
 from .mask import BlockMask, block_name
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,8 @@ class SkippedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Cache | None = None, **kwargs):
-        skip_cache_layer(past_key_values, self.layer_idx, hidden_states.shape[1])
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        skip_cache_layer(cache_given_to_attention(kwargs), self.layer_idx, hidden_states.shape[1])
         return torch.zeros_like(hidden_states), None
 
 

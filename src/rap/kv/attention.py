@@ -26,7 +26,7 @@ transformers' own `sdpa_attention_forward` unchanged, so prefill, uncompressed c
 sliding-window layers behave exactly as under "sdpa". We chose this over making the cache return
 padded dense tensors because the 4D mask transformers builds is shared by all heads, so it cannot
 express per-head lengths; padding to the longest head would also bring back the memory that
-head-adaptive budgets save. Checked against transformers 5.17 and 5.23.
+head-adaptive budgets save. Registration goes through `rap.hf`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from functools import lru_cache
 
 import torch
 
+from ..hf import register_attention, sdpa_attention, use_attention
 from .cache import FlatKV
 
 log = logging.getLogger(__name__)
@@ -228,30 +229,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, 
             raise NotImplementedError("compressed KV caches do not support logit softcapping or attention sinks")
         scale = scaling if scaling is not None else getattr(module, "scaling", 1.0 / math.sqrt(query.shape[-1]))
         return varlen_attention(query, key, scale), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def register_varlen_attention() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    return ATTN_IMPLEMENTATION
+    return register_attention(ATTN_IMPLEMENTATION, attention_forward)
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:
     """Switch `model` to "rap_varlen" (= SDPA for ordinary caches, so safe to leave switched on)."""
     register_varlen_attention()
-    if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
-        return
-    try:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    except Exception as e:  # older/odd models: set it on the config every attention module reads
-        log.debug("set_attn_implementation failed (%s); setting the config attribute", e)
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
-    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    use_attention(model, ATTN_IMPLEMENTATION)

@@ -2,7 +2,7 @@
 
     comp = compress(view, AdaKV(SnapKV()), prompt_ids, Budget(kv_ratio=0.1), reserve=new_tokens)
     first = comp.next_logits.argmax(-1, keepdim=True)
-    out = view.model.generate(torch.cat([prompt_ids, first], 1), past_key_values=comp.cache, ...)
+    out = view.model.generate(torch.cat([prompt_ids, first], 1), **cache_kwargs(comp.cache), ...)
 
 Prefill runs the model once with a `VarlenCache` of ordinary dense layers and SDPA attention
 (full attention over the prompt, as in kvpress). A forward hook on every kept full-attention
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import RequestError
+from ..hf import cache_kwargs
 from ..model import BlockView, SkippedAttention, decoder_layers
 from .attention import use_varlen_attention
 from .base import Budget, LayerInputs, Press
@@ -92,7 +93,7 @@ def compress(view_or_model, press: Press, input_ids: torch.Tensor, budget: Budge
     blocks = decoder_layers(model)
     handles = [blocks[i].self_attn.register_forward_hook(hook, with_kwargs=True) for i in layers]
     try:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
@@ -123,11 +124,11 @@ def generate(view_or_model, input_ids: torch.Tensor, max_new_tokens: int, press:
         first = comp.next_logits.argmax(-1, keepdim=True).to(prompt.dtype)
         if max_new_tokens == 1 or _is_eos(first, eos_token_id):
             return first
-        out = model.generate(torch.cat([prompt, first], 1), past_key_values=comp.cache,
+        out = model.generate(torch.cat([prompt, first], 1), **cache_kwargs(comp.cache),
                              max_new_tokens=max_new_tokens - 1, **gen)
         return out[:, prompt.shape[1]:]
     comp = compress(model, press, input_ids, budget, reserve=question_ids.shape[1] + max_new_tokens)
-    out = model.generate(prompt, past_key_values=comp.cache, max_new_tokens=max_new_tokens, **gen)
+    out = model.generate(prompt, **cache_kwargs(comp.cache), max_new_tokens=max_new_tokens, **gen)
     return out[:, prompt.shape[1]:]
 
 
@@ -159,7 +160,7 @@ def answer_questions(view_or_model, context_ids: torch.Tensor, questions: list[t
     answers = []
     for q in questions:
         prompt = torch.cat([context_ids, q], dim=1)
-        out = model.generate(prompt, past_key_values=comp.cache, max_new_tokens=max_new_tokens, **gen)
+        out = model.generate(prompt, **cache_kwargs(comp.cache), max_new_tokens=max_new_tokens, **gen)
         answers.append(out[:, prompt.shape[1]:])
         comp.cache.crop(-(comp.cache.get_seq_length() - T))
     return answers

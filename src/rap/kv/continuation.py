@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import RequestError
+from ..hf import cache_kwargs
 from .base import Budget, Press
 from .compress import _model, compress
 
@@ -32,7 +33,7 @@ def continuation_nll(view_or_model, ids: torch.Tensor, prefix_tokens: int, press
         logits = model(input_ids=ids, use_cache=False).logits[:, P - 1:-1].float()
     else:
         comp = compress(model, press, ids[:, :P], budget or Budget(kv_ratio=1.0), reserve=ids.shape[1] - P)
-        rest = model(input_ids=ids[:, P:-1], past_key_values=comp.cache, use_cache=True).logits.float()
+        rest = model(input_ids=ids[:, P:-1], **cache_kwargs(comp.cache), use_cache=True).logits.float()
         logits = torch.cat([comp.next_logits.unsqueeze(1), rest], dim=1)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     return nll.view(ids.shape[0], -1).sum(-1)

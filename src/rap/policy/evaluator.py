@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..hf import cache_kwargs
 from ..mask import BlockMask
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, kv_ratios: Sequence[
         first = F.cross_entropy(comp.next_logits.float(), cont[:, 0], reduction="sum")
         rest = 0.0
         if cont.shape[1] > 1:
-            logits = model(input_ids=cont[:, :-1], past_key_values=comp.cache, use_cache=True).logits
+            logits = model(input_ids=cont[:, :-1], **cache_kwargs(comp.cache), use_cache=True).logits
             rest = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), cont[:, 1:].reshape(-1),
                                    reduction="sum")
         out[r] = float(first + rest)

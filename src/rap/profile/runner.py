@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..hf import causal_masks, rotary_tables
 from ..eval.perplexity import window_nll
 from ..mask import BlockMask
 from ..model import BlockView
@@ -65,22 +66,10 @@ class BlockRunner:
     def _prepare(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> _Prepared:
         key = (seq_len, str(device), dtype)
         if key not in self._prepared:
-            from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
             dummy = torch.zeros(1, seq_len, self.view.config.hidden_size, device=device, dtype=dtype)
             position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
-            kwargs = dict(config=self.view.config, inputs_embeds=dummy, attention_mask=None,
-                          past_key_values=None, position_ids=position_ids)
-            masks, rotary = {}, {}
-            for layer_type in set(self._layer_types):
-                if layer_type == "sliding_attention":
-                    masks[layer_type] = create_sliding_window_causal_mask(**kwargs)
-                else:
-                    masks[layer_type] = create_causal_mask(**kwargs)
-                try:  # Gemma3 keeps one rotary table per layer type
-                    rotary[layer_type] = self._rotary(dummy, position_ids, layer_type)
-                except TypeError:
-                    rotary[layer_type] = self._rotary(dummy, position_ids)
+            masks = causal_masks(self.view.config, seq_len, device, dtype, self._layer_types)
+            rotary = {t: rotary_tables(self._rotary, dummy, position_ids, t) for t in set(self._layer_types)}
             self._prepared[key] = _Prepared([rotary[t] for t in self._layer_types],
                                             [masks[t] for t in self._layer_types])
         return self._prepared[key]
