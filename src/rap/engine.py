@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from .errors import BudgetError, RapError, RequestError
+from .hf import BaseStreamer
 from .mask import BlockMask, block_name
 from .memory import MemoryModel, Request, format_bytes, parse_bytes
 from .model import BlockView

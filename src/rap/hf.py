@@ -21,11 +21,12 @@ from typing import Any, Callable
 import torch
 import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticCache
+from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import LlamaModel
 
 from .errors import RapError
 
-__all__ = ["Cache", "CacheLayerMixin", "DynamicCache", "StaticCache", "CACHE_KWARG", "cache_kwargs",
+__all__ = ["BaseStreamer", "Cache", "CacheLayerMixin", "DynamicCache", "StaticCache", "CACHE_KWARG", "cache_kwargs",
            "cache_given_to_attention", "output_cache", "sdpa_attention", "causal_masks", "rotary_tables",
            "register_attention", "use_attention", "attention_implementation", "TRANSFORMERS_VERSION"]
 
