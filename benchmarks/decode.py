@@ -31,9 +31,8 @@ import time
 import traceback
 
 import torch
-from transformers import AutoConfig
 
-from benchmarks.common import environment, out_dir, print_table
+from benchmarks.common import environment, out_dir, print_table, shape_config
 from rap.decode import Decoder, bucket_batch, bucket_length
 from rap.errors import BudgetError
 from rap.hf import cache_kwargs
@@ -42,12 +41,6 @@ from rap.memory import MemoryModel, Request, format_bytes
 from rap.model import BlockView
 from rap.sources import model_from_config
 
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                 tie_word_embeddings=False, rms_norm_eps=1e-5)
-SMOKE = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=6,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-             tie_word_embeddings=False)
 
 
 # ---- measurements ------------------------------------------------------------------------------------
@@ -266,7 +259,7 @@ def main() -> None:
     shape_name = "smoke-llama (random)" if args.smoke else "Llama-2-7B shape (random bf16 weights, timing only)"
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = model_from_config(AutoConfig.for_model("llama", **(SMOKE if args.smoke else LLAMA2_7B)),
+    model = model_from_config(shape_config("smoke-llama" if args.smoke else "llama-2-7b"),
                               dtype=dtype, device=str(device))
     model.generation_config.eos_token_id = None
     view = BlockView(model, name=shape_name)

@@ -20,17 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.common import environment, print_table, shape_config, write_json  # noqa: E402
 
 
 def llama2_7b_config(smoke: bool):
-    from transformers import LlamaConfig
-
-    if smoke:
-        return LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=320, max_position_embeddings=256)
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    return shape_config("tiny-llama-4l" if smoke else "llama-2-7b")
 
 
 def _sync():

@@ -30,11 +30,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig
-
 from rap.hf import DynamicCache
 
-from benchmarks.common import out_dir, print_table, write_json
+from benchmarks.common import out_dir, print_table, shape_config, write_json
 from rap.kv import AdaKV, Budget, PyramidKV, SnapKV, StreamingLLM, adaptive_keep_mask, compress
 from rap.kv.attention import triton_available, varlen_attention_torch, varlen_attention_triton
 from rap.kv.cache import FlatKV, cache_nbytes
@@ -44,16 +42,15 @@ from rap.memory import MemoryModel, Request
 from rap.model import BlockView
 from rap.sources import model_from_config
 
-SMOLLM2 = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=65536,
-               tie_word_embeddings=True, rope_theta=100000.0)
-TINY = dict(model_type="llama", vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
+TINY = dict(vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
 
 
-def config_from(kw: dict):
-    kw = dict(kw)
-    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+def kv_shape_config(smoke: bool, max_position_embeddings: int = 65536):
+    """SmolLM2's shape with room for 32k contexts (random weights), or a tiny Llama for --smoke."""
+    if smoke:
+        return shape_config("tiny-llama", **TINY)
+    return shape_config("smollm2-135m", max_position_embeddings=max_position_embeddings)
 
 
 def sync(device: str) -> None:
@@ -231,11 +228,11 @@ class _AttnStub(torch.nn.Module):
         self.num_key_value_groups, self.is_causal = groups, True
 
 
-def latency(shape: dict, device: str, contexts: list[int], batches: list[int], ratios: list[float],
+def latency(config, device: str, contexts: list[int], batches: list[int], ratios: list[float],
             iters: int) -> list[dict]:
     from rap.hf import sdpa_attention
 
-    H, Hq, D = shape["num_key_value_heads"], shape["num_attention_heads"], shape["head_dim"]
+    H, Hq, D = config.num_key_value_heads, config.num_attention_heads, config.head_dim
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     stub = _AttnStub(Hq // H)
     scale = D ** -0.5
@@ -377,7 +374,7 @@ def kvpress_side_by_side(model: str | None, T: int, ratio: float) -> dict:
         view, _ = load_view(model, dtype=torch.float32, device="cpu")
     else:
         torch.manual_seed(0)
-        view = BlockView(model_from_config(config_from({**SMOLLM2, "max_position_embeddings": 8192}),
+        view = BlockView(model_from_config(kv_shape_config(False, 8192),
                                            dtype=torch.float32, device="cpu"), name="smollm2-shaped-random")
     ids = torch.randint(10, view.shape.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
     dc = DynamicCache()
@@ -451,7 +448,6 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     skip = set(filter(None, args.skip.split(",")))
-    shape = TINY if args.smoke else SMOLLM2
     T = 512 if args.smoke else args.prompt
     contexts = [256, 1024] if args.smoke else [int(x) for x in args.contexts.split(",")]
     batches = [1, 2] if args.smoke else [int(x) for x in args.batches.split(",")]
@@ -461,7 +457,8 @@ def main() -> None:
     sec = result["sections"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    view = BlockView(model_from_config(config_from(shape), dtype=dtype, device=device), name="smollm2-shaped-random")
+    view = BlockView(model_from_config(kv_shape_config(args.smoke), dtype=dtype, device=device),
+                     name="smollm2-shaped-random")
 
     if "correctness" not in skip:
         rows = correctness(device, args.smoke)
@@ -493,7 +490,7 @@ def main() -> None:
 
             result["kvpress_measured_cpu"] = json.loads(Path(args.kvpress_json).read_text())
     if "latency" not in skip:
-        rows = latency(shape, device, contexts, batches, [1.0, 0.2, 0.1], iters)
+        rows = latency(view.config, device, contexts, batches, [1.0, 0.2, 0.1], iters)
         print_table(rows, ["context", "batch", "full_baseline", "full_sdpa_ms", "hf_sdpa_ms", "ours_100pct_ms",
                            "ours_20pct_ms", "ours_10pct_ms", "speedup_20pct", "speedup_10pct",
                            "speedup_10pct_vs_ours_full"])

@@ -24,11 +24,10 @@ import datetime
 import gc
 
 import torch
-from transformers import AutoConfig
 
 from rap.hf import StaticCache
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import print_table, shape_config, write_json
 from rap.engine import WeightResidency
 from rap.hf import cache_kwargs
 from rap.mask import BlockMask
@@ -36,23 +35,8 @@ from rap.memory import MemoryModel, Request
 from rap.model import BlockView
 from rap.sources import model_from_config
 
-SHAPES = {
-    # SmolLM2-135M-Instruct's config (as converted by rap from the PyPI GGUF)
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                       max_position_embeddings=4096, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                       max_position_embeddings=40960, tie_word_embeddings=True),
-}
-
-
 def config_for(name: str):
-    kw = dict(SHAPES[name])
-    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+    return shape_config(name)
 
 
 def masks_for(view: BlockView) -> dict[str, BlockMask]:

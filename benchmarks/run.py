@@ -32,29 +32,13 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
-
-from benchmarks.common import environment, out_dir, print_table
+from benchmarks.common import SHAPES, environment, out_dir, print_table, shape_config
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request
 from rap.model import BlockView
 
 log = logging.getLogger("benchmarks.run")
 
-SHAPES = {  # random-weight shapes for timing (published configs' sizes)
-    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                       max_position_embeddings=4096, tie_word_embeddings=False),
-    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
-    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
-    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=160,
-                       num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=2048, tie_word_embeddings=False),
-}
 BUDGETS = (1.0, 0.8, 0.6, 0.4)
 GPU_GRID = ("llama-2-7b:8x4096", "llama-2-7b:32x512", "qwen2.5-7b:1x16384")  # batch / prompt sweep of issue 9
 HEADLINE_KEYS = ("throughput_ratio_80pct_kv_light", "quality_kept_80pct", "kv_heavy_dense_ooms",
@@ -69,8 +53,8 @@ def parse_grid_item(item: str) -> tuple[str, Request]:
         batch, prompt = (int(x) for x in size.lower().split("x"))
     except ValueError:
         raise SystemExit(f"--grid item {item!r}: expected SHAPE:BATCHxPROMPT, e.g. llama-2-7b:8x4096") from None
-    if shape not in SHAPES and shape != "smollm2-135m":
-        raise SystemExit(f"--grid item {item!r}: unknown shape; known: {', '.join([*SHAPES, 'smollm2-135m'])}")
+    if shape not in SHAPES:
+        raise SystemExit(f"--grid item {item!r}: unknown shape; known: {', '.join(SHAPES)}")
     return shape, Request(batch, prompt, 128)
 
 
@@ -134,10 +118,8 @@ def build_view(shape: str, model_path: str | None, device: str, dtype: torch.dty
     if shape == "smollm2-135m":
         view, _ = load_view(model_path or "smollm2-135m", dtype=dtype, device=device)
         return view, True
-    kw = dict(SHAPES[shape])
-    config = AutoConfig.for_model(kw.pop("model_type"), **kw)
     torch.manual_seed(0)
-    return BlockView(model_from_config(config, dtype=dtype, device=device), name=shape), False
+    return BlockView(model_from_config(shape_config(shape), dtype=dtype, device=device), name=shape), False
 
 
 def planning_request(request: Request) -> Request:
