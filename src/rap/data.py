@@ -98,14 +98,13 @@ def checkout_dir() -> Path | None:
 
 
 def search_path() -> list[tuple[str, Path]]:
-    """(label, folder) in lookup order; folders that do not exist are left out, except $RAP_DATA."""
+    """(label, folder) in lookup order: RAP_DATA (if set), managed, checkout (if one is found), package."""
     found = [("RAP_DATA", Path(os.environ["RAP_DATA"]).expanduser())] if os.environ.get("RAP_DATA") else []
     found.append(("managed", managed_dir()))
     shared = checkout_dir()
     if shared is not None:
         found.append(("checkout", shared))
-    found.append(("package", package_dir()))
-    return [(label, p) for label, p in found if label == "RAP_DATA" or p.is_dir()]
+    return found + [("package", package_dir())]
 
 
 def _present(root: Path, relative: str) -> bool:
@@ -157,3 +156,30 @@ def read_text(path_or_relative: str | Path) -> str:
             raise RapError(f"data file {path} does not exist")
         path = data_file(str(path_or_relative))
     return path.read_text(encoding="utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    """Where a set was found (the first folder holding all its files), or None, and its size there."""
+
+    dataset: DataSet
+    label: str | None = None  # RAP_DATA | managed | checkout | package
+    folder: Path | None = None
+    size_bytes: int = 0
+
+
+def _size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def status() -> list[SetStatus]:
+    """Every known set, in DATASETS order, with where it is."""
+    out = []
+    for s in DATASETS.values():
+        for label, root in search_path():
+            if all(_present(root, f) for f in s.files):
+                out.append(SetStatus(s, label, root, sum(_size_bytes(root / f) for f in s.files)))
+                break
+        else:
+            out.append(SetStatus(s))
+    return out
