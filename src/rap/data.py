@@ -145,11 +145,6 @@ def set_root(name: str) -> Path:
                            f"({', '.join(str(p) for _, p in search_path())}); to get it: {s.get}")
 
 
-def data_root() -> Path:
-    """The first data folder in the search order (kept for callers that join paths themselves)."""
-    return search_path()[0][1]
-
-
 def read_text(path_or_relative: str | Path) -> str:
     """A user's file if it exists, else a path relative to the data folders."""
     path = Path(path_or_relative)
