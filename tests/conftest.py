@@ -1,14 +1,31 @@
-"""Shared fixtures: the bundled real tiny Llama, and tiny random-weight models of other families."""
+"""Shared fixtures: the bundled real tiny Llama, tiny random-weight models of other families, and the data.
+
+Every test reads its data from tests/data (small excerpts, see tests/data/SOURCES.md), whatever data folders
+the machine has, so the suite passes in a fresh clone and gives the same results everywhere. A test that needs
+a full set looks in the user's folders itself (`user_data_folders()`).
+"""
 
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+FIXTURE_DATA = Path(__file__).parent / "data"
+USER_RAP_DATA = os.environ.get("RAP_DATA")  # as the user set it, before the fixtures take its place
+os.environ["RAP_DATA"] = str(FIXTURE_DATA)
+
+
+def user_data_folders() -> list[Path]:
+    """The data folders rap would search without the fixtures ($RAP_DATA as set by the user, managed, checkout)."""
+    from rap.data import checkout_dir, managed_dir
+
+    return [p for p in (Path(USER_RAP_DATA) if USER_RAP_DATA else None, managed_dir(), checkout_dir())
+            if p is not None and p.is_dir()]
 
 
 @pytest.fixture(scope="session")

