@@ -1,10 +1,8 @@
 """Gemma 3 on rap's own forward: greedy tokens equal transformers' `generate`, dense and masked.
 
 The masked reference is transformers with the dropped blocks' outputs zeroed by forward hooks
-(`zeroed_blocks`): stock modules, stock cache, nothing of rap's patched HF path involved.
+(`reference.zeroed_blocks`): stock modules, stock cache, nothing of rap's patched HF path involved.
 """
-
-import contextlib
 
 import pytest
 import torch
@@ -15,40 +13,11 @@ from rap.model import BlockView
 from rap.sources import is_available, load_view, model_from_config
 
 from conftest import tiny_config
+from reference import reference_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-
-
-@contextlib.contextmanager
-def zeroed_blocks(view: BlockView, mask: BlockMask):
-    """Stock transformers forward with every block `mask` drops adding zero (its module still runs)."""
-    handles = []
-    for i in range(mask.num_layers):
-        if not mask.keep_attn[i]:
-            handles.append(view.attention_module(i).register_forward_hook(
-                lambda m, args, out: (torch.zeros_like(out[0]), *out[1:])))
-        if not mask.keep_ffn[i]:
-            handles.append(view.mlp_module(i).register_forward_hook(lambda m, args, out: torch.zeros_like(out)))
-    try:
-        yield view
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def reference_generate(view, mask, prompts, new_tokens, pad_id=0):
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, P - len(p):] = torch.tensor(p)
-        attn[r, P - len(p):] = 1
-    with torch.no_grad(), zeroed_blocks(view, mask):
-        out = view.model.generate(input_ids=ids.to(view.device), attention_mask=attn.to(view.device),
-                                  max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
-    return [row[P:].tolist() for row in out]
 
 
 @pytest.fixture(scope="module")
