@@ -83,3 +83,16 @@ def test_real_models_logits_equal_stock_forward_in_float32(name):
     mask = BlockMask.from_drop(view.num_layers, ["attn.2", "ffn.5", "attn.9"])
     got = Forward(view).logits(ids, mask)
     assert torch.equal(got, reference_logits(view, ids, mask))
+
+
+def test_perplexity_on_rap_forward_equals_stock_forward_under_a_mask(stories):
+    from rap.eval.perplexity import perplexity
+    from reference import zeroed_blocks
+
+    view, _ = stories
+    windows = torch.randint(3, 500, (3, 48), generator=torch.Generator().manual_seed(4))
+    mask = BlockMask.from_drop(5, ["attn.1", "ffn.3"])
+    ours = perplexity(view, windows, batch_size=2, progress=False, mask=mask)
+    with zeroed_blocks(view, mask):
+        stock = perplexity(view.model, windows, batch_size=2, progress=False)
+    assert ours.nll_per_window == stock.nll_per_window and ours.ppl == stock.ppl
