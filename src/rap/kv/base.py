@@ -114,7 +114,7 @@ def window_attention(x: LayerInputs, window: int) -> torch.Tensor:
     then RoPE with the layer's own cos/sin), as kvpress does, so prefill can keep using SDPA,
     which never materialises attention weights.
     """
-    from transformers.models.llama.modeling_llama import rotate_half
+    from ..decode import rotate_half
 
     m = x.module
     B, H, T, D = x.keys.shape
