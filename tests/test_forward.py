@@ -96,3 +96,17 @@ def test_perplexity_on_rap_forward_equals_stock_forward_under_a_mask(stories):
     with zeroed_blocks(view, mask):
         stock = perplexity(view.model, windows, batch_size=2, progress=False)
     assert ours.nll_per_window == stock.nll_per_window and ours.ppl == stock.ppl
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_logits_are_bit_identical_to_stock_forward_in_bfloat16_on_cpu(family):
+    from rap.model import BlockView
+    from rap.sources import model_from_config
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    view = BlockView(model_from_config(tiny_config(family), dtype=torch.bfloat16, device="cpu"))
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(5))
+    mask = BlockMask.from_drop(4, ["attn.2", "ffn.1"])
+    assert torch.equal(Forward(view).logits(ids, mask), reference_logits(view, ids, mask))
