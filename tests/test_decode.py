@@ -158,9 +158,9 @@ def test_bad_requests_get_one_line_errors(stories, kwargs, message):
         Decoder(stories[0]).generate(**kwargs)
 
 
-def test_families_without_a_fast_path_are_refused():
-    model = model_from_config(tiny_config("gemma3_text"), dtype=torch.float32, device="cpu")
-    with pytest.raises(UnsupportedModelError, match="stock path"):
+def test_layer_math_rap_does_not_implement_is_refused():
+    model = model_from_config(tiny_config("llama", hidden_act="relu"), dtype=torch.float32, device="cpu")
+    with pytest.raises(UnsupportedModelError, match="relu"):
         Decoder(BlockView(model))
 
 

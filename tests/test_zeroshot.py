@@ -14,6 +14,7 @@ from rap.model import BlockView
 from rap.sources import model_from_config
 
 from conftest import tiny_config
+from reference import zeroed_blocks
 
 
 class CharTokenizer:
@@ -48,21 +49,22 @@ REQUESTS = [("Question: where is the dog?\nAnswer:", " in the park"),
 @pytest.mark.parametrize("pack", [True, False])
 def test_batched_scores_equal_one_request_at_a_time(stories, pack):
     view, tok = stories
-    got = zs.score_requests(view.model, tok, REQUESTS, batch_size=3, pack=pack)
+    got = zs.score_requests(view, tok, REQUESTS, batch_size=3, pack=pack)  # rap's forward
     for (ctx, cont), score in zip(REQUESTS, got):
         ll, greedy = naive_score(view.model, tok, ctx, cont)
         assert score.loglik == pytest.approx(ll, abs=1e-4)
         assert score.greedy == greedy
 
 
-def test_scoring_is_exact_for_every_family_and_under_a_block_mask(tiny_view):
+@pytest.mark.parametrize("pack", [True, False])
+def test_scoring_is_exact_for_every_family_and_under_a_block_mask(tiny_view, pack):
+    """rap's forward against stock transformers with the dropped blocks zeroed; packed rows stay
+    exact for sliding-window layers too (Gemma 3's window of 4 is shorter than these requests)."""
     tok = CharTokenizer()
     mask = BlockMask.from_drop(4, ["attn.1", "ffn.2"])
-    # a custom 4D mask would bypass sliding windows (Gemma3), so those models score unpacked
-    pack = getattr(tiny_view.config, "sliding_window", None) is None
     for m in (BlockMask.full(4), mask):
-        with tiny_view.masked(m):
-            got = zs.score_requests(tiny_view.model, tok, REQUESTS, batch_size=4, pack=pack)
+        got = zs.score_requests(tiny_view, tok, REQUESTS, batch_size=4, pack=pack, mask=m)
+        with zeroed_blocks(tiny_view, m):
             for (ctx, cont), score in zip(REQUESTS, got):
                 assert score.loglik == pytest.approx(naive_score(tiny_view.model, tok, ctx, cont)[0], abs=1e-4)
 

@@ -203,8 +203,7 @@ def ppl(
     mask = parse_mask(view, drop, profile)
     text = read_text(file or WIKITEXT2_TEST)
     windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
-    with view.masked(mask):
-        res = perplexity(view.model, windows, batch_size)
+    res = perplexity(view, windows, batch_size, mask=mask)
     from .provenance import environment
 
     # each row carries where, when and how it was measured: rows from several runs may share one file

@@ -20,8 +20,10 @@ a dropped attention block's `SkippedCacheLayer` is not compileable, and every ma
 whole-model compile. This path reaches 169 tok/s (78%) dense, and a new mask costs ~50 ms of
 capture because the compiled unit is one block, shared by all layers and masks. It is gpt-fast's
 recipe on top of the HF modules' own parameters; the layer math mirrors transformers'
-Llama/Mistral/Qwen2/Qwen3 code op for op (checked against transformers 5.17 and 5.23), so greedy
-tokens equal `generate`'s.
+Llama/Mistral/Qwen2/Qwen3 code op for op (checked against transformers 5.17 and 5.23), and
+Gemma 3's (checked against 5.24: (1 + w) RMSNorms in fp32, q/k norms, post-attention and
+pre/post-feedforward norms, sqrt(hidden)-scaled embeddings, gelu-tanh MLP, local and global RoPE
+tables, sliding-window layers, final logit softcapping), so greedy tokens equal `generate`'s.
 
 Layout. Cache column j of row b holds the token at padded position j; prompts are left-padded to
 the longest one, so row b's real tokens start at column `pad[b]` and its RoPE position is
@@ -65,7 +67,7 @@ from .model import BlockView
 
 log = logging.getLogger(__name__)
 
-DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DECODE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # RoPE variants whose cos/sin depend only on the position (not on the current sequence length)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -73,11 +75,14 @@ LENGTH_QUANTUM = 64  # cache lengths are rounded up to this, so nearby requests 
 
 
 # ---- the layer math (pure functions over tensors, so torch.compile traces each once) -------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm, op for op (normalise in fp32, scale in the input dtype)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (normalise in fp32, scale in the input dtype); with
+    `offset`, Gemma3RMSNorm: scale by (1 + weight) in fp32, then cast back."""
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (1.0 + weight.float())).to(dtype)
     return weight * h.to(dtype)
 
 
@@ -116,6 +121,9 @@ class AttnWeights:
     module: nn.Module  # for transformers' SDPA (rap.hf.sdpa_attention) on the eager path
     wqkv: torch.Tensor | None = None  # [q; k; v] rows, only with fuse_projections
     bqkv: torch.Tensor | None = None
+    norm_offset: bool = False  # Gemma: every RMSNorm scales by (1 + w)
+    post_norm_w: torch.Tensor | None = None  # Gemma: post_attention_layernorm on the block's output
+    rope: int = 0  # which RoPE table (Gemma: local for sliding layers, global for full ones)
 
 
 @dataclass(eq=False)
@@ -130,12 +138,15 @@ class FfnWeights:
     bd: torch.Tensor | None
     wgu: torch.Tensor | None = None  # [gate; up] rows, only with fuse_projections
     bgu: torch.Tensor | None = None
+    norm_offset: bool = False
+    post_norm_w: torch.Tensor | None = None  # Gemma: post_feedforward_layernorm on the block's output
+    act: str = "silu"  # or "gelu_tanh" (Gemma's gelu_pytorch_tanh)
 
 
 def project_qkv(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.Tensor):
     """x [B, S, hidden] -> q [B, H, S, D], k, v [B, Hkv, S, D], normed and rotated as in HF."""
     B, S, _ = x.shape
-    h = rms_norm(x, a.norm_w, a.norm_eps)
+    h = rms_norm(x, a.norm_w, a.norm_eps, a.norm_offset)
     if a.wqkv is not None:
         q, k, v = F.linear(h, a.wqkv, a.bqkv).split(
             [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], dim=-1)
@@ -146,21 +157,33 @@ def project_qkv(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.T
     k = k.view(B, S, a.kv_heads, a.head_dim)
     v = v.view(B, S, a.kv_heads, a.head_dim).transpose(1, 2)
     if a.q_norm_w is not None:
-        q = rms_norm(q, a.q_norm_w, a.qk_eps)
-        k = rms_norm(k, a.k_norm_w, a.qk_eps)
+        q = rms_norm(q, a.q_norm_w, a.qk_eps, a.norm_offset)
+        k = rms_norm(k, a.k_norm_w, a.qk_eps, a.norm_offset)
     q = rope(q.transpose(1, 2), cos, sin)  # rebinding frees the unrotated q before k is rotated
     k = rope(k.transpose(1, 2), cos, sin)
     return q, k, v
 
 
 def ffn_block(x: torch.Tensor, f: FfnWeights) -> torch.Tensor:
-    """x + down(silu(gate(norm x)) * up(norm x))."""
-    h = rms_norm(x, f.norm_w, f.norm_eps)
+    """x + post_norm?(down(act(gate(norm x)) * up(norm x)))."""
+    h = rms_norm(x, f.norm_w, f.norm_eps, f.norm_offset)
     if f.wgu is not None:
         g, u = F.linear(h, f.wgu, f.bgu).chunk(2, dim=-1)
     else:
         g, u = F.linear(h, f.wg, f.bg), F.linear(h, f.wu, f.bu)
-    return x + F.linear(F.silu(g) * u, f.wd, f.bd)
+    g = F.gelu(g, approximate="tanh") if f.act == "gelu_tanh" else F.silu(g)
+    y = F.linear(g * u, f.wd, f.bd)
+    if f.post_norm_w is not None:
+        y = rms_norm(y, f.post_norm_w, f.norm_eps, f.norm_offset)
+    return x + y
+
+
+def attn_output(x: torch.Tensor, o: torch.Tensor, a: AttnWeights) -> torch.Tensor:
+    """The residual update of an attention block: x + post_norm?(o_proj(o)); o [B, S, H * D]."""
+    y = F.linear(o, a.wo, a.bo)
+    if a.post_norm_w is not None:
+        y = rms_norm(y, a.post_norm_w, a.norm_eps, a.norm_offset)
+    return x + y
 
 
 def attend_static(q, kc, vc, valid, scaling: float, impl: str):
@@ -188,12 +211,104 @@ def attn_decode_static(x, a: AttnWeights, cos, sin, kc, vc, col, valid, impl: st
     kc.index_copy_(2, col, k)
     vc.index_copy_(2, col, v)
     o = attend_static(q, kc, vc, valid, a.scaling, impl)
-    return x + F.linear(o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a.wo, a.bo)
+    return attn_output(x, o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a)
 
 
-def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b) -> torch.Tensor:
-    """Last position's logits in fp32, as `generate` sees them. x [B, S, hidden] -> [B, V]."""
-    return F.linear(rms_norm(x[:, -1], norm_w, eps), lm_w, lm_b).float()
+def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b, offset: bool = False,
+                 softcap: float | None = None) -> torch.Tensor:
+    """Last position's logits in fp32, as `generate` sees them. x [B, S, hidden] -> [B, V].
+    `softcap` (Gemma's final_logit_softcapping): cap * tanh(logits / cap), in the model dtype as HF does."""
+    logits = F.linear(rms_norm(x[:, -1], norm_w, eps, offset), lm_w, lm_b)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+# ---- the layer weights, read from the HF modules (no copies) -----------------------------------------
+def is_gemma(view: BlockView) -> bool:
+    return view.config.model_type == "gemma3_text"
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """LlamaRMSNorm keeps `variance_epsilon`, Gemma3RMSNorm `eps`."""
+    return float(norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
+
+
+def embed_scale(view: BlockView) -> torch.Tensor | None:
+    """Gemma scales embeddings by sqrt(hidden), rounded to the model dtype as its embedding module does."""
+    if not is_gemma(view):
+        return None
+    return torch.tensor(view.config.hidden_size ** 0.5, device=view.device).to(view.dtype)
+
+
+def rope_kinds(view: BlockView) -> tuple[str | None, ...]:
+    """The RoPE tables a model needs: one (None) for Llama-style models, one per layer type for Gemma 3
+    (local base for sliding layers, global base and scaling for full ones)."""
+    if is_gemma(view):
+        return tuple(sorted(set(view.config.layer_types)))
+    return (None,)
+
+
+def check_static_rope(view: BlockView) -> None:
+    rope_type = getattr(view.model.model.rotary_emb, "rope_type", "default")
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    for t in types:
+        if t not in STATIC_ROPE_TYPES:
+            raise UnsupportedModelError(f"RoPE type {t!r} depends on the sequence length; "
+                                        f"rap's forward supports {', '.join(STATIC_ROPE_TYPES)}")
+
+
+def rope_tables(view: BlockView, length: int, kinds: Sequence[str | None] | None = None):
+    """cos, sin [R, length, D] for positions 0..length-1, one row per RoPE kind, from the model's own
+    rotary module (so values equal transformers')."""
+    kinds = rope_kinds(view) if kinds is None else kinds
+    rotary = view.model.model.rotary_emb
+    pos = torch.arange(length, device=view.device)[None]
+    probe = torch.empty(0, device=view.device, dtype=view.dtype)
+    tables = [rotary_tables(rotary, probe, pos, kind) for kind in kinds]
+    return torch.stack([c[0] for c, _ in tables]), torch.stack([s[0] for _, s in tables])
+
+
+def attn_weights(view: BlockView, i: int, kinds: Sequence[str | None] | None = None) -> AttnWeights:
+    """Layer i's attention block as rap's layer functions read it."""
+    layer, m = view.layers[i], view.attention_module(i)
+    s = view.shape
+    gemma = is_gemma(view)
+    if gemma and getattr(view.config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError("attention logit softcapping is not implemented on rap's forward")
+    q_norm, k_norm = getattr(m, "q_norm", None), getattr(m, "k_norm", None)
+    window = getattr(m, "sliding_window", "absent")
+    if window == "absent":  # Mistral keeps the window in its config, Qwen2/3 and Gemma 3 per layer
+        window = getattr(view.config, "sliding_window", None) if view.config.model_type == "mistral" else None
+    kinds = rope_kinds(view) if kinds is None else kinds
+    rope = kinds.index(view.config.layer_types[i]) if gemma else 0
+    return AttnWeights(
+        norm_w=layer.input_layernorm.weight, norm_eps=norm_eps(layer.input_layernorm),
+        wq=m.q_proj.weight, wk=m.k_proj.weight, wv=m.v_proj.weight, wo=m.o_proj.weight,
+        bq=m.q_proj.bias, bk=m.k_proj.bias, bv=m.v_proj.bias, bo=m.o_proj.bias,
+        q_norm_w=None if q_norm is None else q_norm.weight, k_norm_w=None if k_norm is None else k_norm.weight,
+        qk_eps=1e-6 if q_norm is None else norm_eps(q_norm),
+        heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim, scaling=float(m.scaling),
+        window=window, module=m, norm_offset=gemma,
+        post_norm_w=layer.post_attention_layernorm.weight if gemma else None, rope=rope)
+
+
+def ffn_weights(view: BlockView, i: int) -> FfnWeights:
+    """Layer i's FFN block as rap's layer functions read it."""
+    layer, m = view.layers[i], view.mlp_module(i)
+    gemma = is_gemma(view)
+    act = getattr(view.config, "hidden_activation" if gemma else "hidden_act", None) or "silu"
+    if act in ("silu", "swish"):
+        act = "silu"
+    elif act == "gelu_pytorch_tanh":
+        act = "gelu_tanh"
+    else:
+        raise UnsupportedModelError(f"rap's forward implements silu and gelu_pytorch_tanh MLPs, not {act!r}")
+    pre = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    return FfnWeights(norm_w=pre.weight, norm_eps=norm_eps(pre),
+                      wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
+                      bg=m.gate_proj.bias, bu=m.up_proj.bias, bd=m.down_proj.bias, norm_offset=gemma,
+                      post_norm_w=layer.post_feedforward_layernorm.weight if gemma else None, act=act)
 
 
 SNAPKV_WINDOW = 32  # observation window and pooling kernel of SnapKV (Li et al. 2024, their LongBench setting)
@@ -293,7 +408,7 @@ def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: t
         keep_prompt(q, k, v, kc, vc, plan, a.scaling)
     o, _ = sdpa_attention(a.module, q, k, v, attn_mask, scaling=a.scaling)
     del q, k, v
-    return x + F.linear(o.reshape(n, P, -1), a.wo, a.bo)
+    return attn_output(x, o.reshape(n, P, -1), a)
 
 
 def pick_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
@@ -403,7 +518,7 @@ class _Workspace:
     top_p: torch.Tensor  # []
     noise: torch.Tensor  # [B, V] uniform noise for sampling
     arange: torch.Tensor  # [T]
-    cos: torch.Tensor  # [rope_length, D] RoPE table
+    cos: torch.Tensor  # [R, rope_length, D] RoPE tables (R: RoPE kinds, see rope_kinds)
     sin: torch.Tensor
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     graphs: dict[tuple[BlockMask, bool], "torch.cuda.CUDAGraph"] = field(default_factory=dict)
@@ -437,7 +552,7 @@ class Decoder:
     new tokens (on the host; one device sync per step, only when given).
 
     Args:
-        model: a `BlockView` or a supported HF causal LM (Llama, Mistral, Qwen2, Qwen3).
+        model: a `BlockView` or a supported HF causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma 3).
         step: how decode steps run. "graph": the static step captured as a CUDA graph per mask
             (default on CUDA); "static": the same static step run eagerly (tests the captured code
             on CPU); "exact": eager, attending to the filled columns only through transformers' SDPA
@@ -464,15 +579,14 @@ class Decoder:
                 f"rap's fast decode path supports {', '.join(DECODE_MODEL_TYPES)}, not {model_type!r}; "
                 "use the stock path (`with view.masked(mask): view.model.generate(...)`)")
         inner = view.model.model
-        rotary = inner.rotary_emb
-        rope_type = getattr(rotary, "rope_type", "default")
-        if rope_type not in STATIC_ROPE_TYPES:
-            raise UnsupportedModelError(f"RoPE type {rope_type!r} depends on the sequence length; "
-                                        f"the decode path supports {', '.join(STATIC_ROPE_TYPES)}")
+        check_static_rope(view)
         if attention not in ("sdpa", "matmul"):
             raise ValueError(f"attention must be 'sdpa' or 'matmul', got {attention!r}")
         self.view = view
         self.memory = MemoryModel.from_view(view, kv_length_quantum=LENGTH_QUANTUM)
+        # sliding-window layers get full-length buffers too (keys outside the window are masked, not
+        # evicted: a ring buffer would save that memory but needs its own column bookkeeping)
+        self.memory.window_bounded_kv = False
         self.device = view.device
         self.dtype = view.dtype
         self.step = step or ("graph" if self.device.type == "cuda" else "exact")
@@ -488,10 +602,14 @@ class Decoder:
         # (at least one row): the prefill's transients stay bounded however large the batch is
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         self.embed_w = inner.embed_tokens.weight
-        self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.embed_scale = embed_scale(view)
+        self.norm_w, self.norm_eps = inner.norm.weight, norm_eps(inner.norm)
+        self.norm_offset = is_gemma(view)
+        self.softcap = getattr(view.config, "final_logit_softcapping", None)
         head = view.model.lm_head
         self.lm_w, self.lm_b = head.weight, head.bias
         self.pad_token_id = getattr(view.config, "pad_token_id", None)
+        self.rope_kinds = rope_kinds(view)
         self.attn = [self._attn_weights(i) for i in range(view.num_layers)]
         self.ffn = [self._ffn_weights(i) for i in range(view.num_layers)]
         self.extra_weight_bytes = 0
@@ -513,30 +631,10 @@ class Decoder:
 
     # ---- weights ---------------------------------------------------------------------------------
     def _attn_weights(self, i: int) -> AttnWeights:
-        layer, m = self.view.layers[i], self.view.attention_module(i)
-        s = self.view.shape
-        q_norm, k_norm = getattr(m, "q_norm", None), getattr(m, "k_norm", None)
-        window = getattr(m, "sliding_window", "absent")
-        if window == "absent":  # Mistral keeps the window in its config, Qwen2/3 per layer
-            window = getattr(self.view.config, "sliding_window", None) if self.view.config.model_type == "mistral" else None
-        return AttnWeights(
-            norm_w=layer.input_layernorm.weight, norm_eps=layer.input_layernorm.variance_epsilon,
-            wq=m.q_proj.weight, wk=m.k_proj.weight, wv=m.v_proj.weight, wo=m.o_proj.weight,
-            bq=m.q_proj.bias, bk=m.k_proj.bias, bv=m.v_proj.bias, bo=m.o_proj.bias,
-            q_norm_w=None if q_norm is None else q_norm.weight, k_norm_w=None if k_norm is None else k_norm.weight,
-            qk_eps=1e-6 if q_norm is None else q_norm.variance_epsilon,
-            heads=s.num_heads, kv_heads=s.num_kv_heads, head_dim=s.head_dim, scaling=float(m.scaling),
-            window=window, module=m)
+        return attn_weights(self.view, i, self.rope_kinds)
 
     def _ffn_weights(self, i: int) -> FfnWeights:
-        layer, m = self.view.layers[i], self.view.mlp_module(i)
-        act = getattr(self.view.config, "hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"the decode path implements SwiGLU (silu) MLPs, not {act!r}")
-        return FfnWeights(norm_w=layer.post_attention_layernorm.weight,
-                          norm_eps=layer.post_attention_layernorm.variance_epsilon,
-                          wg=m.gate_proj.weight, wu=m.up_proj.weight, wd=m.down_proj.weight,
-                          bg=m.gate_proj.bias, bu=m.up_proj.bias, bd=m.down_proj.bias)
+        return ffn_weights(self.view, i)
 
     @torch.no_grad()
     def _fuse(self, in_place: bool) -> None:
@@ -567,12 +665,9 @@ class Decoder:
 
     # ---- memory -------------------------------------------------------------------------------------
     def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, D] from the model's own rotary module (so values equal generate's)."""
+        """cos/sin [R, T, D] (one table per RoPE kind) from the model's own rotary module."""
         if length not in self._rope_tables:
-            pos = torch.arange(length, device=self.device)[None]
-            probe = torch.empty(0, device=self.device, dtype=self.dtype)
-            cos, sin = rotary_tables(self.view.model.model.rotary_emb, probe, pos)
-            self._rope_tables[length] = (cos[0], sin[0])
+            self._rope_tables[length] = rope_tables(self.view, length, self.rope_kinds)
         return self._rope_tables[length]
 
     def _free_device_bytes(self) -> int:
@@ -662,12 +757,16 @@ class Decoder:
     def cached_graphs(self) -> list[tuple[BlockMask, int, int, bool]]:
         return [(m, ws.batch, ws.length, sampled) for ws in self._workspaces.values() for (m, sampled) in ws.graphs]
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed_w)
+        return x if self.embed_scale is None else x * self.embed_scale
+
     # ---- the decode step ----------------------------------------------------------------------------
     def _step(self, ws: _Workspace, mask: BlockMask, sampled: bool) -> None:
         """One decode step over static buffers: capturable (no host syncs, no data-dependent shapes)."""
-        x = F.embedding(ws.tokens[:, None], self.embed_w)  # [B, 1, hidden]
+        x = self._embed(ws.tokens[:, None])  # [B, 1, hidden]
         pos = ws.col - ws.pad + ws.shift  # [B] true positions (columns of a compressed cache are fewer)
-        cos, sin = ws.cos[pos][:, None, None, :], ws.sin[pos][:, None, None, :]
+        cos, sin = ws.cos[:, pos][:, :, None, None, :], ws.sin[:, pos][:, :, None, None, :]  # [R, B, 1, 1, D]
         valid = (ws.arange[None, :] >= ws.pad[:, None]) & (ws.arange[None, :] <= ws.col)
         windowed: dict[int, torch.Tensor] = {}
         for i in range(mask.num_layers):
@@ -679,10 +778,10 @@ class Decoder:
                         windowed[a.window] = valid & (ws.arange[None, :] > ws.col - a.window)
                     v = windowed[a.window]
                 kc, vc = ws.kv[i]
-                x = self._attn_fn(x, a, cos, sin, kc, vc, ws.col, v, self.attention)
+                x = self._attn_fn(x, a, cos[a.rope], sin[a.rope], kc, vc, ws.col, v, self.attention)
             if mask.keep_ffn[i]:
                 x = self._ffn_fn(x, self.ffn[i])
-        logits = self._head_fn(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+        logits = self._head_fn(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
         self._advance(ws, logits, sampled)
 
     @staticmethod
@@ -748,7 +847,7 @@ class Decoder:
         n, P = ids.shape
         cols = torch.arange(P, device=self.device)
         pos = (cols[None, :] - pad[:, None]).clamp_min(0)
-        cos, sin = ws.cos[pos][:, None], ws.sin[pos][:, None]  # [n, 1, P, D]
+        cos, sin = ws.cos[:, pos][:, :, None], ws.sin[:, pos][:, :, None]  # [R, n, 1, P, D]
         del pos
         padded = bool((pad > 0).any())
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -771,15 +870,16 @@ class Decoder:
                     masks[window] = m[:, None]
             return masks[window]
 
-        x = F.embedding(ids, self.embed_w)
+        x = self._embed(ids)
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
                 a = self.attn[i]
                 kc, vc = ws.kv[i]
-                x = prefill_attention(x, a, cos, sin, kc[r0:r0 + n], vc[r0:r0 + n], mask_for(a.window), plan)
+                x = prefill_attention(x, a, cos[a.rope], sin[a.rope], kc[r0:r0 + n], vc[r0:r0 + n],
+                                      mask_for(a.window), plan)
             if mask.keep_ffn[i]:
                 x = ffn_block(x, self.ffn[i])
-        return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+        return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
 
     def _step_eager(self, ws: _Workspace, mask: BlockMask, sampled: bool, n: int) -> None:
         """The decode step without a graph: attends to the filled columns only, through transformers'
@@ -787,16 +887,16 @@ class Decoder:
 
         col = int(ws.col)
         L = col + 1
-        x = F.embedding(ws.tokens[:n, None], self.embed_w)
+        x = self._embed(ws.tokens[:n, None])
         pos = ws.col - ws.pad[:n] + ws.shift[:n]
-        cos, sin = ws.cos[pos][:, None, None, :], ws.sin[pos][:, None, None, :]
+        cos, sin = ws.cos[:, pos][:, :, None, None, :], ws.sin[:, pos][:, :, None, None, :]
         keys = ws.arange[:L]
         real = keys[None, :] >= ws.pad[:n, None]  # [n, L]
         padded = not bool(real.all())
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
                 a = self.attn[i]
-                q, k, v = project_qkv(x, a, cos, sin)
+                q, k, v = project_qkv(x, a, cos[a.rope], sin[a.rope])
                 kc, vc = ws.kv[i]
                 kc[:n, :, col] = k[:, :, 0]
                 vc[:n, :, col] = v[:, :, 0]
@@ -805,10 +905,10 @@ class Decoder:
                     m = m & (keys[None, :] > col - a.window)
                 m = m[:, None, None, :] if (padded or m is not real) else None
                 o, _ = sdpa_attention(a.module, q, kc[:n, :, :L], vc[:n, :, :L], m, scaling=a.scaling)
-                x = x + F.linear(o.reshape(n, 1, -1), a.wo, a.bo)
+                x = attn_output(x, o.reshape(n, 1, -1), a)
             if mask.keep_ffn[i]:
                 x = ffn_block(x, self.ffn[i])
-        logits = final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b)
+        logits = final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
         if n < ws.batch:  # bucket rows beyond the request are idle on this path
             logits = torch.cat([logits, logits.new_zeros(ws.batch - n, logits.shape[1])])
         self._advance(ws, logits, sampled)

@@ -151,10 +151,10 @@ class QualityProbe:
     def __call__(self, mask: BlockMask) -> float:
         if mask not in self.cache:
             from .eval.perplexity import window_nll
+            from .forward import forward_for
 
-            view = self.engine.view
-            with self.engine._lock, view.masked(mask):  # weights of `mask` are resident after its batch
-                logits = view.model(self.ids).logits
+            with self.engine._lock:  # weights of `mask` are resident after its batch
+                logits = forward_for(self.engine.view).logits(self.ids, mask)
             nll = window_nll(logits, self.ids).item() / (self.ids.shape[1] - 1)
             self.cache[mask] = math.exp(nll)
         return self.cache[mask]

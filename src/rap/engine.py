@@ -514,6 +514,7 @@ class DecoderBackend:
         self.supports_kv_ratio = "kv_ratio" in self._accepts and bool(getattr(self.decoder, "compresses_kv", True))
         self.kv_length_quantum = getattr(module, "LENGTH_QUANTUM", None) if self.supports_kv_ratio else None
         self.streams = "on_step" in self._accepts  # else tokens come back at the end of the batch
+        self.window_bounded_kv = bool(getattr(getattr(self.decoder, "memory", None), "window_bounded_kv", True))
 
     def planning_request(self, request: Request) -> Request:
         bucket_batch = getattr(self.module, "bucket_batch", lambda n: n)
@@ -688,6 +689,7 @@ class Engine:
         self._fallback_backend = HFGenerateBackend()
         # a compressed cache is as long as the backend allocates it (the decoder rounds it up)
         self.memory_model.kv_length_quantum = getattr(self.backend, "kv_length_quantum", None)
+        self.memory_model.window_bounded_kv = getattr(self.backend, "window_bounded_kv", True)
         self.max_batch = max_batch
         # None: on the GPU, a margin of the memory model's worst measured error (0.39% over 14
         # configurations, benchmarks/results/memory-model-*.json) rounded up, so the first batch,

@@ -2,8 +2,8 @@
 
 rap loads configs, weights and tokenizers through transformers' public API (`AutoConfig`,
 `AutoModelForCausalLM`, `AutoTokenizer`, `generate`). Everything else it takes from transformers —
-the cache keyword, cache classes, the SDPA attention function, causal-mask creation, the rotary
-module, attention registration — goes through this module, so that a release that renames one of
+the cache keyword, cache classes, the SDPA attention function, the rotary module's call,
+attention registration — goes through this module, so that a release that renames one of
 them breaks here, loudly, and nowhere else. `tests/test_hf_boundary.py` checks that no other module
 reaches into those internals; CI runs the suite on the oldest and the newest supported release.
 
@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 from .errors import RapError
 
 __all__ = ["BaseStreamer", "Cache", "CacheLayerMixin", "DynamicCache", "StaticCache", "CACHE_KWARG", "cache_kwargs",
-           "cache_given_to_attention", "output_cache", "sdpa_attention", "causal_masks", "rotary_tables",
+           "cache_given_to_attention", "output_cache", "sdpa_attention", "rotary_tables",
            "register_attention", "use_attention", "attention_implementation", "TRANSFORMERS_VERSION"]
 
 TRANSFORMERS_VERSION = transformers.__version__
@@ -81,18 +81,6 @@ def sdpa_attention(module: torch.nn.Module, query, key, value, attention_mask, s
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
-
-
-def causal_masks(config, seq_len: int, device: torch.device, dtype: torch.dtype,
-                 layer_types: list[str]) -> dict[str, Any]:
-    """The attention mask transformers builds for one uncached window, per layer type."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    dummy = torch.zeros(1, seq_len, config.hidden_size, device=device, dtype=dtype)
-    kwargs = dict(config=config, inputs_embeds=dummy, attention_mask=None,
-                  position_ids=torch.arange(seq_len, device=device).unsqueeze(0), **cache_kwargs(None))
-    return {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kwargs)
-            for t in set(layer_types)}
 
 
 def rotary_tables(rotary: torch.nn.Module, x: torch.Tensor, position_ids: torch.Tensor,

@@ -109,6 +109,9 @@ class MemoryModel:
         # None: a compressed cache holds exactly its tokens (rap.kv's VarlenCache); an int: it is a
         # dense buffer whose length is rounded up to this many tokens (rap.decode.LENGTH_QUANTUM)
         self.kv_length_quantum = kv_length_quantum
+        # True: a sliding-window layer caches at most its window (transformers' sliding cache layers);
+        # False: every kept layer holds the whole length (rap.decode's static buffers, window masked)
+        self.window_bounded_kv = True
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
         self.qk_norm = qk_norm
@@ -148,7 +151,8 @@ class MemoryModel:
             q = self.kv_length_quantum
             tokens = min(request.total_tokens, q * math.ceil(tokens / q))
         s = self.shape
-        if layer is not None and s.layer_types and s.layer_types[layer] == "sliding_attention" and s.sliding_window:
+        if (self.window_bounded_kv and layer is not None and s.layer_types
+                and s.layer_types[layer] == "sliding_attention" and s.sliding_window):
             tokens = min(tokens, s.sliding_window)
         return tokens
 

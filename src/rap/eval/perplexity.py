@@ -56,12 +56,29 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
-               desc: str = "perplexity") -> PerplexityResult:
-    device = next(model.parameters()).device
+               desc: str = "perplexity", mask=None) -> PerplexityResult:
+    """PPL of `windows` [n, seq]. `model`: a BlockView (or rap.forward.Forward), run on rap's own
+    forward under `mask` (default: every block); or a bare HF causal LM, run on its own forward
+    (for other libraries' models, e.g. the quantization peers; no mask then)."""
+    from ..forward import Forward, forward_for
+    from ..model import BlockView
+
+    if isinstance(model, (BlockView, Forward)):
+        fwd = forward_for(model)
+        device = fwd.device
+
+        def logits_of(ids):
+            return fwd.logits(ids, mask)
+    else:
+        if mask is not None:
+            raise RequestError("a block mask needs a BlockView (rap.sources.load_view), not a bare model")
+        device = next(model.parameters()).device
+
+        def logits_of(ids):
+            return model(input_ids=ids, use_cache=False).logits
     nlls: list[float] = []
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         ids = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        nlls.extend(window_nll(logits, ids).tolist())
+        nlls.extend(window_nll(logits_of(ids), ids).tolist())
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     return PerplexityResult(math.exp(sum(nlls) / tokens), tuple(nlls), tokens)

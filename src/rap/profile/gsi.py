@@ -454,8 +454,12 @@ def gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, racing
 def naive_gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, batch_size: int = 8,
               progress: bool = True) -> Profile:
     """The plain algorithm, kept obviously correct: for every candidate, mask it out and run the
-    stock Hugging Face forward over all windows. m * (m - 1) block passes per step."""
+    whole forward (rap.forward, equal to the stock forward: tests/test_forward.py) over all windows.
+    m * (m - 1) block passes per step."""
     from ..eval.perplexity import window_nll
+    from ..forward import forward_for
+
+    fwd = forward_for(view)
 
     all_blocks = [b.name for b in view.blocks]
     total_steps = min(steps if steps is not None else len(all_blocks), len(all_blocks))
@@ -468,10 +472,9 @@ def naive_gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, 
 
     def nll_sum(mask: BlockMask) -> float:
         per_window = []
-        with view.masked(mask):
-            for i in range(0, W, batch_size):
-                ids = calib.windows[i:i + batch_size].to(view.device)
-                per_window.append(window_nll(view.model(input_ids=ids, use_cache=False).logits, ids).double().cpu())
+        for i in range(0, W, batch_size):
+            ids = calib.windows[i:i + batch_size].to(view.device)
+            per_window.append(window_nll(fwd.logits(ids, mask), ids).double().cpu())
         return float(torch.cat(per_window).sum())
 
     t0 = time.perf_counter()

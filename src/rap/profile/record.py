@@ -99,11 +99,15 @@ def model_hash(view: BlockView) -> str:
     cached = getattr(view, "_rap_model_hash", None)
     if cached is not None:
         return cached
-    from ..mask import BlockMask
-
     h = hashlib.sha256(view.config.to_json_string(use_diff=False).encode())
-    with view.masked(BlockMask.full(view.num_layers)):  # dropped blocks' weights count too
-        state = view.model.state_dict()
+    state = view.model.state_dict()
+    # dropped blocks' weights count too (a user may have applied a mask to the HF model): their
+    # entries come from the view's own modules under the names the full model's state_dict uses
+    prefix = next(n for n, m in view.model.named_modules() if m is view.layers)
+    for i in range(view.num_layers):
+        for part, module in (("self_attn", view.attention_module(i)), ("mlp", view.mlp_module(i))):
+            for name, t in module.state_dict().items():
+                state[f"{prefix}.{i}.{part}.{name}"] = t
     for name, p in sorted(state.items()):
         t = p.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

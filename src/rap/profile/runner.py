@@ -5,11 +5,10 @@ A block is a residual update of the hidden stream ``h`` (shape [batch, seq, hidd
     attn.i:  h = h + post_attn_norm?(self_attn(input_layernorm(h)))
     ffn.i:   h = h + post_ffn_norm?(mlp(pre_ffn_norm(h)))      # pre_ffn_norm = post_attention_layernorm (Llama)
 
-which is exactly what the Hugging Face decoder layer computes (Llama, Mistral, Qwen2/3, Gemma3;
-checked against transformers 5.17 and 5.23), so running the kept blocks in order reproduces
-the stock forward pass bit for bit (tests/test_profile_runner.py). The runner prepares what the
-layers need once per window length (rotary tables, the causal / sliding masks) and counts how
-many (block, window) passes it has run: the unit in which GSI's cost is reported.
+computed by rap's own layer functions (`rap.forward.Forward.attn_block` / `ffn_block`, the ones
+the decoder serves with), which reproduce the stock forward pass bit for bit in float32
+(tests/test_forward.py). The runner counts how many (block, window) passes it has run: the unit in
+which GSI's cost is reported.
 """
 
 from __future__ import annotations
@@ -20,18 +19,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..hf import causal_masks, rotary_tables
 from ..eval.perplexity import window_nll
+from ..forward import Forward, forward_for
 from ..mask import BlockMask
 from ..model import BlockView
-
-
-@dataclass
-class _Prepared:
-    """Per window length: rotary (cos, sin) and mask for each layer, batch dimension 1 (broadcast)."""
-
-    position_embeddings: list[tuple[torch.Tensor, torch.Tensor]]
-    attention_masks: list[torch.Tensor | None]
 
 
 @dataclass
@@ -39,19 +30,12 @@ class BlockRunner:
     view: BlockView
     block_window_passes: int = 0  # (block, window) pairs run so far
     head_window_passes: int = 0
-    _prepared: dict = field(default_factory=dict, repr=False)
+    _forward: Forward | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        config = self.view.config
-        if getattr(config, "use_bidirectional_attention", False):
+        if getattr(self.view.config, "use_bidirectional_attention", False):
             raise UnsupportedModelError("bidirectional-attention configs cannot be profiled block by block")
-        inner = self.view.model.model
-        self._embed = inner.embed_tokens
-        self._norm = inner.norm
-        self._rotary = inner.rotary_emb
-        self._lm_head = self.view.model.lm_head
-        self._softcap = getattr(config, "final_logit_softcapping", None)
-        self._layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.view.num_layers)
+        self._forward = forward_for(self.view)
 
     # ---- block order ------------------------------------------------------------------------
     @property
@@ -63,48 +47,19 @@ class BlockRunner:
         return [name for name in self.all_blocks if mask.keeps(name)]
 
     # ---- pieces of the forward pass -----------------------------------------------------------
-    def _prepare(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> _Prepared:
-        key = (seq_len, str(device), dtype)
-        if key not in self._prepared:
-            dummy = torch.zeros(1, seq_len, self.view.config.hidden_size, device=device, dtype=dtype)
-            position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
-            masks = causal_masks(self.view.config, seq_len, device, dtype, self._layer_types)
-            rotary = {t: rotary_tables(self._rotary, dummy, position_ids, t) for t in set(self._layer_types)}
-            self._prepared[key] = _Prepared([rotary[t] for t in self._layer_types],
-                                            [masks[t] for t in self._layer_types])
-        return self._prepared[key]
-
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[batch, seq] token ids -> [batch, seq, hidden] stream entering attn.0."""
-        return self._embed(ids.to(self.view.device))
+        return self._forward.embed(ids)
 
+    @torch.no_grad()
     def run_block(self, name: str, h: torch.Tensor, windows: int | None = None) -> torch.Tensor:
         """Apply block `name` to a stream [rows, seq, hidden]; `windows` (default rows) is what gets counted."""
-        b = self.view.block(name)
-        layer = self.view.layers[b.layer]
-        if b.kind == "attn":
-            prep = self._prepare(h.shape[1], h.device, h.dtype)
-            out, _ = self.view.attention_module(b.layer)(
-                hidden_states=layer.input_layernorm(h),
-                position_embeddings=prep.position_embeddings[b.layer],
-                attention_mask=prep.attention_masks[b.layer],
-            )
-            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma-style sandwich norm
-                out = layer.post_attention_layernorm(out)
-        else:
-            pre = layer.pre_feedforward_layernorm if hasattr(layer, "pre_feedforward_layernorm") \
-                else layer.post_attention_layernorm
-            out = self.view.mlp_module(b.layer)(pre(h))
-            if hasattr(layer, "post_feedforward_layernorm"):
-                out = layer.post_feedforward_layernorm(out)
+        out = self._forward.block(name, h)
         self.block_window_passes += h.shape[0] if windows is None else windows
-        return h + out
+        return out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self._lm_head(self._norm(h))
-        if self._softcap is not None:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return self._forward.head(h)
 
     def window_nll(self, h: torch.Tensor, ids: torch.Tensor, rows_per_call: int = 4) -> torch.Tensor:
         """Summed next-token NLL of each row, fp32 [rows]; h [rows, seq, hidden], ids [rows, seq]."""
