@@ -631,6 +631,17 @@ class Decoder:
             self._quantized[key] = replace(w, **new)
         return self._quantized[key]
 
+    def forget_weights(self) -> None:
+        """Let go of every weight tensor this decoder references (per-layer weights, quantized copies),
+        so a module's replaced weight is freed at once; `refresh_weights` must run before the next call."""
+        for w in (*self.attn, *self.ffn):
+            for f in ("wq", "wk", "wv", "wo", "wqkv", "wg", "wu", "wd", "wgu"):
+                if hasattr(w, f):
+                    setattr(w, f, None)
+        self._quantized.clear()
+        self._plan_weights.clear()
+        self.extra_weight_bytes = 0
+
     def refresh_weights(self) -> None:
         """Re-read every block's weights from the model's modules (after a residency move replaced
         a module's weight with a quantized one, or back) and forget derived copies."""
