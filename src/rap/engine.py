@@ -859,6 +859,13 @@ class Engine:
     def _execute(self, items: list, backend, request: Request, decision: Decision, budget: int, oom_retry: bool):
         t0 = time.perf_counter()
         started_at = time.time()
+        transition = self.residency.transition_peak_bytes(decision.mask)
+        if transition > self.residency.resident_bytes() and transition + self._held_bytes() > self.effective_budget(budget):
+            self._release_backend_buffers()  # the decoder's KV buffers must not sit beside a precision change
+            if transition > self.effective_budget(budget):
+                log.warning("moving to [%s] peaks at %s of parameters (one block's old and new copy side by side), "
+                            "over the budget of %s", decision.mask, format_bytes(transition),
+                            format_bytes(self.effective_budget(budget)))
         dropped, restored = self.residency.apply(decision.mask, before_change=self._drop_weight_references)
         if not isinstance(backend, HFGenerateBackend):
             # The fast decoder reads weights directly (no module forward, so no per-block wait

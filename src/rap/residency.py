@@ -11,9 +11,10 @@ A block moves between levels without a restart (`apply(plan)`):
   staged copy, or quantized on the device from the dense copy, one projection at a time).
 
 Order: every down move runs before any up move, the largest saving first; up moves run largest old
-copy first. So the parameter bytes never exceed the larger of the start and the end by more than one
-move's side-by-side transient (`transition_peak_bytes` predicts the peak; the engine checks it against
-the budget before moving). Resident bytes after a move equal the memory model's `level_bytes` to the
+copy first, and every move but dtype -> quantized frees the old copy before the new one lands (the
+dense host copy rebuilds any level). So the parameter bytes never exceed the larger of the start and
+the end by more than one block's quantized copy plus one projection's quantization temporaries
+(`transition_peak_bytes` predicts the peak; the engine checks it against the budget before moving). Resident bytes after a move equal the memory model's `level_bytes` to the
 byte (`measured_resident_bytes`, tensor storage; `memory_allocated` on CUDA).
 
 Blocks dropped or restored at the model's dtype keep their `nn.Parameter` objects (only `.data`
@@ -162,12 +163,15 @@ class WeightResidency:
         return down + up
 
     def transition_peak_bytes(self, mask: BlockMask) -> int:
-        """Peak parameter bytes on the device while `apply(mask)` runs (memory model): at each move the
-        old and the new copy of that block side by side, plus its transient."""
+        """Peak parameter bytes on the device while `apply(mask)` runs (memory model). A block leaving
+        the dtype level is quantized from its resident copy, so old and new sit side by side (plus the
+        transient); a block leaving a quantized level or coming back from the host frees its old
+        copy first (the dense host copy can always rebuild it), so only the transient comes on top."""
         total = self.resident_bytes()
         peak = total
         for m in self.moves_for(mask):
-            peak = max(peak, total + m.after_bytes + m.transient_bytes)
+            side = m.after_bytes if m.source == DTYPE else m.after_bytes - m.before_bytes
+            peak = max(peak, total + max(0, side) + m.transient_bytes)
             total += m.after_bytes - m.before_bytes
         return peak
 
@@ -236,25 +240,30 @@ class WeightResidency:
             self._to_host(module, host)
             self.moves["dropped"] += 1
         elif target == DTYPE:
+            if source != DROP:
+                self._to_host(module, host, linears_only=True)  # free the quantized copy before the dense one lands
             self._restore_dense(name, module, host, linears_only=source != DROP)
             self.moves["restored" if source == DROP else "dequantized"] += 1
         else:
             if source == DROP:
                 self._restore_dense(name, module, host, linears_only=False, skip_linears=True)
                 self._wait(name)
+            elif source != DTYPE:
+                self._to_host(module, host, linears_only=True)  # free the old level first (rebuilt from host)
             self._quantize(name, module, source, target, host)
             self.moves["restored" if source == DROP else "quantized"] += 1
         levels = dict(self.levels)
         levels[name] = target
         self.levels = levels
 
-    def _to_host(self, module: nn.Module, host: dict[str, torch.Tensor]) -> None:
-        """Every parameter of the block points at its dense host copy; device tensors are released."""
+    def _to_host(self, module: nn.Module, host: dict[str, torch.Tensor], linears_only: bool = False) -> None:
+        """The block's parameters (or only its linear weights) point at their dense host copies; the
+        device tensors are released."""
         linear_weights = {f"{proj}.weight": lin for proj, lin in block_linear_modules(module)}
         for n, p in list(module.named_parameters()):
             if n in linear_weights and type(p) is not nn.Parameter:  # a quantized weight: a fresh Parameter
                 linear_weights[n].weight = nn.Parameter(host[n], requires_grad=False)
-            else:
+            elif not linears_only or n in linear_weights:
                 p.data = host[n]
 
     def _restore_dense(self, name: str, module: nn.Module, host: dict[str, torch.Tensor], linears_only: bool,
