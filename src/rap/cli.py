@@ -205,6 +205,7 @@ def ppl(
     max_tokens: Optional[int] = typer.Option(None, help="score only the first N tokens"),
     drop: Optional[str] = typer.Option(None, help="blocks to drop (see rap memory --help)"),
     profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    plan: Optional[str] = typer.Option(None, help="a level per block, e.g. ffn.*=int8,attn.*=int4g64 (see rap memory --help)"),
     batch_size: int = typer.Option(1, help="windows per forward pass"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
     out: Optional[Path] = typer.Option(None, help="append the result row to this JSON file"),
@@ -214,7 +215,12 @@ def ppl(
     from .eval.perplexity import needs_bos, perplexity, token_windows
 
     view, tok = load_view_for_cli(model, dtype=dtype)
-    mask = parse_mask(view, drop, profile)
+    mask = parse_mask(view, drop, profile, plan)
+    if plan is not None:  # quantized blocks in place (the torchao tensors rap's decoder runs), drops masked
+        from .residency import WeightResidency
+
+        WeightResidency(view).apply(mask)
+        mask = mask.mask
     text = read_text(file or WIKITEXT2_TEST)
     windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
     with view.masked(mask):
@@ -223,7 +229,7 @@ def ppl(
 
     # each row carries where, when and how it was measured: rows from several runs may share one file
     stamp = environment(view.device)
-    row = {"model": view.name, "mask": str(mask), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
+    row = {"model": view.name, "mask": str(mask), **({"plan": plan} if plan else {}), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
            "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype), **stamp}
     console.print(escape(f"{view.name} [{mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
                   f"({windows.shape[0]} windows of {seq_len})"))

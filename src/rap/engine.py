@@ -294,6 +294,10 @@ def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
     if isinstance(policy, str):
         if policy == "greedy":
             return GreedyPolicy.from_profile(profile)
+        if policy in ("precision", "precision-ladder"):  # int8 / int4 before any drop (rap.policy.precision)
+            from .policy.precision import PrecisionLadder
+
+            return PrecisionLadder(profile=profile)
         pkg = importlib.import_module("rap.policy")  # named policies live there
         return pkg.load_policy(policy, profile=profile)
     if hasattr(policy, "decide") or callable(policy):

@@ -117,6 +117,9 @@ class MemoryModel:
         self.kv_length_quantum = kv_length_quantum
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
+        self.dense_block_bytes = dict(block_bytes)  # at the model's dtype (block_bytes may be leveled)
+        self.levels: Plan | None = None  # with_levels: the level a plain mask's kept blocks are at
+        self._memo: dict = {}  # (term, plan[, tokens]) -> bytes: a policy asks about the same plans often
         self.qk_norm = qk_norm
         self.on_cuda = on_cuda
         self.runtime_bytes = 0
@@ -144,7 +147,7 @@ class MemoryModel:
     def level_bytes(self, name: str, level: str) -> int:
         """Device bytes of block `name` at `level`: its linear weights as that level stores them
         (on this model's device type) plus the rest of the block (norms, biases) as loaded."""
-        dense = self.block_bytes[name]
+        dense = self.dense_block_bytes[name]
         if level == DROP:
             return 0
         if level == DTYPE:
@@ -153,6 +156,29 @@ class MemoryModel:
         device = "cuda" if self.on_cuda else "cpu"
         linears = block_linears(name.split(".")[0], self.shape)
         return dense + sum(quantized_weight_bytes(N, K, level, e, device) - N * K * e for _, N, K in linears)
+
+    def with_levels(self, plan: Plan) -> "MemoryModel":
+        """This model seen by code that only knows masks: a plain `BlockMask`'s kept blocks are at
+        `plan`'s levels (its drops aside). Lets a drop-only policy choose drops on top of int4 blocks."""
+        import copy
+
+        out = copy.copy(self)
+        out._memo = {}
+        out.levels = Plan.of(plan)
+        out.block_bytes = {name: self.level_bytes(name, lv if lv != DROP else DTYPE) for name, lv in out.levels.items()}
+        return out
+
+    def _as_plan(self, mask: BlockMask) -> BlockMask:
+        if self.levels is None or isinstance(mask, Plan):
+            return mask
+        key = ("as_plan", mask)
+        if key not in self._memo:
+            self._memo[key] = self._leveled(mask)
+        return self._memo[key]
+
+    def _leveled(self, mask: BlockMask) -> Plan:
+        return self.levels.with_levels({n: (lv if lv != DROP else DTYPE) if mask.keeps(n) else DROP
+                                        for n, lv in self.levels.items()})
 
     def block_level_bytes(self) -> dict[str, dict[str, int]]:
         """{block: {level: bytes}} for every block and every level its shape allows (the table a
@@ -166,13 +192,17 @@ class MemoryModel:
         return out
 
     def param_bytes(self, mask: BlockMask) -> int:
+        mask = self._as_plan(mask)
         if isinstance(mask, Plan):
-            return self.base_bytes + sum(self.level_bytes(name, level) for name, level in mask.items())
+            key = ("params", mask)
+            if key not in self._memo:
+                self._memo[key] = self.base_bytes + sum(self.level_bytes(name, level) for name, level in mask.items())
+            return self._memo[key]
         return self.base_bytes + sum(n for name, n in self.block_bytes.items() if mask.keeps(name))
 
     def param_bytes_by_level(self, mask: BlockMask) -> dict[str, int]:
         """Resident block bytes per level under `mask` (the base apart, under "base")."""
-        plan = Plan.of(mask)
+        plan = Plan.of(self._as_plan(mask))
         out = {"base": self.base_bytes}
         for name, level in plan.items():
             out[level] = out.get(level, 0) + self.level_bytes(name, level)
@@ -182,8 +212,15 @@ class MemoryModel:
         """The largest transient a quantized linear of `mask` adds for `tokens` rows: an int8 weight
         cast to the dtype (eager `Int8Tensor` linear), or on CUDA tinygemm's bf16 copy of the input
         padded to a multiple of 1024 features."""
+        mask = self._as_plan(mask)
         if not isinstance(mask, Plan) or not mask.is_quantized:
             return 0
+        key = ("transient", mask, tokens)
+        if key not in self._memo:
+            self._memo[key] = self._quant_transient_bytes(mask, tokens)
+        return self._memo[key]
+
+    def _quant_transient_bytes(self, mask: Plan, tokens: int) -> int:
         e, peak = self.shape.dtype_bytes, 0
         for name, level in mask.items():
             if level == INT8:
