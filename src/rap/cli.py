@@ -76,8 +76,15 @@ def load_view_for_cli(model: str, dtype: str | None = None, device: str | None =
     return load_view(model, dtype=dtype, device=device)
 
 
-def parse_mask(view, drop: str | None, profile: Path | None = None):
+PLAN_HELP = ("a level per block: ffn.3=int4,attn.7=drop,ffn.*=int8 (levels: dtype, int8, int4 = int4g128, "
+             "int4g64, int4g32, drop; named blocks win over wildcards) | plan.json | a text file of such entries")
+
+
+def parse_mask(view, drop: str | None, profile: Path | None = None, plan: str | None = None):
+    """--drop (and --profile) as a BlockMask; with --plan, a Plan (levels per block, --drop's blocks dropped),
+    checked against the model's shapes."""
     from .mask import BlockMask
+    from .plan import Plan
 
     prof = None
     if profile is not None:
@@ -85,6 +92,8 @@ def parse_mask(view, drop: str | None, profile: Path | None = None):
             prof = json.loads(Path(profile).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise RapError(f"cannot read profile {profile}: {e}") from None
+    if plan is not None:
+        return Plan.parse(plan, view.num_layers, prof, drop=drop).validate(view.shape)
     return BlockMask.parse(drop, view.num_layers, prof)
 
 
@@ -118,12 +127,20 @@ def models_fetch(name: str, gguf: Optional[Path] = typer.Option(None, help="use 
 
 # ---- info / memory / ppl ----------------------------------------------------------------------
 @app.command()
-def info(model: str, as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """Blocks of MODEL with parameters and bytes, and KV bytes per token."""
+def info(model: str, as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+         kernels: str = typer.Option("cuda", "--kernels", help="whose int4 layout to count: cuda (tinygemm, "
+                                     "pads K to 1024) or cpu (torchao's CPU opaque layout)")) -> None:
+    """Blocks of MODEL with parameters and bytes at every precision level, and KV bytes per token."""
     from .memory import MemoryModel, format_bytes
+    from .plan import LEVELS
 
+    if kernels not in ("cuda", "cpu"):
+        raise RapError(f"--kernels takes cuda or cpu, got {kernels!r}")
     view, _ = load_view_for_cli(model, device="cpu")
     mem = MemoryModel.from_view(view)
+    levels_mem = MemoryModel.from_view(view, on_cuda=kernels == "cuda")
+    level_bytes = levels_mem.block_level_bytes()
+    levels = [lv for lv in LEVELS if lv != "drop" and any(lv in d for d in level_bytes.values())]
     s = view.shape
     summary = {
         "model": view.name, "architecture": view.config.model_type, "layers": s.num_layers,
@@ -132,14 +149,23 @@ def info(model: str, as_json: bool = typer.Option(False, "--json", help="print J
         "kv_bytes_per_token": mem.kv_bytes_per_token(), "heads": s.num_heads, "kv_heads": s.num_kv_heads,
         "head_dim": s.head_dim, "max_context": s.max_context,
     }
+    summary["level_kernels"] = kernels
+    summary["level_total_bytes"] = {lv: view.base_bytes + sum(d[lv] for d in level_bytes.values())
+                                    for lv in levels if all(lv in d for d in level_bytes.values())}
     if as_json:
-        summary["blocks_detail"] = [b.__dict__ for b in view.blocks]
+        summary["blocks_detail"] = [{**b.__dict__, "level_bytes": level_bytes[b.name]} for b in view.blocks]
         print(json.dumps(summary, indent=2))
         return
-    table = Table("block", "params", "bytes", title=f"{view.name}: {s.num_layers} layers, {len(view.blocks)} blocks")
+    table = Table("block", "params", *[f"{lv} bytes" for lv in levels],
+                  title=f"{view.name}: {s.num_layers} layers, {len(view.blocks)} blocks (int4 layout: {kernels})")
     for b in view.blocks:
-        table.add_row(b.name, f"{b.params:,}", format_bytes(b.param_bytes))
+        table.add_row(b.name, f"{b.params:,}", *[format_bytes(level_bytes[b.name][lv]) if lv in level_bytes[b.name]
+                                                 else "n/a" for lv in levels])
     console.print(table)
+    totals = ", ".join(f"{lv} {format_bytes(n)}" for lv, n in summary["level_total_bytes"].items())
+    console.print(f"all parameters with every block at one level: {totals}"
+                  + ("" if len(summary["level_total_bytes"]) == len(levels) else
+                     " (n/a: the group size does not divide a projection's in_features)"))
     for key in ("architecture", "dtype", "heads", "kv_heads", "head_dim", "max_context"):
         console.print(f"{key}: {summary[key]}")
     console.print(f"base (embeddings, norms, lm_head): {format_bytes(view.base_bytes)}; "
@@ -155,20 +181,28 @@ def memory(
     new: int = typer.Option(128, help="new tokens per sequence"),
     drop: Optional[str] = typer.Option(None, help="blocks to drop: attn.3,ffn.7 | a count/fraction with --profile | mask.json"),
     profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    plan: Optional[str] = typer.Option(None, help=PLAN_HELP),
     kv_ratio: float = typer.Option(1.0, help="KV keep ratio after prompt compression, in (0, 1]"),
     dtype: str = typer.Option("bf16", help="parameter/KV dtype to plan for"),
     budget: Optional[str] = typer.Option(None, help="also say whether it fits, e.g. 6GiB"),
+    device: str = typer.Option("cpu", help="plan for cpu or cuda: CUDA adds the cuBLAS workspaces, the allocator's "
+                               "rounding and tinygemm's int4 layout"),
 ) -> None:
-    """Memory breakdown (params, KV cache, activations) for a request under a mask."""
+    """Memory breakdown (params per precision level, KV cache, activations) for a request under a mask or plan."""
     from .memory import MemoryModel, Request, format_bytes, parse_bytes
 
+    if device not in ("cpu", "cuda"):
+        raise RapError(f"--device takes cpu or cuda, got {device!r}")
     view, _ = load_view_for_cli(model, device="cpu", dtype=dtype)
     request = Request(batch, prompt, new)
-    mask = parse_mask(view, drop, profile)
-    mem = MemoryModel.from_view(view)
+    mask = parse_mask(view, drop, profile, plan)
+    mem = MemoryModel.from_view(view, on_cuda=device == "cuda")
     br = mem.breakdown(mask, request, kv_ratio)
     table = Table("term", "bytes", "", title=escape(f"{view.name} [{mask}] batch={batch} prompt={prompt} new={new} kv_ratio={kv_ratio}"))
-    rows = [("parameters", br.param_bytes), ("KV cache", br.kv_bytes),
+    by_level = mem.param_bytes_by_level(mask)
+    level_rows = [(f"  {'base (embeddings, norms, head)' if lv == 'base' else 'blocks at ' + lv}", n)
+                  for lv, n in by_level.items() if lv != "drop"] if plan is not None else []
+    rows = [("parameters", br.param_bytes), *level_rows, ("KV cache", br.kv_bytes),
             ("activations (prefill peak)", br.prefill_activation_bytes),
             ("activations (decode peak)", br.decode_activation_bytes), ("total peak", br.total_bytes)]
     for name, n in rows:
@@ -191,6 +225,7 @@ def ppl(
     max_tokens: Optional[int] = typer.Option(None, help="score only the first N tokens"),
     drop: Optional[str] = typer.Option(None, help="blocks to drop (see rap memory --help)"),
     profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    plan: Optional[str] = typer.Option(None, help="a level per block, e.g. ffn.*=int8,attn.*=int4g64 (see rap memory --help)"),
     batch_size: int = typer.Option(1, help="windows per forward pass"),
     dtype: Optional[str] = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
     out: Optional[Path] = typer.Option(None, help="append the result row to this JSON file"),
@@ -200,7 +235,12 @@ def ppl(
     from .eval.perplexity import needs_bos, perplexity, token_windows
 
     view, tok = load_view_for_cli(model, dtype=dtype)
-    mask = parse_mask(view, drop, profile)
+    mask = parse_mask(view, drop, profile, plan)
+    if plan is not None:  # quantized blocks in place (the torchao tensors rap's decoder runs), drops masked
+        from .residency import WeightResidency
+
+        WeightResidency(view).apply(mask)
+        mask = mask.mask
     text = read_text(file or WIKITEXT2_TEST)
     windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
     res = perplexity(view, windows, batch_size, mask=mask)
@@ -208,7 +248,7 @@ def ppl(
 
     # each row carries where, when and how it was measured: rows from several runs may share one file
     stamp = environment(view.device)
-    row = {"model": view.name, "mask": str(mask), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
+    row = {"model": view.name, "mask": str(mask), **({"plan": plan} if plan else {}), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
            "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype), **stamp}
     console.print(escape(f"{view.name} [{mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
                   f"({windows.shape[0]} windows of {seq_len})"))

@@ -64,6 +64,8 @@ from .hf import rotary_tables, sdpa_attention
 from .mask import BlockMask
 from .memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes, prefill_rows
 from .model import BlockView
+from .plan import DROP, DTYPE, Plan
+from .quant import quantize_weight, storage_bytes, weight_level
 
 log = logging.getLogger(__name__)
 
@@ -613,6 +615,10 @@ class Decoder:
         self.attn = [self._attn_weights(i) for i in range(view.num_layers)]
         self.ffn = [self._ffn_weights(i) for i in range(view.num_layers)]
         self.extra_weight_bytes = 0
+        # (block name, level) -> that block's weights quantized from its resident dense copy (see block_weights)
+        self._quantized: dict[tuple[str, str], AttnWeights | FfnWeights] = {}
+        self._plan_weights: dict[BlockMask, tuple[list, list]] = {}
+        self._validated: set[Plan] = set()
         if fuse_projections not in ("none", "copy", "inplace"):
             raise ValueError(f"fuse_projections must be 'none', 'copy' or 'inplace', got {fuse_projections!r}")
         self.fuse_projections = fuse_projections
@@ -649,11 +655,15 @@ class Decoder:
                 start += p.shape[0]
 
         for a, f in zip(self.attn, self.ffn):
-            a.wqkv, a.bqkv = cat(a.wq, a.wk, a.wv), cat(a.bq, a.bk, a.bv)
-            f.wgu, f.bgu = cat(f.wg, f.wu), cat(f.bg, f.bu)
+            if weight_level(a.wq) == DTYPE:  # a block resident at int8 / int4 runs unfused (see block_weights)
+                a.wqkv, a.bqkv = cat(a.wq, a.wk, a.wv), cat(a.bq, a.bk, a.bv)
+            if weight_level(f.wg) == DTYPE:
+                f.wgu, f.bgu = cat(f.wg, f.wu), cat(f.bg, f.bu)
             if in_place:
-                repoint((a.wq, a.wk, a.wv), a.wqkv)
-                repoint((f.wg, f.wu), f.wgu)
+                if a.wqkv is not None:
+                    repoint((a.wq, a.wk, a.wv), a.wqkv)
+                if f.wgu is not None:
+                    repoint((f.wg, f.wu), f.wgu)
                 if a.bqkv is not None:
                     repoint((a.bq, a.bk, a.bv), a.bqkv)
                 if f.bgu is not None:
@@ -662,6 +672,83 @@ class Decoder:
                 for t in (a.wqkv, a.bqkv, f.wgu, f.bgu):
                     if t is not None:
                         self.extra_weight_bytes += t.numel() * t.element_size()
+
+    # ---- precision levels -----------------------------------------------------------------------------
+    def block_weights(self, mask: BlockMask) -> tuple[list[AttnWeights], list[FfnWeights]]:
+        """Per-layer attention / FFN weights for `mask` (a `Plan` or a plain mask: every block at dtype).
+
+        A block the plan keeps at the level its module's weights are resident at (the dtype as
+        loaded, or int8 / int4 after `rap.engine.WeightResidency` moved it) uses those weights as
+        they are. A block resident at dtype that the plan wants quantized is quantized once from that
+        copy and cached (counted in `extra_weight_bytes`: the dense copy stays, as it must for the
+        next plan that keeps it dense); any other mismatch raises. Fused q/k/v and gate/up weights
+        are quantized fused: int8's per-output-channel and int4's per-row groups never mix rows,
+        so the values equal those of the three / two separate projections, and one GEMV stays one.
+        Cached per plan, so a captured graph always sees the same tensors.
+        """
+        key = mask
+        cached = self._plan_weights.get(key)
+        if cached is not None:
+            return cached
+        resident_quantized = any(weight_level(a.wq) != DTYPE for a in self.attn) or any(
+            weight_level(f.wg) != DTYPE for f in self.ffn)
+        if not resident_quantized and (not isinstance(mask, Plan) or not mask.is_quantized):
+            out = (self.attn, self.ffn)
+        else:
+            mask = Plan.of(mask)
+            if mask not in self._validated:
+                mask.validate(self.view.shape)
+                self._validated.add(mask)
+            attn = [self._block_at(self.attn[i], "attn", i, lv) for i, lv in enumerate(mask.attn_levels)]
+            ffn = [self._block_at(self.ffn[i], "ffn", i, lv) for i, lv in enumerate(mask.ffn_levels)]
+            out = (attn, ffn)
+        self._plan_weights[key] = out
+        return out
+
+    def _block_at(self, w: AttnWeights | FfnWeights, kind: str, layer: int, level: str):
+        resident = weight_level(w.wq if kind == "attn" else w.wg)
+        if level == DROP or level == resident:
+            return w
+        name = f"{kind}.{layer}"
+        if resident != DTYPE:
+            raise RequestError(f"{name} is resident at {resident}, the plan runs it at {level}: move it first "
+                               "(rap.engine.WeightResidency.apply(plan))")
+        key = (name, level)
+        if key not in self._quantized:
+            fields = ("wqkv", "wq", "wk", "wv", "wo") if kind == "attn" else ("wgu", "wg", "wu", "wd")
+            fused = "wqkv" if kind == "attn" else "wgu"
+            skip = ("wq", "wk", "wv") if kind == "attn" else ("wg", "wu")
+            new = {}
+            for f in fields:
+                t = getattr(w, f)
+                if t is None or (f in skip and getattr(w, fused) is not None):
+                    continue  # the fused tensor carries these rows
+                new[f] = quantize_weight(t, level, f"{name}.{f}")
+                self.extra_weight_bytes += storage_bytes(new[f])
+            self._quantized[key] = replace(w, **new)
+        return self._quantized[key]
+
+    def forget_weights(self) -> None:
+        """Let go of every weight tensor this decoder references (per-layer weights, quantized copies),
+        so a module's replaced weight is freed at once; `refresh_weights` must run before the next call."""
+        for w in (*self.attn, *self.ffn):
+            for f in ("wq", "wk", "wv", "wo", "wqkv", "wg", "wu", "wd", "wgu"):
+                if hasattr(w, f):
+                    setattr(w, f, None)
+        self._quantized.clear()
+        self._plan_weights.clear()
+        self.extra_weight_bytes = 0
+
+    def refresh_weights(self) -> None:
+        """Re-read every block's weights from the model's modules (after a residency move replaced
+        a module's weight with a quantized one, or back) and forget derived copies."""
+        self.attn = [self._attn_weights(i) for i in range(self.view.num_layers)]
+        self.ffn = [self._ffn_weights(i) for i in range(self.view.num_layers)]
+        self._quantized.clear()
+        self._plan_weights.clear()
+        self.extra_weight_bytes = 0
+        if self.fuse_projections != "none":
+            self._fuse(in_place=self.fuse_projections == "inplace")
 
     # ---- memory -------------------------------------------------------------------------------------
     def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -769,9 +856,10 @@ class Decoder:
         cos, sin = ws.cos[:, pos][:, :, None, None, :], ws.sin[:, pos][:, :, None, None, :]  # [R, B, 1, 1, D]
         valid = (ws.arange[None, :] >= ws.pad[:, None]) & (ws.arange[None, :] <= ws.col)
         windowed: dict[int, torch.Tensor] = {}
+        attn, ffn = self.block_weights(mask)
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
-                a = self.attn[i]
+                a = attn[i]
                 v = valid
                 if a.window is not None:
                     if a.window not in windowed:
@@ -780,7 +868,7 @@ class Decoder:
                 kc, vc = ws.kv[i]
                 x = self._attn_fn(x, a, cos[a.rope], sin[a.rope], kc, vc, ws.col, v, self.attention)
             if mask.keep_ffn[i]:
-                x = self._ffn_fn(x, self.ffn[i])
+                x = self._ffn_fn(x, ffn[i])
         logits = self._head_fn(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
         self._advance(ws, logits, sampled)
 
@@ -871,14 +959,15 @@ class Decoder:
             return masks[window]
 
         x = self._embed(ids)
+        attn, ffn = self.block_weights(mask)
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
-                a = self.attn[i]
+                a = attn[i]
                 kc, vc = ws.kv[i]
                 x = prefill_attention(x, a, cos[a.rope], sin[a.rope], kc[r0:r0 + n], vc[r0:r0 + n],
                                       mask_for(a.window), plan)
             if mask.keep_ffn[i]:
-                x = ffn_block(x, self.ffn[i])
+                x = ffn_block(x, ffn[i])
         return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
 
     def _step_eager(self, ws: _Workspace, mask: BlockMask, sampled: bool, n: int) -> None:
@@ -893,9 +982,10 @@ class Decoder:
         keys = ws.arange[:L]
         real = keys[None, :] >= ws.pad[:n, None]  # [n, L]
         padded = not bool(real.all())
+        attn, ffn = self.block_weights(mask)
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
-                a = self.attn[i]
+                a = attn[i]
                 q, k, v = project_qkv(x, a, cos[a.rope], sin[a.rope])
                 kc, vc = ws.kv[i]
                 kc[:n, :, col] = k[:, :, 0]
@@ -907,7 +997,7 @@ class Decoder:
                 o, _ = sdpa_attention(a.module, q, kc[:n, :, :L], vc[:n, :, :L], m, scaling=a.scaling)
                 x = attn_output(x, o.reshape(n, 1, -1), a)
             if mask.keep_ffn[i]:
-                x = ffn_block(x, self.ffn[i])
+                x = ffn_block(x, ffn[i])
         logits = final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
         if n < ws.batch:  # bucket rows beyond the request are idle on this path
             logits = torch.cat([logits, logits.new_zeros(ws.batch - n, logits.shape[1])])

@@ -15,6 +15,8 @@ def generate(
     max_new: int = typer.Option(64, "--max-new", help="new tokens per prompt"),
     drop: Optional[str] = typer.Option(None, help="blocks to drop: attn.3,ffn.7 | a count/fraction with --profile | mask.json"),
     profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
+    plan: Optional[str] = typer.Option(None, help="a level per block: ffn.3=int4,attn.7=drop,ffn.*=int8 | plan.json "
+                                       "(see rap memory --help)"),
     kv_ratio: float = typer.Option(1.0, "--kv-ratio", help="KV keep ratio in (0, 1]: SnapKV top-k per head after prefill"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
@@ -34,7 +36,7 @@ def generate(
     from .errors import RequestError
 
     view, tok = load_view_for_cli(model, dtype=dtype, device=device)
-    mask = parse_mask(view, drop, profile)
+    mask = parse_mask(view, drop, profile, plan)
     if stop is not None:
         try:
             stops = [int(s) for s in stop.split(",") if s.strip()]

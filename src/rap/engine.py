@@ -46,6 +46,7 @@ from .hf import BaseStreamer
 from .mask import BlockMask, block_name
 from .memory import MemoryModel, Request, format_bytes, parse_bytes
 from .model import BlockView
+from .residency import WeightResidency  # noqa: F401  (re-exported: the engine's residency lives there)
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,10 @@ def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
     if isinstance(policy, str):
         if policy == "greedy":
             return GreedyPolicy.from_profile(profile)
+        if policy in ("precision", "precision-ladder"):  # int8 / int4 before any drop (rap.policy.precision)
+            from .policy.precision import PrecisionLadder
+
+            return PrecisionLadder(profile=profile)
         pkg = importlib.import_module("rap.policy")  # named policies live there
         return pkg.load_policy(policy, profile=profile)
     if hasattr(policy, "decide") or callable(policy):
@@ -311,114 +316,8 @@ def _call_policy(policy: Any, memory_model: MemoryModel, request: Request, budge
 
 
 # ==== weights that leave the device =============================================================
-class WeightResidency:
-    """Keeps exactly the blocks of a mask on the device; the others wait in pinned host memory.
-
-    Weights never change during inference, so each block's host copy is made once (on its first
-    drop) and kept: a later drop only releases the device tensor (no copy at all) and a restore is
-    one host-to-device copy on a side stream. Each block module gets a forward pre-hook that makes
-    the compute stream wait for that block's copy only, so layer 0 computes while layer 20 loads.
-    On CPU the weights already live in host memory: moves are no-ops, but residency is tracked.
-    """
-
-    def __init__(self, view: BlockView):
-        self.view = view
-        self.device = view.device
-        self.on_cuda = self.device.type == "cuda"
-        # replaced, never mutated: other threads (metrics, /v1/budget) read it while a batch runs
-        self.resident: frozenset[str] = frozenset(b.name for b in view.blocks)
-        self._params: dict[str, list[torch.nn.Parameter]] = {
-            b.name: list(view.block_module(b.name).parameters()) for b in view.blocks}
-        self._host: dict[str, list[torch.Tensor]] = {}
-        self._pending: dict[str, torch.cuda.Event] = {}
-        self._stream = torch.cuda.Stream(self.device) if self.on_cuda else None
-        self.moves = Counter()  # "dropped" / "restored" block counts
-        for b in view.blocks:
-            view.block_module(b.name).register_forward_pre_hook(self._make_wait_hook(b.name))
-
-    def _make_wait_hook(self, name: str):
-        def wait_for_copy(module, args):
-            event = self._pending.pop(name, None)
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-        return wait_for_copy
-
-    @property
-    def mask(self) -> BlockMask:
-        return BlockMask.from_drop(self.view.num_layers, [b.name for b in self.view.blocks if b.name not in self.resident])
-
-    def resident_bytes(self) -> int:
-        """Parameter bytes on the device: the base plus resident blocks."""
-        return self.view.base_bytes + sum(b.param_bytes for b in self.view.blocks if b.name in self.resident)
-
-    def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in list(self._host.values()) for t in ts)
-
-    def apply(self, mask: BlockMask) -> tuple[list[str], list[str]]:
-        """Drop what `mask` drops (first, freeing memory), then restore what it keeps. Returns
-        (dropped, restored) block names. A restore may still be in flight on return."""
-        drop = [b.name for b in self.view.blocks if b.name in self.resident and not mask.keeps(b.name)]
-        restore = [b.name for b in self.view.blocks if b.name not in self.resident and mask.keeps(b.name)]
-        for name in drop:
-            self._drop(name)
-        if drop and self.on_cuda:
-            # Hand the freed blocks back to the driver, not just to this process's cache, so
-            # another tenant (and a live budget reading free memory) sees them.
-            torch.cuda.empty_cache()
-        for name in restore:  # layer order, so early layers are ready first
-            self._restore(name)
-        if drop or restore:
-            log.debug("residency: dropped %s, restored %s", drop, restore)
-        return drop, restore
-
-    def stage_host_copies(self) -> int:
-        """Make every resident block's pinned host copy now rather than on its first drop (pinning
-        gigabytes takes seconds: a server that expects its budget to move pays it at start, not at the
-        first squeeze). Costs host memory equal to the blocks' bytes. Returns the host bytes held."""
-        if self.on_cuda:
-            for name in self.resident:
-                self._host_copy(name)
-        return self.host_bytes()
-
-    def _host_copy(self, name: str) -> list[torch.Tensor]:
-        if name not in self._host:
-            host = []
-            for p in self._params[name]:
-                h = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
-                h.copy_(p.data)
-                host.append(h)
-            self._host[name] = host
-        return self._host[name]
-
-    def _drop(self, name: str) -> None:
-        if self.on_cuda:
-            event = self._pending.pop(name, None)
-            if event is not None:
-                event.synchronize()
-            for p, h in zip(self._params[name], self._host_copy(name)):
-                p.data = h  # the device tensor's last reference goes: the allocator frees it
-        self.resident = self.resident - {name}
-        self.moves["dropped"] += 1
-
-    def _restore(self, name: str) -> None:
-        if self.on_cuda:
-            compute = torch.cuda.current_stream(self.device)
-            self._stream.wait_stream(compute)  # don't overwrite memory compute may still read
-            with torch.cuda.stream(self._stream):
-                for p, h in zip(self._params[name], self._host[name]):
-                    d = h.to(self.device, non_blocking=True)
-                    d.record_stream(compute)  # allocated on the side stream, used on the compute stream
-                    p.data = d
-                event = torch.cuda.Event()
-                event.record(self._stream)
-            self._pending[name] = event
-        self.resident = self.resident | {name}
-        self.moves["restored"] += 1
-
-    def synchronize(self) -> None:
-        for event in self._pending.values():
-            event.synchronize()
-        self._pending.clear()
+# WeightResidency (each block on the device at its plan level, the rest in pinned host memory)
+# lives in rap.residency; imported above and re-exported here for existing users.
 
 
 # ==== generation backends =======================================================================
@@ -510,6 +409,7 @@ class DecoderBackend:
     def __init__(self, view: BlockView, decoder_cls: type, module: Any):
         self.decoder = decoder_cls(view)
         self.module = module
+        self._stale = False
         self._accepts = set(inspect.signature(self.decoder.generate).parameters)
         self.supports_kv_ratio = "kv_ratio" in self._accepts and bool(getattr(self.decoder, "compresses_kv", True))
         self.kv_length_quantum = getattr(module, "LENGTH_QUANTUM", None) if self.supports_kv_ratio else None
@@ -523,8 +423,17 @@ class DecoderBackend:
         return Request(bucket_batch(request.batch), request.prompt, max(request.new_tokens, length - request.prompt))
 
     def on_weights_restored(self, names: Sequence[str]) -> None:
-        if names:
+        if names or self._stale:
             self.decoder.release()
+            getattr(self.decoder, "refresh_weights", lambda: None)()
+            self._stale = False
+
+    def drop_weight_references(self) -> None:
+        """Release graphs and per-layer weight references before blocks change precision (see
+        rap.residency); `on_weights_restored` re-reads the modules' weights afterwards."""
+        self.decoder.release()
+        getattr(self.decoder, "forget_weights", lambda: None)()
+        self._stale = True
 
     def resident_extra_bytes(self) -> int:
         return int(getattr(self.decoder, "kv_resident_bytes", 0))
@@ -682,9 +591,12 @@ class Engine:
                 log.info("using the profile shipped for %s: %s", self.view.name, profile)
         self.profile = profile
         self.policy = as_policy(policy, profile)
-        self.residency = WeightResidency(self.view)
+        self.residency = WeightResidency(self.view, self.memory_model)
         if stage_host_copies:
-            log.info("staged pinned host copies of every block: %s", format_bytes(self.residency.stage_host_copies()))
+            # True: dense copies only; a tuple of levels: also a staged quantized host copy per level
+            levels = tuple(stage_host_copies) if isinstance(stage_host_copies, (tuple, list)) else ()
+            log.info("staged pinned host copies of every block: %s",
+                     format_bytes(self.residency.stage_host_copies(levels)))
         self.backend = make_backend(self.view, backend)
         self._fallback_backend = HFGenerateBackend()
         # a compressed cache is as long as the backend allocates it (the decoder rounds it up)
@@ -944,10 +856,23 @@ class Engine:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
+    def _drop_weight_references(self) -> None:
+        """Before a block changes precision: backends let go of the weight tensors they hold (the fast
+        decoder's per-layer weights and graphs), so the old copy is freed the moment it is replaced."""
+        for b in self._backends():
+            getattr(b, "drop_weight_references", lambda: None)()
+
     def _execute(self, items: list, backend, request: Request, decision: Decision, budget: int, oom_retry: bool):
         t0 = time.perf_counter()
         started_at = time.time()
-        dropped, restored = self.residency.apply(decision.mask)
+        transition = self.residency.transition_peak_bytes(decision.mask)
+        if transition > self.residency.resident_bytes() and transition + self._held_bytes() > self.effective_budget(budget):
+            self._release_backend_buffers()  # the decoder's KV buffers must not sit beside a precision change
+            if transition > self.effective_budget(budget):
+                log.warning("moving to [%s] peaks at %s of parameters (one block's old and new copy side by side), "
+                            "over the budget of %s", decision.mask, format_bytes(transition),
+                            format_bytes(self.effective_budget(budget)))
+        dropped, restored = self.residency.apply(decision.mask, before_change=self._drop_weight_references)
         if not isinstance(backend, HFGenerateBackend):
             # The fast decoder reads weights directly (no module forward, so no per-block wait
             # hooks) and may run them on its own streams: the copies must be complete first.

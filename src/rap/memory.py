@@ -3,7 +3,11 @@
 Everything the policy and the engine decide is checked against this model, so each term is
 written from what rap's decode path (`rap.decode.Decoder`) actually allocates, not fitted:
 
-* params: the base (embeddings, norms, lm_head; tied weights once) plus the kept blocks;
+* params: the base (embeddings, norms, lm_head; tied weights once) plus the kept blocks, each at
+  its plan level (`rap.plan.Plan`; a plain `BlockMask` keeps blocks at the model's dtype): an int8 /
+  int4 block holds its linear weights as `rap.quant.quantize_weight` stores them (packed values,
+  scales, zeros; `rap.quant.quantized_weight_bytes`, exact per device type) and its norms and biases
+  as loaded;
 * KV cache: preallocated for prompt + new tokens, only for kept attention blocks
   (a sliding-window layer holds at most its window); with a KV keep ratio r the prompt part
   shrinks to ceil(r * prompt) tokens per head on average (Ada-KV cache, no padding), and
@@ -46,6 +50,8 @@ from dataclasses import asdict, dataclass
 from .errors import RequestError
 from .mask import BlockMask
 from .model import BlockView, ModelShape
+from .plan import DROP, DTYPE, INT8, LEVELS, Plan, block_linears, int4_group_size
+from .quant import INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, quantized_weight_bytes
 
 
 PREFILL_CHUNK_TOKENS = 16384  # the decoder's prefill runs at most this many prompt tokens at once (whole rows)
@@ -114,6 +120,9 @@ class MemoryModel:
         self.window_bounded_kv = True
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
+        self.dense_block_bytes = dict(block_bytes)  # at the model's dtype (block_bytes may be leveled)
+        self.levels: Plan | None = None  # with_levels: the level a plain mask's kept blocks are at
+        self._memo: dict = {}  # (term, plan[, tokens]) -> bytes: a policy asks about the same plans often
         self.qk_norm = qk_norm
         self.on_cuda = on_cuda
         self.runtime_bytes = 0
@@ -138,8 +147,92 @@ class MemoryModel:
                    kv_length_quantum=kv_length_quantum)
 
     # ---- terms ----------------------------------------------------------------------------
+    def level_bytes(self, name: str, level: str) -> int:
+        """Device bytes of block `name` at `level`: its linear weights as that level stores them
+        (on this model's device type) plus the rest of the block (norms, biases) as loaded."""
+        dense = self.dense_block_bytes[name]
+        if level == DROP:
+            return 0
+        if level == DTYPE:
+            return dense
+        e = self.shape.dtype_bytes
+        device = "cuda" if self.on_cuda else "cpu"
+        linears = block_linears(name.split(".")[0], self.shape)
+        return dense + sum(quantized_weight_bytes(N, K, level, e, device) - N * K * e for _, N, K in linears)
+
+    def with_levels(self, plan: Plan) -> "MemoryModel":
+        """This model seen by code that only knows masks: a plain `BlockMask`'s kept blocks are at
+        `plan`'s levels (its drops aside). Lets a drop-only policy choose drops on top of int4 blocks."""
+        import copy
+
+        out = copy.copy(self)
+        out._memo = {}
+        out.levels = Plan.of(plan)
+        out.block_bytes = {name: self.level_bytes(name, lv if lv != DROP else DTYPE) for name, lv in out.levels.items()}
+        return out
+
+    def _as_plan(self, mask: BlockMask) -> BlockMask:
+        if self.levels is None or isinstance(mask, Plan):
+            return mask
+        key = ("as_plan", mask)
+        if key not in self._memo:
+            self._memo[key] = self._leveled(mask)
+        return self._memo[key]
+
+    def _leveled(self, mask: BlockMask) -> Plan:
+        return self.levels.with_levels({n: (lv if lv != DROP else DTYPE) if mask.keeps(n) else DROP
+                                        for n, lv in self.levels.items()})
+
+    def block_level_bytes(self) -> dict[str, dict[str, int]]:
+        """{block: {level: bytes}} for every block and every level its shape allows (the table a
+        profile or a policy over levels works from)."""
+        out = {}
+        for name in self.block_bytes:
+            kind = name.split(".")[0]
+            ins = [K for _, _, K in block_linears(kind, self.shape)]
+            out[name] = {lv: self.level_bytes(name, lv) for lv in LEVELS
+                         if int4_group_size(lv) is None or all(K % int4_group_size(lv) == 0 for K in ins)}
+        return out
+
     def param_bytes(self, mask: BlockMask) -> int:
+        mask = self._as_plan(mask)
+        if isinstance(mask, Plan):
+            key = ("params", mask)
+            if key not in self._memo:
+                self._memo[key] = self.base_bytes + sum(self.level_bytes(name, level) for name, level in mask.items())
+            return self._memo[key]
         return self.base_bytes + sum(n for name, n in self.block_bytes.items() if mask.keeps(name))
+
+    def param_bytes_by_level(self, mask: BlockMask) -> dict[str, int]:
+        """Resident block bytes per level under `mask` (the base apart, under "base")."""
+        plan = Plan.of(self._as_plan(mask))
+        out = {"base": self.base_bytes}
+        for name, level in plan.items():
+            out[level] = out.get(level, 0) + self.level_bytes(name, level)
+        return out
+
+    def quant_transient_bytes(self, mask: BlockMask, tokens: int = 1) -> int:
+        """The largest transient a quantized linear of `mask` adds for `tokens` rows: an int8 weight
+        cast to the dtype (eager `Int8Tensor` linear), or on CUDA tinygemm's bf16 copy of the input
+        padded to a multiple of 1024 features."""
+        mask = self._as_plan(mask)
+        if not isinstance(mask, Plan) or not mask.is_quantized:
+            return 0
+        key = ("transient", mask, tokens)
+        if key not in self._memo:
+            self._memo[key] = self._quant_transient_bytes(mask, tokens)
+        return self._memo[key]
+
+    def _quant_transient_bytes(self, mask: Plan, tokens: int) -> int:
+        e, peak = self.shape.dtype_bytes, 0
+        for name, level in mask.items():
+            if level == INT8:
+                peak = max(peak, max(dequantize_transient_bytes(N, K, level, e)
+                                     for _, N, K in block_linears(name.split(".")[0], self.shape)))
+            elif int4_group_size(level) is not None and self.on_cuda:
+                K = max(K for _, _, K in block_linears(name.split(".")[0], self.shape))
+                peak = max(peak, tokens * INT4_CUDA_K_MULTIPLE * math.ceil(K / INT4_CUDA_K_MULTIPLE) * 2)
+        return peak
 
     def kv_tokens(self, request: Request, kv_ratio: float = 1.0, layer: int | None = None) -> int:
         """Tokens cached per (sequence, KV head) in one layer."""
@@ -237,7 +330,7 @@ class MemoryModel:
         # one chunk: residual stream, positions (int64), RoPE rows cos/sin [rows, P, head_dim]
         stream = tokens * (e * s.hidden_size + 8 + 2 * e * s.head_dim) + 8 * P
         attn, ffn = self.prefill_layer_bytes(mask)
-        layers = stream + tokens * max(attn, ffn)
+        layers = stream + tokens * max(attn, ffn) + self.quant_transient_bytes(mask, tokens)
         # after the chunk's last layer: its residual stream and last-position logits (dtype, then fp32)
         head = tokens * e * s.hidden_size + rows * s.vocab_size * (e + 4)
         return whole + max(layers, head) + self.buffer_bytes(request) + self.runtime_bytes
@@ -247,7 +340,7 @@ class MemoryModel:
         B, T = request.batch, request.total_tokens
         qw = s.num_heads * s.head_dim
         # one block's transients for one token per row, the key mask [B, T] and its float copy
-        layer = B * max(3 * s.intermediate_size, 4 * qw) * e + B * T * (1 + e)
+        layer = B * max(3 * s.intermediate_size, 4 * qw) * e + B * T * (1 + e) + self.quant_transient_bytes(mask, B)
         logits = B * s.vocab_size * (e + 4)  # lm_head output, then its fp32 copy
         peak = max(layer, logits, self.sampler_bytes(B))
         if self.autotune_buffer_bytes:

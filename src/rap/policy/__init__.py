@@ -32,7 +32,7 @@ from ..memory import MemoryBreakdown, Request
 # names is dominated by a few hopeless 30%-budget scenarios: PPL ratios of 1e5..1e41.)
 DEFAULT_POLICY = "ladder"
 BASELINE_NAMES = ("gsi-order", "knapsack", "ffn-first", "attn-first")
-POLICY_NAMES = ("rl", "ladder", *BASELINE_NAMES, "oracle")
+POLICY_NAMES = ("rl", "ladder", "precision", *BASELINE_NAMES, "oracle")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Decision:
 
     def to_dict(self) -> dict:
         return {
-            "policy": self.policy, "drop": list(self.mask.dropped), "kept_attn": self.kept_attn,
+            "policy": self.policy, "plan": str(self.mask), "drop": list(self.mask.dropped), "kept_attn": self.kept_attn,
             "kept_ffn": self.kept_ffn, "kv_ratio": self.kv_ratio,
             "request": {"batch": self.request.batch, "prompt": self.request.prompt,
                         "new_tokens": self.request.new_tokens},
@@ -94,6 +94,10 @@ def make_policy(name: str, context, bundle=None) -> Policy:
         from .ladder import LadderPolicy
 
         return LadderPolicy(context)
+    if name == "precision":  # int8 / int4 rungs before any drop, then the ladder on int4 blocks
+        from .precision import PrecisionPolicy
+
+        return PrecisionPolicy(context, "ladder", bundle)
     if name == "oracle":
         from .oracle import OraclePolicy
 

@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, help="sequences in the batch"),
         prompt: int = typer.Option(512, help="prompt tokens per sequence"),
         new: int = typer.Option(128, help="new tokens per sequence"),
-        policy: Optional[str] = typer.Option(None, help="a trained policy .zip, or: rl, ladder, gsi-order, "
+        policy: Optional[str] = typer.Option(None, help="a trained policy .zip, or: rl, ladder, precision, gsi-order, "
                                              "knapsack, ffn-first, attn-first, oracle (default: the best "
                                              "policy in the held-out evaluation)"),
         bundle: Optional[Path] = typer.Option(None, help="trained policy .zip providing the quality model for "
@@ -157,6 +157,9 @@ def register(app: typer.Typer) -> None:
         L = ctx.num_layers
         console.print(f"keep {d.kept_attn}/{L} attention and {d.kept_ffn}/{L} FFN blocks, KV keep ratio {d.kv_ratio:g}")
         console.print(escape(f"dropped: {', '.join(d.mask.dropped) or 'nothing'}"))
+        if getattr(d.mask, "is_quantized", False):
+            counts = ", ".join(f"{n} {lv}" for lv, n in d.mask.counts().items())
+            console.print(escape(f"plan: {d.mask} ({counts})"))
         table = Table("term", "bytes", "")
         for label, n in (("parameters", br.param_bytes), ("KV cache", br.kv_bytes),
                          ("activations", br.activation_bytes), ("total peak", br.total_bytes),

@@ -1,0 +1,143 @@
+"""The precision ladder: before any block is dropped, blocks lose precision.
+
+Rungs, in order (each the first that fits the budget wins):
+
+1. every block at the model's dtype;
+2. FFN blocks at int8;
+3. every block at int8;
+4. every block at int4 (per block the largest group size its shapes allow, 128 then 64 then 32; int8
+   where none divides);
+5. int4 everywhere, plus the drops (and KV keep ratio) a drop-only policy picks for the remaining
+   budget, on a memory model whose blocks are int4 (`MemoryModel.with_levels`).
+
+Why this order, from measurements (SmolLM2-135M, WikiText-2, benchmarks/results/quant-2026-11-24.json,
+H100): int8 weight-only 22.05 vs dense 21.98 at 61% of the parameter bytes; int4 g64 31.6 at 45%;
+dropping blocks to the same 61% 551, and int8 plus 20% of blocks dropped (50% of the bytes) 97.0. So
+int8 costs almost nothing, int4 beats any drop at the bytes it frees, and drops come last. The rung
+order is fixed; it does not weigh costs per block (that is the joint profile / solver of issue 15,
+items 4 and 5). `measured_ppl_ratio` reports a rung's measured PPL ratio when a results file gives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import BudgetError
+from ..memory import MemoryModel, Request, format_bytes
+from ..plan import DROP, INT4_GROUP_SIZES, INT8, Plan, block_linears
+
+log = logging.getLogger(__name__)
+
+
+def int4_level_for(kind: str, shape) -> str:
+    """The int4 level with the largest group size that divides every in_features of a block kind, else int8."""
+    ins = [K for _, _, K in block_linears(kind, shape)]
+    for g in sorted(INT4_GROUP_SIZES, reverse=True):
+        if all(K % g == 0 for K in ins):
+            return f"int4g{g}"
+    return INT8
+
+
+def precision_rungs(num_layers: int, shape) -> list[tuple[str, Plan]]:
+    """(name, plan) of the ladder's rungs 1-4, in order."""
+    L = num_layers
+    a4, f4 = int4_level_for("attn", shape), int4_level_for("ffn", shape)
+    return [("dtype", Plan.full(L)),
+            ("ffn-int8", Plan.from_levels(["dtype"] * L, [INT8] * L)),
+            ("int8", Plan.uniform(L, INT8)),
+            ("int4", Plan.from_levels([a4] * L, [f4] * L))]
+
+
+class PrecisionLadder:
+    """Engine policy (`decide(memory_model, request, budget_bytes, resident_mask)`): the rungs above,
+    then `inner` (any engine policy; default: rap.engine's default drop policy for `profile`) on the
+    int4 rung's memory model."""
+
+    name = "precision-ladder"
+
+    def __init__(self, inner: Any = None, profile: dict | str | Path | None = None,
+                 measured: dict[str, float] | None = None):
+        if inner is None:
+            from ..engine import default_policy
+
+            inner = default_policy(profile)
+        self.inner = inner
+        self.measured = dict(measured or {})
+        self._leveled: dict[int, MemoryModel] = {}
+
+    def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
+        from ..engine import Decision, _call_policy
+
+        rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape)
+        for name, plan in rungs:
+            if memory_model.fits(budget_bytes, plan, request):
+                return Decision(plan, 1.0, memory_model.peak_bytes(plan, request), f"{self.name}:{name}")
+        bottom = rungs[-1][1]
+        key = id(memory_model)
+        if key not in self._leveled:  # cached: policies memoise contexts per memory model
+            self._leveled[key] = memory_model.with_levels(bottom)
+        leveled = self._leveled[key]
+        try:
+            inner = _call_policy(self.inner, leveled, request, budget_bytes, resident_mask)
+        except BudgetError as e:
+            raise BudgetError(f"even with every block at int4 and blocks dropped: {e}") from None
+        plan = bottom.with_levels({n: DROP for n in inner.mask.dropped})
+        kv = inner.kv_ratio
+        return Decision(plan, kv, memory_model.peak_bytes(plan, request, kv), f"{self.name}:int4+{inner.policy}")
+
+    def measured_ppl_ratio(self, rung: str) -> float | None:
+        return self.measured.get(rung)
+
+
+def measured_rung_ratios(path: str | Path, model: str) -> dict[str, float]:
+    """PPL ratio to dense per rung from a benchmarks/results/precision-cpu-*.json file (rows with
+    "model", "rung" and "ppl"), for `model`; {} when the file has none."""
+    try:
+        rows = json.loads(Path(path).read_text()).get("rows", [])
+    except (OSError, ValueError):
+        return {}
+    mine = [r for r in rows if r.get("model") == model and "rung" in r and "ppl" in r]
+    dense = next((r["ppl"] for r in mine if r["rung"] == "dtype"), None)
+    if not dense:
+        return {}
+    return {r["rung"]: r["ppl"] / dense for r in mine if math.isfinite(r["ppl"])}
+
+
+class PrecisionPolicy:
+    """`rap decide`'s convention (`decide(request, budget_bytes) -> rap.policy.Decision`): the same rungs,
+    then the named drop policy (default: the ladder) on a context whose blocks are at int4."""
+
+    name = "precision"
+
+    def __init__(self, context, inner_name: str = "ladder", bundle=None, measured: dict[str, float] | None = None):
+        from . import make_policy
+        from .context import PolicyContext
+
+        self.context = context
+        self.rungs = precision_rungs(context.num_layers, context.memory.shape)
+        leveled = context.memory.with_levels(self.rungs[-1][1])
+        self.inner_context = PolicyContext(leveled, context.order, context.quality,
+                                           getattr(context, "scores", None), context.model_name,
+                                           ladder=getattr(context, "_ladder", None))
+        self.inner = make_policy(inner_name, self.inner_context, bundle)
+        self.measured = dict(measured or {})
+
+    def decide(self, request: Request, budget_bytes: int):
+        from . import Decision
+
+        memory = self.context.memory
+        for name, plan in self.rungs:
+            if memory.fits(budget_bytes, plan, request):
+                ratio = self.measured.get(name)
+                return Decision(f"{self.name}:{name}", plan, 1.0, request, int(budget_bytes),
+                                memory.breakdown(plan, request), math.log(ratio) if ratio else float("nan"))
+        d = self.inner.decide(request, budget_bytes)
+        plan = self.rungs[-1][1].with_levels({n: DROP for n in d.mask.dropped})
+        log.debug("precision ladder: int4 plus %s (%s)", d.policy, format_bytes(memory.peak_bytes(plan, request)))
+        # quality of drops on top of int4 is not measured: nan rather than the drop-only prediction
+        return Decision(f"{self.name}:int4+{d.policy}", plan, d.kv_ratio, request, int(budget_bytes),
+                        memory.breakdown(plan, request, d.kv_ratio), float("nan"))
