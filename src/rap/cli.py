@@ -191,6 +191,7 @@ def memory(
     """Memory breakdown (params per precision level, KV cache, activations) for a request under a mask or plan."""
     from .memory import MemoryModel, Request, format_bytes, parse_bytes
 
+    budget_bytes = None if budget is None else parse_bytes(budget)  # a bad budget fails before any output
     if device not in ("cpu", "cuda"):
         raise RapError(f"--device takes cpu or cuda, got {device!r}")
     view, _ = load_view_for_cli(model, device="cpu", dtype=dtype)
@@ -208,10 +209,9 @@ def memory(
     for name, n in rows:
         table.add_row(name, f"{n:,}", format_bytes(n))
     console.print(table)
-    if budget is not None:
-        b = parse_bytes(budget)
-        verdict = "fits" if br.total_bytes <= b else "does NOT fit"
-        console.print(f"{verdict} in {format_bytes(b)} ({br.total_bytes / b:.1%} of budget)")
+    if budget_bytes is not None:
+        verdict = "fits" if br.total_bytes <= budget_bytes else "does NOT fit"
+        console.print(f"{verdict} in {format_bytes(budget_bytes)} ({br.total_bytes / budget_bytes:.1%} of budget)")
     if prompt + new > view.shape.max_context:
         console.print(f"[yellow]note: prompt + new = {prompt + new} tokens is beyond {escape(view.name)}'s context of "
                       f"{view.shape.max_context}: the model cannot serve this request[/yellow]")
