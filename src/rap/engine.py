@@ -50,6 +50,11 @@ from .model import BlockView
 log = logging.getLogger(__name__)
 
 GPU_HEADROOM_RATIO = 0.005  # default planning margin on CUDA (see Engine.__init__)
+# Below this temperature sampling is greedy, as in vLLM: 1/T overflows the logits to inf and the
+# probabilities to NaN long before T reaches 0, and the distribution is one-hot anyway.
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # beyond this a distribution is uniform to float precision; refuse, not NaN
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 # ==== budget sources ==========================================================================
@@ -432,7 +437,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class HFGenerateBackend:
@@ -454,9 +459,25 @@ class HFGenerateBackend:
 
     def generate(self, view: BlockView, prompts: list[list[int]], mask: BlockMask, kv_ratio: float,
                  sampling: Sampling, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int],
-                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-        """New token ids per prompt (rows that stop early are padded); prompts are left-padded."""
-        from transformers import GenerationConfig
+                 on_step: Callable[[torch.Tensor], Any] | None = None,
+                 seeds: Sequence[int | None] | None = None) -> list[list[int]]:
+        """New token ids per prompt (rows that stop early are padded); prompts are left-padded.
+        `on_step` may return which rows are finished (a stop string, a cancel): `generate` stops
+        them. Sampled rows with seeds run one by one (one global generator here), so a row's
+        tokens depend on its seed only, not on what it was batched with."""
+        seeds = list(seeds) if seeds is not None else [sampling.seed] * len(prompts)
+        if not sampling.greedy and len(prompts) > 1 and any(s is not None for s in seeds):
+            out: list[list[int]] = []
+            for row, (p, seed) in enumerate(zip(prompts, seeds)):
+                def row_step(tokens, row=row, n=len(prompts)):
+                    full = torch.full((n,), pad_token_id, dtype=tokens.dtype)
+                    full[row] = tokens[0]
+                    finished = on_step(full)
+                    return None if finished is None else [finished[row]]
+                out += self.generate(view, [p], mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
+                                     row_step if on_step is not None else None, [seed])
+            return out
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=view.device)
@@ -465,12 +486,26 @@ class HFGenerateBackend:
                                   pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
         if not sampling.greedy:
             config.temperature, config.top_p, config.top_k = sampling.temperature, sampling.top_p, 0
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        streamer = _StepStreamer(on_step) if on_step is not None else None
+        seed = seeds[0] if seeds else None
+        if seed is not None:
+            torch.manual_seed(seed % 2**64)
+        finished: list = [None]
+
+        class RowsFinished(StoppingCriteria):  # what on_step said, as generate's per-row stop
+            def __call__(self, input_ids, scores, **kwargs):
+                done = finished[0]
+                if done is None:
+                    return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        def step(tokens):
+            finished[0] = on_step(tokens)
+
+        streamer = _StepStreamer(step) if on_step is not None else None
+        criteria = StoppingCriteriaList([RowsFinished()]) if on_step is not None else None
         with view.masked(mask), torch.inference_mode():
             out = view.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                      streamer=streamer)
+                                      streamer=streamer, stopping_criteria=criteria)
         return out[:, width:].tolist()
 
 
@@ -532,9 +567,11 @@ class DecoderBackend:
         self.decoder.release()
 
     def generate(self, view, prompts, mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
-                 on_step=None) -> list[list[int]]:
+                 on_step=None, seeds=None) -> list[list[int]]:
+        # one seed per row when any row has one (each row its own generator), else one random generator
+        seed = list(seeds) if seeds is not None and any(s is not None for s in seeds) else sampling.seed
         offered = dict(prompts=prompts, max_new_tokens=max_new_tokens, mask=mask, kv_ratio=kv_ratio,
-                       temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                       temperature=sampling.temperature, top_p=sampling.top_p, seed=seed,
                        stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step)
         out = self.decoder.generate(**{k: v for k, v in offered.items() if k in self._accepts})
         return [list(row) for row in getattr(out, "tokens", out)]
@@ -570,10 +607,18 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     on_token: Callable[[int], None] | None = None
     request_id: str = ""
+    # set from any thread (a client gone, a deadline, shutdown): the row stops within one decode step
+    cancel: threading.Event | None = None
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(float(self.temperature), float(self.top_p), self.seed)
+        """How the batch samples (the seed is per row: `seed`, not part of the batch's sampling)."""
+        t = float(self.temperature)
+        return Sampling(0.0 if t < GREEDY_TEMPERATURE else t, float(self.top_p), None)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 @dataclass(frozen=True)
@@ -616,7 +661,7 @@ class GenerationResult:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     prompt_tokens: int = 0
-    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "error"
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
     step: StepInfo | None = None
     error: RapError | None = None
 
@@ -641,12 +686,19 @@ class EngineStats:
     generate_seconds: float = 0.0
     oom_events: int = 0
     oom_failures: int = 0
+    backend_fallbacks: int = 0  # single rows served by the fallback backend after the primary failed on them
+    last_fallback: str | None = None
     decisions: Counter = field(default_factory=Counter)  # (dropped block count, kv_ratio) -> batches
     last_step: StepInfo | None = None
 
 
 class OutOfMemoryAfterRetry(BudgetError):
     """The device ran out of memory, and again after shrinking."""
+
+
+class EngineFailure(RapError):
+    """A request failed inside the engine for a reason that is not its input (a bug): a server
+    answers 500 for it alone."""
 
 
 # ==== the engine ================================================================================
@@ -711,6 +763,7 @@ class Engine:
             self._foreign_bytes = torch.cuda.memory_allocated(self.device) - self.residency.resident_bytes()
         self.stats = EngineStats()
         self._lock = threading.RLock()
+        self.cancel_all = threading.Event()  # shutdown: every running row stops at its next step
         self._eos_ids = self._find_eos_ids()
         self.set_budget(budget if budget is not None else LiveBudget(0, str(self.device), device_total_bytes))
         if calibrate and self.device.type == "cuda":
@@ -852,12 +905,14 @@ class Engine:
                 except RapError as e:
                     results[i] = self._reject(r, e, "invalid")
                     continue
+                if r.cancelled:
+                    results[i] = GenerationResult(r.request_id, prompt_tokens=len(ids), finish_reason="cancelled")
+                    continue
                 # Streaming needs per-token callbacks; a backend without them serves the batch at
                 # the end, so streamed requests go to one that streams.
                 backend = self.backend if (r.on_token is None or self.backend.streams) else self._fallback_backend
-                # Seeds do not split batches: a batch samples with its first request's seed
-                # (OpenAI's seed is best-effort too), so seeded requests still batch together.
-                key = (dataclasses.replace(r.sampling, seed=None), id(backend))
+                # Seeds do not split batches: each row samples from its own generator.
+                key = (r.sampling, id(backend))
                 groups.setdefault(key, [backend, []])[1].append((i, r, ids))
             for backend, items in groups.values():
                 for start in range(0, len(items), self.max_batch):
@@ -873,19 +928,35 @@ class Engine:
         return result
 
     def _validate(self, r: GenerationRequest) -> list[int]:
+        """Every field checked against what the backends can do, so a bad one fails only its own
+        request (before batching) and never reaches a kernel."""
+        if r.prompt_ids is None and r.prompt is not None:
+            if not isinstance(r.prompt, str):
+                raise RequestError(f"a prompt must be text, got {type(r.prompt).__name__}")
+            check_text(r.prompt, "the prompt")
         ids = list(r.prompt_ids) if r.prompt_ids is not None else (self.encode(r.prompt) if r.prompt else [])
         if not ids or (r.prompt_ids is None and not (r.prompt or "").strip()):
             raise RequestError("the prompt is empty: send at least one token of text")
-        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+        if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, got {r.max_new_tokens!r}")
         if len(ids) + r.max_new_tokens > self.max_context:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({r.max_new_tokens}) exceeds the model's "
                                f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens")
-        if r.temperature < 0 or not 0 < r.top_p <= 1:
-            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        for name, value in (("temperature", r.temperature), ("top_p", r.top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        if not 0 <= r.temperature <= MAX_TEMPERATURE or not 0 < r.top_p <= 1:
+            raise RequestError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] and top_p in (0, 1]")
+        if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)
+                                   or not SEED_RANGE[0] <= r.seed < SEED_RANGE[1]):
+            raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {r.seed!r}")
+        if not isinstance(r.stop, (tuple, list)) or not all(isinstance(x, str) for x in r.stop):
+            raise RequestError("stop must be a list of strings")
+        for x in r.stop:
+            check_text(x, "a stop string")
         vocab = self.view.shape.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
     def _reject(self, r: GenerationRequest, error: RapError, reason: str) -> GenerationResult:
@@ -913,25 +984,54 @@ class Engine:
         try:
             return self._execute(items, backend, request, decision, budget, oom_retry=not retry)
         except torch.OutOfMemoryError as e:
-            self.stats.oom_events += 1
-            self._release_cached_memory()
-            first_line = (str(e).splitlines() or ["out of memory"])[0]
-            if not retry:
-                self.stats.oom_failures += 1
-                log.error("out of memory again after shrinking (%s); rejecting %d request(s)", first_line, len(items))
-                error = OutOfMemoryAfterRetry(
-                    f"the device ran out of memory running {decision.mask} even after shrinking; "
-                    f"lower the budget or send smaller requests")
-                return [(i, self._reject(r, error, "oom")) for i, r, _ in items]
-            shrunk = int(min(self.effective_budget(budget), decision.predicted_peak_bytes) * self.oom_shrink_ratio)
-            log.warning("out of memory running %s (predicted %s, budget %s): %s; retrying once within %s",
-                        decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
-                        format_bytes(shrunk))
-            try:
-                smaller = self._decide(backend.planning_request(request), shrunk, backend)
-            except BudgetError as be:
-                return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
-            return self._run(items, backend, request, smaller, budget, retry=False)
+            return self._after_oom(e, items, backend, request, decision, budget, retry)
+        except RapError as e:  # a backend refusing these rows (e.g. too many stop ids): theirs alone
+            reason = "budget" if isinstance(e, BudgetError) else "invalid"
+            return [(i, self._reject(r, e, reason)) for i, r, _ in items]
+        except Exception as e:  # a bug (ours or a backend's): fail only the rows it belongs to
+            return self._isolate_failure(items, backend, e)
+
+    def _isolate_failure(self, items: list, backend, error: Exception) -> list[tuple[int, GenerationResult]]:
+        """A batch failed with an unexpected error: bisect it so the rows that do not trigger it are
+        served; a single failing row gets one try on the fallback backend (counted, logged, and for
+        this row only: the next batch uses the primary backend again), then an error of its own."""
+        if len(items) > 1:
+            log.warning("backend %s failed on a batch of %d (%s: %s); retrying it in halves", backend.name,
+                        len(items), type(error).__name__, error)
+            half = len(items) // 2
+            return self._serve(items[:half], backend) + self._serve(items[half:], backend)
+        i, r, _ = items[0]
+        if backend is not self._fallback_backend:
+            self.stats.backend_fallbacks += 1
+            self.stats.last_fallback = f"{backend.name} failed on request {r.request_id or '-'}: " \
+                                       f"{type(error).__name__}: {error}"
+            log.error("%s; serving that request with %s", self.stats.last_fallback, self._fallback_backend.name)
+            return self._serve(items, self._fallback_backend)
+        log.error("request %s failed on every backend", r.request_id or "-", exc_info=error)
+        return [(i, self._reject(r, EngineFailure(f"internal error generating this request: "
+                                                  f"{type(error).__name__}: {error}"), "internal"))]
+
+    def _after_oom(self, e: Exception, items: list, backend, request: Request, decision: Decision, budget: int,
+                   retry: bool):
+        self.stats.oom_events += 1
+        self._release_cached_memory()
+        first_line = (str(e).splitlines() or ["out of memory"])[0]
+        if not retry:
+            self.stats.oom_failures += 1
+            log.error("out of memory again after shrinking (%s); rejecting %d request(s)", first_line, len(items))
+            error = OutOfMemoryAfterRetry(
+                f"the device ran out of memory running {decision.mask} even after shrinking; "
+                f"lower the budget or send smaller requests")
+            return [(i, self._reject(r, error, "oom")) for i, r, _ in items]
+        shrunk = int(min(self.effective_budget(budget), decision.predicted_peak_bytes) * self.oom_shrink_ratio)
+        log.warning("out of memory running %s (predicted %s, budget %s): %s; retrying once within %s",
+                    decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
+                    format_bytes(shrunk))
+        try:
+            smaller = self._decide(backend.planning_request(request), shrunk, backend)
+        except BudgetError as be:
+            return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
+        return self._run(items, backend, request, smaller, budget, retry=False)
 
     def _backends(self) -> list:
         return [self.backend] if self.backend is self._fallback_backend else [self.backend, self._fallback_backend]
@@ -964,11 +1064,10 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         reqs = [r for _, r, _ in items]
         rows = [ids for _, _, ids in items]
-        streams = _RowDispatcher(reqs, self._eos_ids) if any(r.on_token for r in reqs) else None
-        seed = next((r.seed for r in reqs if r.seed is not None), None)
-        sampling = dataclasses.replace(reqs[0].sampling, seed=seed)
-        new = self._backend_generate(backend, rows, decision, sampling, request.new_tokens,
-                                     streams.on_step if streams else None)
+        watch = any(r.on_token or r.stop or r.cancel for r in reqs) or self.cancel_all.is_set()
+        streams = _RowDispatcher(reqs, self._eos_ids, self.decode, self.cancel_all) if watch else None
+        new = self._backend_generate(backend, rows, decision, reqs[0].sampling, [r.seed for r in reqs],
+                                     request.new_tokens, streams.on_step if streams else None)
         if on_cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
@@ -982,11 +1081,13 @@ class Engine:
                 self.correction_ratio = ratio
         outputs = []
         for row, r in enumerate(reqs):
-            ids, reason = _cut(list(new[row]), r.max_new_tokens, self._eos_ids)
-            text = self.decode(ids)
-            for s in r.stop:
-                if s and s in text:
-                    text, reason = text[: text.index(s)], "stop"
+            if streams is not None and streams.reason[row] is not None:  # finished by a stop, cancel or EOS
+                ids, reason = list(new[row])[: streams.count[row]], streams.reason[row]
+                text = streams.text[row] if streams.text[row] is not None else self.decode(ids)
+            else:
+                ids, reason = _cut(list(new[row]), r.max_new_tokens, self._eos_ids)
+                text = self.decode(ids)
+                text, reason = _apply_stops(text, r.stop, reason)
             outputs.append((ids, text, reason))
         generated = sum(len(ids) for ids, _, _ in outputs)
         self.stats.steps += 1
@@ -1030,20 +1131,11 @@ class Engine:
                 b.release()
 
     def _backend_generate(self, backend, prompts: list[list[int]], decision: Decision, sampling: Sampling,
-                          max_new_tokens: int, on_step) -> list[list[int]]:
-        args = (self.view, prompts, decision.mask, decision.kv_ratio, sampling, max_new_tokens,
-                self.tokenizer.pad_token_id, self._eos_ids)
-        if backend is self._fallback_backend:
-            return backend.generate(*args, on_step=on_step)
-        try:
-            return backend.generate(*args, on_step=on_step)
-        except (torch.OutOfMemoryError, RapError):
-            raise
-        except Exception as e:  # keep serving on the slow path, loudly
-            log.error("backend %s failed (%s: %s); switching to Hugging Face generate",
-                      backend.name, type(e).__name__, e)
-            self.backend = self._fallback_backend
-            return self._fallback_backend.generate(*args, on_step=on_step)
+                          seeds: list[int | None], max_new_tokens: int, on_step) -> list[list[int]]:
+        """A backend's tokens for the batch. Any failure propagates: `_run` isolates the failing rows
+        (nothing switches backends for good behind the user's back)."""
+        return backend.generate(self.view, prompts, decision.mask, decision.kv_ratio, sampling, max_new_tokens,
+                                self.tokenizer.pad_token_id, self._eos_ids, on_step=on_step, seeds=seeds)
 
     # ---- introspection ------------------------------------------------------------------------------
     def budget_info(self, reference: Request | None = None) -> dict:
@@ -1058,30 +1150,49 @@ class Engine:
             "reference_request": dataclasses.asdict(reference),
             "dense_need_bytes": self.dense_need_bytes(planned),
             "smallest_need_bytes": self.smallest_need_bytes(planned),
-            "backend": self.backend.name,
+            "backend": self.backend.name, "backend_fallbacks": self.stats.backend_fallbacks,
+            "last_backend_fallback": self.stats.last_fallback,
             "correction_ratio": self.correction_ratio, "overhead_bytes": self.overhead_bytes,
         }
 
 
 class _RowDispatcher:
-    """Turns per-step token vectors [batch] into per-request `on_token` calls, stopping each row at
-    its EOS or its own max_new_tokens (the batch runs to the largest)."""
+    """Per-step token vectors [batch] -> per-request bookkeeping: `on_token` calls (streaming),
+    stop strings matched on the incrementally decoded text, cancellation, EOS and each row's own
+    max_new_tokens (the batch runs to the largest). `on_step` returns which rows are finished, so
+    the backend stops computing them (and the whole batch once every row is)."""
 
-    def __init__(self, requests: Sequence[GenerationRequest], eos_ids: Iterable[int]):
+    def __init__(self, requests: Sequence[GenerationRequest], eos_ids: Iterable[int],
+                 decode: Callable[[Sequence[int]], str], cancel_all: threading.Event | None = None):
         self.requests = list(requests)
         self.eos = set(eos_ids)
-        self.count = [0] * len(self.requests)
-        self.done = [False] * len(self.requests)
+        self.decode = decode
+        self.cancel_all = cancel_all
+        n = len(self.requests)
+        self.count = [0] * n  # tokens really generated per row (a stop string's tokens included)
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.reason: list[str | None] = [None] * n  # set when a row finishes
+        self.text: list[str | None] = [None] * n  # the final text of a row a stop string finished
 
-    def on_step(self, tokens: torch.Tensor) -> None:
+    def on_step(self, tokens: torch.Tensor) -> list[bool]:
+        shut = self.cancel_all is not None and self.cancel_all.is_set()
         for row, token in enumerate(tokens.tolist()):
             r = self.requests[row]
-            if self.done[row]:
+            if self.reason[row] is not None:
+                continue
+            if shut or r.cancelled:
+                self.reason[row] = "cancelled"
                 continue
             if token in self.eos:
-                self.done[row] = True
+                self.reason[row] = "stop"
                 continue
             self.count[row] += 1
+            self.ids[row].append(int(token))
+            if r.stop:
+                text = self.decode(self.ids[row])
+                cut, reason = _apply_stops(text, r.stop, "length")
+                if reason == "stop":
+                    self.reason[row], self.text[row] = "stop", cut
             if r.on_token is not None:
                 try:
                     r.on_token(int(token))
@@ -1089,8 +1200,23 @@ class _RowDispatcher:
                     log.warning("on_token callback of request %s failed (%s); not streaming it further",
                                 r.request_id or "-", e)
                     r.on_token = None
-            if self.count[row] >= r.max_new_tokens:
-                self.done[row] = True
+            if self.reason[row] is None and self.count[row] >= r.max_new_tokens:
+                self.reason[row] = "length"
+        return [reason is not None for reason in self.reason]
+
+
+def _apply_stops(text: str, stops: Sequence[str], reason: str) -> tuple[str, str]:
+    """Text cut before the earliest stop string it contains (OpenAI: the stop is not returned)."""
+    cuts = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], "stop") if cuts else (text, reason)
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800") is a client error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{what} is not valid Unicode ({e.reason} at position {e.start}): send UTF-8 text") from None
 
 
 def _cut(ids: list[int], max_new_tokens: int, eos_ids: Sequence[int]) -> tuple[list[int], str]:
