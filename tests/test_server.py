@@ -120,7 +120,10 @@ BAD_REQUESTS = [
     ("negative max_tokens", json.dumps({"prompt": "Hi", "max_tokens": -3}), 422),
     ("too long prompt", json.dumps({"prompt": "the cat sat " * 300, "max_tokens": 4}), 400),
     ("wrong type", json.dumps({"prompt": "Hi", "max_tokens": "many"}), 422),
-    ("n > 1", json.dumps({"prompt": "Hi", "n": 2}), 422),
+    ("n over the limit", json.dumps({"prompt": "Hi", "n": 129}), 422),
+    ("huge seed", json.dumps({"prompt": "Hi", "seed": 18446744073709551616}), 400),
+    ("lone surrogate", '{"prompt": "\\ud800 hi", "max_tokens": 4}', 400),
+    ("presence penalty", json.dumps({"prompt": "Hi", "presence_penalty": 0.5}), 400),
     ("unknown model", json.dumps({"prompt": "Hi", "model": "gpt-9"}), 404),
 ]
 

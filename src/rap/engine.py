@@ -142,50 +142,84 @@ class CallableBudget:
 BudgetSource = FixedBudget | DeviceFractionBudget | LiveBudget | CallableBudget
 
 
-def budget_from_spec(spec: Any, device: str = "cpu", total_bytes: int | None = None) -> BudgetSource:
-    """What users type after --budget (or PUT /v1/budget) -> a budget source.
+MAX_BUDGET_BYTES = 2**63 - 1
+_BUDGET_HELP = "use e.g. 6GiB, 512MB, a whole number of bytes, 0.5 or 50% of the device, live or live:1GiB"
 
-    - ``6GiB``, ``512MB``, ``123456789`` or an int: fixed bytes;
-    - ``0.5`` or ``50%``: that fraction of the device's memory;
-    - ``live`` or ``live:1GiB``: free device memory minus a reserve (default 0);
+
+def _strict_bytes(text: str, what: str) -> int:
+    """'6GiB' / '1e9' -> bytes; non-finite, negative, fractional-byte or absurd values are errors."""
+    try:
+        value = parse_bytes(text)
+    except (RequestError, OverflowError, ValueError):
+        raise RequestError(f"cannot read {text!r} as {what}: {_BUDGET_HELP}") from None
+    if not 0 <= value <= MAX_BUDGET_BYTES:
+        raise RequestError(f"{what} {text!r} is out of range: {_BUDGET_HELP}")
+    return value
+
+
+def budget_from_spec(spec: Any, device: str = "cpu", total_bytes: int | None = None) -> BudgetSource:
+    """What users type after --budget (or PUT /v1/budget) -> a budget source. Strict: anything that
+    is not one of these is a RequestError, never a budget of 0 bytes.
+
+    - ``6GiB``, ``512MB``, ``123456789`` or an int >= 1: fixed bytes;
+    - ``0.5`` or ``50%``: that fraction of the device's memory (at least one byte of it);
+    - ``live`` or ``live:1GiB``: free device memory minus a reserve (default 0, below the device's total);
     - a callable or a budget source: used as is.
     """
     if isinstance(spec, (FixedBudget, DeviceFractionBudget, LiveBudget, CallableBudget)):
         return spec
     if callable(spec):
         return CallableBudget(spec, getattr(spec, "__name__", "callable"))
-    if isinstance(spec, bool) or spec is None:
-        raise RequestError(f"cannot read {spec!r} as a budget: use e.g. 6GiB, 0.5, 50%, live or live:1GiB")
+    if isinstance(spec, bool) or spec is None or not isinstance(spec, (int, float, str)):
+        raise RequestError(f"cannot read {spec!r} as a budget: {_BUDGET_HELP}")
+
+    def fraction(value: float) -> DeviceFractionBudget:
+        source = DeviceFractionBudget(value, device, total_bytes)
+        if source() < 1:
+            raise RequestError(f"a budget of {value!r} of the device is less than one byte: {_BUDGET_HELP}")
+        return source
+
     if isinstance(spec, int):
-        if spec <= 0:
-            raise RequestError(f"a budget must be positive, got {spec}")
+        if not 1 <= spec <= MAX_BUDGET_BYTES:
+            raise RequestError(f"a budget in bytes must be in [1, 2**63), got {spec}")
         return FixedBudget(spec)
     if isinstance(spec, float):
-        if 0.0 < spec <= 1.0:
-            return DeviceFractionBudget(spec, device, total_bytes)
+        if not math.isfinite(spec) or spec <= 0:
+            raise RequestError(f"a budget must be a positive finite number, got {spec!r}")
+        if spec <= 1.0:
+            return fraction(spec)
+        if not spec.is_integer():
+            raise RequestError(f"a budget above 1 is bytes and must be a whole number, got {spec!r}: {_BUDGET_HELP}")
         return budget_from_spec(int(spec), device, total_bytes)
-    text = str(spec).strip().lower()
+    text = spec.strip().lower()
     if text == "live" or text.startswith("live:"):
-        reserve = parse_bytes(text.split(":", 1)[1]) if ":" in text else 0
-        return LiveBudget(reserve, device, total_bytes)
+        reserve = _strict_bytes(text.split(":", 1)[1], "a live budget's reserve") if ":" in text else 0
+        source = LiveBudget(reserve, device, total_bytes)
+        total = _device_total_bytes(torch.device(device), total_bytes)
+        if reserve >= total:
+            raise RequestError(f"a reserve of {format_bytes(reserve)} leaves nothing of the device's "
+                               f"{format_bytes(total)}: reserve less")
+        return source
     if text.endswith("%"):
         try:
-            return DeviceFractionBudget(float(text[:-1]) / 100.0, device, total_bytes)
+            pct = float(text[:-1])
         except ValueError:
-            raise RequestError(f"cannot read {spec!r} as a percentage of the device") from None
-    if "." in text:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is not None and 0.0 < value <= 1.0:
-            return DeviceFractionBudget(value, device, total_bytes)
+            pct = float("nan")
+        if not (math.isfinite(pct) and 0 < pct <= 100):
+            raise RequestError(f"cannot read {spec!r} as a percentage of the device: use (0, 100]%")
+        return fraction(pct / 100.0)
     try:
-        value = parse_bytes(text)
-    except RequestError:
-        raise RequestError(f"cannot read {spec!r} as a budget: use e.g. 6GiB, 0.5, 50%, live or live:1GiB") from None
-    if value <= 0:
-        raise RequestError(f"a budget must be positive, got {spec!r}")
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number) or number <= 0:
+            raise RequestError(f"a budget must be a positive finite number, got {spec!r}")
+        if number <= 1.0 and ("." in text or "e" in text):
+            return fraction(number)
+    value = _strict_bytes(text, "a budget")
+    if value < 1:
+        raise RequestError(f"a budget must be at least one byte, got {spec!r}")
     return FixedBudget(value)
 
 
@@ -927,6 +961,11 @@ class Engine:
             raise result.error
         return result
 
+    def validate(self, r: GenerationRequest) -> list[int]:
+        """The request's prompt token ids, or a RequestError naming what is wrong with it (thread-safe:
+        a server calls it off its event loop, before batching)."""
+        return self._validate(r)
+
     def _validate(self, r: GenerationRequest) -> list[int]:
         """Every field checked against what the backends can do, so a bad one fails only its own
         request (before batching) and never reaches a kernel."""
@@ -1108,6 +1147,31 @@ class Engine:
                  "-" if measured is None else format_bytes(measured), info.tokens_per_s)
         return [(i, GenerationResult(r.request_id, text, tuple(ids), len(ids_in), reason, info))
                 for (i, r, ids_in), (ids, text, reason) in zip(items, outputs)]
+
+    def fit_resident_to_budget(self) -> list[str]:
+        """Between batches: drop resident blocks until what stays fits the current budget with the
+        smallest request (nothing is restored; the next batch decides as usual), and free the
+        backends' buffers if the weights and buffers together exceed it. A budget exists because
+        someone else needs the memory now, not at the next request. Returns the dropped blocks."""
+        with self._lock:
+            budget = self.read_budget()
+            if self.need_bytes(self.residency.resident_bytes() + self._held_bytes()) <= budget:
+                return []
+            self._release_cached_memory()
+            smallest = self.planning_request(Request(1, 1, 1))
+            try:
+                keep = self._decide(smallest, self.effective_budget(budget)).mask
+            except BudgetError:
+                keep = BlockMask.from_drop(self.view.num_layers, default_removal_order(self.view.num_layers))
+            current = self.residency.mask
+            target = BlockMask.from_drop(self.view.num_layers,
+                                         [b.name for b in self.view.blocks
+                                          if not (keep.keeps(b.name) and current.keeps(b.name))])
+            dropped, _ = self.residency.apply(target)
+            if dropped:
+                log.info("budget %s below the resident weights: dropped %d block(s) while idle", format_bytes(budget),
+                         len(dropped))
+            return dropped
 
     def release_buffers(self) -> None:
         """Free what the backends keep between batches (KV buffers, captured graphs) and the
