@@ -32,14 +32,18 @@ def register(app: typer.Typer) -> None:
                                                               "(for fraction/live budgets)"),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice; 1 is "
                                                          "faster for tiny models on a busy machine)"),
+        max_body_bytes: str = typer.Option("8MiB", help="larger request bodies get 413 before they are read"),
+        max_prompts: int = typer.Option(4096, help="most prompts x n in one completions request (400 above)"),
+        drain_s: float = typer.Option(10.0, help="SIGTERM/SIGINT: stop admitting, let in-flight requests finish for "
+                                                 "this long, then cancel the rest and exit"),
         stage_host: bool = typer.Option(False, "--stage-host", help="GPU: make every block's pinned host copy at "
                                         "start (host memory = weights), so the first budget drop moves no time"),
     ) -> None:
         """Serve MODEL over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions) inside a budget."""
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401
 
-            from .server import create_app
+            from .server import create_app, serve as run_server
         except ImportError as e:
             raise RapError(f"`rap serve` needs the serve extra ({e.name} is missing): pip install 'rap-runtime[serve]'")
         from .cli import console, load_view_for_cli
@@ -56,10 +60,11 @@ def register(app: typer.Typer) -> None:
                       f"{format_bytes(info['budget_bytes'])} ({info['source']['kind']}); dense weights "
                       f"{format_bytes(info['dense_param_bytes'])}; http://{host}:{port}/v1")
         app_ = create_app(engine, model_name=view.name, max_batch=max_batch, batch_window_s=batch_window_ms / 1e3,
-                          max_tokens_limit=max_tokens_limit)
+                          max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body_bytes),
+                          max_prompts=max_prompts)
         level = logging.getLevelName(logging.getLogger().level).lower()
-        uvicorn.run(app_, host=host, port=port, log_level=level if level in ("debug", "info") else "warning",
-                    access_log=False)
+        run_server(app_, host=host, port=port, log_level=level if level in ("debug", "info") else "warning",
+                   drain_s=drain_s)
 
     @app.command()
     def demo(

@@ -290,29 +290,31 @@ class BodyLimit:
         length = dict(scope.get("headers") or ()).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._reject(send)
-        seen = 0
-        started = False
+        seen, over, replaced = 0, False, False
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
+                if seen > self.max_bytes:  # the app sees an end of body; its answer is replaced below
+                    over = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        async def tracked_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
+        async def guarded_send(message):
+            nonlocal replaced
+            if not over:
+                return await send(message)
+            if not replaced and message["type"] == "http.response.start":
+                replaced = True
                 await self._reject(send)
+
+        await self.app(scope, counted_receive, guarded_send)
+        if over and not replaced:
+            await self._reject(send)
 
     async def _reject(self, send):
         body = json.dumps({"error": {"message": f"the request body is over this server's limit of {self.max_bytes} "
@@ -322,10 +324,6 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 # ==== batching ===================================================================================
@@ -449,11 +447,13 @@ class EngineCollector:
             ("rap_generated_tokens", "tokens generated", s.generated_tokens),
             ("rap_oom_events", "out-of-memory errors caught (each retried once, smaller)", s.oom_events),
             ("rap_oom_failures", "out-of-memory errors that persisted after the retry", s.oom_failures),
+            ("rap_backend_fallbacks", "requests served by the fallback backend after the primary failed on them "
+                                      "(each logged; the primary stays in use)", s.backend_fallbacks),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
         rejected = CounterMetricFamily("rap_requests_rejected", "requests the engine rejected", labels=["reason"])
-        for reason in ("invalid", "budget", "oom"):
+        for reason in ("invalid", "budget", "oom", "internal"):
             rejected.add_metric([reason], s.rejected_by_reason.get(reason, 0))
         yield rejected
         decisions = CounterMetricFamily("rap_decisions", "batches per decision (blocks dropped, KV keep ratio)",
@@ -461,6 +461,9 @@ class EngineCollector:
         for (dropped, kv_ratio), n in sorted(s.decisions.items()):
             decisions.add_metric([str(dropped), f"{kv_ratio:g}"], n)
         yield decisions
+        backend = GaugeMetricFamily("rap_backend", "the engine's primary generation backend (1)", labels=["name"])
+        backend.add_metric([self.engine.backend.name], 1)
+        yield backend
         try:
             budget = self.engine.read_budget()
         except Exception:  # a user-supplied budget callable failing must not break scraping
@@ -922,20 +925,45 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
 
 
 # ==== running it =================================================================================
+def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str, drain_s: float):
+    """uvicorn whose exit signal (SIGTERM, SIGINT) first stops admitting: new requests get 503 while
+    in-flight ones drain for up to `drain_s`, then uvicorn cancels what is left and the app's
+    shutdown cancels the engine's running rows (they stop at their next step), so the process exits
+    within the drain plus one decode step."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state = getattr(app.state, "serving", None)
+            if state is not None and not state["draining"]:
+                log.warning("signal %s: not admitting new requests; draining for up to %.1f s", sig, drain_s)
+                state["draining"] = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=drain_s)
+    return DrainingServer(config)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          drain_s: float = DRAIN_S) -> None:
+    """Run `app` in this thread until SIGTERM/SIGINT (then a bounded drain; see `_uvicorn_server`)."""
+    _uvicorn_server(app, host, port, log_level, drain_s).run()
+
+
 class ServerThread:
     """uvicorn in a background thread (tests, demos, notebooks): `with ServerThread(app) as url: ...`."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 drain_s: float = DRAIN_S):
         import socket
-
-        import uvicorn
 
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server = _uvicorn_server(app, host, port, log_level, drain_s)
         self.thread = threading.Thread(target=self.server.run, name="rap-uvicorn", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> str:
@@ -949,7 +977,7 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
 
     def __enter__(self) -> str:
         return self.start()
