@@ -258,3 +258,52 @@ def test_the_openapi_spec_documents_every_status_and_body(served):
     assert {"200", "400", "404", "413", "422", "500", "503"} <= set(post)
     assert post["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "text/event-stream" in post["200"]["content"]
+
+
+# ---- shutdown ----------------------------------------------------------------------------------------
+def test_sigterm_drains_for_the_deadline_then_cancels_and_exits(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rap", "serve", "stories260k", "--port", str(port), "--threads",
+                             "1", "--drain-s", "1", "--budget", str(BIG)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "serve.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        outcome = {}
+
+        def long_request():  # 64 rows x 480 tokens: far longer than the drain
+            try:
+                outcome["status"] = httpx.post(url + "/v1/completions", timeout=60, json={
+                    "prompt": ["Once upon a time"] * 64, "max_tokens": LONG, "temperature": 0}).status_code
+            except httpx.HTTPError as e:
+                outcome["status"] = type(e).__name__
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=1 + 5 + 5)
+        took = time.monotonic() - t0
+        worker.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 1 + 5, (took, (tmp_path / "serve.log").read_text())
+    assert "status" in outcome  # the client got an answer or a closed connection, not a hang
