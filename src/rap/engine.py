@@ -974,7 +974,7 @@ class Engine:
                 raise RequestError(f"a prompt must be text, got {type(r.prompt).__name__}")
             check_text(r.prompt, "the prompt")
         ids = list(r.prompt_ids) if r.prompt_ids is not None else (self.encode(r.prompt) if r.prompt else [])
-        if not ids or (r.prompt_ids is None and not (r.prompt or "").strip()):
+        if not ids:
             raise RequestError("the prompt is empty: send at least one token of text")
         if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, got {r.max_new_tokens!r}")

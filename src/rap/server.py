@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 from fastapi import FastAPI, Query, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .engine import SEED_RANGE, Engine, EngineFailure, GenerationRequest, GenerationResult, check_text
 from .errors import BudgetError, ModelNotFoundError, RapError, RequestError
@@ -51,27 +52,49 @@ DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that
 
 
 # ==== request bodies (unknown fields are errors) ================================================
+# Fields rap accepts in the schema only with their neutral value (so a client sending the default
+# works); anything else is a 400 that says rap does not support it.
+UNSUPPORTED = {"presence_penalty": "only 0", "frequency_penalty": "only 0", "logit_bias": "only {}",
+               "suffix": 'only ""', "tools": "no tool calling: only []", "tool_choice": 'only "none"',
+               "response_format": 'no constrained decoding: only {"type": "text"}'}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextPart(_Strict):
+    type: Literal["text"] = Field(description="only text parts")
+    text: str
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1])]
+Zero = Annotated[float, Field(ge=0.0, le=0.0)]
+
+
 class _Sampling(_Strict):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="below 1e-5: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt (seeded: choice i uses seed + i)")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt (seeded: choice i uses seed + i); "
+                                                  "streaming needs n=1")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text ends before the first one")
-    seed: int | None = Field(None, description="an integer in [-2**63, 2**64); each row samples from its own")
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings; the text ends before the first one generated")
+    seed: Seed | None = Field(None, description="each row samples from its own generator")
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="only 0 is supported (400 otherwise)")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="only 0 is supported (400 otherwise)")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: 400 unless empty")
+    presence_penalty: Zero = Field(0.0, description="not supported: only 0")
+    frequency_penalty: Zero = Field(0.0, description="not supported: only 0")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(None, description="not supported")
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -80,47 +103,62 @@ class _Sampling(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
-TokenIds = list[int]
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
-        description="text, a list of texts, token ids, or a list of token-id lists")
-    max_tokens: int | None = Field(16, ge=0, description="0 with echo: score the prompt only")
-    echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                 description="log-probabilities of each token and of the top N alternatives")
-    suffix: str | None = Field(None, description="not supported: 400 unless empty")
-
-
-class TextPart(_Strict):
-    type: str = Field(description='"text" (other part types get 400)')
-    text: str | None = None
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+class _Message(_Strict):
+    content: str | list[TextPart] = Field(description="text, or a list of text parts")
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
 
 
-class ChatBody(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: 400 unless empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='not supported: 400 unless "none"')
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}: 400 otherwise')
+class InstructionMessage(_Message):
+    role: Literal["system", "developer", "user"] = Field(description="developer is read as system")
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+
+
+ChatMessage = Annotated[InstructionMessage | AssistantMessage, Field(discriminator="role")]
+
+
+def request_bodies(vocab_size: int = 2**31 - 1, max_context: int = 2**31 - 1, max_prompts: int = MAX_PROMPTS):
+    """The completion and chat bodies with this model's limits in their schema (token ids below the
+    vocabulary, max_tokens within the context, prompts per request), so the OpenAPI spec says what
+    the server accepts."""
+    TokenId = Annotated[int, Field(ge=0, lt=vocab_size)]
+    TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=max_context)]
+    Text = Annotated[str, Field(min_length=1)]
+
+    class CompletionBody(_Sampling):
+        prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=max_prompts)] | TokenIds | \
+            Annotated[list[TokenIds], Field(min_length=1, max_length=max_prompts)] = Field(
+                description="text, a list of texts, token ids, or a list of token-id lists")
+        max_tokens: int | None = Field(16, ge=0, lt=max_context, description="0 with echo: score the prompt only")
+        echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
+        logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="log-probabilities of each token and of the top N alternatives")
+        suffix: Annotated[str, Field(max_length=0)] | None = Field(None, description="not supported")
+
+    class ChatBody(_Sampling):
+        messages: list[ChatMessage] = Field(min_length=1)
+        max_tokens: int | None = Field(None, ge=1, lt=max_context)
+        max_completion_tokens: int | None = Field(None, ge=1, lt=max_context)
+        logprobs: bool = False
+        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs: true")
+        tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(None, description="not supported")
+        tool_choice: Literal["none"] | None = Field(None, description="not supported")
+        parallel_tool_calls: bool | None = None
+        response_format: ResponseFormat | None = Field(None, description='only {"type": "text"}')
+
+    return CompletionBody, ChatBody
+
+
+CompletionBody, ChatBody = request_bodies()
 
 
 class BudgetBody(_Strict):
-    budget: StrictInt | StrictFloat | StrictStr = Field(
-        description="6GiB | whole bytes | 0.5 or 50% of the device | live | live:1GiB")
+    budget: Annotated[int, Field(ge=1, le=2**63 - 1)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
+        Annotated[str, Field(min_length=1, max_length=64)] = Field(
+            description="whole bytes | a fraction of the device in (0, 1] | 6GiB | 50% | live | live:1GiB")
 
 
 # ==== response bodies (documentation: the OpenAPI spec lists every status and its body) ========
@@ -199,9 +237,9 @@ class Health(_Open):
 
 def _errors(*statuses: int) -> dict:
     text = {400: "invalid request (the message names the field)", 404: "unknown model",
-            413: "request body too large", 422: "body does not match the schema", 500: "internal error",
-            503: "over the memory budget, or shutting down"}
-    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+            413: "request body too large", 500: "internal error", 503: "over the memory budget, or shutting down",
+            "4XX": "any other client error (a body that does not match the schema is a 400)"}
+    return {s: {"model": ErrorResponse, "description": text[s]} for s in (*statuses, "4XX")}
 
 
 _SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events (stream: true)"}}}
@@ -255,20 +293,28 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error_response(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+        first = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+        if first and first[0] in UNSUPPORTED:
+            return _error_response(400, f"{first[0]} is not supported by rap ({UNSUPPORTED[first[0]]}): leave it out",
+                                   "invalid_request_error", "unsupported_parameter", first[0])
         parts = []
         for e in errors[:8]:
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
             parts.append(f"{loc or 'body'}: {msg}")
-        first = errors[0].get("loc", ()) if errors else ()
         message = "; ".join(parts).encode("utf-8", "replace").decode("utf-8")  # no lone surrogates echoed back
-        return _error_response(422, message, "invalid_request_error", "invalid_body",
-                               ".".join(str(x) for x in first if x != "body") or None)
+        return _error_response(400, message, "invalid_request_error", "invalid_body", ".".join(first) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: HTTPRequest, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error", None,
-                               headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route matched
+            methods = set()
+            for route in app.router.routes:
+                if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+                    methods |= set(route.methods)
+            headers["Allow"] = ", ".join(sorted(methods))
+        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: HTTPRequest, exc: Exception):
@@ -535,6 +581,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
     """A FastAPI app serving `engine`. The engine is used from one worker thread only; tokenizing
     runs on another, so the event loop only parses, routes and streams."""
     model_id = model_name or engine.name
+    CompletionBody, ChatBody = request_bodies(engine.view.shape.vocab_size, engine.max_context, max_prompts)
     registry = CollectorRegistry()
     registry.register(EngineCollector(engine))
     http_requests = Counter("rap_http_requests", "HTTP requests by route and status", ["route", "status"],
@@ -577,18 +624,6 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                            code="model_not_found", param="model")
 
     def check_sampling(body: _Sampling) -> None:
-        for field, value in (("presence_penalty", body.presence_penalty),
-                             ("frequency_penalty", body.frequency_penalty)):
-            if value != 0:
-                raise APIError(400, f"{field} is not supported by rap (only 0): leave it out", param=field,
-                               code="unsupported_parameter")
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported by rap: leave it out", param="logit_bias",
-                           code="unsupported_parameter")
-        if len(body.stops) > 4:
-            raise APIError(400, "at most 4 stop sequences", param="stop")
-        if body.seed is not None and not SEED_RANGE[0] <= body.seed < SEED_RANGE[1]:
-            raise APIError(400, f"seed must be an integer in [-2**63, 2**64), got {body.seed}", param="seed")
         if body.stream and body.n > 1:
             raise APIError(400, "streaming supports n=1", param="n")
 
@@ -753,10 +788,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
 
     completion_responses = {200: {"model": CompletionResponse, "content": _SSE,
                                   "description": "the completion (JSON), or server-sent events with stream: true"},
-                            **_errors(400, 404, 413, 422, 500, 503)}
+                            **_errors(400, 404, 413, 500, 503)}
     chat_responses = {200: {"model": ChatResponse, "content": _SSE,
                             "description": "the chat completion (JSON), or server-sent events with stream: true"},
-                      **_errors(400, 404, 413, 422, 500, 503)}
+                      **_errors(400, 404, 413, 500, 503)}
 
     # ---- routes ----------------------------------------------------------------------------------
     @app.get("/health", response_model=Health, responses=_errors(500))
@@ -771,7 +806,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
     async def models():
         return {"object": "list", "data": [card()]}
 
-    @app.get("/v1/models/{model}", response_model=ModelCard, responses=_errors(404, 422, 500))
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses=_errors(404, 500))
     async def model_card(model: str):
         check_model(model)
         return card()
@@ -781,14 +816,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
         check_open()
         check_model(body.model)
         check_sampling(body)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported by rap: leave it out", param="suffix",
-                           code="unsupported_parameter")
         p = body.prompt
-        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        if not prompts or any(len(x) == 0 for x in prompts):
-            raise APIError(400, "the prompt is empty: send at least one character of text or one token id",
-                           param="prompt")
+        prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
         if len(prompts) * body.n > max_prompts:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} is over this server's limit of {max_prompts} "
                                 f"rows per request (rap serve --max-prompts): split the request", param="prompt")
@@ -824,45 +853,22 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                 "rap": _meta(results[0])}
 
     def chat_messages(body: ChatBody) -> list[dict]:
-        if body.tools:
-            raise APIError(400, "tools are not supported by rap (no tool calling): leave them out", param="tools",
-                           code="unsupported_parameter")
-        if body.tool_choice not in (None, "none"):
-            raise APIError(400, "tool_choice is not supported by rap: leave it out", param="tool_choice",
-                           code="unsupported_parameter")
-        if body.response_format is not None and body.response_format.get("type", "text") != "text":
-            raise APIError(400, f"response_format {body.response_format.get('type')!r} is not supported by rap "
-                                f"(no constrained decoding): only {{\"type\": \"text\"}}", param="response_format",
-                           code="unsupported_parameter")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         out = []
         for i, m in enumerate(body.messages):
-            where = f"messages.{i}"
-            if m.role == "tool" or m.tool_calls:
-                raise APIError(400, f"{where}: tool messages are not supported by rap", param=where)
+            where = f"messages.{i}.content"
             if m.content is None:
-                if m.role != "assistant":
-                    raise APIError(400, f"{where}.content: only an assistant message may have no content",
-                                   param=f"{where}.content")
                 text = ""
             elif isinstance(m.content, str):
                 text = m.content
             else:
-                parts = []
-                for j, part in enumerate(m.content):
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"{where}.content.{j}: only text parts are supported (got "
-                                            f"{part.type!r})", param=f"{where}.content")
-                    parts.append(part.text)
-                text = "".join(parts)
+                text = "".join(part.text for part in m.content)
             try:
-                check_text(text, f"{where}.content")
+                check_text(text, where)
             except RapError as e:
-                raise _api_error(e, f"{where}.content") from None
+                raise _api_error(e, where) from None
             out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-        if not any(m["content"].strip() for m in out):
-            raise APIError(400, "every message is empty: send some text", param="messages")
         return out
 
     def chat_rows(messages: list[dict], body: ChatBody) -> list[GenerationRequest]:
@@ -896,7 +902,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                 "model": model_id, "choices": choices, "usage": usage(len(rows[0].prompt_ids), results),
                 "rap": _meta(results[0])}
 
-    @app.get("/v1/budget", responses=_errors(400, 422, 500))
+    @app.get("/v1/budget", responses=_errors(400, 500))
     async def get_budget(batch: int = Query(1, ge=1, le=4096), prompt: int = Query(64, ge=1, le=2**24),
                          new_tokens: int = Query(64, ge=1, le=2**24)) -> dict[str, Any]:
         """The budget now, plus the dense and smallest needs of a reference request (query params)."""
@@ -906,7 +912,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
             raise APIError(400, str(e)) from None
         return engine.budget_info(reference)
 
-    @app.put("/v1/budget", responses=_errors(400, 413, 422, 500))
+    @app.put("/v1/budget", responses=_errors(400, 413, 500))
     async def put_budget(body: BudgetBody) -> dict[str, Any]:
         try:
             engine.set_budget(body.budget)  # read at the next batch; the running one keeps its decision
