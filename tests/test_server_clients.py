@@ -96,9 +96,12 @@ def test_an_oversized_upload_gets_413_at_once_and_health_stays_fast(served):
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 31457280\r\n\r\n" + b'{"prompt": "' + b"a" * 65536)
-        t0 = time.perf_counter()
-        health = client.get("/health")
-        assert health.status_code == 200 and time.perf_counter() - t0 < 0.1
+        times = []
+        for _ in range(3):  # the median: one slow answer on a shared 2-core box is not the server's
+            t0 = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            times.append(time.perf_counter() - t0)
+        assert sorted(times)[1] < 0.1, times
         sock.settimeout(5)
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply
@@ -141,7 +144,8 @@ def test_a_huge_request_does_not_starve_a_small_one(served):
 @pytest.mark.parametrize("raw", ['{"budget": 1e999}', '{"budget": NaN}', '{"budget": Infinity}',
                                  '{"budget": ' + "1" + "0" * 400 + "}", '{"budget": true}', '{"budget": 1.5}',
                                  '{"budget": 1e-300}', '{"budget": "live:1e30"}', '{"budget": "1e999GiB"}',
-                                 '{"budget": "-5"}', '{"budget": "0%"}', '{"budget": null}'])
+                                 '{"budget": "-5"}', '{"budget": "0%"}', '{"budget": null}',
+                                 '{"budget": "1.5"}', '{"budget": "0"}', '{"budget": "live:2000TB"}'])
 def test_budget_input_is_strict(served, raw):
     client, engine, _ = served
     before = engine.budget_source
@@ -236,7 +240,7 @@ def test_chat_accepts_content_parts_the_developer_role_and_null_assistant_conten
                                          ({"response_format": {"type": "json_schema", "json_schema": {}}},
                                           "response_format"),
                                          ({"frequency_penalty": 1.0}, "frequency_penalty"),
-                                         ({"top_logprobs": 2}, "top_logprobs")])
+                                         ({"logit_bias": {"5": 1.0}}, "logit_bias")])
 def test_unsupported_chat_features_get_a_400_naming_the_field(served, extra, param):
     client, _, _ = served
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **extra})

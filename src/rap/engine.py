@@ -217,6 +217,8 @@ def budget_from_spec(spec: Any, device: str = "cpu", total_bytes: int | None = N
             raise RequestError(f"a budget must be a positive finite number, got {spec!r}")
         if number <= 1.0 and ("." in text or "e" in text):
             return fraction(number)
+        if not number.is_integer():
+            raise RequestError(f"a budget above 1 is bytes and must be a whole number, got {spec!r}: {_BUDGET_HELP}")
     value = _strict_bytes(text, "a budget")
     if value < 1:
         raise RequestError(f"a budget must be at least one byte, got {spec!r}")

@@ -155,9 +155,14 @@ def request_bodies(vocab_size: int = 2**31 - 1, max_context: int = 2**31 - 1, ma
 CompletionBody, ChatBody = request_bodies()
 
 
+_UNIT = "([kKmMgGtT][iI]?[bB]?|[bB])?"
+_BUDGET_PATTERN = (rf"^(live(:[0-9]+(\.[0-9]+)?{_UNIT})?|[0-9]{{0,3}}(\.[0-9]+)?%|0?\.[0-9]+"
+                   rf"|[1-9][0-9]{{0,18}}(\.[0-9]+)?{_UNIT})$")
+
+
 class BudgetBody(_Strict):
     budget: Annotated[int, Field(ge=1, le=2**63 - 1)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
-        Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        Annotated[str, Field(min_length=1, max_length=64, pattern=_BUDGET_PATTERN)] = Field(
             description="whole bytes | a fraction of the device in (0, 1] | 6GiB | 50% | live | live:1GiB")
 
 
@@ -242,7 +247,10 @@ def _errors(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": text[s]} for s in (*statuses, "4XX")}
 
 
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events (stream: true)"}}}
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "description": "one server-sent event (stream: true): data is a JSON chunk, or [DONE] last",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"]}}}
 
 
 # ==== errors as JSON =============================================================================
@@ -811,8 +819,16 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
         check_model(model)
         return card()
 
-    @app.post("/v1/completions", responses=completion_responses)
-    async def completions(body: CompletionBody, http: HTTPRequest):
+    def route(path: str, responses: dict, body_model: type):
+        """app.post with this app's body model: annotations are strings here (postponed), which FastAPI
+        would resolve to the module-level defaults, not to this model's limits."""
+        def register(fn):
+            fn.__annotations__.update(body=body_model, http=HTTPRequest)
+            return app.post(path, responses=responses)(fn)
+        return register
+
+    @route("/v1/completions", completion_responses, CompletionBody)
+    async def completions(body, http):
         check_open()
         check_model(body.model)
         check_sampling(body)
@@ -853,8 +869,6 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                 "rap": _meta(results[0])}
 
     def chat_messages(body: ChatBody) -> list[dict]:
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         out = []
         for i, m in enumerate(body.messages):
             where = f"messages.{i}.content"
@@ -877,8 +891,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
         max_tokens = body.max_completion_tokens or body.max_tokens or default
         return rows_for([ids], max_tokens, body)
 
-    @app.post("/v1/chat/completions", responses=chat_responses)
-    async def chat_completions(body: ChatBody, http: HTTPRequest):
+    @route("/v1/chat/completions", chat_responses, ChatBody)
+    async def chat_completions(body, http):
         check_open()
         check_model(body.model)
         check_sampling(body)
