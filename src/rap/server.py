@@ -156,12 +156,13 @@ CompletionBody, ChatBody = request_bodies()
 
 
 _UNIT = "([kKmMgGtT][iI]?[bB]?|[bB])?"
-_BUDGET_PATTERN = (rf"^(live(:[0-9]+(\.[0-9]+)?{_UNIT})?|[0-9]{{0,3}}(\.[0-9]+)?%|0?\.[0-9]+"
+_BUDGET_PATTERN = (rf"^(live(:[0-9]+(\.[0-9]+)?{_UNIT})?|(100|[1-9][0-9]?)%|0?\.[0-9]*[1-9][0-9]*"
                    rf"|[1-9][0-9]{{0,18}}(\.[0-9]+)?{_UNIT})$")
 
 
 class BudgetBody(_Strict):
-    budget: Annotated[int, Field(ge=1, le=2**63 - 1)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
+    # 2**53 bytes (8 PiB): above it a JSON validator working in doubles cannot tell the bound apart
+    budget: Annotated[int, Field(ge=1, le=2**53)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
         Annotated[str, Field(min_length=1, max_length=64, pattern=_BUDGET_PATTERN)] = Field(
             description="whole bytes | a fraction of the device in (0, 1] | 6GiB | 50% | live | live:1GiB")
 
