@@ -17,11 +17,28 @@ from rap.sources import bundled_path  # noqa: E402
 LIMIT = 8
 
 
+GENERATE_TASK = """task: rap_lambada_generate
+dataset_path: json
+dataset_kwargs: {"data_files": {"test": "%s"}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+generation_kwargs: {"until": [".", "\\n"], "max_gen_toks": 12, "do_sample": false, "temperature": 0}
+metric_list: [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": true}]
+"""
+
+
 @pytest.fixture(scope="module")
 def task_manager(tmp_path_factory):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(write_task_configs(tmp_path_factory.mktemp("tasks"))))
+    from rap.data import data_root
+
+    folder = write_task_configs(tmp_path_factory.mktemp("tasks"))
+    (folder / "rap_lambada_generate.yaml").write_text(
+        GENERATE_TASK % (data_root() / "lambada_openai" / "lambada_test.jsonl"))
+    return TaskManager(include_path=str(folder), include_defaults=False)
 
 
 def run(task_manager, model, model_args, tasks):
@@ -49,12 +66,16 @@ def test_rap_model_on_local_tasks_matches_raps_own_scorer(task_manager, stories)
 def test_local_completions_against_rap_serve_equals_the_rap_model(task_manager, stories):
     view, tok = stories
     engine = Engine(view, tokenizer=tok, budget=1 << 40)
-    direct = run(task_manager, "rap", "model=stories260k", ["rap_piqa", "rap_lambada_openai"])
+    tasks = ["rap_piqa", "rap_lambada_openai", "rap_lambada_generate"]
+    direct = run(task_manager, "rap", "model=stories260k", tasks)
     with ServerThread(create_app(engine, batch_window_s=0.0)) as url:
         served = run(task_manager, "local-completions",
                      f"model=stories260k,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-                     f"tokenizer={bundled_path('stories260k')},max_retries=1,tokenized_requests=True",
-                     ["rap_piqa", "rap_lambada_openai"])
+                     f"tokenizer={bundled_path('stories260k')},max_retries=1,tokenized_requests=True", tasks)
+    # generation with token-id prompts and stop strings: the same text as the rap model's
+    gen = [(a["resps"], b["resps"]) for a, b in zip(served["samples"]["rap_lambada_generate"],
+                                                   direct["samples"]["rap_lambada_generate"])]
+    assert len(gen) == LIMIT and all(a == b for a, b in gen) and any(a[0][0].strip() for a, _ in gen)
     for task in ("rap_piqa", "rap_lambada_openai"):
         assert served["results"][task]["acc,none"] == direct["results"][task]["acc,none"], task
         for a, b in zip(served["samples"][task], direct["samples"][task]):
