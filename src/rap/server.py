@@ -333,18 +333,26 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class BodyLimit:
     """ASGI middleware: a body over `max_bytes` gets 413 at once, from its Content-Length before a
-    byte of it is read, or as soon as a chunked body passes the limit, so a huge upload costs the
-    server neither memory nor event-loop time (and /health answers meanwhile)."""
+    byte of it is kept, or as soon as a chunked body passes the limit, so a huge upload costs the
+    server neither memory nor event-loop time (and /health answers meanwhile).
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    The 413's status line and headers go out at once; the rest of an upload already on its way is
+    read and discarded (up to `drain_bytes`) before the response ends, because a client that is
+    still sending (most HTTP clients read only after sending) would otherwise see a connection
+    reset instead of the 413. A client that waits for `100 Continue` gets the whole 413 at once."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 64 * 2**20):
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._reject(send)
+            waits = headers.get(b"expect", b"").lower() == b"100-continue"
+            drain = not waits and length.isdigit() and int(length) <= self.drain_bytes
+            return await self._reject(send, receive if drain else None)
         seen, over, replaced = 0, False, False
 
         async def counted_receive():
@@ -356,7 +364,7 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:  # the app sees an end of body; its answer is replaced below
                     over = True
-                    return {"type": "http.request", "body": b"", "more_body": False}
+                    return {"type": "http.request", "body": b"", "more_body": message.get("more_body", False)}
             return message
 
         async def guarded_send(message):
@@ -365,19 +373,27 @@ class BodyLimit:
                 return await send(message)
             if not replaced and message["type"] == "http.response.start":
                 replaced = True
-                await self._reject(send)
+                await self._reject(send, receive)
 
         await self.app(scope, counted_receive, guarded_send)
         if over and not replaced:
-            await self._reject(send)
+            await self._reject(send, receive)
 
-    async def _reject(self, send):
+    async def _reject(self, send, receive=None):
         body = json.dumps({"error": {"message": f"the request body is over this server's limit of {self.max_bytes} "
                                                 f"bytes (rap serve --max-body-bytes)", "type": "invalid_request_error",
                                      "param": None, "code": "body_too_large"}}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
+        drained = 0
+        while receive is not None and drained <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
         await send({"type": "http.response.body", "body": body})
 
 
