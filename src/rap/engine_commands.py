@@ -30,8 +30,10 @@ def register(app: typer.Typer) -> None:
         max_tokens_limit: Optional[int] = typer.Option(None, help="refuse max_tokens above this"),
         device_total: Optional[str] = typer.Option(None, help="CPU only: pretend the device has this much memory "
                                                               "(for fraction/live budgets)"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice; 1 is "
-                                                         "faster for tiny models on a busy machine)"),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: half the cores, at most 4: "
+                                                         "the engine's one worker thread shares the machine with "
+                                                         "the HTTP and tokenizer threads, and torch's default of "
+                                                         "every core was 10-20x slower on a busy 2-core box)"),
         max_body_bytes: str = typer.Option("8MiB", help="larger request bodies get 413 before they are read"),
         max_prompts: int = typer.Option(4096, help="most prompts x n in one completions request (400 above)"),
         drain_s: float = typer.Option(10.0, help="SIGTERM/SIGINT: stop admitting, let in-flight requests finish for "
@@ -50,7 +52,9 @@ def register(app: typer.Typer) -> None:
         from .engine import Engine
         from .memory import format_bytes, parse_bytes
 
-        _set_threads(threads)
+        import os
+
+        _set_threads(threads if threads is not None else max(1, min(4, (os.cpu_count() or 2) // 2)))
         view, tok = load_view_for_cli(model, dtype=dtype, device=device)
         engine = Engine(view, tokenizer=tok, budget=budget, policy=policy, profile=profile, backend=backend,
                         max_batch=max_batch, device_total_bytes=parse_bytes(device_total) if device_total else None,
