@@ -116,3 +116,11 @@ def test_a_backend_bug_fails_only_the_row_that_triggers_it_and_does_not_switch_b
         assert "kernel bug" in engine.budget_info()["last_backend_fallback"]
     else:
         assert isinstance(rows[0].error, EngineFailure)
+
+
+def test_seeded_cancellable_rows_on_one_by_one_sampling_keep_their_own_tokens(engine):
+    """A watched batch (cancel flags, as the server sends) samples the same as an unwatched one."""
+    plain = [r.token_ids for r in engine.generate([req(max_new_tokens=10, temperature=1.0, seed=s) for s in (3, 4)])]
+    watched = engine.generate([req(max_new_tokens=10, temperature=1.0, seed=s, cancel=threading.Event())
+                               for s in (3, 4)])
+    assert [r.token_ids for r in watched] == plain and all(len(t) > 0 for t in plain)

@@ -506,7 +506,7 @@ class HFGenerateBackend:
             out: list[list[int]] = []
             for row, (p, seed) in enumerate(zip(prompts, seeds)):
                 def row_step(tokens, row=row, n=len(prompts)):
-                    full = torch.full((n,), pad_token_id, dtype=tokens.dtype)
+                    full = torch.full((n,), -1, dtype=tokens.dtype)  # -1: no token for that row this step
                     full[row] = tokens[0]
                     finished = on_step(full)
                     return None if finished is None else [finished[row]]
@@ -1240,11 +1240,14 @@ class _RowDispatcher:
         self.reason: list[str | None] = [None] * n  # set when a row finishes
         self.text: list[str | None] = [None] * n  # the final text of a row a stop string finished
 
-    def on_step(self, tokens: torch.Tensor) -> list[bool]:
+    def on_step(self, tokens: torch.Tensor) -> list[bool] | None:
+        """Per-row bookkeeping of one step (a token id < 0: that row produced nothing this step).
+        Returns every row's finished flag when one finished at this step, else None (nothing new)."""
         shut = self.cancel_all is not None and self.cancel_all.is_set()
+        finished_before = sum(reason is not None for reason in self.reason)
         for row, token in enumerate(tokens.tolist()):
             r = self.requests[row]
-            if self.reason[row] is not None:
+            if self.reason[row] is not None or token < 0:
                 continue
             if shut or r.cancelled:
                 self.reason[row] = "cancelled"
@@ -1268,7 +1271,8 @@ class _RowDispatcher:
                     r.on_token = None
             if self.reason[row] is None and self.count[row] >= r.max_new_tokens:
                 self.reason[row] = "length"
-        return [reason is not None for reason in self.reason]
+        finished = [reason is not None for reason in self.reason]
+        return finished if sum(finished) > finished_before else None
 
 
 def _apply_stops(text: str, stops: Sequence[str], reason: str) -> tuple[str, str]:

@@ -705,7 +705,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
             while pending:
                 _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
                 if pending and await http.is_disconnected():
-                    raise asyncio.CancelledError
+                    raise APIError(499, "the client closed the request", code="client_closed")
         finally:
             if pending:
                 for r in rows:
