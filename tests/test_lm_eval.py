@@ -53,12 +53,12 @@ def run(task_manager, model, model_args, tasks):
 def test_rap_model_on_local_tasks_matches_raps_own_scorer(task_manager, stories):
     from rap.eval.zeroshot import evaluate
 
-    out = run(task_manager, "rap", "model=stories260k,drop=ffn.3", ["rap_piqa", "rap_winogrande", "rap_arc_easy"])
+    out = run(task_manager, "rap", "model=stories260k,drop=ffn.3+attn.1", ["rap_piqa", "rap_winogrande", "rap_arc_easy"])
     view, tok = stories
     from rap.mask import BlockMask
 
     ours = evaluate(view, tok, ["piqa", "winogrande", "arc_easy"], limit=LIMIT,
-                    mask=BlockMask.parse("ffn.3", view.num_layers), progress=False)
+                    mask=BlockMask.parse("ffn.3,attn.1", view.num_layers), progress=False)
     for name in ("piqa", "winogrande", "arc_easy"):
         assert out["results"][f"rap_{name}"]["acc,none"] == pytest.approx(ours["tasks"][name]["acc"]), name
 

@@ -1,6 +1,6 @@
 """rap as an lm-eval model, and rap's eight zero-shot sets as local lm-eval tasks (nothing from a hub).
 
-    python -m rap.eval.lm_eval_model --model rap --model_args model=smollm2-135m,drop=attn.3,ffn.7 \
+    python -m rap.eval.lm_eval_model --model rap --model_args model=smollm2-135m,drop=attn.3+ffn.7 \
         --tasks rap_piqa,rap_arc_easy --limit 200
 
 runs lm-eval 0.4's own CLI with the model "rap" registered and `--include_path` pointing at task
@@ -9,8 +9,8 @@ its own package (its registry has no plugin entry points), so `lm_eval --model r
 `import rap.eval.lm_eval_model` (e.g. `lm_eval.simple_evaluate(model="rap", ...)` from Python) and from
 this module's command line, not from the bare `lm_eval` command.
 
-model_args: model (a rap model name or folder), drop (a block mask: attn.3,ffn.7 | N with profile |
-mask.json), profile (profile.json for `drop=N`), dtype, device, batch_size (rows per forward).
+model_args: model (a rap model name or folder), drop (a block mask: attn.3+ffn.7, `+` since lm-eval
+splits model_args at commas | N with profile | mask.json), profile (profile.json for `drop=N`), dtype, device, batch_size (rows per forward).
 
 The tasks mirror lm-eval 0.4.13's own YAMLs (prompts, choices, targets, metrics; WinoGrande and
 HellaSwag through lm-eval's own preprocessing functions), with `dataset_path: json` and `data_files`
@@ -142,8 +142,11 @@ class RapLM(TemplateLM):
         from ..mask import BlockMask
         from ..sources import load_view
 
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = None  # lm-eval's CLI passes --device (default cuda); like its HFLM, use what is there
         self.view, self.tokenizer = load_view(str(model), dtype=dtype, device=device)
         prof = json.loads(Path(profile).read_text()) if profile else None
+        drop = str(drop).replace("+", ",") if drop else None  # lm-eval splits model_args at commas
         self.mask = BlockMask.parse(drop, self.view.num_layers, prof) if drop else BlockMask.full(self.view.num_layers)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_gen_toks = int(max_gen_toks)
