@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -160,9 +160,14 @@ _BUDGET_PATTERN = (rf"^(live(:[0-9]+(\.[0-9]+)?{_UNIT})?|(100|[1-9][0-9]?)%|0?\.
                    rf"|[1-9][0-9]{{0,18}}(\.[0-9]+)?{_UNIT})$")
 
 
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's integer includes 6e9 and 1024.0: take them as the ints they are (not booleans)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class BudgetBody(_Strict):
     # 2**53 bytes (8 PiB): above it a JSON validator working in doubles cannot tell the bound apart
-    budget: Annotated[int, Field(ge=1, le=2**53)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
+    budget: Annotated[int, BeforeValidator(_whole_number), Field(ge=1, le=2**53)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
         Annotated[str, Field(min_length=1, max_length=64, pattern=_BUDGET_PATTERN)] = Field(
             description="whole bytes | a fraction of the device in (0, 1] | 6GiB | 50% | live | live:1GiB")
 
@@ -623,6 +628,14 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
+
+        def warm_policy() -> None:  # a policy's first decision may load its tables (seconds): not on a request
+            try:
+                engine.decide(engine.planning_request(Request(1, 1, 1)))
+            except RapError:
+                pass
+
+        await batcher.run_blocking(warm_policy)
         yield
         state["draining"] = True
         await batcher.stop()
