@@ -167,7 +167,7 @@ def _whole_number(value: Any) -> Any:
 
 class BudgetBody(_Strict):
     # 2**53 bytes (8 PiB): above it a JSON validator working in doubles cannot tell the bound apart
-    budget: Annotated[int, BeforeValidator(_whole_number), Field(ge=1, le=2**53)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
+    budget: Annotated[int, Field(ge=1, le=2**53), BeforeValidator(_whole_number)] | Annotated[float, Field(ge=1e-9, le=1.0)] | \
         Annotated[str, Field(min_length=1, max_length=64, pattern=_BUDGET_PATTERN)] = Field(
             description="whole bytes | a fraction of the device in (0, 1] | 6GiB | 50% | live | live:1GiB")
 
