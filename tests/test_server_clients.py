@@ -315,4 +315,4 @@ def test_sigterm_drains_for_the_deadline_then_cancels_and_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert took < 1 + 5, (took, (tmp_path / "serve.log").read_text())
-    assert "status" in outcome  # the client got an answer or a closed connection, not a hang
+    assert outcome.get("status") == 503  # the request the drain could not finish is told to retry, not a 500

@@ -719,6 +719,12 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                 _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
                 if pending and await http.is_disconnected():
                     raise APIError(499, "the client closed the request", code="client_closed")
+        except asyncio.CancelledError:
+            if not state["draining"]:
+                raise
+            # the shutdown drain ran out: answer 503 (retry elsewhere) rather than a bare 500
+            raise APIError(503, "the server shut down before this request finished: retry", "server_error",
+                           "shutting_down") from None
         finally:
             if pending:
                 for r in rows:
