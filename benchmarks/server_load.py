@@ -8,8 +8,10 @@ mid-run and deliberate bad requests.
 Requests are paced evenly over --duration (e.g. 2,000 over 60 s) with at most --concurrency in
 flight. The mix: completions and chat, a quarter streamed (SSE), greedy and seeded sampling,
 8-32 new tokens; every --bad-every-th request is deliberately bad (malformed JSON, unknown field,
-empty prompt, negative max_tokens, too-long prompt, wrong types, n=2, bad chat role) and must get
-a 4xx JSON error. The budget follows 100% -> 40% -> 70% -> 100% of a dense need
+empty prompt, negative max_tokens, too-long prompt, wrong types, n over the limit, bad chat role,
+a seed over 2**64, a lone surrogate, a 9 MiB body, tools, a NaN budget) and must get a 4xx JSON
+error; every --leave-every-th is a client that leaves (a stream closed after 2 chunks, a request
+abandoned after 0.3 s), whose row the server must cancel while it keeps serving the others. The budget follows 100% -> 40% -> 70% -> 100% of a dense need
 (PUT /v1/budget at each quarter); 100% is the dense need of a batch of --reference-batch (4)
 of the longest requests, so larger batches drop blocks or are split. Every other outcome (5xx, 503 budget rejections, transport
 errors, malformed responses, wrong status for a bad request) is an unexpected error.
@@ -40,7 +42,9 @@ from benchmarks.common import print_table, write_json
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park.", "One day, a big bear",
            "The sun was hot and", "Sam had a red ball. He", "Mom said, \"Let's bake a cake!\"", "In the forest,"]
 BAD_KINDS = ["malformed_json", "unknown_field", "empty_prompt", "negative_max_tokens", "too_long_prompt",
-             "wrong_type", "n_2", "bad_chat_role", "empty_messages", "not_an_object"]
+             "wrong_type", "n_over_limit", "bad_chat_role", "empty_messages", "not_an_object", "huge_seed",
+             "lone_surrogate", "oversize_body", "tools", "nan_budget"]
+LEAVE_KINDS = ["stream_closed_after_2_chunks", "client_timeout_0.3s"]
 
 
 def bad_request(kind: str, rng: random.Random) -> tuple[str, str]:
@@ -53,7 +57,13 @@ def bad_request(kind: str, rng: random.Random) -> tuple[str, str]:
         "negative_max_tokens": (c, json.dumps({"prompt": "Hi", "max_tokens": -rng.randint(1, 100)})),
         "too_long_prompt": (c, json.dumps({"prompt": "the cat sat on the mat " * 200, "max_tokens": 8})),
         "wrong_type": (c, json.dumps({"prompt": "Hi", "max_tokens": "eight"})),
-        "n_2": (c, json.dumps({"prompt": "Hi", "max_tokens": 8, "n": 2})),
+        "n_over_limit": (c, json.dumps({"prompt": "Hi", "max_tokens": 8, "n": 1000})),
+        "huge_seed": (c, json.dumps({"prompt": "Hi", "max_tokens": 8, "seed": 2**64 + rng.randint(0, 99)})),
+        "lone_surrogate": (c, '{"prompt": "Once \\ud800 upon", "max_tokens": 8}'),
+        "oversize_body": (c, json.dumps({"prompt": "a" * (9 * 2**20), "max_tokens": 1})),  # over the 8 MiB default
+        "tools": ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                                                      "tools": [{"type": "function", "function": {"name": "f"}}]})),
+        "nan_budget": ("PUT /v1/budget", '{"budget": NaN}'),
         "bad_chat_role": ("/v1/chat/completions", json.dumps({"messages": [{"role": "robot", "content": "hi"}]})),
         "empty_messages": ("/v1/chat/completions", json.dumps({"messages": []})),
         "not_an_object": (c, json.dumps(["Once upon a time"])),
@@ -132,9 +142,38 @@ async def send_bad(client: httpx.AsyncClient, kind: str, path: str, raw: str) ->
     t0 = time.perf_counter()
     out = {"kind": "bad", "bad_kind": kind, "ok": False}
     try:
-        r = await client.post(path, content=raw, headers={"content-type": "application/json"})
+        method, path = path.split(" ", 1) if " " in path else ("POST", path)
+        r = await client.request(method, path, content=raw, headers={"content-type": "application/json"})
         out["status"] = r.status_code
         out["ok"] = 400 <= r.status_code < 500 and "message" in r.json().get("error", {})
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"[:200]
+    out["ms"] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+async def send_leaving(client: httpx.AsyncClient, kind: str) -> dict:
+    """A client that goes away: a stream closed after 2 chunks, or a request given up after 0.3 s. The
+    server must keep serving (its row is cancelled); ok = it behaved as a live server up to the leave."""
+    t0 = time.perf_counter()
+    out = {"kind": "leave", "leave_kind": kind, "ok": False}
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}
+    try:
+        if kind.startswith("stream"):
+            async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                out["status"] = r.status_code
+                chunks = 0
+                async for line in r.aiter_lines():
+                    chunks += line.startswith("data: ")
+                    if chunks == 2:
+                        break
+                out["ok"] = r.status_code == 200 and chunks == 2
+        else:
+            try:
+                r = await client.post("/v1/completions", json=body, timeout=0.3)
+                out["status"], out["ok"] = r.status_code, r.status_code == 200
+            except httpx.TimeoutException:
+                out["status"], out["ok"] = "timeout", True
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         out["error"] = f"{type(e).__name__}: {e}"[:200]
     out["ms"] = (time.perf_counter() - t0) * 1e3
@@ -148,6 +187,8 @@ async def run_load(url: str, args, budget_plan: list[tuple[float, int]]) -> tupl
         if args.bad_every and i % args.bad_every == args.bad_every - 1:
             kind = BAD_KINDS[(i // args.bad_every) % len(BAD_KINDS)]
             plan.append(("bad", kind, *bad_request(kind, rng)))
+        elif args.leave_every and i % args.leave_every == args.leave_every - 1:
+            plan.append(("leave", LEAVE_KINDS[(i // args.leave_every) % len(LEAVE_KINDS)]))
         else:
             plan.append(("good", *good_request(i, rng)))
     limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
@@ -161,8 +202,12 @@ async def run_load(url: str, args, budget_plan: list[tuple[float, int]]) -> tupl
         async def one(i: int, item) -> None:
             await asyncio.sleep(max(0.0, t0 + i * interval - time.perf_counter()))
             async with sem:
-                res = await (send_bad(client, item[1], item[2], item[3]) if item[0] == "bad"
-                             else send_good(client, item[1], item[2]))
+                if item[0] == "bad":
+                    res = await send_bad(client, item[1], item[2], item[3])
+                elif item[0] == "leave":
+                    res = await send_leaving(client, item[1])
+                else:
+                    res = await send_good(client, item[1], item[2])
             res["i"], res["t_s"] = i, time.perf_counter() - t0
             results.append(res)
 
@@ -218,6 +263,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds over which requests are started")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--bad-every", type=int, default=20, help="every N-th request is deliberately bad (0: none)")
+    p.add_argument("--leave-every", type=int, default=25,
+                   help="every N-th request is a client that leaves (closed stream, 0.3 s timeout; 0: none)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--trace", default="1.0,0.4,0.7,1.0", help="budget levels (fractions of the reference dense need)")
     p.add_argument("--reference-batch", type=int, default=4, help="batch size whose dense need is 100%%")
@@ -257,7 +304,22 @@ def main() -> None:
 
     good = [r for r in results if r["kind"] == "good"]
     bad = [r for r in results if r["kind"] == "bad"]
-    unexpected = [r for r in good if not r["ok"]] + [r for r in bad if not r["ok"]]
+    leaving = [r for r in results if r["kind"] == "leave"]
+    unexpected = [r for r in results if not r["ok"]]
+    server_errors = [r for r in results if isinstance(r.get("status"), int) and r["status"] >= 500]
+
+    def kind_of(r: dict) -> str:
+        if r["kind"] == "good":
+            return ("chat" if "chat" in r["path"] else "completion") + ("_stream" if r["stream"] else "")
+        return r["kind"] + ":" + (r.get("bad_kind") or r.get("leave_kind"))
+
+    by_kind = {}
+    for r in results:
+        by_kind.setdefault(kind_of(r), []).append(r)
+    kinds = [{"kind": k, "n": len(rs), "ok": sum(r["ok"] for r in rs),
+              "statuses": ",".join(sorted({str(r.get("status")) for r in rs})),
+              "p50_ms": percentile([r["ms"] for r in rs if "ms" in r], 0.5),
+              "p99_ms": percentile([r["ms"] for r in rs if "ms" in r], 0.99)} for k, rs in sorted(by_kind.items())]
     lat = [r["ms"] for r in good if r["ok"]]
     ttft = [r["ttft_ms"] for r in good if r.get("ttft_ms") is not None]
     phases = []
@@ -274,7 +336,8 @@ def main() -> None:
                     if line and not line.startswith("#") and " " in line}
     headline = {
         "requests": len(results), "good_requests": len(good), "served_ok": len(lat),
-        "unexpected_errors": len(unexpected), "bad_requests": len(bad),
+        "unexpected_errors": len(unexpected), "server_errors_5xx": len(server_errors), "bad_requests": len(bad),
+        "leaving_clients": len(leaving),
         "bad_requests_4xx": sum(1 for r in bad if r["ok"]),
         "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99), "max_ms": max(lat) if lat else None,
         "stream_ttft_p50_ms": percentile(ttft, 0.5), "stream_ttft_p99_ms": percentile(ttft, 0.99),
@@ -285,16 +348,19 @@ def main() -> None:
     }
     print_table(phases, ["phase", "level_ratio", "budget_bytes", "served", "mean_dropped_blocks", "max_dropped_blocks",
                          "mean_batch", "p50_ms"])
+    print_table(kinds, ["kind", "n", "ok", "statuses", "p50_ms", "p99_ms"])
     print("\n" + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in headline.items()))
     if unexpected:
         print("unexpected (first 5):", json.dumps(unexpected[:5], indent=1))
     date = datetime.date.today().isoformat()
     write_json(f"server-load-{date}" + ("-smoke" if args.smoke else "") + ".json", {
         **headline, "model": args.model, "url": "loopback" if args.url is None else args.url,
-        "setup": {"server_threads": args.server_threads if args.url is None else None, "requests": args.requests, "duration_s": args.duration, "concurrency": args.concurrency,
-                  "bad_every": args.bad_every, "max_batch": args.max_batch, "trace": levels,
+        "command": " ".join(["python -m benchmarks.server_load", *sys.argv[1:]]),
+        "setup": {"server_threads": args.server_threads if args.url is None else None, "requests": args.requests,
+                  "duration_s": args.duration, "concurrency": args.concurrency,
+                  "bad_every": args.bad_every, "leave_every": args.leave_every, "max_batch": args.max_batch, "trace": levels,
                   "reference_batch": args.reference_batch, "dense_need_bytes": ref["dense_need_bytes"]},
-        "budget_changes": budget_log, "phases": phases,
+        "budget_changes": budget_log, "phases": phases, "by_kind": kinds,
         "bad_status_by_kind": {k: sorted({str(r.get("status")) for r in bad if r["bad_kind"] == k}) for k in BAD_KINDS},
         "server_metrics": {k: v for k, v in metric_lines.items() if k.startswith(("rap_batches", "rap_requests",
                                                                                    "rap_generated", "rap_oom",

@@ -105,7 +105,7 @@ def test_budget_put_changes_the_next_decision_and_get_reports_it(server):
         assert client.get("/v1/budget").json()["resident_bytes"] < info["dense_param_bytes"]
         bad = client.put("/v1/budget", json={"budget": "lots"})
         assert bad.status_code == 400 and "budget" in bad.json()["error"]["message"]
-        assert client.put("/v1/budget", json={"budget": "1GiB", "extra": 1}).status_code == 422
+        assert client.put("/v1/budget", json={"budget": "1GiB", "extra": 1}).status_code == 400
     finally:
         client.put("/v1/budget", json={"budget": BIG})
     assert complete(client).json()["rap"]["decision"]["mask"] == "dense"
@@ -113,14 +113,18 @@ def test_budget_put_changes_the_next_decision_and_get_reports_it(server):
 
 BAD_REQUESTS = [
     ("malformed JSON", '{"prompt": "Once', 400),
-    ("not an object", "[1, 2, 3]", 422),
-    ("unknown field", json.dumps({"prompt": "Hi", "max_tokens": 4, "best_of": 3}), 422),
+    ("not an object", "[1, 2, 3]", 400),
+    ("unknown field", json.dumps({"prompt": "Hi", "max_tokens": 4, "best_of": 3}), 400),
     ("empty prompt", json.dumps({"prompt": "", "max_tokens": 4}), 400),
-    ("blank prompt", json.dumps({"prompt": "   ", "max_tokens": 4}), 400),
-    ("negative max_tokens", json.dumps({"prompt": "Hi", "max_tokens": -3}), 422),
+    ("token id outside the vocabulary", json.dumps({"prompt": [1, 10**6], "max_tokens": 4}), 400),
+    ("a boolean token id", json.dumps({"prompt": [[1, True]], "max_tokens": 4}), 400),
+    ("negative max_tokens", json.dumps({"prompt": "Hi", "max_tokens": -3}), 400),
     ("too long prompt", json.dumps({"prompt": "the cat sat " * 300, "max_tokens": 4}), 400),
-    ("wrong type", json.dumps({"prompt": "Hi", "max_tokens": "many"}), 422),
-    ("n > 1", json.dumps({"prompt": "Hi", "n": 2}), 422),
+    ("wrong type", json.dumps({"prompt": "Hi", "max_tokens": "many"}), 400),
+    ("n over the limit", json.dumps({"prompt": "Hi", "n": 129}), 400),
+    ("huge seed", json.dumps({"prompt": "Hi", "seed": 18446744073709551616}), 400),
+    ("lone surrogate", '{"prompt": "\\ud800 hi", "max_tokens": 4}', 400),
+    ("presence penalty", json.dumps({"prompt": "Hi", "presence_penalty": 0.5}), 400),
     ("unknown model", json.dumps({"prompt": "Hi", "model": "gpt-9"}), 404),
 ]
 
@@ -136,9 +140,11 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(server, name,
 
 def test_bad_chat_requests_get_4xx(server):
     client, _ = server
-    for body, status in (({"messages": []}, 422), ({"messages": [{"role": "user", "content": ""}]}, 400),
-                         ({"messages": [{"role": "robot", "content": "hi"}]}, 422),
-                         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 422)):
+    for body, status in (({"messages": []}, 400), ({"messages": [{"role": "user", "content": None}]}, 400),
+                         ({"messages": [{"role": "robot", "content": "hi"}]}, 400),
+                         ({"messages": [{"role": "tool", "content": "hi"}]}, 400),
+                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400),
+                         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 400)):
         assert client.post("/v1/chat/completions", json=body).status_code == status
 
 

@@ -1006,9 +1006,10 @@ class Decoder:
     # ---- the public call --------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mask: BlockMask | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int | None] | None = None,
                  stop_token_ids: Sequence[int] | int | None = None, pad_token_id: int | None = None,
-                 kv_ratio: float = 1.0, on_step: Callable[[torch.Tensor], None] | None = None) -> Generation:
+                 kv_ratio: float = 1.0, on_step: Callable[[torch.Tensor], Sequence[bool] | None] | None = None
+                 ) -> Generation:
         """Generate up to `max_new_tokens` per prompt under `mask` (default: the view's current mask).
 
         prompts: token id lists of any lengths (left-padded internally). temperature 0 = greedy.
@@ -1016,7 +1017,10 @@ class Decoder:
         the share of each prompt's tokens every kept attention layer keeps per KV head (SnapKV, see
         the module docstring; 1.0 keeps all, exactly as before). on_step: called with the [n] new
         tokens (CPU tensor) after prefill and after every decode step; rows that stopped repeat the
-        pad token. Returns the new tokens per prompt (up to and including its stop token) and the timing.
+        pad token; it may return [n] booleans, rows to finish now (a stop string matched, a client
+        gone), which then stop like a stop token (the loop ends when every row has). seed: one for
+        the batch, or one per row (None: random), each row then drawing its noise from its own
+        generator, so its tokens do not depend on what it is batched with. Returns the new tokens per prompt (up to and including its stop token) and the timing.
         """
         mask = mask or self.view.mask
         if mask.num_layers != self.view.num_layers:
@@ -1057,10 +1061,23 @@ class Decoder:
             capture_ms = 0.0 if cached else spent
         else:
             self._ensure_kv(ws, mask, P, kv_ratio)
-        gen = None
+        gens: list[torch.Generator] = []
         if sampled:
-            gen = torch.Generator(self.device)
-            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            per_row = not isinstance(seed, int) and seed is not None
+            for s in (seed if per_row else [seed]):
+                gens.append(torch.Generator(self.device))
+                gens[-1].manual_seed(s % 2**64 if s is not None else int(torch.randint(0, 2**62, ()).item()))
+
+        def draw_noise(rows: int) -> None:
+            if len(gens) == 1:
+                ws.noise[:rows].uniform_(generator=gens[0])
+            else:  # one generator per row: a row's noise is its seed's alone
+                for r, g in enumerate(gens):
+                    ws.noise[r].uniform_(generator=g)
+
+        def finish_rows(finished) -> None:
+            if finished is not None:
+                ws.done[:n] |= torch.as_tensor(list(finished), dtype=torch.bool).to(dev)
 
         # request state
         dev = self.device
@@ -1089,7 +1106,7 @@ class Decoder:
         t0 = time.perf_counter()
         logits = self._prefill(ws, mask, ids.to(dev), prompt_pad, plan)
         if sampled:
-            ws.noise[:n].uniform_(generator=gen)
+            draw_noise(n)
         first = pick_tokens(logits, ws.temperature, ws.top_p, ws.noise[:n] if sampled else None)
         ws.tokens.fill_(pad_id)
         ws.tokens[:n] = first
@@ -1097,7 +1114,7 @@ class Decoder:
         ws.done.fill_(True)
         ws.done[:n] = (first[:, None] == ws.stop[None, :]).any(-1)
         if on_step is not None:
-            on_step(first.to("cpu", copy=True))
+            finish_rows(on_step(first.to("cpu", copy=True)))
         sync(dev)
         t1 = time.perf_counter()
 
@@ -1108,7 +1125,7 @@ class Decoder:
             if steps % every == 0 and bool(ws.done.all()):
                 break
             if sampled:
-                ws.noise.uniform_(generator=gen)
+                draw_noise(ws.batch)
             if graph is not None:
                 graph.replay()
             elif self.step == "static":
@@ -1116,8 +1133,8 @@ class Decoder:
             else:
                 self._step_eager(ws, mask, sampled, n)
             steps += 1
-            if on_step is not None:
-                on_step(ws.tokens[:n].to("cpu", copy=True))  # the one host sync per step streaming costs
+            if on_step is not None:  # the one host sync per step streaming (and cancelling) costs
+                finish_rows(on_step(ws.tokens[:n].to("cpu", copy=True)))
         sync(dev)
         t2 = time.perf_counter()
 

@@ -51,6 +51,11 @@ from .residency import WeightResidency  # noqa: F401  (re-exported: the engine's
 log = logging.getLogger(__name__)
 
 GPU_HEADROOM_RATIO = 0.005  # default planning margin on CUDA (see Engine.__init__)
+# Below this temperature sampling is greedy, as in vLLM: 1/T overflows the logits to inf and the
+# probabilities to NaN long before T reaches 0, and the distribution is one-hot anyway.
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # beyond this a distribution is uniform to float precision; refuse, not NaN
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 # ==== budget sources ==========================================================================
@@ -138,50 +143,86 @@ class CallableBudget:
 BudgetSource = FixedBudget | DeviceFractionBudget | LiveBudget | CallableBudget
 
 
-def budget_from_spec(spec: Any, device: str = "cpu", total_bytes: int | None = None) -> BudgetSource:
-    """What users type after --budget (or PUT /v1/budget) -> a budget source.
+MAX_BUDGET_BYTES = 2**63 - 1
+_BUDGET_HELP = "use e.g. 6GiB, 512MB, a whole number of bytes, 0.5 or 50% of the device, live or live:1GiB"
 
-    - ``6GiB``, ``512MB``, ``123456789`` or an int: fixed bytes;
-    - ``0.5`` or ``50%``: that fraction of the device's memory;
-    - ``live`` or ``live:1GiB``: free device memory minus a reserve (default 0);
+
+def _strict_bytes(text: str, what: str) -> int:
+    """'6GiB' / '1e9' -> bytes; non-finite, negative, fractional-byte or absurd values are errors."""
+    try:
+        value = parse_bytes(text)
+    except (RequestError, OverflowError, ValueError):
+        raise RequestError(f"cannot read {text!r} as {what}: {_BUDGET_HELP}") from None
+    if not 0 <= value <= MAX_BUDGET_BYTES:
+        raise RequestError(f"{what} {text!r} is out of range: {_BUDGET_HELP}")
+    return value
+
+
+def budget_from_spec(spec: Any, device: str = "cpu", total_bytes: int | None = None) -> BudgetSource:
+    """What users type after --budget (or PUT /v1/budget) -> a budget source. Strict: anything that
+    is not one of these is a RequestError, never a budget of 0 bytes.
+
+    - ``6GiB``, ``512MB``, ``123456789`` or an int >= 1: fixed bytes;
+    - ``0.5`` or ``50%``: that fraction of the device's memory (at least one byte of it);
+    - ``live`` or ``live:1GiB``: free device memory minus a reserve (default 0, below the device's total);
     - a callable or a budget source: used as is.
     """
     if isinstance(spec, (FixedBudget, DeviceFractionBudget, LiveBudget, CallableBudget)):
         return spec
     if callable(spec):
         return CallableBudget(spec, getattr(spec, "__name__", "callable"))
-    if isinstance(spec, bool) or spec is None:
-        raise RequestError(f"cannot read {spec!r} as a budget: use e.g. 6GiB, 0.5, 50%, live or live:1GiB")
+    if isinstance(spec, bool) or spec is None or not isinstance(spec, (int, float, str)):
+        raise RequestError(f"cannot read {spec!r} as a budget: {_BUDGET_HELP}")
+
+    def fraction(value: float) -> DeviceFractionBudget:
+        source = DeviceFractionBudget(value, device, total_bytes)
+        if source() < 1:
+            raise RequestError(f"a budget of {value!r} of the device is less than one byte: {_BUDGET_HELP}")
+        return source
+
     if isinstance(spec, int):
-        if spec <= 0:
-            raise RequestError(f"a budget must be positive, got {spec}")
+        if not 1 <= spec <= MAX_BUDGET_BYTES:
+            raise RequestError(f"a budget in bytes must be in [1, 2**63), got {spec}")
         return FixedBudget(spec)
     if isinstance(spec, float):
-        if 0.0 < spec <= 1.0:
-            return DeviceFractionBudget(spec, device, total_bytes)
+        if not math.isfinite(spec) or spec <= 0:
+            raise RequestError(f"a budget must be a positive finite number, got {spec!r}")
+        if spec <= 1.0:
+            return fraction(spec)
+        if not spec.is_integer():
+            raise RequestError(f"a budget above 1 is bytes and must be a whole number, got {spec!r}: {_BUDGET_HELP}")
         return budget_from_spec(int(spec), device, total_bytes)
-    text = str(spec).strip().lower()
+    text = spec.strip().lower()
     if text == "live" or text.startswith("live:"):
-        reserve = parse_bytes(text.split(":", 1)[1]) if ":" in text else 0
-        return LiveBudget(reserve, device, total_bytes)
+        reserve = _strict_bytes(text.split(":", 1)[1], "a live budget's reserve") if ":" in text else 0
+        source = LiveBudget(reserve, device, total_bytes)
+        total = _device_total_bytes(torch.device(device), total_bytes)
+        if reserve >= total:
+            raise RequestError(f"a reserve of {format_bytes(reserve)} leaves nothing of the device's "
+                               f"{format_bytes(total)}: reserve less")
+        return source
     if text.endswith("%"):
         try:
-            return DeviceFractionBudget(float(text[:-1]) / 100.0, device, total_bytes)
+            pct = float(text[:-1])
         except ValueError:
-            raise RequestError(f"cannot read {spec!r} as a percentage of the device") from None
-    if "." in text:
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        if value is not None and 0.0 < value <= 1.0:
-            return DeviceFractionBudget(value, device, total_bytes)
+            pct = float("nan")
+        if not (math.isfinite(pct) and 0 < pct <= 100):
+            raise RequestError(f"cannot read {spec!r} as a percentage of the device: use (0, 100]%")
+        return fraction(pct / 100.0)
     try:
-        value = parse_bytes(text)
-    except RequestError:
-        raise RequestError(f"cannot read {spec!r} as a budget: use e.g. 6GiB, 0.5, 50%, live or live:1GiB") from None
-    if value <= 0:
-        raise RequestError(f"a budget must be positive, got {spec!r}")
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is not None:
+        if not math.isfinite(number) or number <= 0:
+            raise RequestError(f"a budget must be a positive finite number, got {spec!r}")
+        if number <= 1.0 and ("." in text or "e" in text):
+            return fraction(number)
+        if not number.is_integer():
+            raise RequestError(f"a budget above 1 is bytes and must be a whole number, got {spec!r}: {_BUDGET_HELP}")
+    value = _strict_bytes(text, "a budget")
+    if value < 1:
+        raise RequestError(f"a budget must be at least one byte, got {spec!r}")
     return FixedBudget(value)
 
 
@@ -331,7 +372,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class HFGenerateBackend:
@@ -353,9 +394,25 @@ class HFGenerateBackend:
 
     def generate(self, view: BlockView, prompts: list[list[int]], mask: BlockMask, kv_ratio: float,
                  sampling: Sampling, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int],
-                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-        """New token ids per prompt (rows that stop early are padded); prompts are left-padded."""
-        from transformers import GenerationConfig
+                 on_step: Callable[[torch.Tensor], Any] | None = None,
+                 seeds: Sequence[int | None] | None = None) -> list[list[int]]:
+        """New token ids per prompt (rows that stop early are padded); prompts are left-padded.
+        `on_step` may return which rows are finished (a stop string, a cancel): `generate` stops
+        them. Sampled rows with seeds run one by one (one global generator here), so a row's
+        tokens depend on its seed only, not on what it was batched with."""
+        seeds = list(seeds) if seeds is not None else [sampling.seed] * len(prompts)
+        if not sampling.greedy and len(prompts) > 1 and any(s is not None for s in seeds):
+            out: list[list[int]] = []
+            for row, (p, seed) in enumerate(zip(prompts, seeds)):
+                def row_step(tokens, row=row, n=len(prompts)):
+                    full = torch.full((n,), -1, dtype=tokens.dtype)  # -1: no token for that row this step
+                    full[row] = tokens[0]
+                    finished = on_step(full)
+                    return None if finished is None else [finished[row]]
+                out += self.generate(view, [p], mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
+                                     row_step if on_step is not None else None, [seed])
+            return out
+        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=view.device)
@@ -364,12 +421,26 @@ class HFGenerateBackend:
                                   pad_token_id=pad_token_id, eos_token_id=list(eos_token_ids))
         if not sampling.greedy:
             config.temperature, config.top_p, config.top_k = sampling.temperature, sampling.top_p, 0
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        streamer = _StepStreamer(on_step) if on_step is not None else None
+        seed = seeds[0] if seeds else None
+        if seed is not None:
+            torch.manual_seed(seed % 2**64)
+        finished: list = [None]
+
+        class RowsFinished(StoppingCriteria):  # what on_step said, as generate's per-row stop
+            def __call__(self, input_ids, scores, **kwargs):
+                done = finished[0]
+                if done is None:
+                    return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        def step(tokens):
+            finished[0] = on_step(tokens)
+
+        streamer = _StepStreamer(step) if on_step is not None else None
+        criteria = StoppingCriteriaList([RowsFinished()]) if on_step is not None else None
         with view.masked(mask), torch.inference_mode():
             out = view.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                      streamer=streamer)
+                                      streamer=streamer, stopping_criteria=criteria)
         return out[:, width:].tolist()
 
 
@@ -442,9 +513,11 @@ class DecoderBackend:
         self.decoder.release()
 
     def generate(self, view, prompts, mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
-                 on_step=None) -> list[list[int]]:
+                 on_step=None, seeds=None) -> list[list[int]]:
+        # one seed per row when any row has one (each row its own generator), else one random generator
+        seed = list(seeds) if seeds is not None and any(s is not None for s in seeds) else sampling.seed
         offered = dict(prompts=prompts, max_new_tokens=max_new_tokens, mask=mask, kv_ratio=kv_ratio,
-                       temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                       temperature=sampling.temperature, top_p=sampling.top_p, seed=seed,
                        stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step)
         out = self.decoder.generate(**{k: v for k, v in offered.items() if k in self._accepts})
         return [list(row) for row in getattr(out, "tokens", out)]
@@ -480,10 +553,18 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     on_token: Callable[[int], None] | None = None
     request_id: str = ""
+    # set from any thread (a client gone, a deadline, shutdown): the row stops within one decode step
+    cancel: threading.Event | None = None
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(float(self.temperature), float(self.top_p), self.seed)
+        """How the batch samples (the seed is per row: `seed`, not part of the batch's sampling)."""
+        t = float(self.temperature)
+        return Sampling(0.0 if t < GREEDY_TEMPERATURE else t, float(self.top_p), None)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 @dataclass(frozen=True)
@@ -526,7 +607,7 @@ class GenerationResult:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     prompt_tokens: int = 0
-    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "error"
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) | "length" | "cancelled" | "error"
     step: StepInfo | None = None
     error: RapError | None = None
 
@@ -551,12 +632,19 @@ class EngineStats:
     generate_seconds: float = 0.0
     oom_events: int = 0
     oom_failures: int = 0
+    backend_fallbacks: int = 0  # single rows served by the fallback backend after the primary failed on them
+    last_fallback: str | None = None
     decisions: Counter = field(default_factory=Counter)  # (dropped block count, kv_ratio) -> batches
     last_step: StepInfo | None = None
 
 
 class OutOfMemoryAfterRetry(BudgetError):
     """The device ran out of memory, and again after shrinking."""
+
+
+class EngineFailure(RapError):
+    """A request failed inside the engine for a reason that is not its input (a bug): a server
+    answers 500 for it alone."""
 
 
 # ==== the engine ================================================================================
@@ -625,6 +713,7 @@ class Engine:
             self._foreign_bytes = torch.cuda.memory_allocated(self.device) - self.residency.resident_bytes()
         self.stats = EngineStats()
         self._lock = threading.RLock()
+        self.cancel_all = threading.Event()  # shutdown: every running row stops at its next step
         self._eos_ids = self._find_eos_ids()
         self.set_budget(budget if budget is not None else LiveBudget(0, str(self.device), device_total_bytes))
         if calibrate and self.device.type == "cuda":
@@ -766,12 +855,14 @@ class Engine:
                 except RapError as e:
                     results[i] = self._reject(r, e, "invalid")
                     continue
+                if r.cancelled:
+                    results[i] = GenerationResult(r.request_id, prompt_tokens=len(ids), finish_reason="cancelled")
+                    continue
                 # Streaming needs per-token callbacks; a backend without them serves the batch at
                 # the end, so streamed requests go to one that streams.
                 backend = self.backend if (r.on_token is None or self.backend.streams) else self._fallback_backend
-                # Seeds do not split batches: a batch samples with its first request's seed
-                # (OpenAI's seed is best-effort too), so seeded requests still batch together.
-                key = (dataclasses.replace(r.sampling, seed=None), id(backend))
+                # Seeds do not split batches: each row samples from its own generator.
+                key = (r.sampling, id(backend))
                 groups.setdefault(key, [backend, []])[1].append((i, r, ids))
             for backend, items in groups.values():
                 for start in range(0, len(items), self.max_batch):
@@ -786,20 +877,41 @@ class Engine:
             raise result.error
         return result
 
+    def validate(self, r: GenerationRequest) -> list[int]:
+        """The request's prompt token ids, or a RequestError naming what is wrong with it (thread-safe:
+        a server calls it off its event loop, before batching)."""
+        return self._validate(r)
+
     def _validate(self, r: GenerationRequest) -> list[int]:
+        """Every field checked against what the backends can do, so a bad one fails only its own
+        request (before batching) and never reaches a kernel."""
+        if r.prompt_ids is None and r.prompt is not None:
+            if not isinstance(r.prompt, str):
+                raise RequestError(f"a prompt must be text, got {type(r.prompt).__name__}")
+            check_text(r.prompt, "the prompt")
         ids = list(r.prompt_ids) if r.prompt_ids is not None else (self.encode(r.prompt) if r.prompt else [])
-        if not ids or (r.prompt_ids is None and not (r.prompt or "").strip()):
+        if not ids:
             raise RequestError("the prompt is empty: send at least one token of text")
-        if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
+        if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise RequestError(f"max_tokens must be a positive integer, got {r.max_new_tokens!r}")
         if len(ids) + r.max_new_tokens > self.max_context:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({r.max_new_tokens}) exceeds the model's "
                                f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens")
-        if r.temperature < 0 or not 0 < r.top_p <= 1:
-            raise RequestError("temperature must be >= 0 and top_p in (0, 1]")
+        for name, value in (("temperature", r.temperature), ("top_p", r.top_p)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        if not 0 <= r.temperature <= MAX_TEMPERATURE or not 0 < r.top_p <= 1:
+            raise RequestError(f"temperature must be in [0, {MAX_TEMPERATURE:g}] and top_p in (0, 1]")
+        if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)
+                                   or not SEED_RANGE[0] <= r.seed < SEED_RANGE[1]):
+            raise RequestError(f"seed must be an integer in [-2**63, 2**64), got {r.seed!r}")
+        if not isinstance(r.stop, (tuple, list)) or not all(isinstance(x, str) for x in r.stop):
+            raise RequestError("stop must be a list of strings")
+        for x in r.stop:
+            check_text(x, "a stop string")
         vocab = self.view.shape.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
     def _reject(self, r: GenerationRequest, error: RapError, reason: str) -> GenerationResult:
@@ -827,25 +939,54 @@ class Engine:
         try:
             return self._execute(items, backend, request, decision, budget, oom_retry=not retry)
         except torch.OutOfMemoryError as e:
-            self.stats.oom_events += 1
-            self._release_cached_memory()
-            first_line = (str(e).splitlines() or ["out of memory"])[0]
-            if not retry:
-                self.stats.oom_failures += 1
-                log.error("out of memory again after shrinking (%s); rejecting %d request(s)", first_line, len(items))
-                error = OutOfMemoryAfterRetry(
-                    f"the device ran out of memory running {decision.mask} even after shrinking; "
-                    f"lower the budget or send smaller requests")
-                return [(i, self._reject(r, error, "oom")) for i, r, _ in items]
-            shrunk = int(min(self.effective_budget(budget), decision.predicted_peak_bytes) * self.oom_shrink_ratio)
-            log.warning("out of memory running %s (predicted %s, budget %s): %s; retrying once within %s",
-                        decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
-                        format_bytes(shrunk))
-            try:
-                smaller = self._decide(backend.planning_request(request), shrunk, backend)
-            except BudgetError as be:
-                return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
-            return self._run(items, backend, request, smaller, budget, retry=False)
+            return self._after_oom(e, items, backend, request, decision, budget, retry)
+        except RapError as e:  # a backend refusing these rows (e.g. too many stop ids): theirs alone
+            reason = "budget" if isinstance(e, BudgetError) else "invalid"
+            return [(i, self._reject(r, e, reason)) for i, r, _ in items]
+        except Exception as e:  # a bug (ours or a backend's): fail only the rows it belongs to
+            return self._isolate_failure(items, backend, e)
+
+    def _isolate_failure(self, items: list, backend, error: Exception) -> list[tuple[int, GenerationResult]]:
+        """A batch failed with an unexpected error: bisect it so the rows that do not trigger it are
+        served; a single failing row gets one try on the fallback backend (counted, logged, and for
+        this row only: the next batch uses the primary backend again), then an error of its own."""
+        if len(items) > 1:
+            log.warning("backend %s failed on a batch of %d (%s: %s); retrying it in halves", backend.name,
+                        len(items), type(error).__name__, error)
+            half = len(items) // 2
+            return self._serve(items[:half], backend) + self._serve(items[half:], backend)
+        i, r, _ = items[0]
+        if backend is not self._fallback_backend:
+            self.stats.backend_fallbacks += 1
+            self.stats.last_fallback = f"{backend.name} failed on request {r.request_id or '-'}: " \
+                                       f"{type(error).__name__}: {error}"
+            log.error("%s; serving that request with %s", self.stats.last_fallback, self._fallback_backend.name)
+            return self._serve(items, self._fallback_backend)
+        log.error("request %s failed on every backend", r.request_id or "-", exc_info=error)
+        return [(i, self._reject(r, EngineFailure(f"internal error generating this request: "
+                                                  f"{type(error).__name__}: {error}"), "internal"))]
+
+    def _after_oom(self, e: Exception, items: list, backend, request: Request, decision: Decision, budget: int,
+                   retry: bool):
+        self.stats.oom_events += 1
+        self._release_cached_memory()
+        first_line = (str(e).splitlines() or ["out of memory"])[0]
+        if not retry:
+            self.stats.oom_failures += 1
+            log.error("out of memory again after shrinking (%s); rejecting %d request(s)", first_line, len(items))
+            error = OutOfMemoryAfterRetry(
+                f"the device ran out of memory running {decision.mask} even after shrinking; "
+                f"lower the budget or send smaller requests")
+            return [(i, self._reject(r, error, "oom")) for i, r, _ in items]
+        shrunk = int(min(self.effective_budget(budget), decision.predicted_peak_bytes) * self.oom_shrink_ratio)
+        log.warning("out of memory running %s (predicted %s, budget %s): %s; retrying once within %s",
+                    decision.mask, format_bytes(decision.predicted_peak_bytes), format_bytes(budget), first_line,
+                    format_bytes(shrunk))
+        try:
+            smaller = self._decide(backend.planning_request(request), shrunk, backend)
+        except BudgetError as be:
+            return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
+        return self._run(items, backend, request, smaller, budget, retry=False)
 
     def _backends(self) -> list:
         return [self.backend] if self.backend is self._fallback_backend else [self.backend, self._fallback_backend]
@@ -891,11 +1032,10 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         reqs = [r for _, r, _ in items]
         rows = [ids for _, _, ids in items]
-        streams = _RowDispatcher(reqs, self._eos_ids) if any(r.on_token for r in reqs) else None
-        seed = next((r.seed for r in reqs if r.seed is not None), None)
-        sampling = dataclasses.replace(reqs[0].sampling, seed=seed)
-        new = self._backend_generate(backend, rows, decision, sampling, request.new_tokens,
-                                     streams.on_step if streams else None)
+        watch = any(r.on_token or r.stop or r.cancel for r in reqs) or self.cancel_all.is_set()
+        streams = _RowDispatcher(reqs, self._eos_ids, self.decode, self.cancel_all) if watch else None
+        new = self._backend_generate(backend, rows, decision, reqs[0].sampling, [r.seed for r in reqs],
+                                     request.new_tokens, streams.on_step if streams else None)
         if on_cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
@@ -909,11 +1049,13 @@ class Engine:
                 self.correction_ratio = ratio
         outputs = []
         for row, r in enumerate(reqs):
-            ids, reason = _cut(list(new[row]), r.max_new_tokens, self._eos_ids)
-            text = self.decode(ids)
-            for s in r.stop:
-                if s and s in text:
-                    text, reason = text[: text.index(s)], "stop"
+            if streams is not None and streams.reason[row] is not None:  # finished by a stop, cancel or EOS
+                ids, reason = list(new[row])[: streams.count[row]], streams.reason[row]
+                text = streams.text[row] if streams.text[row] is not None else self.decode(ids)
+            else:
+                ids, reason = _cut(list(new[row]), r.max_new_tokens, self._eos_ids)
+                text = self.decode(ids)
+                text, reason = _apply_stops(text, r.stop, reason)
             outputs.append((ids, text, reason))
         generated = sum(len(ids) for ids, _, _ in outputs)
         self.stats.steps += 1
@@ -934,6 +1076,31 @@ class Engine:
                  "-" if measured is None else format_bytes(measured), info.tokens_per_s)
         return [(i, GenerationResult(r.request_id, text, tuple(ids), len(ids_in), reason, info))
                 for (i, r, ids_in), (ids, text, reason) in zip(items, outputs)]
+
+    def fit_resident_to_budget(self) -> list[str]:
+        """Between batches: drop resident blocks until what stays fits the current budget with the
+        smallest request (nothing is restored; the next batch decides as usual), and free the
+        backends' buffers if the weights and buffers together exceed it. A budget exists because
+        someone else needs the memory now, not at the next request. Returns the dropped blocks."""
+        with self._lock:
+            budget = self.read_budget()
+            if self.need_bytes(self.residency.resident_bytes() + self._held_bytes()) <= budget:
+                return []
+            self._release_cached_memory()
+            smallest = self.planning_request(Request(1, 1, 1))
+            try:
+                keep = self._decide(smallest, self.effective_budget(budget)).mask
+            except BudgetError:
+                keep = BlockMask.from_drop(self.view.num_layers, default_removal_order(self.view.num_layers))
+            current = self.residency.mask
+            target = BlockMask.from_drop(self.view.num_layers,
+                                         [b.name for b in self.view.blocks
+                                          if not (keep.keeps(b.name) and current.keeps(b.name))])
+            dropped, _ = self.residency.apply(target)
+            if dropped:
+                log.info("budget %s below the resident weights: dropped %d block(s) while idle", format_bytes(budget),
+                         len(dropped))
+            return dropped
 
     def release_buffers(self) -> None:
         """Free what the backends keep between batches (KV buffers, captured graphs) and the
@@ -957,20 +1124,11 @@ class Engine:
                 b.release()
 
     def _backend_generate(self, backend, prompts: list[list[int]], decision: Decision, sampling: Sampling,
-                          max_new_tokens: int, on_step) -> list[list[int]]:
-        args = (self.view, prompts, decision.mask, decision.kv_ratio, sampling, max_new_tokens,
-                self.tokenizer.pad_token_id, self._eos_ids)
-        if backend is self._fallback_backend:
-            return backend.generate(*args, on_step=on_step)
-        try:
-            return backend.generate(*args, on_step=on_step)
-        except (torch.OutOfMemoryError, RapError):
-            raise
-        except Exception as e:  # keep serving on the slow path, loudly
-            log.error("backend %s failed (%s: %s); switching to Hugging Face generate",
-                      backend.name, type(e).__name__, e)
-            self.backend = self._fallback_backend
-            return self._fallback_backend.generate(*args, on_step=on_step)
+                          seeds: list[int | None], max_new_tokens: int, on_step) -> list[list[int]]:
+        """A backend's tokens for the batch. Any failure propagates: `_run` isolates the failing rows
+        (nothing switches backends for good behind the user's back)."""
+        return backend.generate(self.view, prompts, decision.mask, decision.kv_ratio, sampling, max_new_tokens,
+                                self.tokenizer.pad_token_id, self._eos_ids, on_step=on_step, seeds=seeds)
 
     # ---- introspection ------------------------------------------------------------------------------
     def budget_info(self, reference: Request | None = None) -> dict:
@@ -985,30 +1143,52 @@ class Engine:
             "reference_request": dataclasses.asdict(reference),
             "dense_need_bytes": self.dense_need_bytes(planned),
             "smallest_need_bytes": self.smallest_need_bytes(planned),
-            "backend": self.backend.name,
+            "backend": self.backend.name, "backend_fallbacks": self.stats.backend_fallbacks,
+            "last_backend_fallback": self.stats.last_fallback,
             "correction_ratio": self.correction_ratio, "overhead_bytes": self.overhead_bytes,
         }
 
 
 class _RowDispatcher:
-    """Turns per-step token vectors [batch] into per-request `on_token` calls, stopping each row at
-    its EOS or its own max_new_tokens (the batch runs to the largest)."""
+    """Per-step token vectors [batch] -> per-request bookkeeping: `on_token` calls (streaming),
+    stop strings matched on the incrementally decoded text, cancellation, EOS and each row's own
+    max_new_tokens (the batch runs to the largest). `on_step` returns which rows are finished, so
+    the backend stops computing them (and the whole batch once every row is)."""
 
-    def __init__(self, requests: Sequence[GenerationRequest], eos_ids: Iterable[int]):
+    def __init__(self, requests: Sequence[GenerationRequest], eos_ids: Iterable[int],
+                 decode: Callable[[Sequence[int]], str], cancel_all: threading.Event | None = None):
         self.requests = list(requests)
         self.eos = set(eos_ids)
-        self.count = [0] * len(self.requests)
-        self.done = [False] * len(self.requests)
+        self.decode = decode
+        self.cancel_all = cancel_all
+        n = len(self.requests)
+        self.count = [0] * n  # tokens really generated per row (a stop string's tokens included)
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.reason: list[str | None] = [None] * n  # set when a row finishes
+        self.text: list[str | None] = [None] * n  # the final text of a row a stop string finished
 
-    def on_step(self, tokens: torch.Tensor) -> None:
+    def on_step(self, tokens: torch.Tensor) -> list[bool] | None:
+        """Per-row bookkeeping of one step (a token id < 0: that row produced nothing this step).
+        Returns every row's finished flag when one finished at this step, else None (nothing new)."""
+        shut = self.cancel_all is not None and self.cancel_all.is_set()
+        finished_before = sum(reason is not None for reason in self.reason)
         for row, token in enumerate(tokens.tolist()):
             r = self.requests[row]
-            if self.done[row]:
+            if self.reason[row] is not None or token < 0:
+                continue
+            if shut or r.cancelled:
+                self.reason[row] = "cancelled"
                 continue
             if token in self.eos:
-                self.done[row] = True
+                self.reason[row] = "stop"
                 continue
             self.count[row] += 1
+            self.ids[row].append(int(token))
+            if r.stop:
+                text = self.decode(self.ids[row])
+                cut, reason = _apply_stops(text, r.stop, "length")
+                if reason == "stop":
+                    self.reason[row], self.text[row] = "stop", cut
             if r.on_token is not None:
                 try:
                     r.on_token(int(token))
@@ -1016,8 +1196,24 @@ class _RowDispatcher:
                     log.warning("on_token callback of request %s failed (%s); not streaming it further",
                                 r.request_id or "-", e)
                     r.on_token = None
-            if self.count[row] >= r.max_new_tokens:
-                self.done[row] = True
+            if self.reason[row] is None and self.count[row] >= r.max_new_tokens:
+                self.reason[row] = "length"
+        finished = [reason is not None for reason in self.reason]
+        return finished if sum(finished) > finished_before else None
+
+
+def _apply_stops(text: str, stops: Sequence[str], reason: str) -> tuple[str, str]:
+    """Text cut before the earliest stop string it contains (OpenAI: the stop is not returned)."""
+    cuts = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], "stop") if cuts else (text, reason)
+
+
+def check_text(text: str, what: str) -> None:
+    """Text that cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800") is a client error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{what} is not valid Unicode ({e.reason} at position {e.start}): send UTF-8 text") from None
 
 
 def _cut(ids: list[int], max_new_tokens: int, eos_ids: Sequence[int]) -> tuple[list[int], str]:

@@ -30,23 +30,31 @@ def register(app: typer.Typer) -> None:
         max_tokens_limit: Optional[int] = typer.Option(None, help="refuse max_tokens above this"),
         device_total: Optional[str] = typer.Option(None, help="CPU only: pretend the device has this much memory "
                                                               "(for fraction/live budgets)"),
-        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice; 1 is "
-                                                         "faster for tiny models on a busy machine)"),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: half the cores, at most 4: "
+                                                         "the engine's one worker thread shares the machine with "
+                                                         "the HTTP and tokenizer threads, and torch's default of "
+                                                         "every core was 10-20x slower on a busy 2-core box)"),
+        max_body_bytes: str = typer.Option("8MiB", help="larger request bodies get 413 before they are read"),
+        max_prompts: int = typer.Option(4096, help="most prompts x n in one completions request (400 above)"),
+        drain_s: float = typer.Option(10.0, help="SIGTERM/SIGINT: stop admitting, let in-flight requests finish for "
+                                                 "this long, then cancel the rest and exit"),
         stage_host: bool = typer.Option(False, "--stage-host", help="GPU: make every block's pinned host copy at "
                                         "start (host memory = weights), so the first budget drop moves no time"),
     ) -> None:
         """Serve MODEL over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions) inside a budget."""
         try:
-            import uvicorn
+            import uvicorn  # noqa: F401
 
-            from .server import create_app
+            from .server import create_app, serve as run_server
         except ImportError as e:
             raise RapError(f"`rap serve` needs the serve extra ({e.name} is missing): pip install 'rap-runtime[serve]'")
         from .cli import console, load_view_for_cli
         from .engine import Engine
         from .memory import format_bytes, parse_bytes
 
-        _set_threads(threads)
+        import os
+
+        _set_threads(threads if threads is not None else max(1, min(4, (os.cpu_count() or 2) // 2)))
         view, tok = load_view_for_cli(model, dtype=dtype, device=device)
         engine = Engine(view, tokenizer=tok, budget=budget, policy=policy, profile=profile, backend=backend,
                         max_batch=max_batch, device_total_bytes=parse_bytes(device_total) if device_total else None,
@@ -56,10 +64,11 @@ def register(app: typer.Typer) -> None:
                       f"{format_bytes(info['budget_bytes'])} ({info['source']['kind']}); dense weights "
                       f"{format_bytes(info['dense_param_bytes'])}; http://{host}:{port}/v1")
         app_ = create_app(engine, model_name=view.name, max_batch=max_batch, batch_window_s=batch_window_ms / 1e3,
-                          max_tokens_limit=max_tokens_limit)
+                          max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body_bytes),
+                          max_prompts=max_prompts)
         level = logging.getLevelName(logging.getLogger().level).lower()
-        uvicorn.run(app_, host=host, port=port, log_level=level if level in ("debug", "info") else "warning",
-                    access_log=False)
+        run_server(app_, host=host, port=port, log_level=level if level in ("debug", "info") else "warning",
+                   drain_s=drain_s)
 
     @app.command()
     def demo(
