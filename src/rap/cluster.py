@@ -136,7 +136,8 @@ def assign_budgets(spec: Any, replicas: dict[int, int], split: str = "equal",
 
 
 # ==== the board ==================================================================================
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+                  logging_config={"enable_access_log": False})  # replicas report every report_interval_s
 class BudgetBoard:
     """The cluster budget and the replicas' last reports. Lost if its actor dies: Ray restarts it with the
     start-time budget and the replicas re-report within one interval."""
@@ -262,6 +263,7 @@ class RapReplica:
                 "device_total_bytes": self.device_total_bytes, "applied_version": self.applied_version,
                 "budget_bytes": info["budget_bytes"], "source": info["source"],
                 "resident_bytes": info["resident_bytes"], "resident_mask": info["resident_mask"],
+                "dense_need_bytes": info["dense_need_bytes"], "smallest_need_bytes": info["smallest_need_bytes"],
                 "last_decision": last.decision.to_dict() if last else None,
                 "queued": queued, "ongoing": self.ongoing, "requests_served": engine.stats.requests_served,
                 "metrics": metrics}
@@ -514,18 +516,19 @@ def build_application(config: ReplicaConfig, deploy: DeployConfig, gpus_availabl
 
 
 def start_cluster(config: ReplicaConfig, deploy: DeployConfig, *, address: str | None = None,
-                  host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Start (or join, with `address`) Ray, deploy the application, return its URL once every replica is up."""
+                  host: str = "127.0.0.1", port: int = 8000, log_to_driver: bool = True) -> str:
+    """Start a local Ray (or join `address`), deploy the application, return its URL once every replica is up."""
     if deploy.replicas < 1:
         raise RapError("--replicas must be at least 1")
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
         else:
             most = deploy.max_replicas or deploy.replicas
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(most * deploy.cpus_per_replica + 0.999)),
-                     include_dashboard=False, logging_level=logging.WARNING,
-                     object_store_memory=256 << 20)
+            # "local": a new instance even where another Ray runs; logical CPUs enough for every replica
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(most * deploy.cpus_per_replica + 0.999)),
+                     include_dashboard=False, logging_level=logging.WARNING, object_store_memory=256 << 20,
+                     log_to_driver=log_to_driver)
     gpus = ray.cluster_resources().get("GPU", 0.0)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_application(config, deploy, gpus), name=APP_NAME, route_prefix="/")
