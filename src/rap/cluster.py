@@ -238,7 +238,7 @@ class RapReplica:
                              profile=config.profile, backend=config.backend, max_batch=config.max_batch,
                              device_total_bytes=device_total)
         self.device_total_bytes = _device_total_bytes(self.engine.device, device_total)
-        self.applied_version = 0
+        self.applied_version, self.applied_spec = 0, None
         self.ongoing = 0
         from .server import create_app
 
@@ -270,10 +270,10 @@ class RapReplica:
 
     async def _report_once(self) -> None:
         answer = await self.board.report.remote(self._report())
-        if answer["version"] != self.applied_version or self.engine.budget_source.describe() != \
-                budget_from_spec(answer["budget"]).describe():
+        # a new version, or the same one with a new share (a replica joined or left)
+        if (answer["version"], answer["budget"]) != (self.applied_version, self.applied_spec):
             self.engine.set_budget(answer["budget"])  # read at the next batch; the running one keeps its decision
-            self.applied_version = answer["version"]
+            self.applied_version, self.applied_spec = answer["version"], answer["budget"]
             await self.board.report.remote(self._report())  # acknowledge at once: PUT waits for it
 
     async def _report_loop(self) -> None:
