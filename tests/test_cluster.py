@@ -75,6 +75,14 @@ def test_cluster_command_without_the_extra_says_how_to_install_it(monkeypatch):
     assert "pip install 'rap-runtime[cluster]'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cluster_command_refuses_bad_options_before_starting_ray():
+    for args, words in ((["--replicas", "0"], "--replicas"), (["--split", "even"], "--split"),
+                        (["--min-replicas", "3", "--max-replicas", "2"], "--max-replicas"),
+                        (["--budget", "lots"], "budget")):
+        result = run_rap("cluster", "stories260k", *args)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
+
+
 # ==== a local Ray, 2 replicas ======================================================================
 def _free_port() -> int:
     with socket.socket() as s:
