@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
             victim = (await c.get("/v1/budget")).json()["replicas"][0]
         os.kill(victim["pid"], signal.SIGKILL)
         t_kill = time.perf_counter()
-        kill.update({"replica": victim["replica"], "pid": victim["pid"], "t_s": t_s})
+        kill.update({"replica": victim["replica"], "pid": victim["pid"], "t_s": t_s,
+                     "victim_ongoing_at_last_report": victim["ongoing"], "victim_queued": victim["queued"],
+                     "victim_report_age_s": victim["report_age_s"]})
 
         async def watch() -> None:  # when a replacement reports to the board
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
@@ -232,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
                      "throughput_after_vs_before_ratio": round(after / before, 3) if before else None})
     kill["front_retries"] = metric(metrics_text, "rap_cluster_retries_total")
     kill["front_broken_streams"] = metric(metrics_text, "rap_cluster_broken_streams_total")
-    payload["cluster"] = {**cluster, "startup_s": round(startup_s, 1), "kill": kill}
+    around = [{k: r.get(k) for k in ("t_s", "ms", "kind", "replica", "stream")} for r in results
+              if kill and kill["t_s"] - 2 <= r["t_s"] <= kill["t_s"] + 15]
+    payload["cluster"] = {**cluster, "startup_s": round(startup_s, 1), "kill": kill,
+                          "answers_from_2s_before_to_15s_after_the_kill": around}
     payload["throughput_cluster_vs_single_ratio"] = (round(cluster["requests_per_s"] / single["requests_per_s"], 3)
                                                      if single["requests_per_s"] else None)
     rows.append({"setup": f"rap cluster x{args.replicas} (1 killed)", **{k: cluster[k] for k in

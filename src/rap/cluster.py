@@ -5,11 +5,11 @@
 
 One Serve application of three deployments:
 
-- ``RapReplica`` (N of them, or autoscaled by Ray Serve): ``@serve.ingress`` around ``server.create_app(Engine)``,
-  so each replica is exactly the app ``rap serve`` runs (same routes, validation, batching, streaming). One Engine
-  per replica; on GPU nodes each replica holds ``--gpus-per-replica`` GPUs (Ray's ``num_gpus``), on CPU each
-  replica is one process.
-- ``ClusterFront``: the HTTP ingress. It forwards every OpenAI route to a replica through a DeploymentHandle (Ray
+- ``RapReplica`` (N of them, or autoscaled by Ray Serve): runs ``server.create_app(Engine)`` in-process, so each
+  replica is exactly the app ``rap serve`` runs (same routes, validation, batching, streaming). One Engine per
+  replica; on GPU nodes each replica holds ``--gpus-per-replica`` GPUs (Ray's ``num_gpus``), on CPU each replica is
+  one process. (Serve allows one FastAPI ``@serve.ingress`` per application: the front.)
+- ``ClusterFront``: the ``@serve.ingress`` (FastAPI). It forwards every OpenAI route to a replica through a DeploymentHandle (Ray
   Serve's request router picks the replica: power of two choices over ongoing requests, bounded by
   ``max_ongoing_requests``), and answers ``/v1/budget``, ``/metrics`` and ``/health`` for the whole cluster.
   Serve's own proxy answers a request whose replica died with a plain-text 500; the front instead retries it
