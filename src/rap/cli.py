@@ -55,6 +55,7 @@ COMMAND_MODULES = (
     "rap.decode_commands",  # rap generate / rap bench-decode
     "rap.policy.commands",  # rap train-policy, rap decide
     "rap.engine_commands",  # rap serve, rap demo
+    "rap.cluster_commands",  # rap cluster (Ray Serve; the cluster extra)
     "rap.report",  # rap report
     "rap.data_commands",  # rap data, rap data fetch
 )
