@@ -32,7 +32,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from ..data import data_root
+from ..data import data_file
 from ..errors import RapError
 
 TASK_PREFIX = "rap_"
@@ -60,12 +60,16 @@ def write_task_configs(out_dir: str | Path, root: str | Path | None = None) -> P
     """Write rap_{piqa,hellaswag,winogrande,arc_easy,arc_challenge,boolq,openbookqa,lambada_openai}.yaml
     (and the two joined data files, and the preprocessing shim) into `out_dir`; pass it to lm-eval
     as `--include_path` / `TaskManager(include_path=...)`. Returns `out_dir`."""
-    out, root = Path(out_dir), Path(root) if root is not None else data_root()
+    out = Path(out_dir)
+
+    def find(relative: str) -> Path:  # `root` if given, else rap's data search order (rap.data)
+        return Path(root) / relative if root is not None else data_file(relative)
+
     out.mkdir(parents=True, exist_ok=True)
     try:
-        piqa = _jsonl(root / "piqa" / "valid.jsonl")
-        labels = [int(x) for x in (root / "piqa" / "valid-labels.lst").read_text().split()]
-        with open(root / "openbookqa" / "test.tsv", encoding="utf-8", newline="") as f:
+        piqa = _jsonl(find("piqa/valid.jsonl"))
+        labels = [int(x) for x in (find("piqa/valid-labels.lst")).read_text().split()]
+        with open(find("openbookqa/test.tsv"), encoding="utf-8", newline="") as f:
             obqa = list(csv.DictReader(f, delimiter="\t"))
     except FileNotFoundError as e:
         raise RapError(f"data file {e.filename} is missing (see shared/data/SOURCES.md)") from None
@@ -85,26 +89,26 @@ def write_task_configs(out_dir: str | Path, root: str | Path | None = None) -> P
     tasks = {
         "piqa": _task("piqa", piqa_file, doc_to_text="Question: {{goal}}\nAnswer:", doc_to_target="label",
                       doc_to_choice="{{[sol1, sol2]}}"),
-        "hellaswag": _task("hellaswag", root / "hellaswag" / "hellaswag_val.jsonl",
+        "hellaswag": _task("hellaswag", find("hellaswag/hellaswag_val.jsonl"),
                            process_docs="!function rap_lm_eval_shim.process_docs", doc_to_text="{{query}}",
                            doc_to_target="{{label}}", doc_to_choice="choices"),
-        "winogrande": _task("winogrande", root / "winogrande" / "dev_noqid.jsonl",
+        "winogrande": _task("winogrande", find("winogrande/dev_noqid.jsonl"),
                             doc_to_text="!function rap_lm_eval_shim.doc_to_text",
                             doc_to_target="!function rap_lm_eval_shim.doc_to_target",
                             doc_to_choice="!function rap_lm_eval_shim.doc_to_choice", metric_list=_MC_METRICS[:1]),
-        "arc_easy": _task("arc_easy", root / "arc" / "ARC-Easy-Test.olmo.jsonl",
+        "arc_easy": _task("arc_easy", find("arc/ARC-Easy-Test.olmo.jsonl"),
                           doc_to_text="Question: {{question}}\nAnswer:", doc_to_target="{{gold}}",
                           doc_to_choice="{{choices}}"),
-        "arc_challenge": _task("arc_challenge", root / "arc" / "ARC-Challenge-Test.olmo.jsonl",
+        "arc_challenge": _task("arc_challenge", find("arc/ARC-Challenge-Test.olmo.jsonl"),
                                doc_to_text="Question: {{question}}\nAnswer:", doc_to_target="{{gold}}",
                                doc_to_choice="{{choices}}"),
-        "boolq": _task("boolq", root / "boolq" / "boolq_validation.jsonl",
+        "boolq": _task("boolq", find("boolq/boolq_validation.jsonl"),
                        doc_to_text="{{passage}}\nQuestion: {{question}}?\nAnswer:",
                        doc_to_target="{{ 1 if answer else 0 }}", doc_to_choice=["no", "yes"],
                        metric_list=_MC_METRICS[:1]),
         "openbookqa": _task("openbookqa", obqa_file, doc_to_text="question_stem", doc_to_target="answer",
                             doc_to_choice="{{choices}}"),
-        "lambada_openai": {**_task("lambada_openai", root / "lambada_openai" / "lambada_test.jsonl",
+        "lambada_openai": {**_task("lambada_openai", find("lambada_openai/lambada_test.jsonl"),
                                    doc_to_text="{{text.split(' ')[:-1]|join(' ')}}",
                                    doc_to_target="{{' '+text.split(' ')[-1]}}"),
                            "output_type": "loglikelihood",
