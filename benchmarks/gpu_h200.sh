@@ -12,6 +12,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=src:.:$site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 export OUT=${OUT:-out}
+# SmolLM2-135M's GGUF travels in parts (../shared/tools/split-for-device.sh); the call that brings the last part
+# assembles it and converts it once: SMOL_SHA256=<sha of the whole file> PARTS_DIR=/root/parts
+if [ -n "${SMOL_SHA256:-}" ] && ls .device-parts/*.part* >/dev/null 2>&1; then
+  mkdir -p "${PARTS_DIR:-/root/parts}" && cp .device-parts/*.part* "${PARTS_DIR:-/root/parts}/"
+  if cat "${PARTS_DIR:-/root/parts}"/smol.gguf.part* > /tmp/smol.gguf 2>/dev/null && echo "$SMOL_SHA256  /tmp/smol.gguf" | sha256sum -c --quiet; then
+    python3 -m rap models fetch smollm2-135m --gguf /tmp/smol.gguf && echo "smollm2-135m ready"
+  else
+    echo "smollm2-135m: parts so far: $(ls "${PARTS_DIR:-/root/parts}" | tr '\n' ' ')"
+  fi
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 step() {  # step NAME SECONDS COMMAND...
@@ -26,5 +36,7 @@ step decode "${DECODE_S:-0}" python3 -m benchmarks.decode --batches 1,8,32 --pro
 step memory "${MEMORY_S:-0}" python3 -m benchmarks.memory_model --path decoder
 step trace "${TRACE_S:-0}" python3 -m benchmarks.engine_trace --shape llama-2-7b --batch 8 --prompt 512 --new 64 --batches-per-level 6
 step trace-staged "${STAGED_S:-0}" python3 -m benchmarks.engine_trace --shape llama-2-7b --batch 8 --prompt 512 --new 64 --batches-per-level 6 --stage-host
+step precision "${PRECISION_S:-0}" python3 -m benchmarks.precision --max-seconds $(( ${PRECISION_S:-0} - 40 )) ${PRECISION_ARGS:-}
+step levels "${LEVELS_S:-0}" ${LEVELS_CMD:-true}
 step suite "${SUITE_S:-0}" python3 -m benchmarks.run --suite gpu --max-minutes $(( ${SUITE_S:-0} / 60 - 1 )) ${SUITE_ARGS:-}
 ls -la "$OUT"
