@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-METHODS = ("gsi", "oneshot", "shortgpt", "random")
+METHODS = ("gsi", "oneshot", "shortgpt", "random", "levels")
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 def profile_command(
     model: str = typer.Argument(..., help="known name (smollm2-135m, stories260k), HF folder or .gguf"),
-    method: str = typer.Option("gsi", help="gsi | oneshot | shortgpt | random"),
+    method: str = typer.Option("gsi", help="gsi | oneshot | shortgpt | random | levels (a level per block)"),
     racing: bool = typer.Option(False, "--racing", help="gsi only: racing (fast, approximate) instead of exact"),
     calib: Optional[str] = typer.Option(None, help="calibration text file (default: WikiText-2 valid)"),
     tokens: int = typer.Option(262_144, help="calibration tokens (cut into windows of --seq-len)"),
@@ -34,6 +34,9 @@ def profile_command(
     cache_mem: Optional[str] = typer.Option(None, help="gsi: memory for cached streams, e.g. 20GiB (default: half free)"),
     racing_first: int = typer.Option(8, help="racing: windows in the first round"),
     racing_z: float = typer.Option(3.0, help="racing: confidence multiplier of the elimination bound"),
+    remeasure: int = typer.Option(12, help="levels: moves re-measured per greedy step (0 = all: exact, slow)"),
+    int4_group: int = typer.Option(64, help="levels: int4 group size (must divide the projections' in_features)"),
+    bytes_device: Optional[str] = typer.Option(None, help="levels: rank moves by cpu | cuda bytes (default: the model's)"),
 ) -> None:
     """Rank blocks by importance and write a reusable profile (removal order, PPL after each removal)."""
     from rich.markup import escape
@@ -56,6 +59,18 @@ def profile_command(
     cal = load_calibration(tok, view.config.model_type, calib, tokens, seq_len, seed)
     console.print(escape(f"{view.name}: {len(view.blocks)} blocks; calibration {cal.source}: "
                          f"{cal.num_windows} windows x {cal.seq_len} tokens ({str(view.dtype)[6:]} on {view.device})"))
+    if method == "levels":
+        from .levels import level_profile
+
+        lp = level_profile(view, cal, int4_group=int4_group, steps=steps, remeasure=remeasure or None,
+                           batch_windows=batch_windows, bytes_device=bytes_device, checkpoint=out, resume=resume,
+                           name=view.name)
+        lp.save(out)
+        last = lp.steps[-1] if lp.steps else None
+        console.print(escape(f"levels: dense ppl {lp.dense_ppl:.3f}; {len(lp.steps)} greedy moves"
+                             + (f", last {last.block}={last.level} ppl {last.ppl:.3f}" if last else "")))
+        console.print(f"{lp.seconds:.1f} s, {lp.block_forwards:,.1f} block forwards; wrote {out}")
+        return
     if method == "gsi":
         prof = gsi(view, cal, steps=steps, racing=Racing(first_windows=racing_first, z=racing_z) if racing else None,
                    predict=predict, checkpoint=out, resume=resume, batch_windows=batch_windows,
