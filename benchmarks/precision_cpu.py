@@ -50,6 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="comma list of rungs to (re)measure; rows of the others in --out "
+                    "are kept (one slow CPU run can be split)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
@@ -61,6 +63,11 @@ def main(argv=None) -> None:
               "decode_method": "rap Decoder step=exact, batch 1, prompt 128 + 64 new, greedy, best of "
                                f"{args.repeats}, one torch thread (CPU figures on a shared box)",
               "rows": rows}
+    if args.only and out.exists():
+        keep = set(args.only.split(","))
+        old = json.loads(out.read_text())
+        rows += [r for r in old.get("rows", []) if r.get("rung") not in keep]
+        result["earlier_commands"] = [*old.get("earlier_commands", []), old.get("command")]
     view, tok = load_view(args.model, dtype=torch.float32, device="cpu")
     windows = token_windows(read_text(WIKITEXT2_TEST), tok, args.seq_len, None,
                             bos=needs_bos(tok, view.config.model_type))[: args.windows]
@@ -69,6 +76,8 @@ def main(argv=None) -> None:
     prompt = windows[0, :128].tolist()
     residency = WeightResidency(view, mem)
     for rung, spec in plans_for(view):
+        if args.only and rung not in args.only.split(","):
+            continue
         row = {"model": args.model, "rung": rung, "plan": spec}
         try:
             plan = Plan.parse(None if spec == "dense" else spec, view.num_layers).validate(view.shape)
@@ -97,6 +106,7 @@ def main(argv=None) -> None:
         print(json.dumps(row))
         out.write_text(json.dumps(result, indent=2))
     residency.apply(Plan.full(view.num_layers))
+    rows.sort(key=lambda r: [n for n, _ in plans_for(view)].index(r["rung"]))
     dense = next(r for r in rows if r["rung"] == "dtype")
     for r in rows:
         if "ppl" in r:

@@ -47,10 +47,16 @@ def int4_level_for(kind: str, shape, on_cuda: bool = False) -> str:
     return INT8
 
 
-def precision_rungs(num_layers: int, shape, on_cuda: bool = False) -> list[tuple[str, Plan]]:
-    """(name, plan) of the ladder's rungs 1-4, in order."""
+def precision_rungs(num_layers: int, shape, on_cuda: bool = False,
+                    memory: MemoryModel | None = None) -> list[tuple[str, Plan]]:
+    """(name, plan) of the ladder's rungs 1-4, in order. With `memory`, a kind of block whose int4
+    bytes are not below its int8 bytes stays int8 (tinygemm pads in_features to 1024 on CUDA: SmolLM2's
+    576-wide projections store about as many int4 bytes as int8 ones)."""
     L = num_layers
     a4, f4 = int4_level_for("attn", shape, on_cuda), int4_level_for("ffn", shape, on_cuda)
+    if memory is not None:
+        a4 = a4 if memory.level_bytes("attn.0", a4) < memory.level_bytes("attn.0", INT8) else INT8
+        f4 = f4 if memory.level_bytes("ffn.0", f4) < memory.level_bytes("ffn.0", INT8) else INT8
     return [("dtype", Plan.full(L)),
             ("ffn-int8", Plan.from_levels(["dtype"] * L, [INT8] * L)),
             ("int8", Plan.uniform(L, INT8)),
@@ -77,7 +83,7 @@ class PrecisionLadder:
     def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
         from ..engine import Decision, _call_policy
 
-        rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda)
+        rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda, memory_model)
         for name, plan in rungs:
             if memory_model.fits(budget_bytes, plan, request):
                 return Decision(plan, 1.0, memory_model.peak_bytes(plan, request), f"{self.name}:{name}")
@@ -123,7 +129,7 @@ class PrecisionPolicy:
         from .context import PolicyContext
 
         self.context = context
-        self.rungs = precision_rungs(context.num_layers, context.memory.shape, context.memory.on_cuda)
+        self.rungs = precision_rungs(context.num_layers, context.memory.shape, context.memory.on_cuda, context.memory)
         leveled = context.memory.with_levels(self.rungs[-1][1])
         self.inner_context = PolicyContext(leveled, context.order, context.quality,
                                            getattr(context, "scores", None), context.model_name,
