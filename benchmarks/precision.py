@@ -192,6 +192,9 @@ def main(argv=None) -> None:
     ap.add_argument("--stock-tokens", default=None, help="n1,n2 for the peer's stock generate (default 8,40)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="CUDA graphs without torch.compile'd blocks "
+                    "(if compiling the torchao tensors fails)")
+    ap.add_argument("--fuse", default="none", help="decoder fuse_projections: none | copy (quantized fused)")
     ap.add_argument("--max-seconds", type=float, default=560, help="skip what is left after this long")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -212,6 +215,8 @@ def main(argv=None) -> None:
     bandwidth = copy_bandwidth(device, (2 << 30) if cuda else (64 << 20))
     result = {**environment(device), "kind": "precision-decode", "copy_bandwidth_bytes_per_s": bandwidth,
               "grid": {"batches": batches, "prompt": prompt, "new_tokens": new},
+              "decoder": {"compile": not args.no_compile and cuda, "fuse_projections": args.fuse,
+                          "graphs": cuda},
               "reproduce": "PYTHONPATH=src:. python3 -m benchmarks.precision " + " ".join(sys.argv[1:] if argv is None else argv),
               "notes": ["random weights for the 7B shape: timing and bytes only",
                         "each level's decoder keeps the bf16 copy beside the quantized one (peak bytes are not the plan's)"],
@@ -239,7 +244,8 @@ def main(argv=None) -> None:
             except PlanError as e:
                 rows.append({"model": name, "level": level, "status": f"not allowed: {e}"})
                 continue
-            dec = Decoder(view, step=None if cuda else "static")
+            dec = Decoder(view, step=None if cuda else "static", compile=False if args.no_compile else None,
+                          fuse_projections=args.fuse)
             try:
                 check = {"bytes": check_bytes(dec, mem, plan)}
                 if real and tok is not None:

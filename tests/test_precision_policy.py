@@ -41,10 +41,14 @@ def test_below_the_int4_rung_blocks_drop_on_int4_bytes(mem):
 
 def test_engine_serves_with_the_precision_ladder(stories):
     view, tok = stories
-    engine = Engine(view, budget="1GiB", tokenizer=tok, policy="precision")
+    engine = Engine(view, budget="1GiB", tokenizer=tok)  # the default policy is the precision ladder
     req = engine.planning_request(Request(1, 8, 8))
     int8 = precision_rungs(view.num_layers, view.shape)[2][1]
     engine.set_budget(engine.need_bytes(engine.memory_model.peak_bytes(int8, req)))
-    out = engine.generate([GenerationRequest(prompt="Once upon a time", max_new_tokens=8)])
-    assert out[0].ok and engine.residency.plan == int8, out[0]
-    assert engine.residency.measured_resident_bytes() == engine.memory_model.param_bytes(int8)
+    try:
+        out = engine.generate([GenerationRequest(prompt="Once upon a time", max_new_tokens=8)])
+        assert out[0].ok and engine.residency.plan == int8, out[0]
+        assert engine.residency.measured_resident_bytes() == engine.memory_model.param_bytes(int8)
+        assert out[0].step.decision.policy == "precision-ladder:int8"
+    finally:  # the stories view is shared by the whole session: leave it dense
+        engine.residency.apply(Plan.full(view.num_layers))

@@ -101,7 +101,8 @@ def test_budget_put_changes_the_next_decision_and_get_reports_it(server):
         r = client.put("/v1/budget", json={"budget": int(0.6 * info["dense_need_bytes"])})
         assert r.status_code == 200 and r.json()["source"]["kind"] == "fixed"
         meta = complete(client).json()["rap"]
-        assert meta["decision"]["dropped"] and meta["predicted_peak_bytes"] <= meta["budget_bytes"]
+        # the default policy loses precision before it drops blocks: either way the decision is not dense
+        assert meta["decision"]["mask"] != "dense" and meta["predicted_peak_bytes"] <= meta["budget_bytes"]
         assert client.get("/v1/budget").json()["resident_bytes"] < info["dense_param_bytes"]
         bad = client.put("/v1/budget", json={"budget": "lots"})
         assert bad.status_code == 400 and "budget" in bad.json()["error"]["message"]

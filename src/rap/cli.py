@@ -251,7 +251,7 @@ def ppl(
     stamp = environment(view.device)
     row = {"model": view.name, "mask": str(mask), **({"plan": plan} if plan else {}), "seq_len": seq_len, "ppl": res.ppl, "tokens": res.tokens,
            "windows": int(windows.shape[0]), "file": file or WIKITEXT2_TEST, "dtype": str(view.dtype), **stamp}
-    console.print(escape(f"{view.name} [{mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
+    console.print(escape(f"{view.name} [{plan or mask}] ppl {res.ppl:.3f} over {res.tokens:,} tokens "
                   f"({windows.shape[0]} windows of {seq_len})"))
     if out is not None:
         rows = json.loads(out.read_text())["rows"] if out.exists() else []

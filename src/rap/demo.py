@@ -76,6 +76,7 @@ class DemoRow:
     quality_ppl: float
     sample: str
     rejected: int = 0
+    levels: str = ""  # blocks per precision level of a plan, e.g. "30 dtype, 30 int8" ("" without quantization)
 
 
 @dataclass
@@ -194,11 +195,18 @@ def render_table(result: DemoResult, title: str, last: int | None = 14):
         table.add_column(col, **kw)
     for r in result.rows[-last if last else 0:]:
         budget = f"{r.level_ratio:.0%} {format_bytes(r.budget_bytes)}"
-        decision = "dense" if r.decision == "dense" else f"-{r.dropped_ffn} ffn, -{r.dropped_attn} attn"
+        decision = "dense" if r.decision == "dense" else ", ".join(
+            x for x in (_quantized(r.levels), f"-{r.dropped_ffn} ffn" if r.dropped_ffn else "",
+                        f"-{r.dropped_attn} attn" if r.dropped_attn else "") if x)
         table.add_row(f"{r.elapsed_s:.1f}", budget, decision, format_bytes(r.resident_bytes),
                       format_bytes(r.predicted_peak_bytes), str(r.batch), f"{r.tokens_per_s:.1f}",
                       _ppl(r.quality_ppl), escape(r.sample.replace("\n", " ")))
     return table
+
+
+def _quantized(levels: str) -> str:
+    """'30 dtype, 30 int8, 2 drop' -> '30 int8' (the quantized part of a row's level mix)."""
+    return ", ".join(p for p in levels.split(", ") if p and "int" in p)
 
 
 def _ppl(x: float) -> str:
@@ -308,6 +316,8 @@ def run_demo(model: str = "smollm2-135m", trace: Sequence[float] = DEFAULT_TRACE
                 result.rows.append(DemoRow(
                     step=len(result.rows), level_index=level_index, elapsed_s=time.perf_counter() - t0, level_ratio=level,
                     budget_bytes=budget, decision=str(mask) if mask.is_full else f"-{len(dropped)} blocks",
+                    levels=", ".join(f"{n} {lv}" for lv, n in mask.counts().items())
+                    if getattr(mask, "is_quantized", False) else "",
                     dropped_ffn=sum(n.startswith("ffn") for n in dropped),
                     dropped_attn=sum(n.startswith("attn") for n in dropped),
                     predicted_peak_bytes=step.predicted_peak_bytes, measured_peak_bytes=step.measured_peak_bytes,

@@ -314,6 +314,19 @@ class GreedyPolicy:
 
 
 def default_policy(profile: dict | str | Path | None = None) -> Any:
+    """The precision ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only
+    default (`default_drop_policy`); the drop-only default alone where rap.policy is absent."""
+    drops = default_drop_policy(profile)
+    try:
+        from .policy.precision import PrecisionLadder
+    except ModuleNotFoundError as e:
+        if e.name not in ("rap.policy", "rap.policy.precision"):
+            raise
+        return drops
+    return PrecisionLadder(inner=drops)
+
+
+def default_drop_policy(profile: dict | str | Path | None = None) -> Any:
     """rap.policy's default when that package is present (imported lazily), else GreedyPolicy."""
     try:
         policy_pkg = importlib.import_module("rap.policy")
@@ -329,12 +342,15 @@ def default_policy(profile: dict | str | Path | None = None) -> Any:
 
 
 def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
-    """None -> default_policy; "greedy" -> GreedyPolicy; an object with .decide or a callable -> itself."""
+    """None -> default_policy (the precision ladder); "drop" -> the drop-only default; "greedy" -> GreedyPolicy;
+    an object with .decide or a callable -> itself."""
     if policy is None:
         return default_policy(profile)
     if isinstance(policy, str):
         if policy == "greedy":
             return GreedyPolicy.from_profile(profile)
+        if policy in ("drop", "drop-only"):
+            return default_drop_policy(profile)
         if policy in ("precision", "precision-ladder"):  # int8 / int4 before any drop (rap.policy.precision)
             from .policy.precision import PrecisionLadder
 
@@ -352,7 +368,7 @@ def _call_policy(policy: Any, memory_model: MemoryModel, request: Request, budge
     raw = decide(memory_model, request, budget_bytes, resident_mask)
     mask = raw if isinstance(raw, BlockMask) else raw.mask
     kv_ratio = float(getattr(raw, "kv_ratio", 1.0) or 1.0)
-    name = getattr(policy, "name", None) or type(policy).__name__
+    name = getattr(raw, "policy", None) or getattr(policy, "name", None) or type(policy).__name__
     return Decision(mask, kv_ratio, memory_model.peak_bytes(mask, request, kv_ratio), str(name))
 
 
@@ -1009,7 +1025,7 @@ class Engine:
         transition = self.residency.transition_peak_bytes(decision.mask)
         if transition > self.residency.resident_bytes() and transition + self._held_bytes() > self.effective_budget(budget):
             self._release_backend_buffers()  # the decoder's KV buffers must not sit beside a precision change
-            if transition > self.effective_budget(budget):
+            if transition > max(self.effective_budget(budget), self.residency.resident_bytes()):
                 log.warning("moving to [%s] peaks at %s of parameters (one block's old and new copy side by side), "
                             "over the budget of %s", decision.mask, format_bytes(transition),
                             format_bytes(self.effective_budget(budget)))

@@ -12,6 +12,17 @@ import typer
 from .errors import RapError
 
 
+def _stage_spec(stage_host: bool, stage_levels: str | None):
+    """--stage-host [--stage-levels a,b] -> Engine's stage_host_copies (False, True or a tuple of levels)."""
+    if not stage_levels:
+        return stage_host
+    from .plan import parse_level
+
+    if not stage_host:
+        raise RapError("--stage-levels needs --stage-host")
+    return tuple(parse_level(v) for v in stage_levels.split(",") if v.strip())
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
@@ -21,7 +32,8 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, help="TCP port"),
         host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
         profile: Optional[Path] = typer.Option(None, help="profile.json: block removal order for the policy"),
-        policy: Optional[str] = typer.Option(None, help="policy name (default: rap.policy's default, else greedy)"),
+        policy: Optional[str] = typer.Option(None, help="policy name: precision (int8 / int4 before drops), ladder, "
+                                             "greedy ... (default: rap.policy's default, else greedy)"),
         dtype: Optional[str] = typer.Option(None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)"),
         device: Optional[str] = typer.Option(None, help="cuda | cpu (default: cuda if available)"),
         backend: str = typer.Option("auto", help="auto (rap's fast decoder if usable) | decoder | hf"),
@@ -40,6 +52,9 @@ def register(app: typer.Typer) -> None:
                                                  "this long, then cancel the rest and exit"),
         stage_host: bool = typer.Option(False, "--stage-host", help="GPU: make every block's pinned host copy at "
                                         "start (host memory = weights), so the first budget drop moves no time"),
+        stage_levels: Optional[str] = typer.Option(None, "--stage-levels", help="with --stage-host: also stage "
+                                                   "quantized host copies at these levels, e.g. int8,int4g64, so a "
+                                                   "move down to them is one host-to-device copy"),
     ) -> None:
         """Serve MODEL over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions) inside a budget."""
         try:
@@ -58,7 +73,7 @@ def register(app: typer.Typer) -> None:
         view, tok = load_view_for_cli(model, dtype=dtype, device=device)
         engine = Engine(view, tokenizer=tok, budget=budget, policy=policy, profile=profile, backend=backend,
                         max_batch=max_batch, device_total_bytes=parse_bytes(device_total) if device_total else None,
-                        stage_host_copies=stage_host)
+                        stage_host_copies=_stage_spec(stage_host, stage_levels))
         info = engine.budget_info()
         console.print(f"rap serve: {view.name} on {engine.device}, backend {engine.backend.name}, budget "
                       f"{format_bytes(info['budget_bytes'])} ({info['source']['kind']}); dense weights "

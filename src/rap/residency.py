@@ -90,10 +90,16 @@ class WeightResidency:
         self.device = view.device
         self.on_cuda = self.device.type == "cuda"
         self.memory = memory_model or MemoryModel.from_view(view)
-        # replaced, never mutated: other threads (metrics, /v1/budget) read it while a batch runs
-        self.levels: dict[str, str] = {b.name: DTYPE for b in view.blocks}
-        self._host: dict[str, dict[str, torch.Tensor]] = {}  # block -> {param name: dense host copy}
-        self._staged: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, level) -> {proj: host tensor}
+        # The state lives on the view: a second residency (another Engine on the same model) must see
+        # the levels the first one left and the dense copies it holds, or it could never move back up.
+        state = view.__dict__.setdefault("_rap_residency", {
+            "levels": {b.name: DTYPE for b in view.blocks},
+            "host": {},  # block -> {param name: dense host copy}
+            "staged": {},  # (block, level) -> {proj: host tensor}
+        })
+        self._state = state
+        self._host: dict[str, dict[str, torch.Tensor]] = state["host"]
+        self._staged: dict[tuple[str, str], dict[str, torch.Tensor]] = state["staged"]
         self._pending: dict[str, torch.cuda.Event] = {}
         self._stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.moves = Counter()  # "dropped" / "restored" / "quantized" / "dequantized" block counts
@@ -109,6 +115,16 @@ class WeightResidency:
         return wait_for_copy
 
     # ---- views ----------------------------------------------------------------------------
+    @property
+    def levels(self) -> dict[str, str]:
+        """{block: level}; replaced, never mutated: other threads (metrics, /v1/budget) read it while a
+        batch runs."""
+        return self._state["levels"]
+
+    @levels.setter
+    def levels(self, value: dict[str, str]) -> None:
+        self._state["levels"] = value
+
     @property
     def resident(self) -> frozenset[str]:
         return frozenset(n for n, lv in self.levels.items() if lv != DROP)

@@ -120,8 +120,9 @@ def register(app: typer.Typer) -> None:
         prompt: int = typer.Option(512, help="prompt tokens per sequence"),
         new: int = typer.Option(128, help="new tokens per sequence"),
         policy: Optional[str] = typer.Option(None, help="a trained policy .zip, or: rl, ladder, precision, gsi-order, "
-                                             "knapsack, ffn-first, attn-first, oracle (default: the best "
-                                             "policy in the held-out evaluation)"),
+                                             "knapsack, ffn-first, attn-first, oracle (default: precision, "
+                                             "int8 then int4 before any drop, then the best drop policy of the "
+                                             "held-out evaluation on int4 blocks)"),
         bundle: Optional[Path] = typer.Option(None, help="trained policy .zip providing the quality model for "
                                               "named policies"),
         profile: Optional[Path] = typer.Option(None, help="profile.json, for named policies without a bundle"),
@@ -134,13 +135,13 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from ..memory import Request, format_bytes, parse_bytes
-        from . import DEFAULT_POLICY, make_policy
+        from . import make_policy
 
         console = Console(highlight=False)
         request = Request(batch, prompt, new)
         budget_bytes = parse_bytes(budget)
         memory = planning_memory(model, dtype)
-        name = policy or DEFAULT_POLICY
+        name = policy or "precision"
         if name.endswith(".zip"):
             bundle, name = Path(name), "rl"
         ctx, loaded = _context(memory, model, bundle, profile)

@@ -33,8 +33,13 @@ from ..plan import DROP, INT4_GROUP_SIZES, INT8, Plan, block_linears
 log = logging.getLogger(__name__)
 
 
-def int4_level_for(kind: str, shape) -> str:
-    """The int4 level with the largest group size that divides every in_features of a block kind, else int8."""
+def int4_level_for(kind: str, shape, on_cuda: bool = False) -> str:
+    """The int4 level with the largest group size that divides every in_features of a block kind, else
+    int8 (also on CUDA for weights not in bf16: tinygemm takes bf16 only)."""
+    import torch
+
+    if on_cuda and shape.dtype != torch.bfloat16:
+        return INT8
     ins = [K for _, _, K in block_linears(kind, shape)]
     for g in sorted(INT4_GROUP_SIZES, reverse=True):
         if all(K % g == 0 for K in ins):
@@ -42,10 +47,16 @@ def int4_level_for(kind: str, shape) -> str:
     return INT8
 
 
-def precision_rungs(num_layers: int, shape) -> list[tuple[str, Plan]]:
-    """(name, plan) of the ladder's rungs 1-4, in order."""
+def precision_rungs(num_layers: int, shape, on_cuda: bool = False,
+                    memory: MemoryModel | None = None) -> list[tuple[str, Plan]]:
+    """(name, plan) of the ladder's rungs 1-4, in order. With `memory`, a kind of block whose int4
+    bytes are not below its int8 bytes stays int8 (tinygemm pads in_features to 1024 on CUDA: SmolLM2's
+    576-wide projections store about as many int4 bytes as int8 ones)."""
     L = num_layers
-    a4, f4 = int4_level_for("attn", shape), int4_level_for("ffn", shape)
+    a4, f4 = int4_level_for("attn", shape, on_cuda), int4_level_for("ffn", shape, on_cuda)
+    if memory is not None:
+        a4 = a4 if memory.level_bytes("attn.0", a4) < memory.level_bytes("attn.0", INT8) else INT8
+        f4 = f4 if memory.level_bytes("ffn.0", f4) < memory.level_bytes("ffn.0", INT8) else INT8
     return [("dtype", Plan.full(L)),
             ("ffn-int8", Plan.from_levels(["dtype"] * L, [INT8] * L)),
             ("int8", Plan.uniform(L, INT8)),
@@ -62,9 +73,9 @@ class PrecisionLadder:
     def __init__(self, inner: Any = None, profile: dict | str | Path | None = None,
                  measured: dict[str, float] | None = None):
         if inner is None:
-            from ..engine import default_policy
+            from ..engine import default_drop_policy
 
-            inner = default_policy(profile)
+            inner = default_drop_policy(profile)
         self.inner = inner
         self.measured = dict(measured or {})
         self._leveled: dict[int, MemoryModel] = {}
@@ -72,7 +83,7 @@ class PrecisionLadder:
     def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
         from ..engine import Decision, _call_policy
 
-        rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape)
+        rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda, memory_model)
         for name, plan in rungs:
             if memory_model.fits(budget_bytes, plan, request):
                 return Decision(plan, 1.0, memory_model.peak_bytes(plan, request), f"{self.name}:{name}")
@@ -118,7 +129,7 @@ class PrecisionPolicy:
         from .context import PolicyContext
 
         self.context = context
-        self.rungs = precision_rungs(context.num_layers, context.memory.shape)
+        self.rungs = precision_rungs(context.num_layers, context.memory.shape, context.memory.on_cuda, context.memory)
         leveled = context.memory.with_levels(self.rungs[-1][1])
         self.inner_context = PolicyContext(leveled, context.order, context.quality,
                                            getattr(context, "scores", None), context.model_name,
