@@ -33,11 +33,11 @@ metric_list: [{"metric": "exact_match", "aggregation": "mean", "higher_is_better
 def task_manager(tmp_path_factory):
     from lm_eval.tasks import TaskManager
 
-    from rap.data import data_root
+    from rap.data import data_file
 
     folder = write_task_configs(tmp_path_factory.mktemp("tasks"))
     (folder / "rap_lambada_generate.yaml").write_text(
-        GENERATE_TASK % (data_root() / "lambada_openai" / "lambada_test.jsonl"))
+        GENERATE_TASK % data_file("lambada_openai/lambada_test.jsonl"))
     return TaskManager(include_path=str(folder), include_defaults=False)
 
 
