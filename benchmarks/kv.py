@@ -349,7 +349,7 @@ def needle(model: str, device: str, budgets: list[float], lengths: list[int] | N
            presses: str, dtype: str | None) -> tuple[list[dict], dict, dict]:
     from rap.eval.needle import run_needle, summarize
     from rap.kv import make_press
-    from rap.kv.commands import default_lengths
+    from rap.eval.needle import default_lengths
     from rap.sources import load_view
 
     view, tok = load_view(model, dtype=dtype, device=device)

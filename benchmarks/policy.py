@@ -157,7 +157,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
-    from rap.policy.commands import planning_memory
+    from rap.sources import planning_memory
     from rap.policy.evaluator import MeasuredEvaluator, measure_kv_penalty
     from rap.policy.rl import Bundle
     from rap.sources import load_view

@@ -89,7 +89,7 @@ def test_a_missing_set_is_one_line_that_says_how_to_get_it(folders, use, hint):
 
 
 def test_rap_data_lists_each_set_with_where_size_licence_and_the_command_for_a_missing_one(folders, monkeypatch):
-    from rap import data_commands
+    from rap.cli import data as data_commands
     from rap.cli import app
 
     put(folders["managed"], "piqa/valid.jsonl", "a" * 2048)

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import typer
-
 from .errors import RapError
 
 log = logging.getLogger(__name__)
@@ -409,13 +407,3 @@ def build_report(paths: Iterable[Path], out: Path) -> Path:
         lines += ["## Files that could not be read", ""] + [f"- `{p}`: {why}" for p, why in bad] + [""]
     out.write_text("\n".join(lines))
     return out
-
-
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def report(files: list[Path] = typer.Argument(..., help="result JSON files (or folders of them)"),
-               out: Path = typer.Option(Path("benchmarks/results/REPORT.md"), "-o", "--out",
-                                        help="Markdown page to write; plots go beside it")) -> None:
-        """One Markdown page (tables + plots) from benchmark result JSONs."""
-        path = build_report(files, out)
-        typer.echo(f"wrote {path}")

@@ -250,3 +250,21 @@ def model_from_config(config, dtype: torch.dtype = torch.bfloat16, device: str =
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
+
+
+def planning_memory(model: str, dtype: str = "bf16"):
+    """MemoryModel for MODEL in the dtype it will run in, from its config alone (no weights read)."""
+    from transformers import AutoConfig
+
+    from .memory import MemoryModel
+    from .model import BlockView
+
+    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+              "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise RapError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+    folder, gguf = resolve(model)
+    config = AutoConfig.from_pretrained(str(folder), **({"gguf_file": gguf} if gguf else {}))
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    view = BlockView(model_from_config(text, dtypes[dtype], "meta"), name=model)
+    return MemoryModel.from_view(view)

@@ -143,3 +143,11 @@ def summarize(rows: list[dict], key: str = "score") -> dict[str, dict[str, float
     for r in rows:
         acc.setdefault(r["press"], {}).setdefault(f"{r['budget']:g}", []).append(r[key])
     return {p: {b: sum(v) / len(v) for b, v in d.items()} for p, d in acc.items()}
+
+
+def default_lengths(max_context: int) -> list[int]:
+    """Haystack lengths worth testing under a context window: 1k..8k, plus the longest that fits."""
+    lens = [n for n in (1024, 2048, 4096, 8192) if n <= max_context - 64]
+    if max_context - 64 > (lens[-1] if lens else 0) * 1.5:
+        lens.append(max_context - 64)
+    return lens or [max_context // 2, max_context - 16]

@@ -489,39 +489,3 @@ def kept_fraction(result: dict, dense: dict) -> dict:
     ours, base, chance = mean(result, "headline"), mean(dense, "headline"), mean(dense, "chance")
     return {"tasks": names, "mean": ours, "dense_mean": base, "kept": ours / base if base else float("nan"),
             "kept_above_chance": (ours - chance) / (base - chance) if base > chance else float("nan")}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """python -m rap.eval.zeroshot MODEL [--tasks piqa,arc_easy] [--limit N] [--drop SPEC --profile P]"""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Zero-shot accuracy by log-likelihood (lm-eval style).")
-    parser.add_argument("model", help="smollm2-135m, stories260k, an HF folder or a .gguf file")
-    parser.add_argument("--tasks", default="all", help=f"comma list of {', '.join(TASKS)} (default all)")
-    parser.add_argument("--limit", type=int, default=None, help="first N documents of each task")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--drop", default=None, help="block mask: attn.3,ffn.7 | N with --profile | mask.json")
-    parser.add_argument("--profile", default=None, help="profile JSON whose removal order --drop N uses")
-    parser.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=None, help="write the result JSON here")
-    args = parser.parse_args(argv)
-    from ..cli import load_view_for_cli, parse_mask
-
-    try:
-        view, tok = load_view_for_cli(args.model, dtype=args.dtype, device=args.device)
-        mask = parse_mask(view, args.drop, Path(args.profile) if args.profile else None)
-        result = evaluate(view, tok, args.tasks, limit=args.limit, batch_size=args.batch_size, mask=mask)
-    except RapError as e:
-        raise SystemExit(f"error: {e}")
-    result = {"kind": "zeroshot", "model": view.name, "mask": mask.to_dict(),
-              "param_bytes": view.resident_param_bytes(mask), **result}
-    for name, r in result["tasks"].items():
-        print(f"{name:16s} n={r['n']:5d}  " + "  ".join(f"{m}={r[m]:.4f}" for m in TASKS[name].metrics))
-    print(f"mean headline {result['mean_headline']:.4f}  (chance {result['mean_chance']:.4f})")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()

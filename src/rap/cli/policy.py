@@ -11,28 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import RapError
-
-
-def planning_memory(model: str, dtype: str = "bf16"):
-    """MemoryModel for MODEL in the dtype it will run in, from its config alone (no weights read)."""
-    import torch
-    from transformers import AutoConfig
-
-    from ..cli import _quiet_transformers
-    from ..memory import MemoryModel
-    from ..model import BlockView
-    from ..sources import model_from_config, resolve
-
-    _quiet_transformers()
-    dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-              "fp32": torch.float32, "float32": torch.float32}
-    if dtype not in dtypes:
-        raise RapError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
-    folder, gguf = resolve(model)
-    config = AutoConfig.from_pretrained(str(folder), **({"gguf_file": gguf} if gguf else {}))
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    view = BlockView(model_from_config(text, dtypes[dtype], "meta"), name=model)
-    return MemoryModel.from_view(view)
+from ..sources import planning_memory
 
 
 def read_profile(path: Path) -> dict:
@@ -65,13 +44,13 @@ def register(app: typer.Typer) -> None:
         """Train the runtime policy: measure quality on calibration data, then MaskablePPO."""
         from rich.console import Console
 
-        from ..cli import load_view_for_cli
+        from . import load_view_for_cli
         from ..data import WIKITEXT2_VALID, read_text
         from ..eval.perplexity import needs_bos, token_windows
-        from .context import PolicyContext
-        from .evaluator import MeasuredEvaluator
-        from .rl import Bundle
-        from .train import TrainConfig, base_meta, prepare_quality, train_agent, validate_profile
+        from ..policy.context import PolicyContext
+        from ..policy.evaluator import MeasuredEvaluator
+        from ..policy.rl import Bundle
+        from ..policy.train import TrainConfig, base_meta, prepare_quality, train_agent, validate_profile
 
         console = Console(highlight=False, stderr=True)
         import importlib.util
@@ -135,7 +114,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from ..memory import Request, format_bytes, parse_bytes
-        from . import make_policy
+        from ..policy import make_policy
 
         console = Console(highlight=False)
         request = Request(batch, prompt, new)
@@ -177,9 +156,9 @@ def register(app: typer.Typer) -> None:
 
 def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]):
     """PolicyContext from a trained bundle, or from a profile alone."""
-    from .context import PolicyContext
-    from .evaluator import QualityModel
-    from .rl import Bundle
+    from ..policy.context import PolicyContext
+    from ..policy.evaluator import QualityModel
+    from ..policy.rl import Bundle
 
     if bundle is None and profile is None:
         from ..sources import bundled_policy
@@ -196,7 +175,7 @@ def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]
         raise RapError(f"no profile ships for {model}: give a trained policy (--policy policy.zip or --bundle "
                        "policy.zip) or --profile profile.json (from `rap profile`)")
     prof = read_profile(profile)
-    from .train import validate_profile
+    from ..policy.train import validate_profile
 
     validate_profile(prof, memory.shape.num_layers)
     return PolicyContext(memory, prof["order"], QualityModel.from_profile(prof), prof.get("scores"), model), None

@@ -54,7 +54,7 @@ def _budgets(text: str) -> list[float]:
 
 
 def _presses(text: str, full: bool) -> dict:
-    from . import make_press
+    from ..kv import make_press
 
     presses = {"full": None} if full else {}
     for name in text.split(","):
@@ -64,7 +64,7 @@ def _presses(text: str, full: bool) -> dict:
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str]):
-    from ..cli import load_view_for_cli
+    from . import load_view_for_cli
 
     return load_view_for_cli(model, dtype=dtype, device=device)
 
@@ -76,7 +76,7 @@ def _stem(kind: str, view) -> str:
 
 def _finish(kind: str, view, out: Path, rows: list[dict], summary: dict, metric: str, settings: dict,
             value_fmt: str, higher_is_better: bool) -> None:
-    from .report import table_text, write_result
+    from ..kv.report import table_text, write_result
 
     title = f"{kind} on {view.name}: {metric} ({'higher' if higher_is_better else 'lower'} is better)"
     console.print(table_text(summary, value_fmt, title))
@@ -101,7 +101,7 @@ def needle(
     out: Path = OUT,
 ) -> None:
     """Needle-in-a-haystack retrieval (Paul Graham essays) per press x budget, averaged over depths and lengths."""
-    from ..eval.needle import run_needle, summarize
+    from ..eval.needle import default_lengths, run_needle, summarize
 
     view, tok = _load(model, dtype, device)
     ctx = view.shape.max_context
@@ -111,13 +111,6 @@ def needle(
     settings = {"lengths": lens, "depths": _floats(depths, "depths"), "max_new_tokens": max_new,
                 "question_aware": not agnostic, "dtype": str(view.dtype)}
     _finish("needle", view, out, rows, summarize(rows), "needle accuracy", settings, "{:.3f}", True)
-
-
-def default_lengths(max_context: int) -> list[int]:
-    lens = [n for n in (1024, 2048, 4096, 8192) if n <= max_context - 64]
-    if max_context - 64 > (lens[-1] if lens else 0) * 1.5:
-        lens.append(max_context - 64)
-    return lens or [max_context // 2, max_context - 16]
 
 
 @kv_app.command()
@@ -151,7 +144,7 @@ def leval(
     per_task = {t: {p: {b: sum(v) / len(v) for b, v in d.items()} for p, d in ps.items()} for t, ps in per_task.items()}
     summary = {p: {b: sum(per_task[t][p][b] for t in per_task) / len(per_task) for b in d}
                for p, d in next(iter(per_task.values())).items()}
-    from .report import table_text
+    from ..kv.report import table_text
 
     for task, s in per_task.items():
         console.print(table_text(s, "{:.3f}", f"{task}: accuracy"))
@@ -178,7 +171,7 @@ def continuation(
     """Perplexity of the continuation after compressing a long prefix, per press x budget."""
     from ..data import WIKITEXT2_TEST, read_text
     from ..eval.perplexity import needs_bos, token_windows
-    from .continuation import run_continuation
+    from ..kv.continuation import run_continuation
 
     view, tok = _load(model, dtype, device)
     ctx = view.shape.max_context

