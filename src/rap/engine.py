@@ -193,10 +193,11 @@ class Decision:
     kv_ratio: float = 1.0
     predicted_peak_bytes: int = 0
     policy: str = ""
+    kv_press: str | None = None  # the press that compressed the KV cache (None: kv_ratio 1, nothing compressed)
 
     def to_dict(self) -> dict:
         return {"mask": str(self.mask), "dropped": list(self.mask.dropped), "kv_ratio": self.kv_ratio,
-                "predicted_peak_bytes": self.predicted_peak_bytes, "policy": self.policy}
+                "kv_press": self.kv_press, "predicted_peak_bytes": self.predicted_peak_bytes, "policy": self.policy}
 
 
 class Policy(Protocol):
@@ -454,8 +455,9 @@ class HFGenerateBackend:
 
     def generate(self, view: BlockView, prompts: list[list[int]], mask: BlockMask, kv_ratio: float,
                  sampling: Sampling, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int],
-                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-        """New token ids per prompt (rows that stop early are padded); prompts are left-padded."""
+                 on_step: Callable[[torch.Tensor], None] | None = None, kv_press: str | None = None) -> list[list[int]]:
+        """New token ids per prompt (rows that stop early are padded); prompts are left-padded.
+        kv_press is ignored: this backend never compresses (supports_kv_ratio is False)."""
         from transformers import GenerationConfig
 
         width = max(len(p) for p in prompts)
@@ -513,6 +515,11 @@ class DecoderBackend:
         self._accepts = set(inspect.signature(self.decoder.generate).parameters)
         self.supports_kv_ratio = "kv_ratio" in self._accepts and bool(getattr(self.decoder, "compresses_kv", True))
         self.kv_length_quantum = getattr(module, "LENGTH_QUANTUM", None) if self.supports_kv_ratio else None
+        self.kv_layout = None
+        if self.supports_kv_ratio and "kv_press" in self._accepts:
+            from .kv.decode_cache import KVLayout
+
+            self.kv_layout = KVLayout("adakv")  # what the decoder runs below ratio 1 (a request may ask snapkv)
         self.streams = "on_step" in self._accepts  # else tokens come back at the end of the batch
 
     def planning_request(self, request: Request) -> Request:
@@ -531,11 +538,16 @@ class DecoderBackend:
     def release(self) -> None:
         self.decoder.release()
 
+    def windowed_layers(self) -> list[int]:
+        """Attention layers with a sliding window (which a compressed KV cache cannot serve)."""
+        return [i for i, a in enumerate(getattr(self.decoder, "attn", [])) if getattr(a, "window", None) is not None]
+
     def generate(self, view, prompts, mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
-                 on_step=None) -> list[list[int]]:
+                 on_step=None, kv_press: str | None = None) -> list[list[int]]:
         offered = dict(prompts=prompts, max_new_tokens=max_new_tokens, mask=mask, kv_ratio=kv_ratio,
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                       stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step)
+                       stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step,
+                       kv_press=kv_press)
         out = self.decoder.generate(**{k: v for k, v in offered.items() if k in self._accepts})
         return [list(row) for row in getattr(out, "tokens", out)]
 
@@ -570,6 +582,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     on_token: Callable[[int], None] | None = None
     request_id: str = ""
+    # the KV press when the policy keeps < 1 of the prompt's cache: "adakv" (default) or "snapkv"
+    kv_press: str | None = None
 
     @property
     def sampling(self) -> Sampling:
@@ -688,6 +702,8 @@ class Engine:
         self._fallback_backend = HFGenerateBackend()
         # a compressed cache is as long as the backend allocates it (the decoder rounds it up)
         self.memory_model.kv_length_quantum = getattr(self.backend, "kv_length_quantum", None)
+        # ... and laid out as the decoder's default press (Ada-KV: flat per-head segments) stores it
+        self.memory_model.kv_layout = getattr(self.backend, "kv_layout", None)
         self.max_batch = max_batch
         # None: on the GPU, a margin of the memory model's worst measured error (0.39% over 14
         # configurations, benchmarks/results/memory-model-*.json) rounded up, so the first batch,
@@ -857,7 +873,7 @@ class Engine:
                 backend = self.backend if (r.on_token is None or self.backend.streams) else self._fallback_backend
                 # Seeds do not split batches: a batch samples with its first request's seed
                 # (OpenAI's seed is best-effort too), so seeded requests still batch together.
-                key = (dataclasses.replace(r.sampling, seed=None), id(backend))
+                key = (dataclasses.replace(r.sampling, seed=None), id(backend), r.kv_press)
                 groups.setdefault(key, [backend, []])[1].append((i, r, ids))
             for backend, items in groups.values():
                 for start in range(0, len(items), self.max_batch):
@@ -886,6 +902,17 @@ class Engine:
         vocab = self.view.shape.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if r.kv_press is not None:
+            from .kv.decode_cache import layout_for
+
+            layout_for(r.kv_press)  # one line for an unknown press
+            windowed = getattr(self.backend, "windowed_layers", lambda: [])()
+            if windowed:
+                raise RequestError(f"kv_press {r.kv_press!r} cannot compress this model's sliding-window attention "
+                                   f"layers {windowed}: send the request without kv_press")
+            if not getattr(self.backend, "supports_kv_ratio", False):
+                raise RequestError(f"kv_press {r.kv_press!r} needs rap's decoder; backend {self.backend.name} "
+                                   "cannot compress the KV cache")
         return ids
 
     def _reject(self, r: GenerationRequest, error: RapError, reason: str) -> GenerationResult:
@@ -907,6 +934,8 @@ class Engine:
             error = BudgetError(f"prompt of {len(ids)} tokens + max_tokens {r.max_new_tokens} does not fit the memory "
                                 f"budget ({e}): send a shorter prompt, fewer max_tokens or raise the budget")
             return [(i, self._reject(r, error, "budget"))]
+        if decision.kv_ratio < 1.0:  # the press that serves it: the request's, else Ada-KV
+            decision = dataclasses.replace(decision, kv_press=items[0][1].kv_press or "adakv")
         return self._run(items, backend, request, decision, budget, retry=True)
 
     def _run(self, items: list, backend, request: Request, decision: Decision, budget: int, retry: bool):
@@ -931,6 +960,8 @@ class Engine:
                 smaller = self._decide(backend.planning_request(request), shrunk, backend)
             except BudgetError as be:
                 return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
+            if smaller.kv_ratio < 1.0:
+                smaller = dataclasses.replace(smaller, kv_press=decision.kv_press or "adakv")
             return self._run(items, backend, request, smaller, budget, retry=False)
 
     def _backends(self) -> list:
@@ -1036,7 +1067,8 @@ class Engine:
         if backend is self._fallback_backend:
             return backend.generate(*args, on_step=on_step)
         try:
-            return backend.generate(*args, on_step=on_step)
+            press = {"kv_press": decision.kv_press} if decision.kv_press else {}
+            return backend.generate(*args, on_step=on_step, **press)
         except (torch.OutOfMemoryError, RapError):
             raise
         except Exception as e:  # keep serving on the slow path, loudly

@@ -109,6 +109,9 @@ class MemoryModel:
         # None: a compressed cache holds exactly its tokens (rap.kv's VarlenCache); an int: it is a
         # dense buffer whose length is rounded up to this many tokens (rap.decode.LENGTH_QUANTUM)
         self.kv_length_quantum = kv_length_quantum
+        # default KV layout for kv_bytes (a rap.kv.decode_cache.KVLayout; None: dense buffers): the
+        # engine sets the decoder's, so every plan counts the flat Ada-KV cache it will run
+        self.kv_layout = None
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
         self.qk_norm = qk_norm
@@ -160,6 +163,7 @@ class MemoryModel:
         of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each rounded
         as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
         """
+        kv_layout = kv_layout if kv_layout is not None else self.kv_layout
         if kv_layout is not None and kv_layout.flat and (kv_ratio < 1.0 or kv_layout.bits != 16):
             return self._flat_kv_bytes(request, mask, kv_ratio, kv_layout.bits)
         per_token = self.shape.kv_bytes_per_token_per_layer

@@ -48,8 +48,16 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class RapOptions(_Strict):
+    """rap's extension of the request body: `"rap": {"kv_press": "adakv"}`."""
+
+    kv_press: str | None = Field(None, description="KV press when the policy keeps < 1 of the prompt's cache: "
+                                                   "adakv (default) or snapkv")
+
+
 class _Sampling(_Strict):
     model: str | None = None
+    rap: RapOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
@@ -320,9 +328,17 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
         except BudgetError as e:
             status, type_, code = _rap_error_status(e)
             raise APIError(status, str(e), type_, code) from None
+        press = body.rap.kv_press if body.rap is not None else None
+        if press is not None:
+            from .kv.decode_cache import layout_for
+
+            try:
+                press = layout_for(press).press
+            except RapError as e:
+                raise APIError(400, str(e), param="rap.kv_press") from None
         return GenerationRequest(prompt_ids=ids, max_new_tokens=max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, seed=body.seed, stop=body.stops,
-                                 request_id=uuid.uuid4().hex[:12])
+                                 request_id=uuid.uuid4().hex[:12], kv_press=press)
 
     def raise_for(result: GenerationResult) -> None:
         if result.error is not None:
