@@ -154,3 +154,31 @@ def test_unknown_press_bad_bits_and_bad_ratio_are_one_line_errors(stories, kw, m
     with pytest.raises(RequestError, match=match) as err:
         Decoder(stories[0]).generate([[1, 2, 3]], 2, **kw)
     assert "\n" not in str(err.value)
+
+
+def _triton_runs(device: str) -> bool:
+    from rap.kv.attention import triton_available
+
+    return triton_available() and (device == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") == "1")
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_the_triton_kernel_reads_a_flat_decoder_cache_like_the_torch_attend(bits):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not _triton_runs(device):
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1 with triton installed")
+    from rap.kv.attention import varlen_attention_triton
+    from rap.kv.cache import FlatKV
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, T, P, D = 2, 3, 3, 48, 40, 64
+    cache = FlatLayerCache.allocate(B, Hkv, T, D, torch.float32, torch.device(device), bits, positions=P + 8)
+    k, v = torch.randn(B, Hkv, P, D, generator=g).to(device), torch.randn(B, Hkv, P, D, generator=g).to(device)
+    keep = adaptive_keep(torch.rand(B, Hkv, P, generator=g).to(device), torch.tensor([30, 12], device=device))
+    cache.write_prompt(0, k, v, keep, torch.tensor([T - 30, T - 12], device=device))
+    q = torch.randn(B, Hkv * G, 1, D, generator=g).to(device)
+    flat = FlatKV(cache.keys, cache.values, cache.starts, cache.lengths, cache.bound, B, Hkv)
+    got = varlen_attention_triton(q, flat, D ** -0.5, cache.key_scale, cache.value_scale).transpose(1, 2)
+    want = cache._attend_int8(q, D ** -0.5, cache.bound) if bits == 8 else __import__(
+        "rap.kv.attention", fromlist=["x"]).varlen_attention_torch(q, flat, D ** -0.5).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

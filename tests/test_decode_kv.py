@@ -35,18 +35,21 @@ def story_ids(stories):
 
 
 # ---- a plain reference: HF prefill, SnapKV by hand on HF's own cache, HF decode on the pruned cache --------
-def reference_keep(view, layer, hidden, pos_emb, keys, kept, window=32, kernel=7):
-    assert (window, kernel) == (decode.DEFAULT_SCORER.window, decode.DEFAULT_SCORER.kernel)
+def reference_keep(view, layer, hidden, pos_emb, keys, kept):
     """Columns [1, Hkv, kept] (ascending) SnapKV keeps in one layer, from rap.kv's window attention (queries
-    recomputed from the layer input, as kvpress does): mean over the window, mean over the KV group,
-    max-pool over the earlier tokens, the window ranked first (most recent highest), stable top-k."""
+    recomputed from the layer input, as kvpress does): mean over the window, the default scorer's group
+    reduction (mean or max) over the KV group, its pooling (max or zero-padded avg) over the earlier tokens,
+    the window ranked first (most recent highest), stable top-k."""
     from rap.kv.base import LayerInputs, window_attention
 
+    sc = decode.DEFAULT_SCORER
     _, Hkv, P, _ = keys.shape
-    w = min(window, P)
+    w = min(sc.window, P)
     attn = window_attention(LayerInputs(view.attention_module(layer), hidden, keys, keys, pos_emb, 0, 1), w)
-    scores = attn.mean(2).view(1, Hkv, -1, P).mean(2)[..., : P - w]
-    pooled = F.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
+    grouped = attn.mean(2).view(1, Hkv, -1, P)
+    scores = (grouped.mean(2) if sc.group == "mean" else grouped.amax(2))[..., : P - w]
+    pool = F.max_pool1d if sc.pool == "max" else F.avg_pool1d
+    pooled = pool(scores, sc.kernel, stride=1, padding=sc.kernel // 2)
     ranks = (2.0 + torch.arange(w) / w).expand(1, Hkv, w)
     order = torch.sort(torch.cat([pooled, ranks], -1), dim=-1, descending=True, stable=True).indices
     return order[..., :kept].sort(-1).values

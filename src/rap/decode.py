@@ -661,7 +661,7 @@ class Decoder:
         for i in new:
             if ws.layout is not None:
                 ws.kv[i] = FlatLayerCache.allocate(ws.batch, s.num_kv_heads, ws.length, s.head_dim, self.dtype,
-                                                   self.device, ws.layout.bits)
+                                                   self.device, ws.layout.bits, ws.rope_length)
                 continue
             ws.kv[i] = (torch.zeros(shape, device=self.device, dtype=self.dtype),
                         torch.zeros(shape, device=self.device, dtype=self.dtype))

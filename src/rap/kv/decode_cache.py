@@ -108,11 +108,12 @@ class FlatLayerCache:
     batch: int
     kv_heads: int
     tokens: int  # T: rows per (row, KV head) on average
+    positions: int  # prompt + new tokens the workspace serves (its RoPE table length)
     max_length: int = 0  # host bound of the longest segment of the current request (eager paths)
 
     @classmethod
     def allocate(cls, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, bits: int = 16) -> "FlatLayerCache":
+                 device: torch.device, bits: int = 16, positions: int | None = None) -> "FlatLayerCache":
         rows = batch * kv_heads * tokens
         store = torch.int8 if bits == 8 else dtype
         scale = (lambda: torch.ones(rows, device=device, dtype=torch.float32)) if bits == 8 else (lambda: None)
@@ -120,7 +121,8 @@ class FlatLayerCache:
         cache = cls(torch.zeros(rows, head_dim, device=device, dtype=store),
                     torch.zeros(rows, head_dim, device=device, dtype=store), scale(), scale(),
                     torch.zeros(batch * kv_heads, device=device, dtype=torch.long),
-                    torch.zeros(batch * kv_heads, device=device, dtype=torch.long), batch, kv_heads, tokens)
+                    torch.zeros(batch * kv_heads, device=device, dtype=torch.long), batch, kv_heads, tokens,
+                    positions if positions is not None else kv_heads * tokens)
         cache.reset()
         return cache
 
@@ -130,8 +132,10 @@ class FlatLayerCache:
 
     @property
     def bound(self) -> int:
-        """Static upper bound of any segment's length (sizes the captured step's kernels)."""
-        return self.kv_heads * self.tokens
+        """Static upper bound of any segment's length (sizes the captured step's kernels): a head keeps
+        at most its row's whole prompt (< `positions`) plus its reserve (<= T), and never more than
+        its row's Hkv * T rows."""
+        return min(self.kv_heads * self.tokens, self.positions + self.tokens)
 
     @property
     def nbytes(self) -> int:
@@ -188,10 +192,10 @@ class FlatLayerCache:
         segment lengths (default: the static `bound`, as the captured step needs)."""
         L = self.bound if max_length is None else max_length
         n, m = q.shape[0], q.shape[0] * self.kv_heads  # the first n rows (the eager step skips idle bucket rows)
+        flat = FlatKV(self.keys, self.values, self.starts[:m], self.lengths[:m], L, n, self.kv_heads)
+        if q.is_cuda and triton_available():
+            return varlen_attention_triton(q, flat, scaling, self.key_scale, self.value_scale).transpose(1, 2)
         if not self.quantized:
-            flat = FlatKV(self.keys, self.values, self.starts[:m], self.lengths[:m], L, n, self.kv_heads)
-            if q.is_cuda and triton_available():
-                return varlen_attention_triton(q, flat, scaling).transpose(1, 2)
             return varlen_attention_torch(q, flat, scaling).transpose(1, 2)
         return self._attend_int8(q, scaling, L)
 
