@@ -5,7 +5,8 @@ import httpx
 import pytest
 import torch
 
-from rap.engine import Decision, Engine, GenerationRequest
+from rap.engine import Decision, Engine, GenerationRequest, GreedyPolicy
+from rap.kv.decode_cache import KVLayout
 from rap.errors import RequestError
 from rap.mask import BlockMask
 from rap.memory import Request
@@ -19,17 +20,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FixedKV:
-    def __init__(self, kv_ratio):
-        self.kv_ratio = kv_ratio
+    def __init__(self, kv_ratio, kv_bits=16):
+        self.kv_ratio, self.kv_bits = kv_ratio, kv_bits
 
     def decide(self, memory_model, request, budget_bytes, resident_mask):
-        return Decision(BlockMask.full(resident_mask.num_layers), self.kv_ratio)
+        return Decision(BlockMask.full(resident_mask.num_layers), self.kv_ratio, kv_bits=self.kv_bits)
 
 
-def engine_for(stories, ratio) -> Engine:
+def engine_for(stories, ratio, bits=16, budget=BIG, policy=None) -> Engine:
     view, tok = stories
     view.apply(BlockMask.full(view.num_layers))
-    return Engine(view, tokenizer=tok, budget=BIG, backend="decoder", policy=FixedKV(ratio))
+    return Engine(view, tokenizer=tok, budget=budget, backend="decoder", policy=policy or FixedKV(ratio, bits))
 
 
 def test_a_keep_ratio_below_one_runs_adakv_and_the_plan_counts_its_flat_cache_exactly(stories):
@@ -87,3 +88,35 @@ def test_http_an_unknown_press_is_a_400_naming_the_choices(client):
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
     assert "h2o" in msg and "adakv" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_a_policy_can_choose_int8_kv_and_the_plan_counts_it_exactly(stories, ratio):
+    engine = engine_for(stories, ratio, bits=8)
+    ids = stories[1](PROMPT).input_ids
+    step = engine.complete(PROMPT, max_new_tokens=8).step
+    planned = engine.planning_request(Request(1, len(ids), 8))
+    layout = KVLayout("adakv", 8)
+    assert step.decision.kv_bits == 8 and step.decision.to_dict()["kv_bits"] == 8
+    held = engine.backend.decoder.kv_resident_bytes
+    assert held == engine.memory_model.kv_bytes(planned, step.decision.mask, ratio, layout)
+    assert held < engine.memory_model.kv_bytes(planned, step.decision.mask, ratio, KVLayout("adakv", 16))
+    assert step.predicted_peak_bytes == engine.memory_model.peak_bytes(step.decision.mask, planned, ratio, layout)
+
+
+def test_with_int8_kv_the_greedy_policy_drops_fewer_blocks_under_a_tight_budget(stories):
+    view, _ = stories
+    engine = engine_for(stories, 1.0)
+    request = engine.planning_request(Request(16, 200, 56))
+    full = BlockMask.full(view.num_layers)
+    budget = (engine.memory_model.peak_bytes(full, request, 1.0)
+              + engine.memory_model.peak_bytes(full, request, 1.0, KVLayout("adakv", 8))) // 2
+    sixteen = GreedyPolicy().decide(engine.memory_model, request, budget, full)
+    eight = GreedyPolicy(kv_bits=8).decide(engine.memory_model, request, budget, full)
+    assert len(eight.mask.dropped) == 0 < len(sixteen.mask.dropped) and eight.kv_bits == 8
+
+
+def test_unsupported_kv_bits_are_refused_in_one_line():
+    with pytest.raises(RequestError, match="KV bits") as err:
+        GreedyPolicy(kv_bits=4)
+    assert "\n" not in str(err.value)

@@ -194,10 +194,21 @@ class Decision:
     predicted_peak_bytes: int = 0
     policy: str = ""
     kv_press: str | None = None  # the press that compressed the KV cache (None: kv_ratio 1, nothing compressed)
+    kv_bits: int = 16  # KV storage: 16 = the model's dtype, 8 = int8 keys and values (rap.kv.decode_cache)
 
     def to_dict(self) -> dict:
         return {"mask": str(self.mask), "dropped": list(self.mask.dropped), "kv_ratio": self.kv_ratio,
-                "kv_press": self.kv_press, "predicted_peak_bytes": self.predicted_peak_bytes, "policy": self.policy}
+                "kv_press": self.kv_press, "kv_bits": self.kv_bits, "predicted_peak_bytes": self.predicted_peak_bytes,
+                "policy": self.policy}
+
+
+def kv_layout_for_bits(kv_bits: int):
+    """The KV layout the memory model plans a decision's bits with (None: the model's default layout)."""
+    if kv_bits == 16:
+        return None
+    from .kv.decode_cache import KVLayout
+
+    return KVLayout("adakv", kv_bits)  # RequestError for unsupported bits
 
 
 class Policy(Protocol):
@@ -229,9 +240,11 @@ class GreedyPolicy:
 
     name = "greedy"
 
-    def __init__(self, order: Sequence[str] | None = None, kv_ratio: float = 1.0):
+    def __init__(self, order: Sequence[str] | None = None, kv_ratio: float = 1.0, kv_bits: int = 16):
         self.order = list(order) if order is not None else None
         self.kv_ratio = kv_ratio
+        self.kv_bits = kv_bits
+        kv_layout_for_bits(kv_bits)  # unsupported bits fail here, not at the first request
 
     @classmethod
     def from_profile(cls, profile: dict | str | Path | None) -> "GreedyPolicy":
@@ -253,8 +266,11 @@ class GreedyPolicy:
         num_layers = memory_model.shape.num_layers
         order = complete_order(self.order, num_layers)
 
+        layout = kv_layout_for_bits(self.kv_bits)
+
         def peak(count: int) -> int:
-            return memory_model.peak_bytes(BlockMask.from_order(num_layers, order, count), request, self.kv_ratio)
+            return memory_model.peak_bytes(BlockMask.from_order(num_layers, order, count), request, self.kv_ratio,
+                                           layout)
 
         # Peak bytes only fall as more blocks go, so the fewest drops that fit is a binary search.
         lo, hi = 0, len(order)
@@ -269,7 +285,7 @@ class GreedyPolicy:
             else:
                 lo = mid + 1
         mask = BlockMask.from_order(num_layers, order, lo)
-        return Decision(mask, self.kv_ratio, peak(lo), self.name)
+        return Decision(mask, self.kv_ratio, peak(lo), self.name, kv_bits=self.kv_bits)
 
 
 def default_policy(profile: dict | str | Path | None = None) -> Any:
@@ -307,8 +323,11 @@ def _call_policy(policy: Any, memory_model: MemoryModel, request: Request, budge
     raw = decide(memory_model, request, budget_bytes, resident_mask)
     mask = raw if isinstance(raw, BlockMask) else raw.mask
     kv_ratio = float(getattr(raw, "kv_ratio", 1.0) or 1.0)
+    kv_bits = int(getattr(raw, "kv_bits", 16) or 16)
     name = getattr(policy, "name", None) or type(policy).__name__
-    return Decision(mask, kv_ratio, memory_model.peak_bytes(mask, request, kv_ratio), str(name))
+    layout = kv_layout_for_bits(kv_bits)
+    return Decision(mask, kv_ratio, memory_model.peak_bytes(mask, request, kv_ratio, layout), str(name),
+                    kv_bits=kv_bits)
 
 
 # ==== weights that leave the device =============================================================
@@ -455,9 +474,10 @@ class HFGenerateBackend:
 
     def generate(self, view: BlockView, prompts: list[list[int]], mask: BlockMask, kv_ratio: float,
                  sampling: Sampling, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int],
-                 on_step: Callable[[torch.Tensor], None] | None = None, kv_press: str | None = None) -> list[list[int]]:
+                 on_step: Callable[[torch.Tensor], None] | None = None, kv_press: str | None = None,
+                 kv_bits: int = 16) -> list[list[int]]:
         """New token ids per prompt (rows that stop early are padded); prompts are left-padded.
-        kv_press is ignored: this backend never compresses (supports_kv_ratio is False)."""
+        kv_press / kv_bits are ignored: this backend never compresses (supports_kv_ratio is False)."""
         from transformers import GenerationConfig
 
         width = max(len(p) for p in prompts)
@@ -543,11 +563,11 @@ class DecoderBackend:
         return [i for i, a in enumerate(getattr(self.decoder, "attn", [])) if getattr(a, "window", None) is not None]
 
     def generate(self, view, prompts, mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
-                 on_step=None, kv_press: str | None = None) -> list[list[int]]:
+                 on_step=None, kv_press: str | None = None, kv_bits: int = 16) -> list[list[int]]:
         offered = dict(prompts=prompts, max_new_tokens=max_new_tokens, mask=mask, kv_ratio=kv_ratio,
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
                        stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step,
-                       kv_press=kv_press)
+                       kv_press=kv_press, kv_bits=kv_bits)
         out = self.decoder.generate(**{k: v for k, v in offered.items() if k in self._accepts})
         return [list(row) for row in getattr(out, "tokens", out)]
 
@@ -839,7 +859,7 @@ class Engine:
     def _decide(self, request: Request, planning_bytes: int, backend=None) -> Decision:
         backend = backend or self.backend
         decision = _call_policy(self.policy, self.memory_model, request, planning_bytes, self.residency.mask)
-        if decision.kv_ratio < 1.0 and not getattr(backend, "supports_kv_ratio", False):
+        if (decision.kv_ratio < 1.0 or decision.kv_bits != 16) and not getattr(backend, "supports_kv_ratio", False):
             # This backend keeps the whole prompt cache: plan with what it will really hold.
             full_kv_bytes = self.memory_model.peak_bytes(decision.mask, request, 1.0)
             if full_kv_bytes <= planning_bytes:
@@ -1068,6 +1088,8 @@ class Engine:
             return backend.generate(*args, on_step=on_step)
         try:
             press = {"kv_press": decision.kv_press} if decision.kv_press else {}
+            if decision.kv_bits != 16:
+                press["kv_bits"] = decision.kv_bits
             return backend.generate(*args, on_step=on_step, **press)
         except (torch.OutOfMemoryError, RapError):
             raise
