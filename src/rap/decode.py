@@ -32,17 +32,28 @@ must never be NaN, since 0 * NaN poisons P @ V); buffers live per (batch bucket,
 workspace and are shared by every mask's graph, so the resident KV is that of the union of kept
 attention layers over the cached graphs. `release()` frees graphs and buffers.
 
-KV keep ratio (`generate(..., kv_ratio=r)`, r < 1): right after its prefill, each kept attention
-layer keeps per (row, KV head) the top k_b = max(1, ceil(r * P_b)) prompt tokens by SnapKV
-scores (`snapkv_scores`: the last min(32, P_b) queries' attention, averaged over each KV head's
-query group, max-pooled with kernel 7; the observation window always ranks first). The count is
-uniform over heads, so the buffers stay dense [B, Hkv, T, D]: row b's kept tokens sit in
-ascending order in columns [K - k_b, K) (K = max_b k_b), decoding starts at column K, `pad[b]`
-= K - k_b masks the rest, and `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE
-position. Only the layer being compressed ever holds its full prompt K/V (the transient q, k, v
-of its prefill); the buffers hold `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_tokens(...)`
-columns, the compressed length rounded up like every cache length. This is SnapKV with uniform
-per-head budgets; Ada-KV's per-head adaptive budgets need the variable-length cache of `rap.kv`.
+KV keep ratio (`generate(..., kv_ratio=r, kv_press=..., kv_bits=...)`, r < 1): right after its
+prefill, each kept attention layer scores its prompt with the one SnapKV scorer
+(`rap.kv.scorer.SnapKVScorer`, also behind rap.kv's HF-path presses and the policy's KV penalty;
+the observation window always ranks first) and row b keeps k_b = max(1, ceil(r * P_b)) tokens per
+KV head on average:
+
+* kv_press="adakv" (the default): Ada-KV. The row's Hkv * k_b tokens go to the top scores of all
+  KV heads together, each head first keeping its own top floor(0.2 * k_b) (Ada-KV's safeguard), in
+  a `rap.kv.decode_cache.FlatLayerCache`: per-(row, KV head) segments in one flat buffer, read by
+  the varlen decode attention (`rap.kv.attention`: the Triton kernel on CUDA, the PyTorch
+  reference on CPU). Its shapes depend only on (batch bucket, cache length, bits), so the step is
+  captured as before; a segment's length lives on the device;
+* kv_press="snapkv": uniform per-head budgets in the dense buffers [B, Hkv, T, D]: row b's kept
+  tokens sit in ascending order in columns [K - k_b, K) (K = max_b k_b), decoding starts at column
+  K and `pad[b]` = K - k_b masks the rest;
+* kv_bits=8: int8 keys and values with one fp32 scale per (token, KV head), in the flat cache
+  (any ratio, either press), quantised on write and dequantised in the attend.
+
+Either way `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE position, only the
+layer being compressed ever holds its full prompt K/V (the transient q, k, v of its prefill), and
+the cache holds `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_bytes(..., kv_layout=...)`
+bytes exactly (the compressed length rounded up like every cache length).
 """
 
 from __future__ import annotations
@@ -440,9 +451,10 @@ class Decoder:
     """Generates from a BlockView (or HF model) under any BlockMask and KV keep ratio, fast.
 
     `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
-    attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) by SnapKV scores
-    (see the module docstring; uniform per head) and the cache buffers shrink to what
-    `MemoryModel.kv_bytes(request, mask, kv_ratio)` predicts; `on_step` receives each step's [n]
+    attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) on average, split
+    over heads by Ada-KV (kv_press="adakv", default) or uniformly (kv_press="snapkv"), optionally in
+    int8 (kv_bits=8; see the module docstring), and the cache shrinks to what
+    `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step` receives each step's [n]
     new tokens (on the host; one device sync per step, only when given).
 
     Args:
