@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lengths", default="1024,2048")
     ap.add_argument("--depths", type=int, default=7)
-    ap.add_argument("--needles", type=int, default=3)
+    ap.add_argument("--needles", default="0,1,2", help="which of NEEDLES (indices)")
     ap.add_argument("--budgets", default="0.05,0.1,0.2,0.5")
     ap.add_argument("--hf-budgets", default="0.1,0.2", help="budgets for rap.kv's HF-path Ada-KV ('' to skip)")
     ap.add_argument("--hf-lengths", default="1024", help="lengths for the HF path (it has no prefill replay)")
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new", type=int, default=24)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--skip", default="", help="comma list of settings to leave out (full, int8, snapkv, adakv, "
+                                               "int8+adakv)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from rap import provenance
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
     from rap.sources import load_view
 
     view, tok = load_view(args.model, dtype=torch.float32, device="cpu")
-    specs = [default_spec() if n is None else NeedleSpec(*n) for n in NEEDLES[:args.needles]]
+    needle_ids = [int(i) for i in args.needles.split(",")]
+    specs = [default_spec() if NEEDLES[i] is None else NeedleSpec(*NEEDLES[i]) for i in needle_ids]
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [i / (args.depths - 1) for i in range(args.depths)]
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
     settings += [KVSetting("snapkv", b, "snapkv") for b in budgets]
     settings += [KVSetting("adakv", b, "adakv") for b in budgets]
     settings.append(KVSetting("int8+adakv", args.int8_budget, "adakv", 8))
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    settings = [s for s in settings if s.name not in skip]
     t0 = time.time()
     dec = Decoder(view)
     rows = run_needle_decoder(dec, tok, settings, lengths, depths, specs, args.max_new)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
                     new = [int(first)] + out[0, ids.shape[1] + 1:].tolist()
                     answer = tok.decode(new, skip_special_tokens=True)
                     rows.append({"press": "adakv (hf path)", "budget": b, "kv_bits": 16, "length": n, "depth": d,
-                                 "needle": spec_i, "score": score_answer(answer, spec), "kv_bytes": nbytes,
+                                 "needle": needle_ids[spec_i], "score": score_answer(answer, spec), "kv_bytes": nbytes,
                                  "prompt_tokens": ids.shape[1], "answer": answer.strip()[:160]})
     summary, kv = {}, {}
     for r in rows:
