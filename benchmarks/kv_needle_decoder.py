@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     dec = Decoder(view)
     rows = run_needle_decoder(dec, tok, settings, lengths, depths, specs, args.max_new)
+    for r in rows:
+        r["needle"] = needle_ids[r["needle"]]
     hf_budgets = [float(b) for b in args.hf_budgets.split(",") if b.strip()]
     hf_lengths = [int(x) for x in args.hf_lengths.split(",") if x.strip()]
     for spec_i, spec in enumerate(specs):
