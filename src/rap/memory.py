@@ -11,7 +11,10 @@ written from what rap's decode path (`rap.decode.Decoder`) actually allocates, n
   [B, Hkv, T, D] buffers, which keep ceil(r * prompt) tokens in every head), the compressed
   length is rounded up to that quantum as the decoder rounds its buffers, never above prompt +
   new; on CUDA each dense key / value tensor is charged as PyTorch's caching allocator rounds it
-  (`cuda_block_bytes`: up to 1 MiB more per tensor);
+  (`cuda_block_bytes`: up to 1 MiB more per tensor). The decoder's flat layout (Ada-KV, int8 KV;
+  `kv_layout=rap.kv.decode_cache.KVLayout(...)`, or the model's `kv_layout` default that the engine
+  sets) holds the same rows split over heads, plus int8 scales and per-segment starts / lengths:
+  counted tensor by tensor (`rap.kv.decode_cache.layer_tensor_bytes`);
 * fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
   PyTorch for the life of the process: the current stream's (prefill) and the decoder's one
   capture stream (warm-up and graph capture);
