@@ -51,6 +51,8 @@ def test_ppl_of_the_bundled_model_on_wikitext(tmp_path):
     (("ppl", "stories260k", "--file", "/no/such.txt"), "does not exist"),
     (("generate", "stories260k", "-p", "Once", "--kv-ratio", "0"), "--kv-ratio must be in (0, 1]"),
     (("generate", "stories260k", "-p", " "), "the prompt is empty"),
+    (("generate", "stories260k", "-p", "Once", "--kv-ratio", "0.5", "--kv-press", "h2o"), "unknown KV press 'h2o'"),
+    (("generate", "stories260k", "-p", "Once", "--kv-bits", "4"), "KV bits must be one of 16, 8"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(args, message):
     out = rap(*args)

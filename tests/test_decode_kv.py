@@ -35,17 +35,21 @@ def story_ids(stories):
 
 
 # ---- a plain reference: HF prefill, SnapKV by hand on HF's own cache, HF decode on the pruned cache --------
-def reference_keep(view, layer, hidden, pos_emb, keys, kept, window=32, kernel=7):
+def reference_keep(view, layer, hidden, pos_emb, keys, kept):
     """Columns [1, Hkv, kept] (ascending) SnapKV keeps in one layer, from rap.kv's window attention (queries
-    recomputed from the layer input, as kvpress does): mean over the window, mean over the KV group,
-    max-pool over the earlier tokens, the window ranked first (most recent highest), stable top-k."""
+    recomputed from the layer input, as kvpress does): mean over the window, the default scorer's group
+    reduction (mean or max) over the KV group, its pooling (max or zero-padded avg) over the earlier tokens,
+    the window ranked first (most recent highest), stable top-k."""
     from rap.kv.base import LayerInputs, window_attention
 
+    sc = decode.DEFAULT_SCORER
     _, Hkv, P, _ = keys.shape
-    w = min(window, P)
+    w = min(sc.window, P)
     attn = window_attention(LayerInputs(view.attention_module(layer), hidden, keys, keys, pos_emb, 0, 1), w)
-    scores = attn.mean(2).view(1, Hkv, -1, P).mean(2)[..., : P - w]
-    pooled = F.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
+    grouped = attn.mean(2).view(1, Hkv, -1, P)
+    scores = (grouped.mean(2) if sc.group == "mean" else grouped.amax(2))[..., : P - w]
+    pool = F.max_pool1d if sc.pool == "max" else F.avg_pool1d
+    pooled = pool(scores, sc.kernel, stride=1, padding=sc.kernel // 2)
     ranks = (2.0 + torch.arange(w) / w).expand(1, Hkv, w)
     order = torch.sort(torch.cat([pooled, ranks], -1), dim=-1, descending=True, stable=True).indices
     return order[..., :kept].sort(-1).values
@@ -93,7 +97,7 @@ def decoder_step_logits(monkeypatch, dec, ids, mask, kv_ratio, new_tokens):
         return seen[-1][None]
 
     monkeypatch.setattr(decode, "final_logits", record)
-    tokens = dec.generate([ids], new_tokens, mask=mask, kv_ratio=kv_ratio).tokens[0]
+    tokens = dec.generate([ids], new_tokens, mask=mask, kv_ratio=kv_ratio, kv_press="snapkv").tokens[0]
     monkeypatch.setattr(decode, "final_logits", real)
     return seen, tokens
 
@@ -128,7 +132,7 @@ def test_each_row_of_a_left_padded_batch_keeps_ceil_ratio_of_its_own_prompt(stor
     ratio = 0.3
     kept = [max(1, math.ceil(ratio * len(p))) for p in prompts]
     dec = Decoder(view)
-    batch = dec.generate(prompts, 10, kv_ratio=ratio, pad_token_id=0).tokens
+    batch = dec.generate(prompts, 10, kv_ratio=ratio, pad_token_id=0, kv_press="snapkv").tokens
     (ws,) = dec._workspaces.values()
     K = max(kept)
     assert int(ws.col) == K + 9  # decoding started at column K
@@ -137,7 +141,7 @@ def test_each_row_of_a_left_padded_batch_keeps_ceil_ratio_of_its_own_prompt(stor
     kc = ws.kv[0][0].clone()
     for r, p in enumerate(prompts):  # each row alone: the same tokens and the same kept keys
         alone = Decoder(view)
-        assert alone.generate([p], 10, kv_ratio=ratio).tokens[0] == batch[r]
+        assert alone.generate([p], 10, kv_ratio=ratio, kv_press="snapkv").tokens[0] == batch[r]
         (solo,) = alone._workspaces.values()
         k = kept[r]
         torch.testing.assert_close(kc[r, :, K - k:K], solo.kv[0][0][0, :, int(solo.pad[0]):int(solo.pad[0]) + k])
@@ -158,7 +162,7 @@ def test_compressed_kv_bytes_equal_the_memory_model_for_the_planned_request(stor
     ids = [[(7 * i) % 500 + 3 for i in range(300)]] * 3  # a long prompt: compression frees whole quanta
     mask = BlockMask.from_drop(5, ["attn.3"])
     dec = Decoder(view)
-    dec.generate(ids, 20, mask=mask, kv_ratio=ratio)
+    dec.generate(ids, 20, mask=mask, kv_ratio=ratio, kv_press="snapkv")
     planned = DecoderBackend(view, Decoder, decode).planning_request(Request(3, 300, 20))
     model = MemoryModel.from_view(view, kv_length_quantum=LENGTH_QUANTUM)
     assert dec.kv_resident_bytes == model.kv_bytes(planned, mask, ratio)

@@ -139,3 +139,25 @@ def test_decoder_uses_blocks_already_resident_at_their_level():
     assert dec.generate(prompts, 8, mask=plan).tokens == want and dec.extra_weight_bytes == 0
     with pytest.raises(Exception, match="is resident at int4g64, the plan runs it at dtype"):
         dec.generate(prompts, 8, mask=Plan.full(view.num_layers))
+
+
+def test_rap_forward_runs_a_plans_quantized_blocks_with_their_quantized_values(stories):
+    """Perplexity, zero-shot and the demo's probe go through rap.forward: under a plan they must score
+    the quantized model (its logits equal a transformers model holding the dequantized weights)."""
+    from rap.forward import Forward
+
+    view, _ = stories
+    plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop", view.num_layers)
+    ref = BlockView(copy.deepcopy(view.model))
+    with torch.no_grad():
+        for name, level in plan.items():
+            if level not in ("dtype", "drop"):
+                for lin in ref.block_module(name).children():
+                    if isinstance(lin, torch.nn.Linear):
+                        lin.weight.copy_(fake_quantize(lin.weight, level))
+    ids = torch.tensor([[1, 345, 67, 89, 210, 33, 5, 77]])
+    fwd = Forward(view)
+    got, dense = fwd.logits(ids, plan), fwd.logits(ids, plan.mask)
+    with torch.no_grad():
+        want = Forward(ref).logits(ids, plan.mask)
+    assert torch.equal(got, want) and not torch.equal(got, dense)

@@ -34,17 +34,28 @@ must never be NaN, since 0 * NaN poisons P @ V); buffers live per (batch bucket,
 workspace and are shared by every mask's graph, so the resident KV is that of the union of kept
 attention layers over the cached graphs. `release()` frees graphs and buffers.
 
-KV keep ratio (`generate(..., kv_ratio=r)`, r < 1): right after its prefill, each kept attention
-layer keeps per (row, KV head) the top k_b = max(1, ceil(r * P_b)) prompt tokens by SnapKV
-scores (`snapkv_scores`: the last min(32, P_b) queries' attention, averaged over each KV head's
-query group, max-pooled with kernel 7; the observation window always ranks first). The count is
-uniform over heads, so the buffers stay dense [B, Hkv, T, D]: row b's kept tokens sit in
-ascending order in columns [K - k_b, K) (K = max_b k_b), decoding starts at column K, `pad[b]`
-= K - k_b masks the rest, and `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE
-position. Only the layer being compressed ever holds its full prompt K/V (the transient q, k, v
-of its prefill); the buffers hold `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_tokens(...)`
-columns, the compressed length rounded up like every cache length. This is SnapKV with uniform
-per-head budgets; Ada-KV's per-head adaptive budgets need the variable-length cache of `rap.kv`.
+KV keep ratio (`generate(..., kv_ratio=r, kv_press=..., kv_bits=...)`, r < 1): right after its
+prefill, each kept attention layer scores its prompt with the one SnapKV scorer
+(`rap.kv.scorer.SnapKVScorer`, also behind rap.kv's HF-path presses and the policy's KV penalty;
+the observation window always ranks first) and row b keeps k_b = max(1, ceil(r * P_b)) tokens per
+KV head on average:
+
+* kv_press="adakv" (the default): Ada-KV. The row's Hkv * k_b tokens go to the top scores of all
+  KV heads together, each head first keeping its own top floor(0.2 * k_b) (Ada-KV's safeguard), in
+  a `rap.kv.decode_cache.FlatLayerCache`: per-(row, KV head) segments in one flat buffer, read by
+  the varlen decode attention (`rap.kv.attention`: the Triton kernel on CUDA, the PyTorch
+  reference on CPU). Its shapes depend only on (batch bucket, cache length, bits), so the step is
+  captured as before; a segment's length lives on the device;
+* kv_press="snapkv": uniform per-head budgets in the dense buffers [B, Hkv, T, D]: row b's kept
+  tokens sit in ascending order in columns [K - k_b, K) (K = max_b k_b), decoding starts at column
+  K and `pad[b]` = K - k_b masks the rest;
+* kv_bits=8: int8 keys and values with one fp32 scale per (token, KV head), in the flat cache
+  (any ratio, either press), quantised on write and dequantised in the attend.
+
+Either way `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE position, only the
+layer being compressed ever holds its full prompt K/V (the transient q, k, v of its prefill), and
+the cache holds `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_bytes(..., kv_layout=...)`
+bytes exactly (the compressed length rounded up like every cache length).
 """
 
 from __future__ import annotations
@@ -61,6 +72,8 @@ from torch import nn
 
 from .errors import BudgetError, RequestError, UnsupportedModelError
 from .hf import rotary_tables, sdpa_attention
+from .kv.decode_cache import ADAKV_ALPHA, FlatLayerCache, KVLayout, layout_for
+from .kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep, uniform_keep
 from .mask import BlockMask
 from .memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes, prefill_rows
 from .model import BlockView
@@ -216,6 +229,17 @@ def attn_decode_static(x, a: AttnWeights, cos, sin, kc, vc, col, valid, impl: st
     return attn_output(x, o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a)
 
 
+def attn_decode_flat(x, a: AttnWeights, cos, sin, cache: FlatLayerCache, max_length: int | None = None):
+    """Decode-step attention block over a flat (Ada-KV / int8) cache: append this token to every
+    (row, KV head) segment, attend over each segment's live rows. x [B, 1, hidden]. max_length None:
+    the static bound (captured step); else a host bound of the live lengths (eager)."""
+    B = x.shape[0]
+    q, k, v = project_qkv(x, a, cos, sin)
+    cache.append(k, v)
+    o = cache.attend(q, a.scaling, max_length)
+    return attn_output(x, o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a)
+
+
 def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b, offset: bool = False,
                  softcap: float | None = None) -> torch.Tensor:
     """Last position's logits in fp32, as `generate` sees them. x [B, S, hidden] -> [B, V].
@@ -313,58 +337,33 @@ def ffn_weights(view: BlockView, i: int) -> FfnWeights:
                       post_norm_w=layer.post_feedforward_layernorm.weight if gemma else None, act=act)
 
 
-SNAPKV_WINDOW = 32  # observation window and pooling kernel of SnapKV (Li et al. 2024, their LongBench setting)
-SNAPKV_KERNEL = 7
+SNAPKV_WINDOW = DEFAULT_SCORER.window  # kept for callers; the scorer is rap.kv.scorer.DEFAULT_SCORER
+SNAPKV_KERNEL = DEFAULT_SCORER.kernel
 
 
 @dataclass(frozen=True, eq=False)
 class KeepPlan:
-    """Which prompt tokens a compressed prefill keeps: row b keeps its top `kept[b]` tokens per KV head
-    into cache columns [width - kept[b], width). pad [n]: first real prompt column per row."""
+    """Which prompt tokens a compressed prefill keeps: row b keeps `kept[b]` tokens per KV head on
+    average. pad [n]: first real prompt column per row. Dense (uniform SnapKV) caches: every head
+    keeps its top kept[b] into cache columns [width - kept[b], width). Flat caches (`adaptive`, or
+    int8): the row's Hkv * kept[b] tokens, split over heads by Ada-KV (or uniformly), go to the
+    row's `FlatLayerCache` segments with `reserve[b]` free rows per head for decoding."""
 
     pad: torch.Tensor
     kept: torch.Tensor
     width: int
-    window: int = SNAPKV_WINDOW
-    kernel: int = SNAPKV_KERNEL
+    scorer: SnapKVScorer = DEFAULT_SCORER
+    adaptive: bool = False
+    reserve: torch.Tensor | None = None
+    everything: bool = False  # keep every real prompt token (int8 at ratio 1): no scoring
+    r0: int = 0  # first batch row of this prefill chunk (flat caches)
 
 
 def snapkv_scores(q: torch.Tensor, k: torch.Tensor, pad: torch.Tensor, scaling: float,
-                  window: int = SNAPKV_WINDOW, kernel: int = SNAPKV_KERNEL) -> torch.Tensor:
-    """SnapKV importance of every prompt key per (row, KV head): float32 [n, Hkv, P].
-
-    q [n, H, P, D], k [n, Hkv, P, D]: rotated queries and keys of a left-padded prompt; pad [n]: first
-    real column per row. Row b's observation window is its last w_b = min(window, P_b) queries;
-    each earlier real key scores its softmax attention from them (fp32, causal), averaged over the
-    window and over the KV head's query group, then max-pooled over the earlier keys (`kernel`
-    wide). Window keys score 2 + (their index in the window) / w_b, above any probability, the most
-    recent highest; pad columns score -inf. One KV head at a time, so the transient is
-    [n, H / Hkv, window, P] in fp32 (what SnapKV's own implementation materialises per head too).
-    """
-    n, H, P, _ = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    W = min(window, P)
-    cols = torch.arange(P, device=q.device)
-    w_row = (P - pad).clamp(max=window)  # [n]
-    start = P - w_row  # [n] first window column
-    q_cols = cols[P - W:]
-    in_window = q_cols[None, :] >= start[:, None]  # [n, W]
-    sees = (cols[None, None, :] <= q_cols[None, :, None]) & (cols[None, None, :] >= pad[:, None, None])  # [n, W, P]
-    weight = (in_window.float() / w_row[:, None].float())[:, None, :, None]  # [n, 1, W, 1]
-    scores = torch.empty(n, Hkv, P, device=q.device, dtype=torch.float32)
-    for h in range(Hkv):
-        logits = torch.matmul(q[:, h * G:(h + 1) * G, P - W:].float(), k[:, h:h + 1].float().transpose(-1, -2))
-        probs = (logits * scaling).masked_fill(~sees[:, None], float("-inf")).softmax(-1)
-        # a pad query outside the row's window sees no key (NaN row): where() drops it, weight 0 would not
-        probs = torch.where(in_window[:, None, :, None], probs, 0.0)
-        scores[:, h] = (probs * weight).sum(2).mean(1)
-    prefix = (cols[None, :] >= pad[:, None]) & (cols[None, :] < start[:, None])  # [n, P]
-    # probabilities are >= 0, so zeroing the window and padding equals pooling over the prefix alone
-    pooled = F.max_pool1d(scores.masked_fill(~prefix[:, None], 0.0), kernel, stride=1, padding=kernel // 2)
-    rank = 2.0 + (cols[None, :] - start[:, None]).float() / w_row[:, None].float()  # [n, P]
-    rank = rank.masked_fill(cols[None, :] < start[:, None], float("-inf"))
-    return torch.where(prefix[:, None], pooled, rank[:, None])
+                  scorer: SnapKVScorer = DEFAULT_SCORER) -> torch.Tensor:
+    """SnapKV importance of every prompt key per (row, KV head): float32 [n, Hkv, P]; the one scorer,
+    `rap.kv.scorer.SnapKVScorer` (q [n, H, P, D], k [n, Hkv, P, D], pad [n])."""
+    return scorer(q, k, scaling, pad)
 
 
 def kept_columns(scores: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
@@ -372,10 +371,8 @@ def kept_columns(scores: torch.Tensor, kept: torch.Tensor, width: int) -> torch.
     earlier column), ascending and right-aligned; the first width - kept[b] entries are column 0,
     placeholders that the row's padding masks."""
     n, Hkv, P = scores.shape
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(P, device=scores.device).expand_as(order))
-    cols = torch.arange(P, device=scores.device).expand_as(order)
-    chosen = torch.where(ranks < kept[:, None, None], cols, -1)
+    cols = torch.arange(P, device=scores.device).expand(n, Hkv, P)
+    chosen = torch.where(uniform_keep(scores, kept), cols, -1)
     return chosen.sort(-1).values[..., P - width:].clamp_min(0)
 
 
@@ -383,14 +380,29 @@ def keep_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Ten
                 plan: KeepPlan, scaling: float) -> None:
     """Write the SnapKV-kept prompt keys and values of rows [0, n) into cache columns [0, plan.width)."""
     n, _, _, D = k.shape
-    idx = kept_columns(snapkv_scores(q, k, plan.pad, scaling, plan.window, plan.kernel), plan.kept, plan.width)
+    idx = kept_columns(snapkv_scores(q, k, plan.pad, scaling, plan.scorer), plan.kept, plan.width)
     idx = idx[..., None].expand(-1, -1, -1, D)
     kc[:n, :, :plan.width] = k.gather(2, idx)
     vc[:n, :, :plan.width] = v.gather(2, idx)
 
 
+def keep_prompt_flat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: FlatLayerCache, plan: KeepPlan,
+                     scaling: float) -> None:
+    """Write the kept prompt keys and values of batch rows [plan.r0, plan.r0 + n) into a flat cache:
+    Ada-KV's head-adaptive split of each row's Hkv * kept[b] tokens (or a uniform one)."""
+    n, Hkv, P, _ = k.shape
+    real = torch.arange(P, device=k.device)[None, :] >= plan.pad[:, None]  # [n, P]
+    if plan.everything:
+        keep = real[:, None, :].expand(n, Hkv, P)
+    else:
+        scores = snapkv_scores(q, k, plan.pad, scaling, plan.scorer)
+        keep = (adaptive_keep(scores, plan.kept, ADAKV_ALPHA) if plan.adaptive else uniform_keep(scores, plan.kept))
+    cache.write_prompt(plan.r0, k, v, keep, plan.reserve)
+
+
 def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor,
-                      vc: torch.Tensor, attn_mask: torch.Tensor | None, plan: KeepPlan | None = None) -> torch.Tensor:
+                      vc: torch.Tensor, attn_mask: torch.Tensor | None, plan: KeepPlan | None = None,
+                      flat: FlatLayerCache | None = None) -> torch.Tensor:
     """One attention block over a whole prompt (eager), writing its K/V into the static cache
     (all of it, or with a `plan` the SnapKV-kept columns only, scored before attention runs).
 
@@ -400,10 +412,13 @@ def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: t
     SDPA output) stays alive into the next layer's FFN, as the loop's locals used to: the prefill
     peak is then one layer's transients on top of the residual stream, which rap.memory counts.
     With a plan, this layer's full-prompt k and v are the only full-length K/V that exist.
+    `flat`: the layer's `FlatLayerCache` (Ada-KV / int8; kc, vc unused), filled by `keep_prompt_flat`.
     """
     n, P, _ = x.shape
     q, k, v = project_qkv(x, a, cos, sin)
-    if plan is None:
+    if flat is not None:
+        keep_prompt_flat(q, k, v, flat, plan, a.scaling)
+    elif plan is None:
         kc[:n, :, :P] = k
         vc[:n, :, :P] = v
     else:
@@ -498,6 +513,8 @@ class Generation:
     timing: Timing
     mask: BlockMask
     kv_ratio: float = 1.0
+    kv_press: str | None = None  # "snapkv" | "adakv" when kv_ratio < 1 (the press that picked the kept tokens)
+    kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values
 
 
 # ---- per (batch bucket, cache length) state --------------------------------------------------------
@@ -522,12 +539,15 @@ class _Workspace:
     arange: torch.Tensor  # [T]
     cos: torch.Tensor  # [R, rope_length, D] RoPE tables (R: RoPE kinds, see rope_kinds)
     sin: torch.Tensor
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # dense: layer -> (keys, values) [B, Hkv, T, D]; flat (Ada-KV / int8): layer -> FlatLayerCache
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor] | FlatLayerCache] = field(default_factory=dict)
     graphs: dict[tuple[BlockMask, bool], "torch.cuda.CUDAGraph"] = field(default_factory=dict)
+    layout: KVLayout | None = None  # None: dense buffers; else the flat layout's press and bits
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.kv.values() for t in pair)
+        return sum(c.nbytes if isinstance(c, FlatLayerCache) else sum(t.numel() * t.element_size() for t in c)
+                   for c in self.kv.values())
 
 
 MAX_STOP_IDS = 16
@@ -548,9 +568,10 @@ class Decoder:
     """Generates from a BlockView (or HF model) under any BlockMask and KV keep ratio, fast.
 
     `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
-    attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) by SnapKV scores
-    (see the module docstring; uniform per head) and the cache buffers shrink to what
-    `MemoryModel.kv_bytes(request, mask, kv_ratio)` predicts; `on_step` receives each step's [n]
+    attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) on average, split
+    over heads by Ada-KV (kv_press="adakv", default) or uniformly (kv_press="snapkv"), optionally in
+    int8 (kv_bits=8; see the module docstring), and the cache shrinks to what
+    `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step` receives each step's [n]
     new tokens (on the host; one device sync per step, only when given).
 
     Args:
@@ -782,17 +803,17 @@ class Decoder:
         return self.memory.kv_tokens(Request(1, max(1, prompt), max(1, length - prompt)), kv_ratio)
 
     def _check_fits(self, mask: BlockMask, batch: int, prompt: int, length: int, new_layers: Sequence[int],
-                    kv_ratio: float = 1.0) -> None:
+                    kv_ratio: float = 1.0, layout: KVLayout | None = None) -> None:
         request = Request(batch, max(1, prompt), max(1, length - prompt))
-        if self.budget_bytes is not None and not self.memory.fits(self.budget_bytes, mask, request, kv_ratio):
-            need = self.memory.peak_bytes(mask, request, kv_ratio)
+        if self.budget_bytes is not None and not self.memory.fits(self.budget_bytes, mask, request, kv_ratio, layout):
+            need = self.memory.peak_bytes(mask, request, kv_ratio, layout)
             raise BudgetError(f"batch {batch} x {length} tokens under [{mask}] needs {format_bytes(need)} "
                               f"(memory model), over the budget of {format_bytes(self.budget_bytes)}: "
                               "use a smaller batch, fewer tokens or drop more blocks")
         if self.device.type != "cuda":
             return
         sub = BlockMask(tuple(i in new_layers for i in range(mask.num_layers)), (False,) * mask.num_layers)
-        need = self.memory.kv_bytes(request, sub, kv_ratio) + max(
+        need = self.memory.kv_bytes(request, sub, kv_ratio, layout) + max(
             self.memory.prefill_activation_bytes(request, mask), self.memory.decode_activation_bytes(request, mask))
         free = self._free_device_bytes()
         if need > free:
@@ -800,9 +821,16 @@ class Decoder:
                               f"needs {format_bytes(need)}, only {format_bytes(free)} is free on {self.device}: "
                               "use a smaller batch, fewer tokens or drop more attention blocks")
 
-    def _workspace(self, batch: int, length: int, rope_length: int | None = None) -> _Workspace:
+    @staticmethod
+    def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None) -> KVLayout | None:
+        """The flat layout a request needs (Ada-KV below ratio 1, or int8 KV), or None (dense buffers)."""
+        layout = layout_for(kv_press, kv_bits)
+        return layout if layout.flat and (kv_ratio < 1.0 or layout.bits != 16) else None
+
+    def _workspace(self, batch: int, length: int, rope_length: int | None = None,
+                   layout: KVLayout | None = None) -> _Workspace:
         rope_length = rope_length or length
-        key = (batch, length, rope_length)
+        key = (batch, length, rope_length, None if layout is None else layout.bits)
         if key not in self._workspaces:
             dev, V = self.device, self.view.shape.vocab_size
             cos, sin = self._rope_table(rope_length)
@@ -814,17 +842,21 @@ class Decoder:
                 out=torch.zeros(batch, length, **long), stop=torch.full((MAX_STOP_IDS,), -1, **long),
                 pad_id=torch.zeros((), **long), temperature=torch.ones((), device=dev),
                 top_p=torch.ones((), device=dev), noise=torch.rand(batch, V, device=dev),
-                arange=torch.arange(length, **long), cos=cos, sin=sin)
+                arange=torch.arange(length, **long), cos=cos, sin=sin, layout=layout)
         return self._workspaces[key]
 
     def _ensure_kv(self, ws: _Workspace, mask: BlockMask, prompt: int, kv_ratio: float = 1.0) -> None:
         new = [i for i in mask.kept_attn_layers if i not in ws.kv]
         if not new:
             return
-        self._check_fits(mask, ws.batch, prompt, ws.rope_length, new, kv_ratio)
+        self._check_fits(mask, ws.batch, prompt, ws.rope_length, new, kv_ratio, ws.layout)
         s = self.view.shape
         shape = (ws.batch, s.num_kv_heads, ws.length, s.head_dim)
         for i in new:
+            if ws.layout is not None:
+                ws.kv[i] = FlatLayerCache.allocate(ws.batch, s.num_kv_heads, ws.length, s.head_dim, self.dtype,
+                                                   self.device, ws.layout.bits, ws.rope_length)
+                continue
             ws.kv[i] = (torch.zeros(shape, device=self.device, dtype=self.dtype),
                         torch.zeros(shape, device=self.device, dtype=self.dtype))
 
@@ -865,8 +897,12 @@ class Decoder:
                     if a.window not in windowed:
                         windowed[a.window] = valid & (ws.arange[None, :] > ws.col - a.window)
                     v = windowed[a.window]
-                kc, vc = ws.kv[i]
-                x = self._attn_fn(x, a, cos[a.rope], sin[a.rope], kc, vc, ws.col, v, self.attention)
+                cache = ws.kv[i]
+                if isinstance(cache, FlatLayerCache):  # Ada-KV / int8: per-head segments, static bound
+                    x = attn_decode_flat(x, a, cos[a.rope], sin[a.rope], cache)
+                else:
+                    kc, vc = cache
+                    x = self._attn_fn(x, a, cos[a.rope], sin[a.rope], kc, vc, ws.col, v, self.attention)
             if mask.keep_ffn[i]:
                 x = self._ffn_fn(x, ffn[i])
         logits = self._head_fn(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
@@ -882,7 +918,7 @@ class Decoder:
         ws.tokens.copy_(nxt)
 
     def prepare(self, mask: BlockMask, batch: int, max_len: int, sampled: bool = False, prompt: int = 1,
-                kv_ratio: float = 1.0) -> float:
+                kv_ratio: float = 1.0, kv_press: str | None = None, kv_bits: int | None = None) -> float:
         """Make sure (mask, batch bucket, cache length) has its cache and, on CUDA, its captured graph.
 
         max_len: prompt + new tokens; with kv_ratio < 1 the cache holds the compressed length.
@@ -890,7 +926,8 @@ class Decoder:
         """
         t0 = time.perf_counter()
         T = bucket_length(max_len)
-        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T)
+        layout = self._flat_layout(kv_ratio, kv_press, kv_bits)
+        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T, layout)
         self._ensure_kv(ws, mask, prompt, kv_ratio)
         if self.use_graphs and (mask, sampled) not in ws.graphs:
             ws.graphs[(mask, sampled)] = self._capture(ws, mask, sampled)
@@ -924,7 +961,9 @@ class Decoder:
         logits = torch.empty(n, self.view.shape.vocab_size, device=self.device, dtype=torch.float32)
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            part = None if plan is None else replace(plan, pad=plan.pad[r0:r1], kept=plan.kept[r0:r1])
+            part = None if plan is None else replace(
+                plan, pad=plan.pad[r0:r1], kept=plan.kept[r0:r1],
+                reserve=None if plan.reserve is None else plan.reserve[r0:r1])
             logits[r0:r1] = self._prefill_rows(ws, mask, ids[r0:r1], pad[r0:r1], r0, part)
         return logits
 
@@ -963,9 +1002,14 @@ class Decoder:
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
                 a = attn[i]
-                kc, vc = ws.kv[i]
-                x = prefill_attention(x, a, cos[a.rope], sin[a.rope], kc[r0:r0 + n], vc[r0:r0 + n],
-                                      mask_for(a.window), plan)
+                cache = ws.kv[i]
+                if isinstance(cache, FlatLayerCache):
+                    x = prefill_attention(x, a, cos[a.rope], sin[a.rope], None, None, mask_for(a.window),
+                                          replace(plan, r0=r0), flat=cache)
+                else:
+                    kc, vc = cache
+                    x = prefill_attention(x, a, cos[a.rope], sin[a.rope], kc[r0:r0 + n], vc[r0:r0 + n],
+                                          mask_for(a.window), plan)
             if mask.keep_ffn[i]:
                 x = ffn_block(x, ffn[i])
         return final_logits(x, self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap)
@@ -986,8 +1030,15 @@ class Decoder:
         for i in range(mask.num_layers):
             if mask.keep_attn[i]:
                 a = attn[i]
+                cache = ws.kv[i]
+                if isinstance(cache, FlatLayerCache):  # attends over live rows only, as rap.kv's HF path
+                    cache.max_length += 1
+                    x = attn_decode_flat(x, a, cos[a.rope], sin[a.rope], cache, cache.max_length)
+                    if mask.keep_ffn[i]:
+                        x = ffn_block(x, ffn[i])
+                    continue
                 q, k, v = project_qkv(x, a, cos[a.rope], sin[a.rope])
-                kc, vc = ws.kv[i]
+                kc, vc = cache
                 kc[:n, :, col] = k[:, :, 0]
                 vc[:n, :, col] = v[:, :, 0]
                 m = real
@@ -1008,14 +1059,19 @@ class Decoder:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mask: BlockMask | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | Sequence[int | None] | None = None,
                  stop_token_ids: Sequence[int] | int | None = None, pad_token_id: int | None = None,
-                 kv_ratio: float = 1.0, on_step: Callable[[torch.Tensor], Sequence[bool] | None] | None = None
-                 ) -> Generation:
+                 kv_ratio: float = 1.0, on_step: Callable[[torch.Tensor], Sequence[bool] | None] | None = None,
+                 kv_press: str | None = None, kv_bits: int | None = None,
+                 kv_scorer: SnapKVScorer | None = None) -> Generation:
         """Generate up to `max_new_tokens` per prompt under `mask` (default: the view's current mask).
 
         prompts: token id lists of any lengths (left-padded internally). temperature 0 = greedy.
         stop_token_ids: a row stops after emitting one of these (default: none). kv_ratio in (0, 1]:
         the share of each prompt's tokens every kept attention layer keeps per KV head (SnapKV, see
-        the module docstring; 1.0 keeps all, exactly as before). on_step: called with the [n] new
+        the module docstring; 1.0 keeps all, exactly as before). kv_press: "adakv" (default: per
+        layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache) or "snapkv"
+        (k per head, dense buffers). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and
+        values, flat cache). kv_scorer: the SnapKV scorer's parameters (default
+        `rap.kv.scorer.DEFAULT_SCORER`). on_step: called with the [n] new
         tokens (CPU tensor) after prefill and after every decode step; rows that stopped repeat the
         pad token; it may return [n] booleans, rows to finish now (a stop string matched, a client
         gone), which then stop like a stop token (the loop ends when every row has). seed: one for
@@ -1044,20 +1100,25 @@ class Decoder:
                                                                else (stops[0] if stops else 0))
         sampled = temperature > 0
         n, P = len(prompts), max(len(p) for p in prompts)
+        kv = layout_for(kv_press, kv_bits)  # RequestError for an unknown press or unsupported bits
+        layout = self._flat_layout(kv_ratio, kv_press, kv_bits)
         window = self._smallest_window(mask)
-        if kv_ratio < 1.0 and window is not None and P + max_new_tokens > window:
-            raise RequestError(f"kv_ratio < 1 with sliding-window attention ({window} tokens) needs prompt + new "
-                               f"tokens within the window, got {P + max_new_tokens}: use kv_ratio 1.0")
+        if (kv_ratio < 1.0 or layout is not None) and window is not None and P + max_new_tokens > window:
+            windowed = [i for i, a in enumerate(self.attn) if a.window is not None and mask.keep_attn[i]]
+            raise RequestError(f"KV compression ({kv.press} at ratio {kv_ratio:g}, {kv.bits}-bit) cannot run on the "
+                               f"sliding-window attention layers {windowed} ({window} tokens) once prompt + new tokens "
+                               f"({P + max_new_tokens}) exceed the window: use kv_ratio 1.0 and 16-bit KV")
         lengths = [len(p) for p in prompts]
         kept = [max(1, math.ceil(kv_ratio * L)) if kv_ratio < 1.0 else L for L in lengths]
         compress = kept != lengths
         K = max(kept)  # first decode column (= P without compression)
         capture_ms = 0.0
         B, T = bucket_batch(n), bucket_length(P + max_new_tokens)
-        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T)
+        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T, layout)
         if self.use_graphs:
             cached = (mask, sampled) in ws.graphs and all(i in ws.kv for i in mask.kept_attn_layers)
-            spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P, kv_ratio=kv_ratio)
+            spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P, kv_ratio=kv_ratio,
+                                 kv_press=kv_press, kv_bits=kv_bits)
             capture_ms = 0.0 if cached else spent
         else:
             self._ensure_kv(ws, mask, P, kv_ratio)
@@ -1089,7 +1150,14 @@ class Decoder:
         pad[:n] = torch.tensor([K - k for k in kept])
         shift = torch.zeros(B, dtype=torch.long)
         shift[:n] = torch.tensor([L - k for L, k in zip(lengths, kept)])
-        plan = KeepPlan(prompt_pad, torch.tensor(kept).to(dev), K) if compress else None
+        scorer = kv_scorer or DEFAULT_SCORER
+        kept_dev = torch.tensor(kept).to(dev)
+        plan = KeepPlan(prompt_pad, kept_dev, K, scorer) if compress else None
+        if layout is not None:  # flat cache: every head of row b gets T - k_b rows to decode into
+            plan = KeepPlan(prompt_pad, kept_dev, K, scorer, adaptive=kv.press == "adakv",
+                            reserve=ws.length - kept_dev, everything=not compress)
+            for i in mask.kept_attn_layers:
+                ws.kv[i].reset()
         ws.pad.copy_(pad)
         ws.shift.copy_(shift)
         ws.col.fill_(K)
@@ -1146,4 +1214,5 @@ class Decoder:
             tokens.append(row[:cut])
         timing = Timing(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, decode_steps=steps, rows=n,
                         capture_ms=capture_ms, graph=graph is not None)
-        return Generation(tokens=tokens, timing=timing, mask=mask, kv_ratio=kv_ratio)
+        return Generation(tokens=tokens, timing=timing, mask=mask, kv_ratio=kv_ratio,
+                          kv_press=kv.press if compress else None, kv_bits=kv.bits)

@@ -235,10 +235,22 @@ class Decision:
     kv_ratio: float = 1.0
     predicted_peak_bytes: int = 0
     policy: str = ""
+    kv_press: str | None = None  # the press that compressed the KV cache (None: kv_ratio 1, nothing compressed)
+    kv_bits: int = 16  # KV storage: 16 = the model's dtype, 8 = int8 keys and values (rap.kv.decode_cache)
 
     def to_dict(self) -> dict:
         return {"mask": str(self.mask), "dropped": list(self.mask.dropped), "kv_ratio": self.kv_ratio,
-                "predicted_peak_bytes": self.predicted_peak_bytes, "policy": self.policy}
+                "kv_press": self.kv_press, "kv_bits": self.kv_bits, "predicted_peak_bytes": self.predicted_peak_bytes,
+                "policy": self.policy}
+
+
+def kv_layout_for_bits(kv_bits: int):
+    """The KV layout the memory model plans a decision's bits with (None: the model's default layout)."""
+    if kv_bits == 16:
+        return None
+    from .kv.decode_cache import KVLayout
+
+    return KVLayout("adakv", kv_bits)  # RequestError for unsupported bits
 
 
 class Policy(Protocol):
@@ -270,9 +282,11 @@ class GreedyPolicy:
 
     name = "greedy"
 
-    def __init__(self, order: Sequence[str] | None = None, kv_ratio: float = 1.0):
+    def __init__(self, order: Sequence[str] | None = None, kv_ratio: float = 1.0, kv_bits: int = 16):
         self.order = list(order) if order is not None else None
         self.kv_ratio = kv_ratio
+        self.kv_bits = kv_bits
+        kv_layout_for_bits(kv_bits)  # unsupported bits fail here, not at the first request
 
     @classmethod
     def from_profile(cls, profile: dict | str | Path | None) -> "GreedyPolicy":
@@ -294,8 +308,11 @@ class GreedyPolicy:
         num_layers = memory_model.shape.num_layers
         order = complete_order(self.order, num_layers)
 
+        layout = kv_layout_for_bits(self.kv_bits)
+
         def peak(count: int) -> int:
-            return memory_model.peak_bytes(BlockMask.from_order(num_layers, order, count), request, self.kv_ratio)
+            return memory_model.peak_bytes(BlockMask.from_order(num_layers, order, count), request, self.kv_ratio,
+                                           layout)
 
         # Peak bytes only fall as more blocks go, so the fewest drops that fit is a binary search.
         lo, hi = 0, len(order)
@@ -310,7 +327,7 @@ class GreedyPolicy:
             else:
                 lo = mid + 1
         mask = BlockMask.from_order(num_layers, order, lo)
-        return Decision(mask, self.kv_ratio, peak(lo), self.name)
+        return Decision(mask, self.kv_ratio, peak(lo), self.name, kv_bits=self.kv_bits)
 
 
 def default_policy(profile: dict | str | Path | None = None) -> Any:
@@ -368,8 +385,11 @@ def _call_policy(policy: Any, memory_model: MemoryModel, request: Request, budge
     raw = decide(memory_model, request, budget_bytes, resident_mask)
     mask = raw if isinstance(raw, BlockMask) else raw.mask
     kv_ratio = float(getattr(raw, "kv_ratio", 1.0) or 1.0)
+    kv_bits = int(getattr(raw, "kv_bits", 16) or 16)
     name = getattr(raw, "policy", None) or getattr(policy, "name", None) or type(policy).__name__
-    return Decision(mask, kv_ratio, memory_model.peak_bytes(mask, request, kv_ratio), str(name))
+    layout = kv_layout_for_bits(kv_bits)
+    return Decision(mask, kv_ratio, memory_model.peak_bytes(mask, request, kv_ratio, layout), str(name),
+                    kv_bits=kv_bits)
 
 
 # ==== weights that leave the device =============================================================
@@ -411,11 +431,13 @@ class HFGenerateBackend:
     def generate(self, view: BlockView, prompts: list[list[int]], mask: BlockMask, kv_ratio: float,
                  sampling: Sampling, max_new_tokens: int, pad_token_id: int, eos_token_ids: Sequence[int],
                  on_step: Callable[[torch.Tensor], Any] | None = None,
-                 seeds: Sequence[int | None] | None = None) -> list[list[int]]:
+                 seeds: Sequence[int | None] | None = None, kv_press: str | None = None,
+                 kv_bits: int = 16) -> list[list[int]]:
         """New token ids per prompt (rows that stop early are padded); prompts are left-padded.
         `on_step` may return which rows are finished (a stop string, a cancel): `generate` stops
         them. Sampled rows with seeds run one by one (one global generator here), so a row's
-        tokens depend on its seed only, not on what it was batched with."""
+        tokens depend on its seed only, not on what it was batched with. kv_press / kv_bits are
+        ignored: this backend never compresses (supports_kv_ratio is False)."""
         seeds = list(seeds) if seeds is not None else [sampling.seed] * len(prompts)
         if not sampling.greedy and len(prompts) > 1 and any(s is not None for s in seeds):
             out: list[list[int]] = []
@@ -500,6 +522,11 @@ class DecoderBackend:
         self._accepts = set(inspect.signature(self.decoder.generate).parameters)
         self.supports_kv_ratio = "kv_ratio" in self._accepts and bool(getattr(self.decoder, "compresses_kv", True))
         self.kv_length_quantum = getattr(module, "LENGTH_QUANTUM", None) if self.supports_kv_ratio else None
+        self.kv_layout = None
+        if self.supports_kv_ratio and "kv_press" in self._accepts:
+            from .kv.decode_cache import KVLayout
+
+            self.kv_layout = KVLayout("adakv")  # what the decoder runs below ratio 1 (a request may ask snapkv)
         self.streams = "on_step" in self._accepts  # else tokens come back at the end of the batch
         self.window_bounded_kv = bool(getattr(getattr(self.decoder, "memory", None), "window_bounded_kv", True))
 
@@ -528,13 +555,18 @@ class DecoderBackend:
     def release(self) -> None:
         self.decoder.release()
 
+    def windowed_layers(self) -> list[int]:
+        """Attention layers with a sliding window (which a compressed KV cache cannot serve)."""
+        return [i for i, a in enumerate(getattr(self.decoder, "attn", [])) if getattr(a, "window", None) is not None]
+
     def generate(self, view, prompts, mask, kv_ratio, sampling, max_new_tokens, pad_token_id, eos_token_ids,
-                 on_step=None, seeds=None) -> list[list[int]]:
+                 on_step=None, seeds=None, kv_press: str | None = None, kv_bits: int = 16) -> list[list[int]]:
         # one seed per row when any row has one (each row its own generator), else one random generator
         seed = list(seeds) if seeds is not None and any(s is not None for s in seeds) else sampling.seed
         offered = dict(prompts=prompts, max_new_tokens=max_new_tokens, mask=mask, kv_ratio=kv_ratio,
                        temperature=sampling.temperature, top_p=sampling.top_p, seed=seed,
-                       stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step)
+                       stop_token_ids=list(eos_token_ids), pad_token_id=pad_token_id, on_step=on_step,
+                       kv_press=kv_press, kv_bits=kv_bits)
         out = self.decoder.generate(**{k: v for k, v in offered.items() if k in self._accepts})
         return [list(row) for row in getattr(out, "tokens", out)]
 
@@ -571,6 +603,8 @@ class GenerationRequest:
     request_id: str = ""
     # set from any thread (a client gone, a deadline, shutdown): the row stops within one decode step
     cancel: threading.Event | None = None
+    # the KV press when the policy keeps < 1 of the prompt's cache: "adakv" (default) or "snapkv"
+    kv_press: str | None = None
 
     @property
     def sampling(self) -> Sampling:
@@ -706,6 +740,8 @@ class Engine:
         # a compressed cache is as long as the backend allocates it (the decoder rounds it up)
         self.memory_model.kv_length_quantum = getattr(self.backend, "kv_length_quantum", None)
         self.memory_model.window_bounded_kv = getattr(self.backend, "window_bounded_kv", True)
+        # ... and laid out as the decoder's default press (Ada-KV: flat per-head segments) stores it
+        self.memory_model.kv_layout = getattr(self.backend, "kv_layout", None)
         self.max_batch = max_batch
         # None: on the GPU, a margin of the memory model's worst measured error (0.39% over 14
         # configurations, benchmarks/results/memory-model-*.json) rounded up, so the first batch,
@@ -842,7 +878,7 @@ class Engine:
     def _decide(self, request: Request, planning_bytes: int, backend=None) -> Decision:
         backend = backend or self.backend
         decision = _call_policy(self.policy, self.memory_model, request, planning_bytes, self.residency.mask)
-        if decision.kv_ratio < 1.0 and not getattr(backend, "supports_kv_ratio", False):
+        if (decision.kv_ratio < 1.0 or decision.kv_bits != 16) and not getattr(backend, "supports_kv_ratio", False):
             # This backend keeps the whole prompt cache: plan with what it will really hold.
             full_kv_bytes = self.memory_model.peak_bytes(decision.mask, request, 1.0)
             if full_kv_bytes <= planning_bytes:
@@ -878,7 +914,7 @@ class Engine:
                 # the end, so streamed requests go to one that streams.
                 backend = self.backend if (r.on_token is None or self.backend.streams) else self._fallback_backend
                 # Seeds do not split batches: each row samples from its own generator.
-                key = (r.sampling, id(backend))
+                key = (r.sampling, id(backend), r.kv_press)
                 groups.setdefault(key, [backend, []])[1].append((i, r, ids))
             for backend, items in groups.values():
                 for start in range(0, len(items), self.max_batch):
@@ -928,6 +964,17 @@ class Engine:
         vocab = self.view.shape.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if r.kv_press is not None:
+            from .kv.decode_cache import layout_for
+
+            layout_for(r.kv_press)  # one line for an unknown press
+            windowed = getattr(self.backend, "windowed_layers", lambda: [])()
+            if windowed:
+                raise RequestError(f"kv_press {r.kv_press!r} cannot compress this model's sliding-window attention "
+                                   f"layers {windowed}: send the request without kv_press")
+            if not getattr(self.backend, "supports_kv_ratio", False):
+                raise RequestError(f"kv_press {r.kv_press!r} needs rap's decoder; backend {self.backend.name} "
+                                   "cannot compress the KV cache")
         return ids
 
     def _reject(self, r: GenerationRequest, error: RapError, reason: str) -> GenerationResult:
@@ -949,6 +996,8 @@ class Engine:
             error = BudgetError(f"prompt of {len(ids)} tokens + max_tokens {r.max_new_tokens} does not fit the memory "
                                 f"budget ({e}): send a shorter prompt, fewer max_tokens or raise the budget")
             return [(i, self._reject(r, error, "budget"))]
+        if decision.kv_ratio < 1.0:  # the press that serves it: the request's, else Ada-KV
+            decision = dataclasses.replace(decision, kv_press=items[0][1].kv_press or "adakv")
         return self._run(items, backend, request, decision, budget, retry=True)
 
     def _run(self, items: list, backend, request: Request, decision: Decision, budget: int, retry: bool):
@@ -1002,6 +1051,8 @@ class Engine:
             smaller = self._decide(backend.planning_request(request), shrunk, backend)
         except BudgetError as be:
             return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
+        if smaller.kv_ratio < 1.0:
+            smaller = dataclasses.replace(smaller, kv_press=decision.kv_press or "adakv")
         return self._run(items, backend, request, smaller, budget, retry=False)
 
     def _backends(self) -> list:
@@ -1143,8 +1194,11 @@ class Engine:
                           seeds: list[int | None], max_new_tokens: int, on_step) -> list[list[int]]:
         """A backend's tokens for the batch. Any failure propagates: `_run` isolates the failing rows
         (nothing switches backends for good behind the user's back)."""
+        press = {"kv_press": decision.kv_press} if decision.kv_press else {}
+        if decision.kv_bits != 16:
+            press["kv_bits"] = decision.kv_bits
         return backend.generate(self.view, prompts, decision.mask, decision.kv_ratio, sampling, max_new_tokens,
-                                self.tokenizer.pad_token_id, self._eos_ids, on_step=on_step, seeds=seeds)
+                                self.tokenizer.pad_token_id, self._eos_ids, on_step=on_step, seeds=seeds, **press)
 
     # ---- introspection ------------------------------------------------------------------------------
     def budget_info(self, reference: Request | None = None) -> dict:

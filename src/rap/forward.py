@@ -25,7 +25,7 @@ for sliding-window models too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ from .decode import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights,
 from .errors import UnsupportedModelError
 from .hf import sdpa_attention
 from .mask import BlockMask
+from .plan import DROP, DTYPE
+from .quant import fake_quantize, weight_level
 from .model import BlockView
 
 FORWARD_MODEL_TYPES = DECODE_MODEL_TYPES
@@ -94,10 +96,29 @@ class Forward:
         self._cos: torch.Tensor | None = None  # [R, T, D], grown on demand
         self._sin: torch.Tensor | None = None
         self._plain: dict[int, _Rows] = {}  # S -> the unpadded-window context
+        self._quantized: dict = {}  # (first field, layer, level) -> weights with quantized values
 
     @property
     def num_layers(self) -> int:
         return self.view.num_layers
+
+    def weights(self, mask: BlockMask) -> tuple[list[AttnWeights], list]:
+        """Per-layer weights under `mask`. A `Plan`'s int8 / int4 blocks carry their quantized values
+        (`rap.quant.fake_quantize`: what the kernels hold, dequantized), so perplexity, zero-shot and
+        the demo's probe measure the model that serves. A block already resident quantized (moved by
+        `rap.residency`) runs its kernels' tensors as they are. Copies are cached per (block, level)."""
+        if not getattr(mask, "is_quantized", False):
+            return self.attn, self.ffn
+        return ([self._at(self.attn[i], ("wq", "wk", "wv", "wo"), i, lv) for i, lv in enumerate(mask.attn_levels)],
+                [self._at(self.ffn[i], ("wg", "wu", "wd"), i, lv) for i, lv in enumerate(mask.ffn_levels)])
+
+    def _at(self, w, fields: tuple[str, ...], layer: int, level: str):
+        if level in (DTYPE, DROP) or weight_level(getattr(w, fields[0])) != DTYPE:
+            return w
+        key = (fields[0], layer, level)
+        if key not in self._quantized:
+            self._quantized[key] = replace(w, **{f: fake_quantize(getattr(w, f), level) for f in fields})
+        return self._quantized[key]
 
     @property
     def device(self) -> torch.device:
@@ -192,17 +213,18 @@ class Forward:
         x = self.embed(ids)
         rows = self._rows(x.shape[1], positions, attn_mask)
         custom = positions is not None or attn_mask is not None
+        attn, ffn = self.weights(mask)
         for i in range(self.num_layers):
             if mask.keep_attn[i]:
                 if streams is not None:
                     streams.append(x)
-                a = self.attn[i]
+                a = attn[i]
                 w = a.window if a.window is not None and (custom or a.window < x.shape[1]) else None
                 x = attn_block(x, a, rows.cos[a.rope], rows.sin[a.rope], rows.masks[w])
             if mask.keep_ffn[i]:
                 if streams is not None:
                     streams.append(x)
-                x = ffn_block(x, self.ffn[i])
+                x = ffn_block(x, ffn[i])
         if streams is not None:
             streams.append(x)
         return x

@@ -15,7 +15,10 @@ written from what rap's decode path (`rap.decode.Decoder`) actually allocates, n
   [B, Hkv, T, D] buffers, which keep ceil(r * prompt) tokens in every head), the compressed
   length is rounded up to that quantum as the decoder rounds its buffers, never above prompt +
   new; on CUDA each dense key / value tensor is charged as PyTorch's caching allocator rounds it
-  (`cuda_block_bytes`: up to 1 MiB more per tensor);
+  (`cuda_block_bytes`: up to 1 MiB more per tensor). The decoder's flat layout (Ada-KV, int8 KV;
+  `kv_layout=rap.kv.decode_cache.KVLayout(...)`, or the model's `kv_layout` default that the engine
+  sets) holds the same rows split over heads, plus int8 scales and per-segment starts / lengths:
+  counted tensor by tensor (`rap.kv.decode_cache.layer_tensor_bytes`);
 * fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
   PyTorch for the life of the process: the current stream's (prefill) and the decoder's one
   capture stream (warm-up and graph capture);
@@ -118,6 +121,9 @@ class MemoryModel:
         # True: a sliding-window layer caches at most its window (transformers' sliding cache layers);
         # False: every kept layer holds the whole length (rap.decode's static buffers, window masked)
         self.window_bounded_kv = True
+        # default KV layout for kv_bytes (a rap.kv.decode_cache.KVLayout; None: dense buffers): the
+        # engine sets the decoder's, so every plan counts the flat Ada-KV cache it will run
+        self.kv_layout = None
         self.base_bytes = base_bytes
         self.block_bytes = dict(block_bytes)
         self.dense_block_bytes = dict(block_bytes)  # at the model's dtype (block_bytes may be leveled)
@@ -249,9 +255,17 @@ class MemoryModel:
             tokens = min(tokens, s.sliding_window)
         return tokens
 
-    def kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0) -> int:
+    def kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0, kv_layout=None) -> int:
         """KV cache bytes: on CUDA, as the caching allocator charges the decoder's dense [B, Hkv, T, D]
-        key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size."""
+        key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size.
+
+        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, int8 KV): every tensor
+        of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each rounded
+        as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
+        """
+        kv_layout = kv_layout if kv_layout is not None else self.kv_layout
+        if kv_layout is not None and kv_layout.flat and (kv_ratio < 1.0 or kv_layout.bits != 16):
+            return self._flat_kv_bytes(request, mask, kv_ratio, kv_layout.bits)
         per_token = self.shape.kv_bytes_per_token_per_layer
         dense = kv_ratio >= 1.0 or self.kv_length_quantum is not None
         total = 0
@@ -260,6 +274,17 @@ class MemoryModel:
             if self.on_cuda and dense:
                 layer = 2 * cuda_block_bytes(layer // 2)
             total += layer
+        return total
+
+    def _flat_kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float, bits: int) -> int:
+        from .kv.decode_cache import layer_tensor_bytes
+
+        s = self.shape
+        total = 0
+        for i in mask.kept_attn_layers:
+            sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, self.kv_tokens(request, kv_ratio, i),
+                                       s.head_dim, s.dtype_bytes, bits)
+            total += sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
         return total
 
     def kv_bytes_per_token(self, mask: BlockMask | None = None) -> int:
@@ -351,20 +376,21 @@ class MemoryModel:
         return peak + self.buffer_bytes(request) + self.runtime_bytes
 
     # ---- answers --------------------------------------------------------------------------
-    def breakdown(self, mask: BlockMask, request: Request, kv_ratio: float = 1.0) -> MemoryBreakdown:
+    def breakdown(self, mask: BlockMask, request: Request, kv_ratio: float = 1.0, kv_layout=None) -> MemoryBreakdown:
         return MemoryBreakdown(
             param_bytes=self.param_bytes(mask),
-            kv_bytes=self.kv_bytes(request, mask, kv_ratio),
+            kv_bytes=self.kv_bytes(request, mask, kv_ratio, kv_layout),
             prefill_activation_bytes=self.prefill_activation_bytes(request, mask),
             decode_activation_bytes=self.decode_activation_bytes(request, mask),
         )
 
-    def peak_bytes(self, mask: BlockMask, request: Request, kv_ratio: float = 1.0) -> int:
-        return self.breakdown(mask, request, kv_ratio).total_bytes
+    def peak_bytes(self, mask: BlockMask, request: Request, kv_ratio: float = 1.0, kv_layout=None) -> int:
+        return self.breakdown(mask, request, kv_ratio, kv_layout).total_bytes
 
-    def fits(self, budget_bytes: int, mask: BlockMask, request: Request, kv_ratio: float = 1.0) -> bool:
-        """Does (mask, request, kv_ratio) fit in `budget_bytes`?"""
-        return self.peak_bytes(mask, request, kv_ratio) <= budget_bytes
+    def fits(self, budget_bytes: int, mask: BlockMask, request: Request, kv_ratio: float = 1.0,
+             kv_layout=None) -> bool:
+        """Does (mask, request, kv_ratio[, kv_layout]) fit in `budget_bytes`?"""
+        return self.peak_bytes(mask, request, kv_ratio, kv_layout) <= budget_bytes
 
     def dense_need(self, request: Request) -> int:
         return self.peak_bytes(BlockMask.full(self.shape.num_layers), request)

@@ -80,8 +80,16 @@ Seed = Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1])]
 Zero = Annotated[float, Field(ge=0.0, le=0.0)]
 
 
+class RapOptions(_Strict):
+    """rap's extension of the request body: `"rap": {"kv_press": "adakv"}`."""
+
+    kv_press: str | None = Field(None, description="KV press when the policy keeps < 1 of the prompt's cache: "
+                                                   "adakv (default) or snapkv")
+
+
 class _Sampling(_Strict):
     model: str | None = None
+    rap: RapOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="below 1e-5: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt (seeded: choice i uses seed + i); "
@@ -667,12 +675,20 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
 
     def rows_for(prompts: list, max_tokens: int, body: _Sampling) -> list[GenerationRequest]:
         """Validated rows (tokenized; runs on the tokenizer thread), n per prompt."""
+        press = body.rap.kv_press if body.rap is not None else None
+        if press is not None:
+            from .kv.decode_cache import layout_for
+
+            try:
+                press = layout_for(press).press
+            except RapError as e:
+                raise APIError(400, str(e), param="rap.kv_press") from None
         base = []
         for p in prompts:
             r = GenerationRequest(prompt=p if isinstance(p, str) else None,
                                   prompt_ids=None if isinstance(p, str) else list(p),
                                   max_new_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p,
-                                  seed=body.seed, stop=body.stops, request_id=uuid.uuid4().hex[:12])
+                                  seed=body.seed, stop=body.stops, request_id=uuid.uuid4().hex[:12], kv_press=press)
             try:
                 ids = engine.validate(r)
             except RapError as e:

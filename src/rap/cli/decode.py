@@ -17,7 +17,9 @@ def generate(
     profile: Optional[Path] = typer.Option(None, help="profile.json giving the removal order"),
     plan: Optional[str] = typer.Option(None, help="a level per block: ffn.3=int4,attn.7=drop,ffn.*=int8 | plan.json "
                                        "(see rap memory --help)"),
-    kv_ratio: float = typer.Option(1.0, "--kv-ratio", help="KV keep ratio in (0, 1]: SnapKV top-k per head after prefill"),
+    kv_ratio: float = typer.Option(1.0, "--kv-ratio", help="KV keep ratio in (0, 1]: prompt tokens kept after prefill"),
+    kv_press: str = typer.Option("adakv", "--kv-press", help="below ratio 1: adakv (head-adaptive) | snapkv (uniform)"),
+    kv_bits: int = typer.Option(16, "--kv-bits", help="16 (the model's dtype) | 8 (int8 keys and values)"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling (same seed, same tokens)"),
@@ -51,17 +53,21 @@ def generate(
     if not 0 < kv_ratio <= 1:
         raise RequestError(f"--kv-ratio must be in (0, 1], got {kv_ratio}")
     result = decoder.generate(ids, max_new, mask=mask, temperature=temperature, top_p=top_p, seed=seed,
-                              stop_token_ids=stops, pad_token_id=tok.pad_token_id, kv_ratio=kv_ratio)
+                              stop_token_ids=stops, pad_token_id=tok.pad_token_id, kv_ratio=kv_ratio,
+                              kv_press=kv_press, kv_bits=kv_bits)
     texts = [tok.decode(t, skip_special_tokens=True) for t in result.tokens]
     t = result.timing
     if as_json:
-        print(json.dumps({"model": view.name, "mask": str(mask), "kv_ratio": kv_ratio, "texts": texts, "tokens": result.tokens,
+        print(json.dumps({"model": view.name, "mask": str(mask), "kv_ratio": kv_ratio,
+                          "kv_press": result.kv_press, "kv_bits": result.kv_bits, "texts": texts, "tokens": result.tokens,
                           "timing": t.to_dict(), "device": str(view.device)}, indent=2))
         return
     for p, text in zip(prompt, texts):
         console.print(f"[bold]{escape(p)}[/bold]{escape(text)}")
     graph = f", graph capture {t.capture_ms:.0f} ms" if t.capture_ms else (", cached graph" if t.graph else "")
-    console.print(escape(f"[{mask}] kv ratio {kv_ratio:g}, {len(prompt)} prompt(s) on {view.device}: prefill {t.prefill_ms:.1f} ms, "
+    kv = f" ({result.kv_press})" if result.kv_press else ""
+    kv += ", int8 KV" if result.kv_bits == 8 else ""
+    console.print(escape(f"[{mask}] kv ratio {kv_ratio:g}{kv}, {len(prompt)} prompt(s) on {view.device}: prefill {t.prefill_ms:.1f} ms, "
                          f"{t.decode_steps} decode steps at {t.ms_per_step:.2f} ms ({t.tokens_per_s:.1f} tok/s){graph}"),
                   style="dim")
 

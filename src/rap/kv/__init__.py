@@ -5,7 +5,9 @@ from .adakv import AdaKV, adaptive_keep_mask
 from .base import Budget, LayerInputs, Press, ScorerPress
 from .cache import FlatKV, VarlenCache, VarlenLayer
 from .compress import Compressed, compress, generate
+from .decode_cache import FlatLayerCache, KVLayout
 from .pyramidkv import PyramidKV
+from .scorer import DEFAULT_SCORER, SnapKVScorer
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 
@@ -28,6 +30,6 @@ def make_press(name: str) -> Press:
     return PRESSES[key]()
 
 
-__all__ = ["AdaKV", "Budget", "Compressed", "FlatKV", "LayerInputs", "Press", "PyramidKV", "ScorerPress", "SnapKV",
+__all__ = ["DEFAULT_SCORER", "FlatLayerCache", "KVLayout", "SnapKVScorer", "AdaKV", "Budget", "Compressed", "FlatKV", "LayerInputs", "Press", "PyramidKV", "ScorerPress", "SnapKV",
            "StreamingLLM", "VarlenCache", "VarlenLayer", "adaptive_keep_mask", "compress", "generate", "make_press",
            "PRESSES"]

@@ -11,27 +11,22 @@ here becomes a `VarlenLayer` holding exactly B tokens per layer and sequence.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .base import LayerInputs, Press, ScorerPress
+from .scorer import adaptive_keep
 from .snapkv import SnapKV
 
 
 def adaptive_keep_mask(scores: torch.Tensor, tokens: int, alpha: float = 0.2) -> torch.Tensor:
     """bool [B, H, T]: per sequence, the top H*tokens of all heads' scores, every head first
-    keeping its own top floor(alpha * tokens) (the safeguard)."""
+    keeping its own top floor(alpha * tokens) (the safeguard); `rap.kv.scorer.adaptive_keep`,
+    the decoder's own split, with one budget for every sequence."""
     B, H, T = scores.shape
-    tokens = min(tokens, T)
-    safe = math.floor(alpha * tokens)
-    s = scores.float()
-    if safe > 0:
-        forced = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(safe, dim=-1).indices, True)
-        s = s.masked_fill(forced, float("inf"))
-    top = s.reshape(B, H * T).topk(H * tokens, dim=-1).indices
-    return torch.zeros(B, H * T, dtype=torch.bool, device=s.device).scatter_(-1, top, True).view(B, H, T)
+    kept = torch.full((B,), min(tokens, T), dtype=torch.long, device=scores.device)
+    return adaptive_keep(scores, kept, alpha)
 
 
 @dataclass(frozen=True)

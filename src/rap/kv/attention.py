@@ -86,10 +86,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def partial_kernel(Q, K, V, STARTS, LENS, O_PART, M_PART, L_PART,
+    def partial_kernel(Q, K, V, KS, VS, STARTS, LENS, O_PART, M_PART, L_PART,
                        scale, q_len, m_rows, num_splits, split_size,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_D: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr):
         s = tl.program_id(0)
         sp = tl.program_id(1)
         mb = tl.program_id(2)
@@ -112,6 +112,9 @@ def _kernels():
             k_ok = offs < hi
             kv_off = (start + offs.to(tl.int64))[:, None] * HEAD_DIM + d[None, :]
             k = tl.load(K + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if QUANT:  # int8 rows with one fp32 scale each (rap.kv.decode_cache): dequantise on load
+                k_scale = tl.load(KS + start + offs.to(tl.int64), mask=k_ok, other=0.0)
+                k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
             if IEEE:  # float32 caches: true fp32 products (TF32 would cost ~1e-3 relative error)
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
@@ -123,6 +126,9 @@ def _kernels():
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + kv_off, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            if QUANT:
+                v_scale = tl.load(VS + start + offs.to(tl.int64), mask=k_ok, other=0.0)
+                v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             else:
@@ -185,13 +191,21 @@ def split_plan(segments: int, max_length: int, m_rows: int, num_sms: int,
     return split, -(-n // split)
 
 
-def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float) -> torch.Tensor:
-    """query [B, Hq, q, D] -> output [B, q, Hq, D]; same contract as `varlen_attention_torch`."""
+def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float,
+                            key_scale: torch.Tensor | None = None,
+                            value_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """query [B, Hq, q, D] -> output [B, q, Hq, D]; same contract as `varlen_attention_torch`.
+
+    key_scale, value_scale: fp32 [rows] for an int8 cache (keys / values int8, one scale per row),
+    dequantised as they are loaded; the queries then stay in their own dtype."""
     partial_kernel, combine_kernel = _kernels()
     B, Hq, q, D = query.shape
     H = kv.num_kv_heads
     S, M = B * H, (Hq // H) * q
-    queries = query.reshape(S, M, D).to(kv.keys.dtype).contiguous()
+    quant = key_scale is not None
+    queries = query.reshape(S, M, D).to(query.dtype if quant else kv.keys.dtype).contiguous()
+    if not quant:
+        key_scale = value_scale = queries  # unused pointers (QUANT is a constexpr False)
     keys, values = kv.keys.contiguous(), kv.values.contiguous()
     block_m = min(64, max(16, _next_pow2(M)))
     block_n = 64
@@ -203,10 +217,10 @@ def varlen_attention_triton(query: torch.Tensor, kv: FlatKV, scaling: float) -> 
     m_part = torch.empty(S * num_splits * M, device=dev, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     partial_kernel[(S, num_splits, m_blocks)](
-        queries, keys, values, kv.starts, kv.lengths, o_part, m_part, l_part,
+        queries, keys, values, key_scale, value_scale, kv.starts, kv.lengths, o_part, m_part, l_part,
         float(scaling), q, M, num_splits, split,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=keys.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=queries.dtype == torch.float32,
+        QUANT=quant, num_warps=4, num_stages=2)
     out = torch.empty(S, M, D, device=dev, dtype=query.dtype)
     combine_kernel[(S * M,)](o_part, m_part, l_part, out, M, num_splits,
                              HEAD_DIM=D, BLOCK_S=max(2, _next_pow2(num_splits)), BLOCK_D=block_d, num_warps=4)

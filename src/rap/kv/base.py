@@ -100,19 +100,20 @@ class ScorerPress(Press):
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """bool mask of the top-k entries along the last dimension."""
+    """bool mask of the top-k entries along the last dimension (ties: the earlier entry, as the decoder)."""
+    from .scorer import uniform_keep
+
     k = min(k, scores.shape[-1])
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    return mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    return uniform_keep(scores.reshape(-1, 1, scores.shape[-1]),
+                        torch.full((scores[..., 0].numel(),), k, device=scores.device)).view(scores.shape)
 
 
-def window_attention(x: LayerInputs, window: int) -> torch.Tensor:
-    """Softmax attention of the last `window` prompt queries over all prompt keys, float32
-    [B, H_q, window, T], causal inside the window.
+def window_queries(x: LayerInputs, window: int) -> tuple[torch.Tensor, float]:
+    """(queries [B, H_q, window, D] of the last `window` prompt positions, the layer's scaling).
 
-    The queries are recomputed from the layer input (q_proj, the optional q_norm of Qwen3/Gemma3,
-    then RoPE with the layer's own cos/sin), as kvpress does, so prefill can keep using SDPA,
-    which never materialises attention weights.
+    Recomputed from the layer input (q_proj, the optional q_norm of Qwen3/Gemma3, then RoPE with
+    the layer's own cos/sin), as kvpress does, so prefill can keep using SDPA, which never
+    materialises attention weights.
     """
     from ..decode import rotate_half
 
@@ -127,8 +128,15 @@ def window_attention(x: LayerInputs, window: int) -> torch.Tensor:
         cos, sin = x.position_embeddings
         cos, sin = cos[:, -window:].unsqueeze(1), sin[:, -window:].unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
+    return q, float(getattr(m, "scaling", D ** -0.5))
+
+
+def window_attention(x: LayerInputs, window: int) -> torch.Tensor:
+    """Softmax attention of the last `window` prompt queries over all prompt keys, float32
+    [B, H_q, window, T], causal inside the window (queries from `window_queries`)."""
+    B, H, T, D = x.keys.shape
+    q, scale = window_queries(x, window)
     group = q.shape[1] // H
-    scale = getattr(m, "scaling", D ** -0.5)
     keys = x.keys.repeat_interleave(group, dim=1) if group > 1 else x.keys
     logits = torch.matmul(q.float(), keys.float().transpose(2, 3)) * scale  # [B, Hq, w, T]
     rows = torch.arange(window, device=q.device).unsqueeze(1) + (T - window)

@@ -10,6 +10,10 @@ Three pieces, from slow and exact to fast and approximate:
   *additive* term in log-PPL, measured ONCE on the dense model by `measure_kv_penalty` and then
   interpolated in log2(prompt length): the prompt's cache is compressed with rap.kv's
   AdaKV(SnapKV()) press and the NLL of the following tokens is compared with the full cache.
+  That press scores with `rap.kv.scorer.DEFAULT_SCORER` and splits budgets with
+  `rap.kv.scorer.adaptive_keep`, the decoder's own scorer and split (tests/test_decode_adakv.py
+  checks that both keep the same tokens and decode the same greedy tokens), so the penalty prices
+  the compressor that serves.
   Assumptions this makes explicit: the penalty does not depend on which blocks are dropped
   (benchmarks/policy.py checks this on a few pruned masks), nor on batch or output length.
 * `MaskSurrogate`: a small model fitted to measured masks that predicts the log ratio of any mask
@@ -151,7 +155,8 @@ class KVPenalty:
     prompt_lens: tuple[int, ...]
     ratios: tuple[float, ...]
     table: tuple[tuple[float, ...], ...]
-    method: str = "rap.kv AdaKV(SnapKV()) on the dense model, continuation NLL, measured once"
+    method: str = ("rap.kv AdaKV(SnapKV()) (the decoder's scorer and Ada-KV split) on the dense model, "
+                   "continuation NLL, measured once")
     tokens: int = 0  # continuation tokens scored per prompt length
 
     def __call__(self, kv_ratio: float, prompt: int) -> float:

@@ -1,0 +1,214 @@
+"""The decoder's variable-length KV cache: Ada-KV's per-head budgets in a flat buffer, optionally int8.
+
+`rap.decode.Decoder` keeps, for a kept attention layer under Ada-KV (or int8 KV), one
+`FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
+
+* keys / values [B * Hkv * T, D] (T = the workspace's compressed cache length); segment
+  s = b * Hkv + h (row b, KV head h) owns rows [starts[s], starts[s] + capacity_s), its first
+  lengths[s] rows live. Row b's region is [b * Hkv * T, (b + 1) * Hkv * T): after the prefill
+  head h gets its kept count len_bh plus a reserve of T - k_b rows (k_b = the row's average
+  kept tokens), so the heads of a row together fill exactly Hkv * T rows. The layer then holds
+  the same bytes as the uniform dense cache of the same keep ratio, split over heads by score:
+  what Ada-KV's "same budget, adaptive allocation" means, in memory that is really freed;
+* shapes depend only on (batch bucket, T, bits), never on the request, so the decode step is
+  captured as a CUDA graph once per (mask, batch bucket, T) and replayed for any request;
+  starts / lengths are device tensors the step reads and bumps (no host sync);
+* int8 (`bits=8`): symmetric per-token quantisation, one fp32 scale per (token, KV head) for
+  keys and one for values, written at prefill and at every decode append, dequantised inside
+  the attend. KIVI quantises keys per channel, which needs a full-precision residual group of
+  recent tokens to be appended in groups; per-token scales for both keep appends one row at a
+  time (what a captured decode step needs) at the cost of some key precision. transformers'
+  `QuantizedCache` (quanto / HQQ backends) re-quantises a Python-side residual and cannot run
+  inside rap's captured step, hence this small implementation;
+* attention over it: `rap.kv.attention.varlen_attention` (the Triton split-K kernel on CUDA for
+  16-bit caches, the PyTorch reference otherwise); an int8 cache dequantises the gathered rows
+  in the PyTorch path (no int8 Triton kernel yet).
+
+Bytes: `layer_tensor_bytes` lists every tensor a layer allocates; `rap.memory.MemoryModel`
+charges exactly these (`kv_bytes(..., kv_layout=...)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RequestError
+from .attention import triton_available, varlen_attention_torch, varlen_attention_triton
+from .cache import FlatKV, _segment_rows
+
+DECODER_PRESSES = ("snapkv", "adakv")
+KV_BITS = (16, 8)
+ADAKV_ALPHA = 0.2  # Ada-KV's safeguard: every head keeps at least floor(alpha * k) of its own top tokens
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the decoder stores a compressed cache: the press that picks tokens and the storage bits.
+
+    press "snapkv": uniform per-head budgets (dense buffers, the decoder's original layout);
+    "adakv": head-adaptive budgets (flat buffer). bits 16: the model's dtype; 8: int8 + fp32 scales
+    (flat buffer, any press).
+    """
+
+    press: str = "adakv"
+    bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.press not in DECODER_PRESSES:
+            raise RequestError(f"unknown KV press {self.press!r} for the decoder; choose from "
+                               f"{', '.join(DECODER_PRESSES)}")
+        if self.bits not in KV_BITS:
+            raise RequestError(f"KV bits must be one of {', '.join(map(str, KV_BITS))} (16 = the model's dtype), "
+                               f"got {self.bits}")
+
+    @property
+    def flat(self) -> bool:
+        return self.press == "adakv" or self.bits == 8
+
+    @property
+    def key(self) -> str:
+        return f"{self.press}-{self.bits}"
+
+
+def layout_for(press: str | None = None, bits: int | None = None) -> KVLayout:
+    """A `KVLayout` from request fields (None = the defaults: Ada-KV, the model's dtype)."""
+    return KVLayout(press=(press or "adakv").strip().lower(), bits=16 if bits is None else int(bits))
+
+
+def layer_tensor_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, dtype_bytes: int,
+                       bits: int) -> list[int]:
+    """Bytes of every tensor one `FlatLayerCache` allocates: keys, values, (key / value scales), starts, lengths."""
+    rows = batch * kv_heads * tokens
+    elem = 1 if bits == 8 else dtype_bytes
+    sizes = [rows * head_dim * elem, rows * head_dim * elem]
+    if bits == 8:
+        sizes += [rows * 4, rows * 4]
+    return sizes + [batch * kv_heads * 8, batch * kv_heads * 8]
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], fp32 scale [...]): symmetric, scale = max|x| / 127 per row."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-8) / 127.0
+    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@dataclass(eq=False)
+class FlatLayerCache:
+    """One kept attention layer's cache in the flat layout (see the module docstring)."""
+
+    keys: torch.Tensor  # [B * Hkv * T, D] model dtype or int8
+    values: torch.Tensor
+    key_scale: torch.Tensor | None  # [B * Hkv * T] fp32 (int8 only)
+    value_scale: torch.Tensor | None
+    starts: torch.Tensor  # [B * Hkv] int64
+    lengths: torch.Tensor  # [B * Hkv] int64
+    batch: int
+    kv_heads: int
+    tokens: int  # T: rows per (row, KV head) on average
+    positions: int  # prompt + new tokens the workspace serves (its RoPE table length)
+    max_length: int = 0  # host bound of the longest segment of the current request (eager paths)
+
+    @classmethod
+    def allocate(cls, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, bits: int = 16, positions: int | None = None) -> "FlatLayerCache":
+        rows = batch * kv_heads * tokens
+        store = torch.int8 if bits == 8 else dtype
+        scale = (lambda: torch.ones(rows, device=device, dtype=torch.float32)) if bits == 8 else (lambda: None)
+        # zero-initialised: rows the attend masks must never be NaN (0 * NaN poisons P @ V)
+        cache = cls(torch.zeros(rows, head_dim, device=device, dtype=store),
+                    torch.zeros(rows, head_dim, device=device, dtype=store), scale(), scale(),
+                    torch.zeros(batch * kv_heads, device=device, dtype=torch.long),
+                    torch.zeros(batch * kv_heads, device=device, dtype=torch.long), batch, kv_heads, tokens,
+                    positions if positions is not None else kv_heads * tokens)
+        cache.reset()
+        return cache
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_scale is not None
+
+    @property
+    def bound(self) -> int:
+        """Static upper bound of any segment's length (sizes the captured step's kernels): a head keeps
+        at most its row's whole prompt (< `positions`) plus its reserve (<= T), and never more than
+        its row's Hkv * T rows."""
+        return min(self.kv_heads * self.tokens, self.positions + self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.keys, self.values, self.key_scale, self.value_scale, self.starts, self.lengths]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def reset(self) -> None:
+        """Every segment empty, segment s at rows [s * T, (s + 1) * T) (idle bucket rows keep this)."""
+        self.starts.copy_(torch.arange(self.starts.numel(), device=self.starts.device) * self.tokens)
+        self.lengths.zero_()
+        self.max_length = 0
+
+    def _store(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [N, D] into flat rows [N] (quantised on write for int8)."""
+        if self.quantized:
+            kq, ks = quantize_rows(k)
+            vq, vs = quantize_rows(v)
+            self.keys.index_copy_(0, rows, kq)
+            self.values.index_copy_(0, rows, vq)
+            self.key_scale.index_copy_(0, rows, ks)
+            self.value_scale.index_copy_(0, rows, vs)
+        else:
+            self.keys.index_copy_(0, rows, k.to(self.keys.dtype))
+            self.values.index_copy_(0, rows, v.to(self.values.dtype))
+
+    def write_prompt(self, r0: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                     reserve: torch.Tensor | int) -> None:
+        """Rows [r0, r0 + n) of the batch keep `keep` [n, Hkv, P] of their prompt keys / values k, v
+        [n, Hkv, P, D] (ascending positions per head); each head of row b gets reserve[b] more rows for
+        decoding (reserve[b] <= T - k_b, so the row's heads fit in its Hkv * T rows)."""
+        n, Hkv, P, D = k.shape
+        lens = keep.sum(-1)  # [n, Hkv]
+        reserve = torch.as_tensor(reserve, device=k.device).expand(n)
+        cap = lens + reserve[:, None]
+        first = torch.cumsum(cap, 1) - cap + (r0 + torch.arange(n, device=k.device))[:, None] * (Hkv * self.tokens)
+        seg = slice(r0 * Hkv, (r0 + n) * Hkv)
+        self.starts[seg] = first.reshape(-1)
+        self.lengths[seg] = lens.reshape(-1)
+        b, h, t = keep.nonzero(as_tuple=True)  # row-major: segment by segment, positions ascending
+        dst = _segment_rows(first.reshape(-1), lens.reshape(-1))
+        self._store(dst, k[b, h, t], v[b, h, t])
+        self.max_length = max(self.max_length, int(lens.max()))  # live rows (the eager step's bound)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One new token per segment of the first n rows: k, v [n, Hkv, 1, D] (capturable: no host sync)."""
+        m = k.shape[0] * self.kv_heads
+        rows = self.starts[:m] + self.lengths[:m]
+        D = k.shape[-1]
+        self._store(rows, k.reshape(-1, D), v.reshape(-1, D))
+        self.lengths[:m] += 1
+
+    def attend(self, q: torch.Tensor, scaling: float, max_length: int | None = None) -> torch.Tensor:
+        """q [B, H, 1, D] -> [B, H, 1, D] over every segment's live rows. max_length: a host bound of the
+        segment lengths (default: the static `bound`, as the captured step needs)."""
+        L = self.bound if max_length is None else max_length
+        n, m = q.shape[0], q.shape[0] * self.kv_heads  # the first n rows (the eager step skips idle bucket rows)
+        flat = FlatKV(self.keys, self.values, self.starts[:m], self.lengths[:m], L, n, self.kv_heads)
+        if q.is_cuda and triton_available():
+            return varlen_attention_triton(q, flat, scaling, self.key_scale, self.value_scale).transpose(1, 2)
+        if not self.quantized:
+            return varlen_attention_torch(q, flat, scaling).transpose(1, 2)
+        return self._attend_int8(q, scaling, L)
+
+    def _attend_int8(self, q: torch.Tensor, scaling: float, L: int) -> torch.Tensor:
+        B, H, _, D = q.shape
+        S, g = B * self.kv_heads, H // self.kv_heads
+        starts, lengths = self.starts[:S], self.lengths[:S]
+        pos = torch.arange(max(L, 1), device=q.device)
+        live = pos[None, :] < lengths[:, None]  # [S, L]
+        rows = torch.where(live, starts[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
+        keys = self.keys[rows].float() * self.key_scale[rows][..., None]  # [S, L, D]
+        values = self.values[rows].float() * self.value_scale[rows][..., None]
+        scores = torch.bmm(q.reshape(S, g, D).float(), keys.transpose(1, 2)) * scaling  # [S, g, L]
+        scores = scores.masked_fill(~live[:, None, :], float("-inf"))
+        out = torch.bmm(scores.softmax(-1), values)  # [S, g, D]
+        return out.view(B, H, 1, D).to(q.dtype)
