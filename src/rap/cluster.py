@@ -256,7 +256,7 @@ class RapReplica:
         info = engine.budget_info()
         last = engine.stats.last_step
         batcher = getattr(getattr(self.app, "state", None), "batcher", None)
-        queued = batcher.queue.qsize() if batcher is not None and batcher.queue is not None else 0
+        queued = batcher.queued_rows if batcher is not None else 0
         metrics = generate_latest(self.app.state.registry).decode() if self.app is not None else ""
         return {"replica_id": self.replica_id, "rank": self.rank, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()[:12], "device": str(engine.device),

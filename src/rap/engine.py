@@ -46,6 +46,7 @@ from .hf import BaseStreamer
 from .mask import BlockMask, block_name
 from .memory import MemoryModel, Request, format_bytes, parse_bytes
 from .model import BlockView
+from .plan import Plan
 from .residency import WeightResidency  # noqa: F401  (re-exported: the engine's residency lives there)
 
 log = logging.getLogger(__name__)
@@ -1145,8 +1146,9 @@ class Engine:
                 for (i, r, ids_in), (ids, text, reason) in zip(items, outputs)]
 
     def fit_resident_to_budget(self) -> list[str]:
-        """Between batches: drop resident blocks until what stays fits the current budget with the
-        smallest request (nothing is restored; the next batch decides as usual), and free the
+        """Between batches: move resident blocks down (to a lower precision, or off the device) until
+        what stays fits the current budget with the smallest request (nothing is restored; the next
+        batch decides as usual), and free the
         backends' buffers if the weights and buffers together exceed it. A budget exists because
         someone else needs the memory now, not at the next request. Returns the dropped blocks."""
         with self._lock:
@@ -1155,14 +1157,23 @@ class Engine:
                 return []
             self._release_cached_memory()
             smallest = self.planning_request(Request(1, 1, 1))
+            # Dropping frees a block at once (its weights go to host memory); quantizing takes a pass over
+            # them. So while idle a precision policy's drop-only inner policy picks what goes; the next
+            # batch re-decides with the full policy.
+            policy = getattr(self.policy, "inner", None) or self.policy
             try:
-                keep = self._decide(smallest, self.effective_budget(budget)).mask
+                keep = _call_policy(policy, self.memory_model, smallest, self.effective_budget(budget),
+                                    self.residency.mask).mask
+                if self.memory_model.peak_bytes(keep, smallest) > self.effective_budget(budget):
+                    raise BudgetError("nothing the policy offers fits")
             except BudgetError:
                 keep = BlockMask.from_drop(self.view.num_layers, default_removal_order(self.view.num_layers))
-            current = self.residency.mask
-            target = BlockMask.from_drop(self.view.num_layers,
-                                         [b.name for b in self.view.blocks
-                                          if not (keep.keeps(b.name) and current.keeps(b.name))])
+            # per block, the smaller of what is resident and what the decision runs (a level, or dropped):
+            # only moves down, so nothing is restored while idle
+            current, wanted = dict(self.residency.plan.items()), dict(Plan.of(keep).items())
+            level_bytes = self.residency.memory.level_bytes
+            target = Plan.of(BlockMask.full(self.view.num_layers)).with_levels(
+                {name: min((current[name], wanted[name]), key=lambda lv: level_bytes(name, lv)) for name in current})
             dropped, _ = self.residency.apply(target)
             if dropped:
                 log.info("budget %s below the resident weights: dropped %d block(s) while idle", format_bytes(budget),
