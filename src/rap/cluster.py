@@ -49,7 +49,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from .engine import FixedBudget, budget_from_spec
+from .budget import FixedBudget, budget_from_spec
 from .errors import RapError, RequestError
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,8 @@ class RapReplica:
         import torch
 
         from .cli import load_view_for_cli
-        from .engine import Engine, _device_total_bytes
+        from .engine import Engine
+        from .budget import _device_total_bytes
         from .memory import parse_bytes
 
         self.config, self.board = config, board

@@ -699,7 +699,7 @@ class Decoder:
         """Per-layer attention / FFN weights for `mask` (a `Plan` or a plain mask: every block at dtype).
 
         A block the plan keeps at the level its module's weights are resident at (the dtype as
-        loaded, or int8 / int4 after `rap.engine.WeightResidency` moved it) uses those weights as
+        loaded, or int8 / int4 after `rap.residency.WeightResidency` moved it) uses those weights as
         they are. A block resident at dtype that the plan wants quantized is quantized once from that
         copy and cached (counted in `extra_weight_bytes`: the dense copy stays, as it must for the
         next plan that keeps it dense); any other mismatch raises. Fused q/k/v and gate/up weights
@@ -733,7 +733,7 @@ class Decoder:
         name = f"{kind}.{layer}"
         if resident != DTYPE:
             raise RequestError(f"{name} is resident at {resident}, the plan runs it at {level}: move it first "
-                               "(rap.engine.WeightResidency.apply(plan))")
+                               "(rap.residency.WeightResidency.apply(plan))")
         key = (name, level)
         if key not in self._quantized:
             fields = ("wqkv", "wq", "wk", "wv", "wo") if kind == "attn" else ("wgu", "wg", "wu", "wd")
@@ -797,7 +797,7 @@ class Decoder:
 
     def _kv_length(self, prompt: int, length: int, kv_ratio: float) -> int:
         """Cache columns for a request of `prompt` tokens in a `length`-column bucket: the memory model's
-        count for the request the engine plans with (rap.engine.DecoderBackend.planning_request)."""
+        count for the request the engine plans with (rap.backends.DecoderBackend.planning_request)."""
         if kv_ratio >= 1.0:
             return length
         return self.memory.kv_tokens(Request(1, max(1, prompt), max(1, length - prompt)), kv_ratio)
