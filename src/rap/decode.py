@@ -56,6 +56,12 @@ Either way `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE pos
 layer being compressed ever holds its full prompt K/V (the transient q, k, v of its prefill), and
 the cache holds `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_bytes(..., kv_layout=...)`
 bytes exactly (the compressed length rounded up like every cache length).
+
+Why this module is long (~1,200 lines): it holds rap's layer math (shared with rap.forward, one
+screen per piece) and the Decoder, whose prefill, KV compression, graph cache and sampling share
+one workspace (the static buffers and the captured graphs read the same tensors). Moving the layer
+math to a module of its own and the Decoder's jobs into a `decode/` package is the part of the
+layout issue still open.
 """
 
 from __future__ import annotations
