@@ -27,7 +27,8 @@ import time
 import torch
 
 from benchmarks.common import out_dir, print_table, write_json
-from rap.engine import Engine, FixedBudget, GenerationRequest, OutOfMemoryAfterRetry
+from rap.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
+from rap.budget import FixedBudget
 from rap.memory import Request, format_bytes
 
 log = logging.getLogger("engine_trace")

@@ -65,7 +65,7 @@ def synthetic_prefill(dec, seed: int = 0):
 
 
 def run_row(dec, mem, mask, label, batch, context, new, ratio, press, bits, device):
-    from rap.engine import DecoderBackend
+    from rap.backends import DecoderBackend
     from rap.kv.decode_cache import FlatLayerCache, KVLayout
     from rap.memory import MemoryModel, Request
     import rap.decode as decode

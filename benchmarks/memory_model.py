@@ -10,7 +10,7 @@ SDPA keeping last-position logits, then sampled decode steps (fp32 softmax + top
   materialised mask, and PyTorch's backend choice then varies with the shape).
 
 Model weights are random (shape is what matters for bytes). As the engine serves a mask, the
-blocks it drops leave the device first (`rap.engine.WeightResidency`, host copies), so the
+blocks it drops leave the device first (`rap.residency.WeightResidency`, host copies), so the
 resident parameters are what `MemoryModel.param_bytes(mask)` counts.
 
     python -m benchmarks.memory_model            # on the GPU; writes $OUT/memory-model-<date>.json
@@ -28,7 +28,7 @@ import torch
 from rap.hf import StaticCache
 
 from benchmarks.common import print_table, shape_config, write_json
-from rap.engine import WeightResidency
+from rap.residency import WeightResidency
 from rap.hf import cache_kwargs
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request

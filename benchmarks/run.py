@@ -137,7 +137,7 @@ def decide(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: in
     removal order, or the engine's default order without one, until the memory model says it fits).
     rap.policy's learned policies are not used here: they may measure quality on the model while
     deciding, which means nothing on random weights and costs GPU minutes; for timing, bytes matter."""
-    from rap.engine import GreedyPolicy
+    from rap.policy.greedy import GreedyPolicy
 
     raw = GreedyPolicy(profile["order"] if profile else None).decide(
         mem, request, budget_bytes, BlockMask.full(view.num_layers))
@@ -216,7 +216,7 @@ def time_stock_generate(view: BlockView, request: Request, device: str) -> dict:
 
 # ---- sections -----------------------------------------------------------------------------------------
 def throughput_section(shape: str, args, profile: dict | None, request: Request) -> list[dict]:
-    from rap.engine import WeightResidency
+    from rap.residency import WeightResidency
 
     view, real = build_view(shape, args.model, args.device, args.dtype)
     weights = "real" if real else "random (timing only)"
@@ -278,7 +278,7 @@ def throughput_section(shape: str, args, profile: dict | None, request: Request)
 
 def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], dict]:
     """Dense vs rap vs dense-with-a-KV-limit under one enforced budget (CUDA only)."""
-    from rap.engine import WeightResidency
+    from rap.residency import WeightResidency
 
     view, real = build_view(shape, args.model, args.device, args.dtype)
     mem = MemoryModel.from_view(view, on_cuda=True)
@@ -328,7 +328,7 @@ def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], di
         # KV dominates here, so the decision drops attention blocks (their KV goes with them) first
         L = view.num_layers
         order = [f"attn.{i}" for i in reversed(range(L))] + [f"ffn.{i}" for i in reversed(range(L))]
-        from rap.engine import GreedyPolicy
+        from rap.policy.greedy import GreedyPolicy
 
         mask = GreedyPolicy(order).decide(mem, plan_req, budget, full).mask
         rap = attempt("rap", mask, request, {"policy": "greedy (attention from the last layer first)"})

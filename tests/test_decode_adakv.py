@@ -8,7 +8,7 @@ import torch
 
 import rap.decode as decode
 from rap.decode import Decoder
-from rap.engine import DecoderBackend
+from rap.backends import DecoderBackend
 from rap.errors import RequestError
 from rap.hf import cache_kwargs
 from rap.kv import AdaKV, Budget, SnapKV, compress

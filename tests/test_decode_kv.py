@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import rap.decode as decode
 from rap.decode import LENGTH_QUANTUM, Decoder, bucket_batch, bucket_length
-from rap.engine import DecoderBackend
+from rap.backends import DecoderBackend
 from rap.errors import RequestError
 from rap.hf import cache_kwargs, output_cache
 from rap.mask import BlockMask

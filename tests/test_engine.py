@@ -6,9 +6,11 @@ from collections import Counter
 import pytest
 import torch
 
-from rap.engine import (CallableBudget, Decision, DeviceFractionBudget, Engine, FixedBudget, GenerationRequest,
-                        GreedyPolicy, HFGenerateBackend, LiveBudget, OutOfMemoryAfterRetry, WeightResidency,
-                        budget_from_spec, default_removal_order)
+from rap.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
+from rap.budget import CallableBudget, DeviceFractionBudget, FixedBudget, LiveBudget, budget_from_spec
+from rap.policy.greedy import Decision, GreedyPolicy, default_removal_order
+from rap.backends import HFGenerateBackend
+from rap.residency import WeightResidency
 from rap.errors import BudgetError, RequestError
 from rap.mask import BlockMask
 from rap.memory import MemoryModel, Request

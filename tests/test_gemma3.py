@@ -59,7 +59,7 @@ def test_gemma3_sliding_layers_hold_full_length_buffers_and_the_memory_model_cou
 
 
 def test_the_engine_serves_gemma3_with_rap_decode(tiny_gemma):
-    from rap.engine import make_backend
+    from rap.backends import make_backend
 
     backend = make_backend(tiny_gemma, "auto")
     assert backend.name == "rap-decode"

@@ -81,3 +81,39 @@ def test_no_rap_module_imports_itself_back_at_import_time():
     graph = {name: import_time_imports(name, path) for name, path in MODULES.items()}
     assert len(graph) > 30 and any(graph.values())  # the walk saw the package and its imports
     assert cycles(graph) == []
+
+
+def all_imports(name: str, path: Path) -> set[str]:
+    """Every rap module `name` imports anywhere in its source (function bodies included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in out if m in MODULES}
+
+
+def test_library_modules_never_import_the_cli_or_the_report():
+    library = {n: p for n, p in MODULES.items() if n != "rap.cli" and not n.startswith("rap.cli.")
+               and n not in ("rap.__main__", "rap.report")}
+    upward = {n: sorted(m for m in all_imports(n, p) if m == "rap.cli" or m.startswith("rap.cli.") or m == "rap.report")
+              for n, p in library.items()}
+    assert len(library) > 30 and "rap.cli.serve" in MODULES  # the commands live in the CLI package
+    assert {n: m for n, m in upward.items() if m} == {}
+
+
+def test_every_module_over_600_lines_says_why_in_its_docstring():
+    long = {}
+    for name, path in MODULES.items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 600 and "Why this module is long" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long[name] = text.count("\n")
+    assert long == {}

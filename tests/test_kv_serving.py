@@ -5,7 +5,8 @@ import httpx
 import pytest
 import torch
 
-from rap.engine import Decision, Engine, GenerationRequest, GreedyPolicy
+from rap.engine import Engine, GenerationRequest
+from rap.policy.greedy import Decision, GreedyPolicy
 from rap.kv.decode_cache import KVLayout
 from rap.errors import RequestError
 from rap.mask import BlockMask

@@ -49,7 +49,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from .engine import FixedBudget, budget_from_spec
+from .budget import FixedBudget, budget_from_spec
 from .errors import RapError, RequestError
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,9 @@ class RapReplica:
     async def __init__(self, config: ReplicaConfig, board):
         import torch
 
-        from .cli import load_view_for_cli
-        from .engine import Engine, _device_total_bytes
+        from .sources import load_view
+        from .engine import Engine
+        from .budget import _device_total_bytes
         from .memory import parse_bytes
 
         self.config, self.board = config, board
@@ -232,7 +233,7 @@ class RapReplica:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        view, tok = load_view_for_cli(config.model, dtype=config.dtype, device=device)
+        view, tok = load_view(config.model, dtype=config.dtype, device=device)
         device_total = parse_bytes(config.device_total) if config.device_total else None
         self.engine = Engine(view, tokenizer=tok, budget=FixedBudget(1 << 50), policy=config.policy,
                              profile=config.profile, backend=config.backend, max_batch=config.max_batch,

@@ -56,6 +56,12 @@ Either way `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE pos
 layer being compressed ever holds its full prompt K/V (the transient q, k, v of its prefill), and
 the cache holds `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_bytes(..., kv_layout=...)`
 bytes exactly (the compressed length rounded up like every cache length).
+
+Why this module is long (~1,200 lines): it holds rap's layer math (shared with rap.forward, one
+screen per piece) and the Decoder, whose prefill, KV compression, graph cache and sampling share
+one workspace (the static buffers and the captured graphs read the same tensors). Moving the layer
+math to a module of its own and the Decoder's jobs into a `decode/` package is the part of the
+layout issue still open.
 """
 
 from __future__ import annotations
@@ -699,7 +705,7 @@ class Decoder:
         """Per-layer attention / FFN weights for `mask` (a `Plan` or a plain mask: every block at dtype).
 
         A block the plan keeps at the level its module's weights are resident at (the dtype as
-        loaded, or int8 / int4 after `rap.engine.WeightResidency` moved it) uses those weights as
+        loaded, or int8 / int4 after `rap.residency.WeightResidency` moved it) uses those weights as
         they are. A block resident at dtype that the plan wants quantized is quantized once from that
         copy and cached (counted in `extra_weight_bytes`: the dense copy stays, as it must for the
         next plan that keeps it dense); any other mismatch raises. Fused q/k/v and gate/up weights
@@ -733,7 +739,7 @@ class Decoder:
         name = f"{kind}.{layer}"
         if resident != DTYPE:
             raise RequestError(f"{name} is resident at {resident}, the plan runs it at {level}: move it first "
-                               "(rap.engine.WeightResidency.apply(plan))")
+                               "(rap.residency.WeightResidency.apply(plan))")
         key = (name, level)
         if key not in self._quantized:
             fields = ("wqkv", "wq", "wk", "wv", "wo") if kind == "attn" else ("wgu", "wg", "wu", "wd")
@@ -797,7 +803,7 @@ class Decoder:
 
     def _kv_length(self, prompt: int, length: int, kv_ratio: float) -> int:
         """Cache columns for a request of `prompt` tokens in a `length`-column bucket: the memory model's
-        count for the request the engine plans with (rap.engine.DecoderBackend.planning_request)."""
+        count for the request the engine plans with (rap.backends.DecoderBackend.planning_request)."""
         if kv_ratio >= 1.0:
             return length
         return self.memory.kv_tokens(Request(1, max(1, prompt), max(1, length - prompt)), kv_ratio)

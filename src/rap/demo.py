@@ -21,7 +21,8 @@ from typing import Sequence
 
 import torch
 
-from .engine import Engine, FixedBudget, GenerationRequest
+from .engine import Engine, GenerationRequest
+from .budget import FixedBudget
 from .errors import RapError
 from .mask import BlockMask
 from .memory import Request, format_bytes

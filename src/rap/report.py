@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from .errors import RapError
+from .plotting import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -278,18 +279,6 @@ def _plot_memory(items: list[tuple[Path, dict]], path: Path) -> bool:
     ax.set_title("Memory vs budget (points must lie under the line)", fontsize=9)
     save_figure(fig, ax, path)
     return True
-
-
-def save_figure(fig, ax, path: Path, legend_size: int = 7) -> Path:
-    """Grid, legend, tight layout, 120 dpi PNG, figure closed: every rap plot ends the same way."""
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def _line_plot(series, path: Path, xlabel: str, ylabel: str, title: str, x_percent: bool = False,

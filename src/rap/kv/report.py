@@ -46,7 +46,7 @@ def plot_summary(summary: dict[str, dict[str, float]], path: Path, ylabel: str, 
     ticks = sorted({float(b) * 100 for d in summary.values() for b in d if float(b) < 1})
     if ticks:
         ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
-    from ..report import save_figure
+    from ..plotting import save_figure
 
     return save_figure(fig, ax, path, legend_size=8)
 

@@ -129,7 +129,7 @@ class EnginePolicy:
             if self.bundle is not None:
                 ctx = self.bundle.context(memory_model)
             else:
-                from ..engine import complete_order
+                from .greedy import complete_order
                 from .context import PolicyContext
                 from .evaluator import QualityModel
 
@@ -180,7 +180,7 @@ def default_policy(profile=None):
     (a trained policy .zip, or a profile); with nothing, the engine's own greedy policy."""
     bundle, prof = _read(profile)
     if bundle is None and prof is None:
-        from ..engine import GreedyPolicy
+        from .greedy import GreedyPolicy
 
         return GreedyPolicy()
     name = DEFAULT_POLICY if (bundle is not None and (DEFAULT_POLICY != "rl" or bundle.agent is not None)) else "ladder"

@@ -73,7 +73,7 @@ class PrecisionLadder:
     def __init__(self, inner: Any = None, profile: dict | str | Path | None = None,
                  measured: dict[str, float] | None = None):
         if inner is None:
-            from ..engine import default_drop_policy
+            from .greedy import default_drop_policy
 
             inner = default_drop_policy(profile)
         self.inner = inner
@@ -81,7 +81,7 @@ class PrecisionLadder:
         self._leveled: dict[int, MemoryModel] = {}
 
     def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
-        from ..engine import Decision, _call_policy
+        from .greedy import Decision, _call_policy
 
         rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda, memory_model)
         for name, plan in rungs:
