@@ -86,3 +86,27 @@ def test_more_budget_never_predicts_worse_quality(memory):
     assert all(a >= b - 1e-12 for a, b in zip(preds, preds[1:]))
     slack = len(solver.table.blocks) * solver.bucket_bytes  # per-block rounding up to buckets
     assert solver.decide(req, dense + slack).predicted_log_ratio == 0.0
+
+
+def test_the_level_policy_hook_builds_the_default_over_the_bundled_smollm2_profile():
+    from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile, make_level_policy
+    from rap.profile.levels import load_level_profile
+
+    path = bundled_level_profile("smollm2-135m")
+    prof = load_level_profile(path)
+    assert prof.calibration["tokens"] >= 256 and len(prof.single) == 2 * prof.num_layers
+    from rap.errors import RapError
+
+    with pytest.raises(RapError, match="unknown level policy"):
+        make_level_policy("magic", None, prof)
+    assert DEFAULT_LEVEL_POLICY in ("solver", "int8-only", "int4-only")
+
+
+def test_int8_only_never_picks_another_level(memory):
+    from rap.policy.solver import make_solver
+
+    prof = {"single": {b: {"int8": 0.01, "int4g64": 0.001, DROP: 0.5} for b in memory.dense_block_bytes}}
+    solver = make_solver(memory, prof, allow=("int8",))
+    req = Request(batch=1, prompt=64, new_tokens=16)
+    d = solver.decide(req, int(0.9 * memory.peak_bytes(Plan.full(5), req)))
+    assert set(v for _, v in d.mask.items()) <= {DTYPE, "int8"}

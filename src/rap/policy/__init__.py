@@ -185,3 +185,34 @@ def default_policy(profile=None):
         return GreedyPolicy()
     name = DEFAULT_POLICY if (bundle is not None and (DEFAULT_POLICY != "rl" or bundle.agent is not None)) else "ladder"
     return EnginePolicy(name, bundle, prof)
+
+
+# ---- plans with precision levels (issue 15, items 4-5): the hook the engine / `rap decide` read -------
+# The policy over joint actions (a level per block + the KV ratio) used when a level profile
+# (`rap profile MODEL --method levels`) is given. Chosen on held-out measured WikiText-2 test PPL in
+# benchmarks/results/levels-smollm2-135m-cpu-*.json (benchmarks/levels.py, CPU, bounded windows):
+# the knapsack solver wins at 30-40% of the dense need, is within ~1-2% of int8 at 50-90%; drop-only
+# (DEFAULT_POLICY above) is orders of magnitude worse at every budget below 100%.
+DEFAULT_LEVEL_POLICY = "solver"
+LEVEL_POLICY_NAMES = ("solver", "int8-only", "int4-only")
+BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
+
+
+def make_level_policy(name: str, memory, level_profile, kv_penalty=None):
+    """A policy over plans with levels: `decide(request, budget_bytes) -> Decision` whose mask is a
+    `rap.plan.Plan`. `level_profile`: a LevelProfile, its dict or a path to its JSON."""
+    from ..errors import RapError
+    from .solver import make_solver
+
+    allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
+    if name not in allow:
+        raise RapError(f"unknown level policy {name!r}; use one of: {', '.join(LEVEL_POLICY_NAMES)}")
+    return make_solver(memory, level_profile, kv_penalty, allow[name], name=name)
+
+
+def bundled_level_profile(model: str):
+    """Path of the level profile shipped for `model`, or None."""
+    from pathlib import Path
+
+    name = BUNDLED_LEVEL_PROFILES.get(model)
+    return None if name is None else Path(__file__).resolve().parent.parent / "assets" / "profiles" / name

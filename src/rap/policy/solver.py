@@ -113,12 +113,13 @@ class LevelSolver:
                 choice[better] = k
             best = new
             choices.append(choice)
-        # prefix minimum over c, remembering where the minimum sits
+        # prefix minimum over c, remembering where the minimum sits (on ties the larger plan: a level
+        # whose measured rise is 0 is only taken when its bytes are needed)
         arg = np.zeros_like(best, dtype=np.int64)
         pref = np.empty_like(best)
         run, at = np.full(L + 1, INF), np.zeros(L + 1, dtype=np.int64)
         for c in range(G):
-            better = best[:, c] < run
+            better = best[:, c] <= run
             run = np.where(better, best[:, c], run)
             at = np.where(better, c, at)
             pref[:, c], arg[:, c] = run, at
@@ -158,18 +159,26 @@ class LevelSolver:
 
     # ---- deciding -----------------------------------------------------------------------------
     def _request_terms(self, request: Request):
+        """(KV bytes [R, L+1] by attention blocks kept, activation bytes, KV penalties [R], quantized reserve)."""
         key = (request.batch, request.prompt, request.new_tokens)
         if key not in self._kv_cache:
             m, L = self.memory, self.num_layers
-            one = [Plan.from_levels([DTYPE if j == i else DROP for j in range(L)], [DROP] * L) for i in range(L)]
-            kv_layer = np.array([[max(m.kv_bytes(request, p, r) for p in one)] for r in self.kv_ratios])  # [R, 1]
-            act = max(m.peak_bytes(Plan.full(L), request, 1.0) - m.param_bytes(Plan.full(L))
-                      - m.kv_bytes(request, Plan.full(L), 1.0), 0)
+            if not hasattr(self, "_one_attn"):
+                types = m.shape.layer_types or ("full",) * L
+                reps = {}
+                for i in range(L):
+                    reps.setdefault(types[i] if i < len(types) else "full", i)
+                self._one_attn = [Plan.from_levels([DTYPE if j == i else DROP for j in range(L)], [DROP] * L)
+                                  for i in reps.values()]
+                self._full = Plan.full(L)
+                self._quantized = [Plan.uniform(L, lv) for lv in {v for lvs in self.table.levels for v in lvs}
+                                   if lv not in (DTYPE, DROP)]
+            kv_layer = np.array([[max(m.kv_bytes(request, p, r) for p in self._one_attn)] for r in self.kv_ratios])
+            full = m.breakdown(self._full, request, 1.0)
+            act = max(full.total_bytes - full.param_bytes - full.kv_bytes, 0)
             pen = np.array([self.kv_penalty(r, request.prompt) for r in self.kv_ratios])
-            quantized = [Plan.uniform(L, lv) for lv in {v for lvs in self.table.levels for v in lvs}
-                         if lv not in (DTYPE, DROP)]
-            reserve = max([m.quant_transient_bytes(p, request.batch * max(request.prompt, 1)) for p in quantized]
-                          + [m.quant_transient_bytes(p, 1) for p in quantized] + [0])
+            tokens = request.batch * max(request.prompt, 1)
+            reserve = max([m.quant_transient_bytes(p, tokens) for p in self._quantized] + [0])
             self._kv_cache[key] = (kv_layer * np.arange(L + 1)[None, :], act, pen, reserve)
             if len(self._kv_cache) > 4096:
                 self._kv_cache.pop(next(iter(self._kv_cache)))
@@ -207,9 +216,10 @@ class LevelSolver:
             cc = int(arg[n_a, idxs[q][r_i, n_a]])
             for _ in range(64):  # a term the table does not model: step down the frontier until it fits
                 plan = self.plan_at(n_a, cc, q)
-                if self.memory.fits(budget_bytes, plan, request, r):
-                    return Decision(self.name, plan, r, request, int(budget_bytes),
-                                    self.memory.breakdown(plan, request, r), float(exact[n_a, cc] + pen[r_i]))
+                bd = self.memory.breakdown(plan, request, r)  # what MemoryModel.fits compares with the budget
+                if bd.total_bytes <= budget_bytes:
+                    return Decision(self.name, plan, r, request, int(budget_bytes), bd,
+                                    float(exact[n_a, cc] + pen[r_i]))
                 if cc == 0 or not math.isfinite(pref[n_a, cc - 1]):
                     break
                 cc = int(arg[n_a, cc - 1])
