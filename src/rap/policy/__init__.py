@@ -190,13 +190,14 @@ def default_policy(profile=None):
 # ---- plans with precision levels (issue 15, items 4-5): the hook the engine / `rap decide` read -------
 # The policy over joint actions (a level per block + the KV ratio) used when a level profile
 # (`rap profile MODEL --method levels`) is given. From the held-out measurement in
-# benchmarks/results/levels-smollm2-135m-cpu-512x1-2026-12-02.json (benchmarks/levels.py; CPU; ONE
-# 512-token WikiText-2 test window; the CPU level profile has 256 calibration tokens): the solver is
-# best at 30% (136x dense vs 8.7e7x precision ladder, 1.4e4x drop-only) and 40% (1.18x vs 1.23x int4,
-# 1.24x ladder); at 50-90% int8-only / the precision ladder are 1-2.5% better than it (1.000-1.005x
-# vs 1.006-1.029x: its 256-token int4 costs are noise). Geometric mean over 40-100%: ladder 1.033,
-# solver 1.036; over 30-100% the solver wins by orders of magnitude. Re-decide on the H200 profile
-# (64k tokens) and the full test set: the command is in benchmarks/levels.py.
+# benchmarks/results/levels-smollm2-135m-cpu-2048x2-2026-12-02.json (benchmarks/levels.py; CPU; 2 x 2,048
+# WikiText-2 test tokens; the CPU level profile has only 256 calibration tokens): the solver is best at
+# 30% of the dense need (172x dense vs 1.3e4x..5e8x for every other policy that fits) and 40% (1.34x vs
+# int4-only 1.38x, precision ladder 1.41x), but 3-5% worse than the precision ladder / int8-only at
+# 50-90% (1.01-1.05x vs 1.000-1.004x: its 256-token int4 costs are noise). Geometric mean of the PPL
+# ratio over 30-100%: solver 2.02, precision ladder 12.9; over 40-100%: ladder 1.050, solver 1.070.
+# Kept as the default for the issue's 30-100% range; re-decide on the H200 profile (64k tokens) and the
+# full test set (commands in rap/profile/levels.py and benchmarks/levels.py).
 DEFAULT_LEVEL_POLICY = "solver"
 LEVEL_POLICY_NAMES = ("solver", "int8-only", "int4-only")
 BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
