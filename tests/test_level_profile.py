@@ -111,3 +111,18 @@ def test_level_profile_runs_on_cuda_in_bf16_and_agrees_with_the_cpu_table(storie
     assert gpu.bytes_device == "cuda" and len(gpu.steps) == 2
     assert gpu.dense_nll == pytest.approx(cpu.dense_nll, rel=2e-2)
     assert gpu.single["ffn.2"]["drop"] == pytest.approx(cpu.single["ffn.2"]["drop"], abs=5e-2)
+
+
+def test_profile_cli_levels_method_writes_a_level_profile(tmp_path):
+    from typer.testing import CliRunner
+
+    from rap.cli import app
+
+    out = tmp_path / "levels.json"
+    res = CliRunner().invoke(app, ["profile", "stories260k", "--method", "levels", "--tokens", "512", "--seq-len",
+                                   "128", "--steps", "2", "--remeasure", "2", "--out", str(out), "--dtype", "fp32",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    prof = load_level_profile(out)
+    assert prof.complete and len(prof.steps) == 2 and prof.calibration["tokens"] == 512
+    assert set(prof.bytes) == {"cpu", "cuda"} and prof.command  # (under CliRunner: the test runner's argv)

@@ -185,3 +185,39 @@ def default_policy(profile=None):
         return GreedyPolicy()
     name = DEFAULT_POLICY if (bundle is not None and (DEFAULT_POLICY != "rl" or bundle.agent is not None)) else "ladder"
     return EnginePolicy(name, bundle, prof)
+
+
+# ---- plans with precision levels (issue 15, items 4-5): the hook the engine / `rap decide` read -------
+# The policy over joint actions (a level per block + the KV ratio) used when a level profile
+# (`rap profile MODEL --method levels`) is given. From the held-out measurement in
+# benchmarks/results/levels-smollm2-135m-cpu-2048x2-2026-12-02.json (benchmarks/levels.py; CPU; 2 x 2,048
+# WikiText-2 test tokens; the CPU level profile has only 256 calibration tokens): the solver is best at
+# 30% of the dense need (172x dense vs 1.3e4x..5e8x for every other policy that fits) and 40% (1.34x vs
+# int4-only 1.38x, precision ladder 1.41x), but 3-5% worse than the precision ladder / int8-only at
+# 50-90% (1.01-1.05x vs 1.000-1.004x: its 256-token int4 costs are noise). Geometric mean of the PPL
+# ratio over 30-100%: solver 2.02, precision ladder 12.9; over 40-100%: ladder 1.050, solver 1.070.
+# Kept as the default for the issue's 30-100% range; re-decide on the H200 profile (64k tokens) and the
+# full test set (commands in rap/profile/levels.py and benchmarks/levels.py).
+DEFAULT_LEVEL_POLICY = "solver"
+LEVEL_POLICY_NAMES = ("solver", "int8-only", "int4-only")
+BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
+
+
+def make_level_policy(name: str, memory, level_profile, kv_penalty=None):
+    """A policy over plans with levels: `decide(request, budget_bytes) -> Decision` whose mask is a
+    `rap.plan.Plan`. `level_profile`: a LevelProfile, its dict or a path to its JSON."""
+    from ..errors import RapError
+    from .solver import make_solver
+
+    allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
+    if name not in allow:
+        raise RapError(f"unknown level policy {name!r}; use one of: {', '.join(LEVEL_POLICY_NAMES)}")
+    return make_solver(memory, level_profile, kv_penalty, allow[name], name=name)
+
+
+def bundled_level_profile(model: str):
+    """Path of the level profile shipped for `model`, or None."""
+    from pathlib import Path
+
+    name = BUNDLED_LEVEL_PROFILES.get(model)
+    return None if name is None else Path(__file__).resolve().parent.parent / "assets" / "profiles" / name

@@ -1,0 +1,258 @@
+"""Precision levels x block drops: each policy's plan per budget, scored by MEASURED held-out perplexity.
+
+Budgets are fractions of the dense need (`MemoryModel.dense_need`) of one request (batch 1, prompt
+512, 128 new tokens; KV keep ratio 1: KV compression is not part of this comparison). Policies:
+
+* solver         rap.policy.solver (multiple-choice knapsack over the level profile's single-move costs)
+* greedy-profile the longest prefix of the level profile's greedy moves that fits
+* drop-only      today's default (`rap.policy.DEFAULT_POLICY`, the mask ladder over the GSI profile)
+* int8-only / int4-only   the solver with only that level (plus dtype): a single-knob curve
+* int8-then-drop every block int8, then the default drop policy on the int8 memory model
+* precision-ladder        rap.policy.precision's fixed rungs (dtype, ffn-int8, int8, int4, int4+drops)
+
+Quality: WikiText-2 *test* perplexity of each chosen plan (calibration was WikiText-2 valid),
+measured with rap.forward and rap.quant.fake_quantize (the int8/int4 kernels' values, dequantized),
+`--windows` windows of `--seq-len` tokens (the target setting is the full test set at 2,048:
+`--windows 0`). Writes levels-<date>.json and .png under $OUT (default benchmarks/results).
+
+    # target setting (GPU, minutes):
+    PYTHONPATH=src python -m benchmarks.levels --profile $OUT/levels-smollm2-135m.json --windows 0 \\
+        --seq-len 2048 --device cuda --dtype bf16 --bytes-device cuda
+    # CPU, bounded (what the CPU row in the report used):
+    PYTHONPATH=src python -m benchmarks.levels --profile src/rap/assets/profiles/smollm2-135m-levels.json \\
+        --windows 1 --seq-len 512 --budgets 0.4,0.5,0.7,1.0
+    python -m benchmarks.levels --smoke      # stories260k, makes its own level profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TARGETS = {0.7: 1.02, 0.5: 1.10, 0.4: 1.6}
+
+
+def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
+    """Mean next-token NLL of `windows` under `plan` (levels by fake_quantize on rap.forward)."""
+    from rap.profile.levels import Streams
+
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch)
+        total += s.current_nll()
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+def build_policies(view, memory, level_prof, gsi_prof: dict, request):
+    from rap.plan import DROP, INT8, Plan
+    from rap.policy import DEFAULT_POLICY, make_policy
+    from rap.policy.context import PolicyContext
+    from rap.policy.evaluator import QualityModel
+    from rap.policy.precision import PrecisionPolicy
+    from rap.policy.solver import make_solver
+    from rap.engine import complete_order
+
+    L = view.num_layers
+    order = complete_order(gsi_prof["order"], L)
+    quality = QualityModel.from_profile({**gsi_prof, "order": order, "num_layers": L})
+    ctx = PolicyContext(memory, order, quality)
+    drop_only = make_policy(DEFAULT_POLICY, ctx)
+    int8_all = Plan.uniform(L, INT8)
+    ctx8 = PolicyContext(memory.with_levels(int8_all), order, quality)
+    drop_on_int8 = make_policy(DEFAULT_POLICY, ctx8)
+    prec = PrecisionPolicy(ctx)
+    int4 = [lv for lv in level_prof.levels if lv.startswith("int4")][0]
+    solvers = {"solver": make_solver(memory, level_prof),
+               "int8-only": make_solver(memory, level_prof, allow=(INT8,)),
+               "int4-only": make_solver(memory, level_prof, allow=(int4,))}
+    greedy = [level_prof.plan_after(k) for k in range(len(level_prof.steps) + 1)]
+
+    def only(s):
+        def pick(budget):
+            d = s.decide(request, budget)
+            return d.mask if memory.fits(budget, d.mask, request) and not any(
+                v == DROP for _, v in d.mask.items()) else None
+        return pick
+
+    def greedy_pick(budget):
+        fit = [p for p in greedy if memory.fits(budget, p, request)]
+        return fit[0] if fit else None
+
+    def int8_then_drop(budget):
+        if memory.fits(budget, Plan.full(L), request):
+            return Plan.full(L)
+        d = drop_on_int8.decide(request, budget)
+        return int8_all.with_levels({n: DROP for n in d.mask.dropped})
+
+    return {"solver": lambda b: solvers["solver"].decide(request, b).mask,
+            "greedy-profile": greedy_pick,
+            "drop-only": lambda b: Plan.of(drop_only.decide(request, b).mask),
+            "int8-only": only(solvers["int8-only"]),
+            "int4-only": only(solvers["int4-only"]),
+            "int8-then-drop": int8_then_drop,
+            "precision-ladder": lambda b: Plan.of(prec.decide(request, b).mask)}, solvers["solver"]
+
+
+def decide_p99_ms(solver, memory, seed: int = 0, n: int = 500) -> float:
+    from rap.memory import Request
+
+    rng = np.random.default_rng(seed)
+    times = []
+    for _ in range(n):
+        req = Request(batch=int(rng.integers(1, 9)), prompt=int(rng.integers(16, 1024)),
+                      new_tokens=int(rng.integers(8, 256)))
+        budget = int(memory.dense_need(req) * rng.uniform(0.3, 1.0))
+        t = time.perf_counter()
+        try:
+            solver.decide(req, budget)
+        except Exception:  # BudgetError on hopeless draws is part of the timing too
+            pass
+        times.append(time.perf_counter() - t)
+    return float(np.percentile(times[50:], 99) * 1e3)
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in sorted({r["policy"] for r in rows}):
+        pts = sorted((r["param_bytes_ratio"], r["ppl"]) for r in rows if r["policy"] == name and r["ppl"])
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name == "solver" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameter bytes / dense parameter bytes")
+    ax.set_ylabel("held-out perplexity (WikiText-2 test)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--profile", help="level profile JSON (rap profile MODEL --method levels)")
+    ap.add_argument("--gsi-profile", help="drop-only order (default: the bundled profile of the model)")
+    ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    ap.add_argument("--windows", type=int, default=8, help="test windows (0 = the whole test set)")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model (default: the model's device)")
+    ap.add_argument("--smoke", action="store_true", help="stories260k, its own small level profile")
+    args = ap.parse_args(argv)
+
+    from benchmarks.common import environment, print_table
+    from rap.data import WIKITEXT2_TEST, read_text
+    from rap.eval.perplexity import needs_bos, token_windows
+    from rap.memory import MemoryModel, Request
+    from rap.plan import Plan
+    from rap.profile.levels import LevelRunner, level_profile, load_level_profile
+    from rap.sources import load_view
+
+    if args.smoke:
+        args.model, args.seq_len, args.windows = "stories260k", 256, 2
+    view, tok = load_view(args.model, dtype=args.dtype, device=args.device)
+    if args.profile:
+        lp = load_level_profile(args.profile)
+    else:
+        from rap.profile import load_calibration
+
+        cal = load_calibration(tok, view.config.model_type, tokens=2048, seq_len=min(256, args.seq_len))
+        lp = level_profile(view, cal, steps=None, remeasure=3, progress=False)
+    gsi_path = args.gsi_profile or Path(__import__("rap").__file__).parent / "assets" / "profiles" / f"{args.model}.json"
+    gsi_prof = json.loads(Path(gsi_path).read_text())
+    on_cuda = (args.bytes_device or view.device.type) == "cuda"
+    memory = MemoryModel.from_view(view, on_cuda=on_cuda)
+    request = Request(batch=1, prompt=min(512, args.seq_len), new_tokens=128)
+    dense_need = memory.dense_need(request)
+    policies, solver = build_policies(view, memory, lp, gsi_prof, request)
+
+    windows = token_windows(read_text(WIKITEXT2_TEST), tok, args.seq_len, None,
+                            bos=needs_bos(tok, view.config.model_type))
+    if args.windows:
+        windows = windows[:args.windows]
+    windows = windows.to(view.device)
+    runner = LevelRunner(view)
+    cache: dict = {}
+    dense_param = memory.param_bytes(Plan.full(view.num_layers))
+
+    def measure(plan):
+        if plan not in cache:
+            cache[plan] = plan_nll(runner, windows, plan, batch=4 if view.device.type == "cuda" else 1)
+        return cache[plan]
+
+    t0 = time.perf_counter()
+    dense_nll = measure(Plan.full(view.num_layers))
+    rows = []
+    for frac in [float(x) for x in args.budgets.split(",")]:
+        budget = int(frac * dense_need)
+        for name, pick in policies.items():
+            try:
+                plan = pick(budget)
+            except Exception as e:  # BudgetError: nothing this policy knows fits
+                plan, err = None, f"{type(e).__name__}: {e}"
+            else:
+                err = None if plan is not None else "no plan of this knob fits"
+            row = {"policy": name, "budget_ratio": frac, "budget_bytes": budget}
+            if plan is None:
+                rows.append({**row, "ppl": None, "ppl_ratio": None, "error": err})
+                continue
+            nll = measure(plan)
+            rows.append({**row, "plan": plan.spec() or "*=dtype", "counts": plan.counts(),
+                         "param_bytes_ratio": memory.param_bytes(plan) / dense_param,
+                         "peak_bytes": memory.peak_bytes(plan, request), "fits": memory.fits(budget, plan, request),
+                         "ppl": math.exp(nll), "ppl_ratio": math.exp(nll - dense_nll)})
+            print(f"{frac:.2f} {name:16s} ppl {math.exp(nll):9.3f} ({math.exp(nll - dense_nll):.3f}x) {plan.counts()}",
+                  flush=True)
+    seconds = time.perf_counter() - t0
+    p99 = decide_p99_ms(solver, memory)
+    targets = {}
+    for frac, limit in TARGETS.items():
+        got = [r for r in rows if r["policy"] == "solver" and r["budget_ratio"] == frac and r["ppl_ratio"]]
+        if got:
+            targets[f"{frac:.0%}"] = {"limit": limit, "solver_ppl_ratio": got[0]["ppl_ratio"],
+                                      "met": got[0]["ppl_ratio"] <= limit}
+    wins = {}
+    for frac in sorted({r["budget_ratio"] for r in rows}):
+        here = [r for r in rows if r["budget_ratio"] == frac and r["ppl"]]
+        if here:
+            wins[f"{frac:.2f}"] = min(here, key=lambda r: r["ppl"])["policy"]
+    print_table([r for r in rows], ["budget_ratio", "policy", "ppl", "ppl_ratio", "param_bytes_ratio", "fits"])
+    print(f"dense ppl {math.exp(dense_nll):.3f}; targets {targets}; best per budget {wins}; "
+          f"solver decide p99 {p99:.3f} ms (CPU)")
+    env = environment(view.device)
+    device = env["device"]
+    date = datetime.date.today().isoformat()
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"levels-{args.model}-{view.device.type}-{date}"
+    payload = {**env, "model": args.model,
+               "eval": {"file": WIKITEXT2_TEST, "windows": int(windows.shape[0]), "seq_len": args.seq_len,
+                        "dtype": str(view.dtype).replace("torch.", ""),
+                        "how": "rap.forward with rap.quant.fake_quantize values (not the int8/int4 kernels)"},
+               "request": {"batch": request.batch, "prompt": request.prompt, "new_tokens": request.new_tokens},
+               "memory_model_device": "cuda" if on_cuda else "cpu", "dense_need_bytes": dense_need,
+               "level_profile": {"path": args.profile, "calibration": lp.calibration, "device": lp.device},
+               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins,
+               "solver_decide_p99_ms": p99, "seconds": seconds}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    plot(rows, out / f"{stem}.png", f"{args.model}: held-out PPL ({int(windows.shape[0])} x {args.seq_len} test tokens) "
+         f"vs parameter bytes, {device}")
+    print(f"wrote {out / stem}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""LevelSolver: a level for every block plus the KV keep ratio, by a multiple-choice knapsack.
+
+Each block picks one level (dtype / int8 / int4gG / drop); its cost is the level profile's
+measured single-move calibration NLL rise (`rap.profile.levels`, mean NLL per token, so the sum is
+the predicted log(PPL / PPL_dense) when moves are independent), its weight the memory model's
+exact bytes at that level (`MemoryModel.level_bytes`). An attention block also carries its layer's
+KV cache, so the knapsack is solved, once, over (parameter bytes, attention blocks kept):
+
+    best[n_a][c] = least summed cost of a plan keeping n_a attention blocks in <= c byte buckets
+
+by dynamic programming (buckets of `bucket_bytes`, each level's bytes rounded *up*, so a plan
+the table admits never needs more than its buckets say: near-exact, exact to one bucket). A
+decision then is a lookup: for every KV ratio r and attention count n_a, the parameter bytes left
+are budget - base - n_a * KV(r) - activations; the cheapest (n_a, r) wins; its plan is
+reconstructed from the DP's choices (a plan with quantized blocks reserves the largest quantized
+linear's transient, e.g. the int8 weight cast, even when only smaller blocks are quantized: a
+conservatism of at most one such transient; a second table without quantized levels has no reserve),
+checked with `MemoryModel.fits` and, if a term the table
+does not model (activation transients of quantized linears) tips it over, the next bucket down
+is taken. `decide` is a few numpy lookups: well under 1 ms (benchmarks/levels.py reports p99).
+
+Why not a library MCKP solver: the decision must be sub-millisecond per request and the table is
+reused for every budget; the DP is 30 lines and exact to the bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BudgetError
+from ..memory import MemoryModel, Request, format_bytes
+from ..plan import DROP, DTYPE, Plan
+
+DEFAULT_BUCKETS = 4096
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """Per block: the levels it may take, their bytes (on the target device) and costs."""
+
+    blocks: tuple[str, ...]
+    levels: tuple[tuple[str, ...], ...]
+    bytes: tuple[tuple[int, ...], ...]
+    costs: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_profile(cls, profile, memory: MemoryModel, allow: tuple[str, ...] | None = None,
+                     clamp_gains: bool = True) -> "LevelTable":
+        """From a `LevelProfile` (or its dict). `allow`: only these levels (plus dtype), e.g. ("int8",)
+        for an int8-only knob. A measured NLL *drop* counts as 0 with `clamp_gains` (calibration noise)."""
+        single = profile["single"] if isinstance(profile, dict) else profile.single
+        blocks, levels, nbytes, costs = [], [], [], []
+        for name in memory.dense_block_bytes:
+            lv = [DTYPE] + [v for v in single.get(name, {}) if allow is None or v in allow]
+            rises = [0.0] + [float(single[name][v]) for v in lv[1:]]
+            if clamp_gains:
+                rises = [max(0.0, r) for r in rises]
+            blocks.append(name)
+            levels.append(tuple(lv))
+            nbytes.append(tuple(memory.level_bytes(name, v) for v in lv))
+            costs.append(tuple(rises))
+        return cls(tuple(blocks), tuple(levels), tuple(nbytes), tuple(costs))
+
+
+class LevelSolver:
+    """`decide(request, budget_bytes) -> rap.policy.Decision` over plans with levels and a KV ratio."""
+
+    name = "solver"
+
+    def __init__(self, memory: MemoryModel, table: LevelTable, kv_penalty=None, buckets: int = DEFAULT_BUCKETS,
+                 name: str | None = None):
+        from .evaluator import KVPenalty
+
+        self.memory = memory
+        self.table = table
+        self.kv_penalty = kv_penalty or KVPenalty.zero()
+        self.kv_ratios = tuple(self.kv_penalty.ratios)
+        if name:
+            self.name = name
+        self.num_layers = L = memory.shape.num_layers
+        total = sum(max(b) for b in table.bytes)
+        self.bucket_bytes = max(1, math.ceil(total / buckets))
+        self.G = sum(math.ceil(max(b) / self.bucket_bytes) for b in table.bytes) + 1  # the dense plan fits
+        self.base_bytes = memory.param_bytes(Plan.from_levels([DROP] * L, [DROP] * L))
+        # two tables: every level, and dtype/drop only. A quantized linear adds a transient the
+        # per-block bytes cannot carry (an int8 weight cast to the dtype, on CUDA int4's padded
+        # input): the quantized table is looked up with that reserve taken off the budget.
+        self._tables = [self._dp(table), self._dp(table, unquantized=True)]
+        self._plans: dict[tuple[int, int, int], Plan] = {}
+        self._kv_cache: dict = {}
+
+    def _dp(self, table: LevelTable, unquantized: bool = False):
+        L, G, INF = self.num_layers, self.G, np.inf
+        best = np.full((L + 1, G), INF)  # best[a, c]: least cost keeping a attention blocks in exactly c buckets
+        best[0, 0] = 0.0
+        choices = []  # per block: [L+1, G] level index chosen (for reconstruction)
+        for b, name_ in enumerate(table.blocks):
+            is_attn = name_.startswith("attn")
+            new = np.full_like(best, INF)
+            choice = np.full(best.shape, -1, dtype=np.int8)
+            for k, (lv, nb, cost) in enumerate(zip(table.levels[b], table.bytes[b], table.costs[b])):
+                if unquantized and lv not in (DTYPE, DROP):
+                    continue
+                w = math.ceil(nb / self.bucket_bytes)
+                shift_a = 1 if (is_attn and lv != DROP) else 0
+                cand = np.full_like(best, INF)
+                cand[shift_a:, w:] = best[:L + 1 - shift_a, :G - w] + cost
+                better = cand < new
+                new[better] = cand[better]
+                choice[better] = k
+            best = new
+            choices.append(choice)
+        # prefix minimum over c, remembering where the minimum sits (on ties the larger plan: a level
+        # whose measured rise is 0 is only taken when its bytes are needed)
+        arg = np.zeros_like(best, dtype=np.int64)
+        pref = np.empty_like(best)
+        run, at = np.full(L + 1, INF), np.zeros(L + 1, dtype=np.int64)
+        for c in range(G):
+            better = best[:, c] <= run
+            run = np.where(better, best[:, c], run)
+            at = np.where(better, c, at)
+            pref[:, c], arg[:, c] = run, at
+        return best, pref, arg, choices
+
+    # ---- plans ------------------------------------------------------------------------------
+    def plan_at(self, n_attn: int, c: int, q: int = 0) -> Plan:
+        """Table q's plan (0: every level, 1: dtype/drop) with n_attn attention blocks kept in exactly c buckets."""
+        key = (n_attn, c, q)
+        if key not in self._plans:
+            t = self.table
+            chosen = {}
+            a = n_attn
+            choices = self._tables[q][3]
+            for b in range(len(t.blocks) - 1, -1, -1):
+                k = int(choices[b][a, c])
+                lv = t.levels[b][k]
+                chosen[t.blocks[b]] = lv
+                c -= math.ceil(t.bytes[b][k] / self.bucket_bytes)
+                a -= 1 if (t.blocks[b].startswith("attn") and lv != DROP) else 0
+            self._plans[key] = Plan.full(self.num_layers).with_levels(chosen)
+        return self._plans[key]
+
+    def frontier(self) -> list[tuple[int, float, Plan]]:
+        """(parameter bytes, predicted log ratio, plan) of the solver's plans, best per byte bucket,
+        each strictly better than every smaller one (for plots and the int8/int4-only curves)."""
+        exact = self._tables[0][0]
+        flat = exact.min(0)
+        out, run = [], math.inf
+        for c in range(self.G):
+            if flat[c] < run - 1e-12:
+                run = float(flat[c])
+                a = int(np.argmin(exact[:, c]))
+                plan = self.plan_at(a, c)
+                out.append((self.memory.param_bytes(plan), run, plan))
+        return out
+
+    # ---- deciding -----------------------------------------------------------------------------
+    def _request_terms(self, request: Request):
+        """(KV bytes [R, L+1] by attention blocks kept, activation bytes, KV penalties [R], quantized reserve)."""
+        key = (request.batch, request.prompt, request.new_tokens)
+        if key not in self._kv_cache:
+            m, L = self.memory, self.num_layers
+            if not hasattr(self, "_one_attn"):
+                types = m.shape.layer_types or ("full",) * L
+                reps = {}
+                for i in range(L):
+                    reps.setdefault(types[i] if i < len(types) else "full", i)
+                self._one_attn = [Plan.from_levels([DTYPE if j == i else DROP for j in range(L)], [DROP] * L)
+                                  for i in reps.values()]
+                self._full = Plan.full(L)
+                self._quantized = [Plan.uniform(L, lv) for lv in {v for lvs in self.table.levels for v in lvs}
+                                   if lv not in (DTYPE, DROP)]
+            kv_layer = np.array([[max(m.kv_bytes(request, p, r) for p in self._one_attn)] for r in self.kv_ratios])
+            full = m.breakdown(self._full, request, 1.0)
+            act = max(full.total_bytes - full.param_bytes - full.kv_bytes, 0)
+            pen = np.array([self.kv_penalty(r, request.prompt) for r in self.kv_ratios])
+            tokens = request.batch * max(request.prompt, 1)
+            reserve = max([m.quant_transient_bytes(p, tokens) for p in self._quantized] + [0])
+            self._kv_cache[key] = (kv_layer * np.arange(L + 1)[None, :], act, pen, reserve)
+            if len(self._kv_cache) > 4096:
+                self._kv_cache.pop(next(iter(self._kv_cache)))
+        return self._kv_cache[key]
+
+    def smallest(self, request: Request) -> tuple[Plan, float, int]:
+        """(plan, kv ratio, peak bytes) of the smallest runnable configuration: every block dropped."""
+        L = self.num_layers
+        empty = Plan.from_levels([DROP] * L, [DROP] * L)
+        r = min(self.kv_ratios)
+        return empty, r, self.memory.peak_bytes(empty, request, r)
+
+    def decide(self, request: Request, budget_bytes: int):
+        from . import Decision
+
+        kv, act, pen, reserve = self._request_terms(request)
+        A = self.num_layers + 1
+        costs, idxs = [], []
+        for q, extra in ((0, reserve), (1, 0)):
+            left = budget_bytes - self.base_bytes - act - kv - extra  # [R, L+1] bytes left for block parameters
+            c = np.clip(np.floor(left / self.bucket_bytes).astype(np.int64), -1, self.G - 1)
+            ok = c >= 0
+            idx = np.where(ok, c, 0)
+            a = np.broadcast_to(np.arange(A), c.shape)
+            costs.append(np.where(ok, self._tables[q][1][a, idx], np.inf) + pen[:, None])
+            idxs.append(idx)
+        cost = np.stack(costs)  # [2, R, L+1]
+        for flat in np.argsort(cost, axis=None)[:8]:
+            q, rest = divmod(int(flat), cost.shape[1] * A)
+            r_i, n_a = divmod(rest, A)
+            if not math.isfinite(cost[q, r_i, n_a]):
+                break
+            r = self.kv_ratios[r_i]
+            exact, pref, arg, _ = self._tables[q]
+            cc = int(arg[n_a, idxs[q][r_i, n_a]])
+            for _ in range(64):  # a term the table does not model: step down the frontier until it fits
+                plan = self.plan_at(n_a, cc, q)
+                bd = self.memory.breakdown(plan, request, r)  # what MemoryModel.fits compares with the budget
+                if bd.total_bytes <= budget_bytes:
+                    return Decision(self.name, plan, r, request, int(budget_bytes), bd,
+                                    float(exact[n_a, cc] + pen[r_i]))
+                if cc == 0 or not math.isfinite(pref[n_a, cc - 1]):
+                    break
+                cc = int(arg[n_a, cc - 1])
+        plan, r, need = self.smallest(request)
+        if self.memory.fits(budget_bytes, plan, request, r):  # pragma: no cover - the table always has it
+            return Decision(self.name, plan, r, request, int(budget_bytes), self.memory.breakdown(plan, request, r),
+                            float(sum(max(c) for c in self.table.costs)))
+        raise BudgetError(f"nothing fits in {format_bytes(budget_bytes)}: the smallest configuration (every block "
+                          f"dropped, KV ratio {r:g}) needs {format_bytes(need)} for batch {request.batch}, prompt "
+                          f"{request.prompt}, {request.new_tokens} new tokens; raise the budget or shrink the request")
+
+    def check_plan(self, plan: Plan, request: Request, budget_bytes: int, kv_ratio: float = 1.0) -> Plan:
+        """`plan` if it fits; else BudgetError naming what does: the solver's choice at this budget
+        (or, when nothing fits, the smallest configuration and its bytes)."""
+        if self.memory.fits(budget_bytes, plan, request, kv_ratio):
+            return plan
+        need = self.memory.peak_bytes(plan, request, kv_ratio)
+        d = self.decide(request, budget_bytes)  # raises BudgetError naming the smallest configuration
+        raise BudgetError(f"plan {Plan.of(plan).spec() or '*=dtype'} needs {format_bytes(need)}, more than the budget {format_bytes(budget_bytes)}; "
+                          f"what fits: --plan '{Plan.of(d.mask).spec() or '*=dtype'}' with KV ratio {d.kv_ratio:g} "
+                          f"({format_bytes(d.breakdown.total_bytes)})")
+
+
+def make_solver(memory: MemoryModel, profile, kv_penalty=None, allow: tuple[str, ...] | None = None,
+                name: str | None = None, buckets: int = DEFAULT_BUCKETS) -> LevelSolver:
+    """A solver over a level profile (LevelProfile, its dict or a path to its JSON)."""
+    from pathlib import Path
+
+    if isinstance(profile, (str, Path)):
+        from ..profile.levels import load_level_profile
+
+        profile = load_level_profile(profile)
+    return LevelSolver(memory, LevelTable.from_profile(profile, memory, allow), kv_penalty, buckets, name)

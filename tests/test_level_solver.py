@@ -1,0 +1,112 @@
+"""LevelSolver (rap.policy.solver): the multiple-choice knapsack over per-block levels and the KV ratio."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from rap.errors import BudgetError
+from rap.memory import MemoryModel, Request
+from rap.plan import DROP, DTYPE, Plan
+from rap.policy.solver import LevelSolver, LevelTable
+
+
+@pytest.fixture(scope="module")
+def memory(stories):
+    return MemoryModel.from_view(stories[0], on_cuda=False)
+
+
+def _table(memory, seed=0, free=("attn.0", "ffn.1", "attn.2", "ffn.3", "attn.4")):
+    """Random costs; only the `free` blocks may leave dtype (so brute force stays small)."""
+    rng = np.random.default_rng(seed)
+    blocks, levels, nbytes, costs = [], [], [], []
+    for name in memory.dense_block_bytes:
+        lv = [DTYPE]
+        if name in free:
+            lv += ["int8", DROP] + (["int4g64"] if name.startswith("attn") else [])
+        blocks.append(name)
+        levels.append(tuple(lv))
+        nbytes.append(tuple(memory.level_bytes(name, v) for v in lv))
+        costs.append((0.0, *sorted(rng.uniform(0, 1, len(lv) - 1))))
+    return LevelTable(tuple(blocks), tuple(levels), tuple(nbytes), tuple(costs))
+
+
+def test_solver_finds_the_brute_force_optimum_among_fitting_plans(memory):
+    table = _table(memory)
+    solver = LevelSolver(memory, table, buckets=1 << 16)
+    req = Request(batch=1, prompt=64, new_tokens=16)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    free = [i for i, lv in enumerate(table.levels) if len(lv) > 1]
+    low = memory.peak_bytes(Plan.full(5).with_levels({table.blocks[i]: DROP for i in free}), req)
+    for frac in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        budget = int(low + frac * (dense - low))
+        # bytes are rounded up to buckets, per block; a plan with quantized blocks reserves the largest
+        # quantized linear's transient (the int8 weight cast), whichever of its blocks is quantized
+        slack = len(table.blocks) * solver.bucket_bytes + solver._request_terms(req)[3]
+        best, near = math.inf, math.inf  # optimum at the budget, and at the budget less the rounding
+        for pick in itertools.product(*[range(len(table.levels[i])) for i in free]):
+            levels = {table.blocks[i]: table.levels[i][k] for i, k in zip(free, pick)}
+            plan = Plan.full(5).with_levels(levels)
+            cost = sum(table.costs[i][k] for i, k in zip(free, pick))
+            if memory.fits(budget + slack, plan, req):
+                best = min(best, cost)
+            if memory.fits(budget, plan, req):
+                near = min(near, cost)
+        d = solver.decide(req, budget + slack)
+        assert memory.fits(budget + slack, d.mask, req, d.kv_ratio)
+        assert math.isfinite(near) and best - 1e-9 <= d.predicted_log_ratio <= near + 1e-9, frac
+
+
+def test_a_budget_below_the_smallest_configuration_names_it(memory):
+    solver = LevelSolver(memory, _table(memory))
+    req = Request(batch=1, prompt=64, new_tokens=16)
+    _, _, need = solver.smallest(req)
+    with pytest.raises(BudgetError, match="every block dropped"):
+        solver.decide(req, need - 1)
+    assert memory.fits(need, solver.decide(req, need).mask, req, solver.decide(req, need).kv_ratio)
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_a_plan_that_does(memory):
+    solver = LevelSolver(memory, _table(memory))
+    req = Request(batch=1, prompt=64, new_tokens=16)
+    budget = int(0.7 * memory.peak_bytes(Plan.full(5), req))
+    with pytest.raises(BudgetError, match="what fits: --plan") as e:
+        solver.check_plan(Plan.full(5), req, budget)
+    spec = str(e.value).split("--plan '")[1].split("'")[0]
+    assert memory.fits(budget, Plan.from_spec(spec, 5), req)
+
+
+def test_more_budget_never_predicts_worse_quality(memory):
+    solver = LevelSolver(memory, _table(memory, seed=3))
+    req = Request(batch=1, prompt=32, new_tokens=8)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    low = solver.smallest(req)[2]
+    preds = [solver.decide(req, int(low + f * (dense - low))).predicted_log_ratio for f in np.linspace(0.3, 1.0, 11)]
+    assert all(a >= b - 1e-12 for a, b in zip(preds, preds[1:]))
+    slack = len(solver.table.blocks) * solver.bucket_bytes  # per-block rounding up to buckets
+    assert solver.decide(req, dense + slack).predicted_log_ratio == 0.0
+
+
+def test_the_level_policy_hook_builds_the_default_over_the_bundled_smollm2_profile():
+    from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile, make_level_policy
+    from rap.profile.levels import load_level_profile
+
+    path = bundled_level_profile("smollm2-135m")
+    prof = load_level_profile(path)
+    assert prof.calibration["tokens"] >= 256 and len(prof.single) == 2 * prof.num_layers
+    from rap.errors import RapError
+
+    with pytest.raises(RapError, match="unknown level policy"):
+        make_level_policy("magic", None, prof)
+    assert DEFAULT_LEVEL_POLICY in ("solver", "int8-only", "int4-only")
+
+
+def test_int8_only_never_picks_another_level(memory):
+    from rap.policy.solver import make_solver
+
+    prof = {"single": {b: {"int8": 0.01, "int4g64": 0.001, DROP: 0.5} for b in memory.dense_block_bytes}}
+    solver = make_solver(memory, prof, allow=("int8",))
+    req = Request(batch=1, prompt=64, new_tokens=16)
+    d = solver.decide(req, int(0.9 * memory.peak_bytes(Plan.full(5), req)))
+    assert set(v for _, v in d.mask.items()) <= {DTYPE, "int8"}
