@@ -58,7 +58,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request):
     from rap.policy.evaluator import QualityModel
     from rap.policy.precision import PrecisionPolicy
     from rap.policy.solver import make_solver
-    from rap.engine import complete_order
+    from rap.policy.greedy import complete_order
 
     L = view.num_layers
     order = complete_order(gsi_prof["order"], L)
