@@ -70,9 +70,8 @@ def test_resident_bytes_of_quantized_blocks_equal_the_memory_model(spec):
     assert resident == mem.param_bytes(plan)
 
 
-def reference_tokens(view, plan, prompts, new_tokens):
-    """A separate transformers model: each kept block's linear weights replaced by their quantized-then-
-    dequantized values (fake_quantize), dropped blocks masked by BlockView, stock greedy generate."""
+def dequantized_copy(view, plan) -> BlockView:
+    """A separate copy of the model whose quantized blocks hold their quantized-then-dequantized weights."""
     ref = BlockView(copy.deepcopy(view.model))
     with torch.no_grad():
         for name, level in plan.items():
@@ -80,6 +79,13 @@ def reference_tokens(view, plan, prompts, new_tokens):
                 for lin in ref.block_module(name).children():
                     if isinstance(lin, torch.nn.Linear):
                         lin.weight.copy_(fake_quantize(lin.weight, level))
+    return ref
+
+
+def reference_tokens(view, plan, prompts, new_tokens):
+    """A separate transformers model: each kept block's linear weights replaced by their quantized-then-
+    dequantized values (fake_quantize), dropped blocks masked by BlockView, stock greedy generate."""
+    ref = dequantized_copy(view, plan)
     out = []
     with torch.no_grad(), ref.masked(plan.mask):
         for p in prompts:
@@ -148,13 +154,7 @@ def test_rap_forward_runs_a_plans_quantized_blocks_with_their_quantized_values(s
 
     view, _ = stories
     plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop", view.num_layers)
-    ref = BlockView(copy.deepcopy(view.model))
-    with torch.no_grad():
-        for name, level in plan.items():
-            if level not in ("dtype", "drop"):
-                for lin in ref.block_module(name).children():
-                    if isinstance(lin, torch.nn.Linear):
-                        lin.weight.copy_(fake_quantize(lin.weight, level))
+    ref = dequantized_copy(view, plan)
     ids = torch.tensor([[1, 345, 67, 89, 210, 33, 5, 77]])
     fwd = Forward(view)
     got, dense = fwd.logits(ids, plan), fwd.logits(ids, plan.mask)

@@ -4,7 +4,6 @@ the reference), behind one `generate(view, prompts, mask, kv_ratio, sampling, ..
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -199,15 +198,16 @@ class DecoderBackend:
 
 
 def make_backend(view: BlockView, backend: str = "auto"):
-    """"auto": rap.decode.Decoder when it imports and builds, else HF generate; "hf" or "decoder" to force."""
+    """"auto": rap.decode.Decoder when it supports the model, else HF generate (said in the log);
+    "hf" or "decoder" to force one."""
     if backend == "hf":
         return HFGenerateBackend()
+    from . import decode
+
     try:
-        decode = importlib.import_module("rap.decode")
         return DecoderBackend(view, decode.Decoder, decode)
-    except Exception as e:  # absent, half-built or unsupported family: the slow path still serves
+    except RapError as e:  # a family or RoPE the decoder does not implement: the slow path still serves
         if backend == "decoder":
             raise RapError(f"rap.decode.Decoder is not usable here: {e}") from None
-        if not (isinstance(e, ModuleNotFoundError) and e.name == "rap.decode"):
-            log.warning("rap.decode.Decoder unavailable (%s); using Hugging Face generate", e)
+        log.warning("rap.decode.Decoder unavailable (%s); using Hugging Face generate", e)
         return HFGenerateBackend()

@@ -6,7 +6,6 @@ rap.policy's named and trained policies are adapted to it (`rap.policy.engine_po
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ def kv_layout_for_bits(kv_bits: int):
     """The KV layout the memory model plans a decision's bits with (None: the model's default layout)."""
     if kv_bits == 16:
         return None
-    from .kv.decode_cache import KVLayout
+    from ..kv.decode_cache import KVLayout
 
     return KVLayout("adakv", kv_bits)  # RequestError for unsupported bits
 
@@ -125,30 +124,17 @@ class GreedyPolicy:
 
 def default_policy(profile: dict | str | Path | None = None) -> Any:
     """The precision ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only
-    default (`default_drop_policy`); the drop-only default alone where rap.policy is absent."""
-    drops = default_drop_policy(profile)
-    try:
-        from .policy.precision import PrecisionLadder
-    except ModuleNotFoundError as e:
-        if e.name not in ("rap.policy", "rap.policy.precision"):
-            raise
-        return drops
-    return PrecisionLadder(inner=drops)
+    default (`default_drop_policy`)."""
+    from .precision import PrecisionLadder
+
+    return PrecisionLadder(inner=default_drop_policy(profile))
 
 
 def default_drop_policy(profile: dict | str | Path | None = None) -> Any:
-    """rap.policy's default when that package is present (imported lazily), else GreedyPolicy."""
-    try:
-        policy_pkg = importlib.import_module("rap.policy")
-    except ModuleNotFoundError as e:
-        if e.name not in ("rap.policy", "rap"):
-            raise
-        return GreedyPolicy.from_profile(profile)
-    factory = getattr(policy_pkg, "default_policy", None)
-    if factory is None:
-        log.info("rap.policy has no default_policy(); using the built-in greedy policy")
-        return GreedyPolicy.from_profile(profile)
-    return factory(profile=profile)
+    """rap.policy's drop-only default for this profile (its held-out winner, or GreedyPolicy without one)."""
+    from . import default_policy as package_default  # rap.policy's __init__ imports this module
+
+    return package_default(profile=profile)
 
 
 def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
@@ -162,11 +148,12 @@ def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
         if policy in ("drop", "drop-only"):
             return default_drop_policy(profile)
         if policy in ("precision", "precision-ladder"):  # int8 / int4 before any drop (rap.policy.precision)
-            from .policy.precision import PrecisionLadder
+            from .precision import PrecisionLadder
 
             return PrecisionLadder(profile=profile)
-        pkg = importlib.import_module("rap.policy")  # named policies live there
-        return pkg.load_policy(policy, profile=profile)
+        from . import load_policy  # named policies
+
+        return load_policy(policy, profile=profile)
     if hasattr(policy, "decide") or callable(policy):
         return policy
     raise RapError(f"a policy needs a decide(memory_model, request, budget_bytes, resident_mask) method, got {policy!r}")

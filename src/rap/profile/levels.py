@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ from ..errors import RapError
 from ..model import BlockView
 from ..plan import DROP, DTYPE, INT8, Plan
 from .calibration import Calibration
-from .record import environment, model_hash, now, ppl_from_nll
+from .record import environment, model_hash, now, ppl_from_nll, save_record
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +115,7 @@ class LevelProfile:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> Path:
-        """Atomic write (a killed run leaves the previous checkpoint)."""
-        from .. import provenance
-
-        if not self.command:
-            self.command = provenance.command_line()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
-        os.replace(tmp, path)
-        return path
+        return save_record(self, path)
 
     def plan_after(self, steps: int) -> Plan:
         """The plan after the first `steps` greedy moves."""

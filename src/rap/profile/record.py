@@ -62,17 +62,7 @@ class Profile:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        """Atomic write: a killed run leaves the previous checkpoint, never half a file."""
-        from .. import provenance
-
-        if not self.command:
-            self.command = provenance.command_line()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
-        os.replace(tmp, path)
-        return path
+        return save_record(self, path)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
@@ -133,3 +123,18 @@ def now() -> str:
 
 def ppl_from_nll(total_nll: float, tokens: int) -> float:
     return math.exp(total_nll / tokens) if total_nll / tokens < 700 else float("inf")
+
+
+def save_record(record, path: str | Path) -> Path:
+    """Atomic write of a profile record (`.to_dict()`, `.command`): a killed run leaves the previous
+    checkpoint, never half a file; the command line is filled on the first save."""
+    from .. import provenance
+
+    if not record.command:
+        record.command = provenance.command_line()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record.to_dict(), indent=1, allow_nan=True))
+    os.replace(tmp, path)
+    return path
