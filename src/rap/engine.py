@@ -350,9 +350,10 @@ class Engine:
         budget = self.read_budget() if budget_bytes is None else budget_bytes
         return self._decide(request, self.effective_budget(budget))
 
-    def _decide(self, request: Request, planning_bytes: int, backend=None) -> Decision:
+    def _decide(self, request: Request, planning_bytes: int, backend=None, policy=None) -> Decision:
         backend = backend or self.backend
-        decision = _call_policy(self.policy, self.memory_model, request, planning_bytes, self.residency.mask)
+        decision = _call_policy(policy or self.policy, self.memory_model, request, planning_bytes,
+                                self.residency.mask)
         if (decision.kv_ratio < 1.0 or decision.kv_bits != 16) and not getattr(backend, "supports_kv_ratio", False):
             # This backend keeps the whole prompt cache: plan with what it will really hold.
             full_kv_bytes = self.memory_model.peak_bytes(decision.mask, request, 1.0)
@@ -636,10 +637,7 @@ class Engine:
             # batch re-decides with the full policy.
             policy = getattr(self.policy, "inner", None) or self.policy
             try:
-                keep = _call_policy(policy, self.memory_model, smallest, self.effective_budget(budget),
-                                    self.residency.mask).mask
-                if self.memory_model.peak_bytes(keep, smallest) > self.effective_budget(budget):
-                    raise BudgetError("nothing the policy offers fits")
+                keep = self._decide(smallest, self.effective_budget(budget), policy=policy).mask
             except BudgetError:
                 keep = BlockMask.from_drop(self.view.num_layers, default_removal_order(self.view.num_layers))
             # per block, the smaller of what is resident and what the decision runs (a level, or dropped):
