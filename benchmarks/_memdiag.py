@@ -127,7 +127,7 @@ def sdpa_probe() -> list[dict]:
 
 def sampler_probe() -> list[dict]:
     """Extra bytes of rap's sampler (pick_tokens) over [B, V] fp32 logits, per element."""
-    from rap.decode import pick_tokens
+    from rap.decode.decoder import pick_tokens
 
     rows = []
     for B, V in [(1, 49152), (8, 49152), (32, 49152), (1, 151936), (16, 151936), (8, 32000), (16, 32000)]:

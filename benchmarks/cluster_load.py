@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                  ("requests", "answered_ok", "lost", "requests_per_s", "p50_ms", "p99_ms")}})
 
     # ---- phase 2: the cluster, one replica killed ------------------------------------------------------
-    from rap.cluster import DeployConfig, ReplicaConfig, start_cluster, stop_cluster
+    from rap.serve.cluster import DeployConfig, ReplicaConfig, start_cluster, stop_cluster
 
     t_start = time.perf_counter()
     url = start_cluster(ReplicaConfig(args.model, budget=str(share * args.replicas), threads=args.threads,

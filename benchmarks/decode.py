@@ -33,12 +33,12 @@ import traceback
 import torch
 
 from benchmarks.common import environment, out_dir, print_table, shape_config
-from rap.decode import Decoder, bucket_batch, bucket_length
+from rap.decode.decoder import Decoder, bucket_batch, bucket_length
 from rap.errors import BudgetError
-from rap.hf import cache_kwargs
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request, format_bytes
-from rap.model import BlockView
+from rap.core.hf import cache_kwargs
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request, format_bytes
+from rap.core.model import BlockView
 from rap.sources import model_from_config
 
 
@@ -137,7 +137,7 @@ def stock_row(view, mem, mask, label, batch, prompt, n1, n2, bandwidth, device, 
     attn = torch.ones_like(ids)
     cache = None
     if static_compiled:
-        from rap.hf import StaticCache
+        from rap.core.hf import StaticCache
 
         cache = StaticCache(config=view.model.config, max_cache_len=prompt + n2)
 

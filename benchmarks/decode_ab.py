@@ -21,8 +21,8 @@ CHILD = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
 from rap.sources import load_view
-from rap.decode import Decoder
-from rap.mask import BlockMask
+from rap.decode.decoder import Decoder
+from rap.core.mask import BlockMask
 model, step, tokens, dtype, drop = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 view, tok = load_view(model, dtype=dtype, device="cpu")
 mask = BlockMask.from_drop(view.num_layers, [d for d in drop.split(",") if d])

@@ -27,9 +27,9 @@ import time
 import torch
 
 from benchmarks.common import out_dir, print_table, write_json
-from rap.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
-from rap.budget import FixedBudget
-from rap.memory import Request, format_bytes
+from rap.serve.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
+from rap.serve.budget import FixedBudget
+from rap.core.memory import Request, format_bytes
 
 log = logging.getLogger("engine_trace")
 
@@ -62,7 +62,7 @@ class NumericTokenizer:
 def load(args):
     if args.shape:
         from benchmarks.memory_model import config_for
-        from rap.model import BlockView
+        from rap.core.model import BlockView
         from rap.sources import default_device, model_from_config
 
         device = args.device or default_device()

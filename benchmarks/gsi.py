@@ -50,7 +50,7 @@ def _time_pieces(runner, h: torch.Tensor, ids: torch.Tensor, repeats: int = 3) -
 
 def timing(args) -> None:
     """Per-step time of exact and racing GSI on a Llama-2-7B-shaped model with random weights."""
-    from rap.model import BlockView
+    from rap.core.model import BlockView
     from rap.profile import Calibration, Racing, gsi
     from rap.profile.runner import BlockRunner
     from rap.sources import load_view, model_from_config

@@ -30,16 +30,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-from rap.hf import DynamicCache
+from rap.core.hf import DynamicCache
 
 from benchmarks.common import out_dir, print_table, shape_config, write_json
 from rap.kv import AdaKV, Budget, PyramidKV, SnapKV, StreamingLLM, adaptive_keep_mask, compress
 from rap.kv.attention import triton_available, varlen_attention_torch, varlen_attention_triton
 from rap.kv.cache import FlatKV, cache_nbytes
-from rap.hf import cache_kwargs
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
-from rap.model import BlockView
+from rap.core.hf import cache_kwargs
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
+from rap.core.model import BlockView
 from rap.sources import model_from_config
 
 TINY = dict(vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
@@ -230,7 +230,7 @@ class _AttnStub(torch.nn.Module):
 
 def latency(config, device: str, contexts: list[int], batches: list[int], ratios: list[float],
             iters: int) -> list[dict]:
-    from rap.hf import sdpa_attention
+    from rap.core.hf import sdpa_attention
 
     H, Hq, D = config.num_key_value_heads, config.num_attention_heads, config.head_dim
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

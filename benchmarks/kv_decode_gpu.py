@@ -37,7 +37,7 @@ from benchmarks.common import print_table, shape_config, write_json  # noqa: E40
 
 def synthetic_prefill(dec, seed: int = 0):
     """A stand-in for `Decoder._prefill`: random K/V per kept layer through the decoder's own keep functions."""
-    import rap.decode as decode
+    import rap.decode.decoder as decode
 
     def prefill(ws, mask, ids, pad, plan=None):
         n, P = ids.shape
@@ -65,10 +65,10 @@ def synthetic_prefill(dec, seed: int = 0):
 
 
 def run_row(dec, mem, mask, label, batch, context, new, ratio, press, bits, device):
-    from rap.backends import DecoderBackend
+    from rap.serve.backends import DecoderBackend
     from rap.kv.decode_cache import FlatLayerCache, KVLayout
-    from rap.memory import MemoryModel, Request
-    import rap.decode as decode
+    from rap.core.memory import MemoryModel, Request
+    import rap.decode.decoder as decode
 
     V = dec.view.shape.vocab_size
     prompts = [[(7 * j + r) % (V - 3) + 3 for j in range(context)] for r in range(batch)]
@@ -115,10 +115,10 @@ def main(argv=None) -> int:
                     help="torch.compile the block functions (the serving default on CUDA; it recompiles the dense "
                          "attention per cache length, which does not fit the grid in 4 minutes)")
     args = ap.parse_args(argv)
-    import rap.decode as decode
-    from rap.mask import BlockMask
-    from rap.memory import MemoryModel, Request
-    from rap.model import BlockView
+    import rap.decode.decoder as decode
+    from rap.core.mask import BlockMask
+    from rap.core.memory import MemoryModel, Request
+    from rap.core.model import BlockView
     from rap.sources import model_from_config
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")

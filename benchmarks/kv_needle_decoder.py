@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from rap import provenance
-    from rap.decode import Decoder
+    from rap.decode.decoder import Decoder
     from rap.eval.needle import NeedleSpec, build_case, default_spec, score_answer
     from rap.eval.needle_decoder import KVSetting, run_needle_decoder
     from rap.kv import AdaKV, Budget, SnapKV, compress
     from rap.kv.report import table_text
     from rap.kv.scorer import DEFAULT_SCORER
-    from rap.hf import cache_kwargs
+    from rap.core.hf import cache_kwargs
     from rap.sources import load_view
 
     view, tok = load_view(args.model, dtype=torch.float32, device="cpu")

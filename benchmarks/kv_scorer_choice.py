@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    import rap.decode as decode
+    import rap.decode.decoder as decode
     from rap.eval.needle import build_case, default_spec
     from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep
     from rap.sources import load_view

@@ -11,7 +11,7 @@ Budgets are fractions of the dense need (`MemoryModel.dense_need`) of one reques
 * precision-ladder        rap.policy.precision's fixed rungs (dtype, ffn-int8, int8, int4, int4+drops)
 
 Quality: WikiText-2 *test* perplexity of each chosen plan (calibration was WikiText-2 valid),
-measured with rap.forward and rap.quant.fake_quantize (the int8/int4 kernels' values, dequantized),
+measured with rap.core.forward and rap.core.quant.fake_quantize (the int8/int4 kernels' values, dequantized),
 `--windows` windows of `--seq-len` tokens (the target setting is the full test set at 2,048:
 `--windows 0`). Writes levels-<date>.json and .png under $OUT (default benchmarks/results).
 
@@ -41,7 +41,7 @@ TARGETS = {0.7: 1.02, 0.5: 1.10, 0.4: 1.6}
 
 
 def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
-    """Mean next-token NLL of `windows` under `plan` (levels by fake_quantize on rap.forward)."""
+    """Mean next-token NLL of `windows` under `plan` (levels by fake_quantize on rap.core.forward)."""
     from rap.profile.levels import Streams
 
     total = 0.0
@@ -52,7 +52,7 @@ def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
 
 
 def build_policies(view, memory, level_prof, gsi_prof: dict, request):
-    from rap.plan import DROP, INT8, Plan
+    from rap.core.plan import DROP, INT8, Plan
     from rap.policy import DEFAULT_POLICY, make_policy
     from rap.policy.context import PolicyContext
     from rap.policy.evaluator import QualityModel
@@ -102,7 +102,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request):
 
 
 def decide_p99_ms(solver, memory, seed: int = 0, n: int = 500) -> float:
-    from rap.memory import Request
+    from rap.core.memory import Request
 
     rng = np.random.default_rng(seed)
     times = []
@@ -157,8 +157,8 @@ def main(argv=None) -> None:
     from benchmarks.common import environment, print_table
     from rap.data import WIKITEXT2_TEST, read_text
     from rap.eval.perplexity import needs_bos, token_windows
-    from rap.memory import MemoryModel, Request
-    from rap.plan import Plan
+    from rap.core.memory import MemoryModel, Request
+    from rap.core.plan import Plan
     from rap.profile.levels import LevelRunner, level_profile, load_level_profile
     from rap.sources import load_view
 
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
     payload = {**env, "model": args.model,
                "eval": {"file": WIKITEXT2_TEST, "windows": int(windows.shape[0]), "seq_len": args.seq_len,
                         "dtype": str(view.dtype).replace("torch.", ""),
-                        "how": "rap.forward with rap.quant.fake_quantize values (not the int8/int4 kernels)"},
+                        "how": "rap.core.forward with rap.core.quant.fake_quantize values (not the int8/int4 kernels)"},
                "request": {"batch": request.batch, "prompt": request.prompt, "new_tokens": request.new_tokens},
                "memory_model_device": "cuda" if on_cuda else "cpu", "dense_need_bytes": dense_need,
                "level_profile": {"path": args.profile, "calibration": lp.calibration, "device": lp.device},

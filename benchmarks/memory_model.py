@@ -4,13 +4,13 @@ For each (model shape, mask, batch, prompt, new tokens) this runs a generate pat
 resident, a static KV cache for prompt + new tokens in the kept attention blocks only, prefill with
 SDPA keeping last-position logits, then sampled decode steps (fp32 softmax + top-p):
 
-* `--path decoder` (default): rap's own fast path, `rap.decode.Decoder` (CUDA graph per mask), the
+* `--path decoder` (default): rap's own fast path, `rap.decode.decoder.Decoder` (CUDA graph per mask), the
   one the engine serves with; its cache is sized for the bucketed batch and length it allocates;
 * `--path hf`: transformers' forward with a `StaticCache`, for comparison (its SDPA call gets a
   materialised mask, and PyTorch's backend choice then varies with the shape).
 
 Model weights are random (shape is what matters for bytes). As the engine serves a mask, the
-blocks it drops leave the device first (`rap.residency.WeightResidency`, host copies), so the
+blocks it drops leave the device first (`rap.serve.residency.WeightResidency`, host copies), so the
 resident parameters are what `MemoryModel.param_bytes(mask)` counts.
 
     python -m benchmarks.memory_model            # on the GPU; writes $OUT/memory-model-<date>.json
@@ -25,14 +25,14 @@ import gc
 
 import torch
 
-from rap.hf import StaticCache
+from rap.core.hf import StaticCache
 
 from benchmarks.common import print_table, shape_config, write_json
-from rap.residency import WeightResidency
-from rap.hf import cache_kwargs
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
-from rap.model import BlockView
+from rap.serve.residency import WeightResidency
+from rap.core.hf import cache_kwargs
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
+from rap.core.model import BlockView
 from rap.sources import model_from_config
 
 def config_for(name: str):
@@ -51,7 +51,7 @@ def masks_for(view: BlockView) -> dict[str, BlockMask]:
 
 def decoder_request(req: Request) -> Request:
     """The request the Decoder actually allocates for (batch bucket, length rounded to its quantum)."""
-    from rap.decode import bucket_batch, bucket_length
+    from rap.decode.decoder import bucket_batch, bucket_length
 
     total = bucket_length(req.total_tokens)
     return Request(bucket_batch(req.batch), req.prompt, total - req.prompt)
@@ -59,7 +59,7 @@ def decoder_request(req: Request) -> Request:
 
 @torch.no_grad()
 def run_decoder_path(view: BlockView, mask: BlockMask, req: Request, device: str) -> None:
-    from rap.decode import Decoder
+    from rap.decode.decoder import Decoder
 
     prompts = torch.randint(10, view.shape.vocab_size, (req.batch, req.prompt)).tolist()
     decoder = Decoder(view)

@@ -40,7 +40,7 @@ from benchmarks.common import environment, out_dir, print_table
 from rap.data import WIKITEXT2_TEST, WIKITEXT2_VALID, read_text
 from rap.errors import BudgetError
 from rap.eval.perplexity import needs_bos, token_windows
-from rap.mask import BlockMask
+from rap.core.mask import BlockMask
 
 log = logging.getLogger("benchmarks.policy")
 POLICIES = ("rl", "ladder", "gsi-order", "knapsack", "ffn-first", "attn-first", "gsi-order/kv1", "oracle")
@@ -332,7 +332,7 @@ def main() -> None:
 
 def smoke_bundle(view, tok, out: Path) -> Path:
     """A tiny policy for stories260k, trained in seconds (smoke runs only)."""
-    from rap.memory import MemoryModel
+    from rap.core.memory import MemoryModel
     from rap.policy.context import PolicyContext
     from rap.policy.evaluator import MeasuredEvaluator
     from rap.policy.train import TrainConfig, base_meta, prepare_quality, train_agent

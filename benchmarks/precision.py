@@ -39,11 +39,11 @@ import torch
 
 from benchmarks.common import environment, out_dir, print_table, shape_config
 from benchmarks.decode import copy_bandwidth, random_prompts, sync
-from rap.decode import Decoder
-from rap.memory import MemoryModel, format_bytes
-from rap.model import BlockView
-from rap.plan import Plan, PlanError, block_linears, int4_group_size
-from rap.quant import fake_quantize, storage_bytes
+from rap.decode.decoder import Decoder
+from rap.core.memory import MemoryModel, format_bytes
+from rap.core.model import BlockView
+from rap.core.plan import Plan, PlanError, block_linears, int4_group_size
+from rap.core.quant import fake_quantize, storage_bytes
 from rap.sources import model_from_config
 
 log = logging.getLogger("benchmarks.precision")

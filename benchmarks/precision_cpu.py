@@ -24,12 +24,12 @@ import torch
 
 from benchmarks.common import environment, print_table
 from rap.data import WIKITEXT2_TEST, read_text
-from rap.decode import Decoder
+from rap.decode.decoder import Decoder
 from rap.eval.perplexity import needs_bos, perplexity, token_windows
-from rap.memory import MemoryModel
-from rap.plan import Plan, PlanError as _PlanError  # noqa: N814
+from rap.core.memory import MemoryModel
+from rap.core.plan import Plan, PlanError as _PlanError  # noqa: N814
 from rap.policy.precision import precision_rungs
-from rap.residency import WeightResidency
+from rap.serve.residency import WeightResidency
 from rap.sources import load_view
 
 

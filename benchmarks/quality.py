@@ -34,8 +34,8 @@ from benchmarks.common import environment, out_dir, print_table
 from rap.data import WIKITEXT2_TEST, WIKITEXT2_VALID, read_text
 from rap.eval import zeroshot
 from rap.eval.perplexity import needs_bos, perplexity, token_windows
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 
 log = logging.getLogger("benchmarks.quality")
 DEFAULT_BUDGETS = (1.0, 0.8, 0.6, 0.4)

@@ -46,8 +46,8 @@ from benchmarks.common import environment, out_dir, print_table
 from rap.data import WIKITEXT2_TEST, read_text
 from rap.eval import zeroshot
 from rap.eval.perplexity import needs_bos, perplexity, token_windows
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 
 log = logging.getLogger("benchmarks.quant_peer")
 

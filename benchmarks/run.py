@@ -10,7 +10,7 @@ result file), or null with the reason in `notes`.
 Sections (rows carry `section`):
 - ``throughput``: KV-light request (batch 1, prompt 512, 128 new) at budgets 100/80/60/40% of the dense
   need (memory model: weights + KV + activations). Rows: rap (policy decision, dropped blocks moved off
-  the device, rap.decode.Decoder), ShortGPT-style static layer removal that fits the same budget (same
+  the device, rap.decode.decoder.Decoder), ShortGPT-style static layer removal that fits the same budget (same
   decoder), and stock `model.generate` (dense). 7B/8B shapes use random weights: timing only.
 - ``kv-heavy``: batch 32 x prompt 4096 on the Llama-2-7B shape under a budget of 80% of the dense need,
   enforced with `torch.cuda.set_per_process_memory_fraction`: dense (does it run out of memory?), rap
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 from benchmarks.common import SHAPES, environment, out_dir, print_table, shape_config
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
+from rap.core.model import BlockView
 
 log = logging.getLogger("benchmarks.run")
 
@@ -125,7 +125,7 @@ def build_view(shape: str, model_path: str | None, device: str, dtype: torch.dty
 def planning_request(request: Request) -> Request:
     """The request as the Decoder allocates it (batch bucket, cache length rounded up)."""
     try:
-        from rap.decode import bucket_batch, bucket_length
+        from rap.decode.decoder import bucket_batch, bucket_length
     except ImportError:
         return request
     length = bucket_length(request.total_tokens)
@@ -158,8 +158,8 @@ def shortgpt_mask(view: BlockView, mem: MemoryModel, request: Request, budget_by
 
 def time_decoder(view: BlockView, mask: BlockMask, request: Request, device: str, budget_bytes: int | None,
                  residency=None) -> dict:
-    """Move dropped blocks off the device, then time rap.decode.Decoder (prefill + decode) and its peak."""
-    from rap.decode import Decoder
+    """Move dropped blocks off the device, then time rap.decode.decoder.Decoder (prefill + decode) and its peak."""
+    from rap.decode.decoder import Decoder
 
     if residency is not None:
         residency.apply(mask)
@@ -172,7 +172,7 @@ def time_decoder(view: BlockView, mask: BlockMask, request: Request, device: str
         dec.prepare(mask, request.batch, request.total_tokens, prompt=request.prompt)
         # warm-up (allocator, kernels) in the same (batch bucket, cache length) workspace as the timed call,
         # so no second KV workspace is allocated and counted in the peak
-        from rap.decode import bucket_length
+        from rap.decode.decoder import bucket_length
 
         warm = 8 if bucket_length(request.prompt + 8) == bucket_length(request.total_tokens) else request.new_tokens
         dec.generate(prompts, min(warm, request.new_tokens), mask=mask)
@@ -216,7 +216,7 @@ def time_stock_generate(view: BlockView, request: Request, device: str) -> dict:
 
 # ---- sections -----------------------------------------------------------------------------------------
 def throughput_section(shape: str, args, profile: dict | None, request: Request) -> list[dict]:
-    from rap.residency import WeightResidency
+    from rap.serve.residency import WeightResidency
 
     view, real = build_view(shape, args.model, args.device, args.dtype)
     weights = "real" if real else "random (timing only)"
@@ -278,7 +278,7 @@ def throughput_section(shape: str, args, profile: dict | None, request: Request)
 
 def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], dict]:
     """Dense vs rap vs dense-with-a-KV-limit under one enforced budget (CUDA only)."""
-    from rap.residency import WeightResidency
+    from rap.serve.residency import WeightResidency
 
     view, real = build_view(shape, args.model, args.device, args.dtype)
     mem = MemoryModel.from_view(view, on_cuda=True)

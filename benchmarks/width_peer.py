@@ -46,8 +46,8 @@ from benchmarks.quality import add_protocol_args, apply_smoke, calibration_windo
 from rap.data import WIKITEXT2_TEST, WIKITEXT2_VALID, read_text
 from rap.eval import zeroshot
 from rap.eval.perplexity import needs_bos, token_windows
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 
 log = logging.getLogger("benchmarks.width_peer")
 DEFAULT_BUDGETS = (0.8, 0.6)

@@ -62,7 +62,7 @@ def tiny_config(model_type: str, **overrides):
 
 @pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def tiny_view(request):
-    from rap.model import BlockView
+    from rap.core.model import BlockView
     from rap.sources import model_from_config
 
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import contextlib
 
 import torch
 
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ def test_no_profile_is_offered_for_another_model_or_shape():
 
 
 def test_engine_without_a_profile_uses_the_shipped_one():
-    from rap.engine import Engine
+    from rap.serve.engine import Engine
     from rap.sources import load_view
 
     view, tok = load_view("stories260k", dtype=torch.float32, device="cpu")
@@ -34,8 +34,8 @@ def test_engine_without_a_profile_uses_the_shipped_one():
     assert engine.profile == bundled_profile("stories260k", 5)
     order = json.loads(engine.profile.read_text())["order"]
     # the smallest budget that still fits once the first block of the order is gone drops exactly that block
-    from rap.mask import BlockMask
-    from rap.memory import Request
+    from rap.core.mask import BlockMask
+    from rap.core.memory import Request
 
     request = engine.planning_request(Request(1, 8, 8))
     one_dropped = BlockMask.from_order(view.num_layers, order, 1)

@@ -1,4 +1,4 @@
-"""rap on Ray Serve (rap.cluster): the budget split rule and metrics relabelling on their own, then a local Ray
+"""rap on Ray Serve (rap.serve.cluster): the budget split rule and metrics relabelling on their own, then a local Ray
 with 2 replicas of stories260k driven over loopback HTTP: both answer, a cluster budget reaches both, a killed
 replica comes back while the cluster keeps answering.
 
@@ -18,7 +18,7 @@ from conftest import run_rap
 
 ray_serve = pytest.importorskip("ray.serve", reason="the cluster extra: pip install 'rap-runtime[cluster]'")
 
-from rap.cluster import DeployConfig, ReplicaConfig, assign_budgets, relabel_metrics  # noqa: E402
+from rap.serve.cluster import DeployConfig, ReplicaConfig, assign_budgets, relabel_metrics  # noqa: E402
 from rap.errors import RapError, RequestError  # noqa: E402
 
 MiB = 1 << 20
@@ -67,7 +67,7 @@ def test_cluster_command_without_the_extra_says_how_to_install_it(monkeypatch):
 
     import rap
 
-    monkeypatch.delitem(sys.modules, "rap.cluster", raising=False)
+    monkeypatch.delitem(sys.modules, "rap.serve.cluster", raising=False)
     monkeypatch.delattr(rap, "cluster", raising=False)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
     result = run_rap("cluster", "stories260k")
@@ -92,7 +92,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from rap.cluster import start_cluster, stop_cluster
+    from rap.serve.cluster import start_cluster, stop_cluster
 
     url = start_cluster(ReplicaConfig("stories260k", budget="1TiB", threads=1, batch_window_s=0.02),
                         DeployConfig(replicas=2, retries=3), port=_free_port(), log_to_driver=False)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from rap.decode import Decoder, bucket_batch, bucket_length
+from rap.decode.decoder import Decoder, bucket_batch, bucket_length
 from rap.errors import BudgetError, RequestError, UnsupportedModelError
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
+from rap.core.model import BlockView
 from rap.sources import model_from_config
 
 from conftest import tiny_config

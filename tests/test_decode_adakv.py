@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-import rap.decode as decode
-from rap.decode import Decoder
-from rap.backends import DecoderBackend
+import rap.decode.decoder as decode
+from rap.decode.decoder import Decoder
+from rap.serve.backends import DecoderBackend
 from rap.errors import RequestError
-from rap.hf import cache_kwargs
+from rap.core.hf import cache_kwargs
 from rap.kv import AdaKV, Budget, SnapKV, compress
 from rap.kv.decode_cache import FlatLayerCache, KVLayout, quantize_rows
 from rap.kv.scorer import SnapKVScorer, adaptive_keep
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
 
 from test_decode_kv import STORY
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rap.decode as decode
-from rap.decode import LENGTH_QUANTUM, Decoder, bucket_batch, bucket_length
-from rap.backends import DecoderBackend
+import rap.decode.decoder as decode
+from rap.decode.decoder import LENGTH_QUANTUM, Decoder, bucket_batch, bucket_length
+from rap.serve.backends import DecoderBackend
 from rap.errors import RequestError
-from rap.hf import cache_kwargs, output_cache
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
-from rap.model import BlockView
+from rap.core.hf import cache_kwargs, output_cache
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
+from rap.core.model import BlockView
 from rap.sources import model_from_config
 
 from conftest import tiny_config

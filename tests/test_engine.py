@@ -6,14 +6,14 @@ from collections import Counter
 import pytest
 import torch
 
-from rap.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
-from rap.budget import CallableBudget, DeviceFractionBudget, FixedBudget, LiveBudget, budget_from_spec
+from rap.serve.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
+from rap.serve.budget import CallableBudget, DeviceFractionBudget, FixedBudget, LiveBudget, budget_from_spec
 from rap.policy.greedy import Decision, GreedyPolicy, default_removal_order
-from rap.backends import HFGenerateBackend
-from rap.residency import WeightResidency
+from rap.serve.backends import HFGenerateBackend
+from rap.serve.residency import WeightResidency
 from rap.errors import BudgetError, RequestError
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
 
 BIG = 1 << 40
 
@@ -187,7 +187,7 @@ class FlakyBackend(HFGenerateBackend):
 def test_out_of_memory_is_caught_logged_and_retried_once_with_a_smaller_decision(loaded, caplog):
     engine = make_engine(loaded, backend="hf")
     engine.backend = engine._fallback_backend = FlakyBackend(failures=1)
-    with caplog.at_level(logging.WARNING, logger="rap.engine"):
+    with caplog.at_level(logging.WARNING, logger="rap.serve.engine"):
         result = engine.complete("Once upon a time", max_new_tokens=6)
     assert result.ok and result.step.oom_retry and result.completion_tokens == 6
     assert len(result.step.decision.mask.dropped) > 0  # dense did not survive the shrink
@@ -295,7 +295,7 @@ def test_any_object_with_decide_or_a_plain_callable_is_a_policy(loaded):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dropped_blocks_leave_the_gpu_and_come_back():
     from conftest import tiny_config
-    from rap.model import BlockView
+    from rap.core.model import BlockView
     from rap.sources import load_view, model_from_config
 
     torch.manual_seed(0)
@@ -340,7 +340,7 @@ def test_staging_host_copies_is_a_no_op_on_cpu_where_weights_already_live_in_hos
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_staged_host_copies_make_a_later_drop_allocate_no_host_memory():
     from conftest import tiny_config
-    from rap.model import BlockView
+    from rap.core.model import BlockView
     from rap.sources import model_from_config
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from rap.errors import RapError
 def test_demo_replays_the_trace_within_budget_and_writes_json_and_plot(tmp_path):
     from rich.console import Console
 
-    from rap.demo import run_demo
+    from rap.serve.demo import run_demo
 
     console = Console(file=open(tmp_path / "screen.txt", "w"), width=160)
     result, json_path, plot = run_demo("stories260k", trace=(1.0, 0.4, 1.0), batches_per_level=2, out_dir=tmp_path,
@@ -30,7 +30,7 @@ def test_demo_replays_the_trace_within_budget_and_writes_json_and_plot(tmp_path)
 
 def test_demo_falls_back_to_stories260k_when_the_model_cannot_be_fetched(monkeypatch):
     import rap.sources
-    from rap.demo import load_demo_model
+    from rap.serve.demo import load_demo_model
 
     real = rap.sources.load_view
 
@@ -45,7 +45,7 @@ def test_demo_falls_back_to_stories260k_when_the_model_cannot_be_fetched(monkeyp
 
 
 def test_demo_of_a_model_that_does_not_exist_is_an_error_not_a_fallback():
-    from rap.demo import load_demo_model
+    from rap.serve.demo import load_demo_model
 
     with pytest.raises(RapError, match="not found"):
         load_demo_model("/no/such/model", device="cpu")
@@ -68,7 +68,7 @@ def test_rap_demo_and_serve_are_registered_commands(tmp_path):
 
 @pytest.mark.parametrize("spec", ["1.0,2.0", "0,1"])
 def test_demo_rejects_trace_levels_out_of_range(spec, tmp_path):
-    from rap.demo import run_demo
+    from rap.serve.demo import run_demo
 
     with pytest.raises(RapError):
         run_demo("stories260k", trace=[float(x) for x in spec.split(",")], out_dir=tmp_path, device="cpu")

@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from rap.engine import Engine, EngineFailure, GenerationRequest
+from rap.serve.engine import Engine, EngineFailure, GenerationRequest
 from rap.errors import RequestError
-from rap.mask import BlockMask
+from rap.core.mask import BlockMask
 
 BIG = 1 << 40
 PROMPT = "Once upon a time"

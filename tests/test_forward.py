@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rap.forward import Forward
-from rap.mask import BlockMask
+from rap.core.forward import Forward
+from rap.core.mask import BlockMask
 from rap.sources import is_available, load_view
 
 from reference import reference_logits
@@ -100,7 +100,7 @@ def test_perplexity_on_rap_forward_equals_stock_forward_under_a_mask(stories):
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
 def test_logits_are_bit_identical_to_stock_forward_in_bfloat16_on_cpu(family):
-    from rap.model import BlockView
+    from rap.core.model import BlockView
     from rap.sources import model_from_config
 
     from conftest import tiny_config

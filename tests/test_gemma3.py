@@ -7,9 +7,9 @@ The masked reference is transformers with the dropped blocks' outputs zeroed by 
 import pytest
 import torch
 
-from rap.decode import Decoder
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.decode.decoder import Decoder
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 from rap.sources import is_available, load_view, model_from_config
 
 from conftest import tiny_config
@@ -52,14 +52,14 @@ def test_gemma3_sliding_layers_hold_full_length_buffers_and_the_memory_model_cou
     dec.generate(PROMPTS, 8, mask=mask, pad_token_id=0)
     (ws,) = dec._workspaces.values()
     assert sorted(ws.kv) == [0, 2, 3]
-    from rap.memory import Request
+    from rap.core.memory import Request
 
     assert dec.kv_resident_bytes == dec.memory.kv_bytes(Request(ws.batch, 9, ws.length - 9), mask)
     assert not dec.compresses_kv  # a KV keep ratio needs positions the window can count
 
 
 def test_the_engine_serves_gemma3_with_rap_decode(tiny_gemma):
-    from rap.backends import make_backend
+    from rap.serve.backends import make_backend
 
     backend = make_backend(tiny_gemma, "auto")
     assert backend.name == "rap-decode"

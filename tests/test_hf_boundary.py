@@ -1,4 +1,4 @@
-"""rap touches transformers beyond its public loading API in one module only: `rap.hf`."""
+"""rap touches transformers beyond its public loading API in one module only: `rap.core.hf`."""
 
 import ast
 from pathlib import Path
@@ -8,11 +8,11 @@ import torch
 
 import rap
 from rap.errors import RapError
-from rap.hf import CACHE_KWARG, cache_given_to_attention, cache_kwargs
-from rap.model import SkippedAttention
+from rap.core.hf import CACHE_KWARG, cache_given_to_attention, cache_kwargs
+from rap.core.model import SkippedAttention
 
 SRC = Path(rap.__file__).parent
-BOUNDARY = SRC / "hf.py"
+BOUNDARY = SRC / "core" / "hf.py"
 # transformers internals that changed name or calling convention within the supported range (or are private)
 INTERNAL_NAMES = {"past_key_values", "_attn_implementation", "sdpa_attention_forward", "create_causal_mask",
                   "create_sliding_window_causal_mask", "AttentionInterface", "AttentionMaskInterface"}
@@ -27,11 +27,11 @@ def test_no_module_but_rap_hf_reaches_into_transformers_internals(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("transformers."):
-            pytest.fail(f"{path.name}:{node.lineno} imports from {node.module}; go through rap.hf")
+            pytest.fail(f"{path.name}:{node.lineno} imports from {node.module}; go through rap.core.hf")
         names = {node.attr} if isinstance(node, ast.Attribute) else \
             {node.arg} if isinstance(node, ast.keyword) and node.arg else \
             {a.name for a in node.names} if isinstance(node, (ast.Import, ast.ImportFrom)) else set()
-        assert not names & INTERNAL_NAMES, f"{path.name}:{node.lineno} uses {names & INTERNAL_NAMES}; go through rap.hf"
+        assert not names & INTERNAL_NAMES, f"{path.name}:{node.lineno} uses {names & INTERNAL_NAMES}; go through rap.core.hf"
 
 
 def test_the_cache_keyword_is_the_one_this_transformers_takes(stories):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rap.hf import cache_given_to_attention, cache_kwargs
+from rap.core.hf import cache_given_to_attention, cache_kwargs
 from rap.kv import AdaKV, LayerInputs, PyramidKV, SnapKV, StreamingLLM, adaptive_keep_mask
 from rap.kv.base import window_attention
 
@@ -82,7 +82,7 @@ def test_window_attention_equals_the_models_own_attention_weights(tiny_view):
         captured.update(hidden=kwargs["hidden_states"], pe=kwargs["position_embeddings"], attn=output[1],
                         cache=cache_given_to_attention(kwargs))
 
-    from rap.hf import DynamicCache
+    from rap.core.hf import DynamicCache
 
     attn = tiny_view.attention_module(0)
     h = attn.register_forward_hook(hook, with_kwargs=True)

@@ -5,13 +5,13 @@ import httpx
 import pytest
 import torch
 
-from rap.engine import Engine, GenerationRequest
+from rap.serve.engine import Engine, GenerationRequest
 from rap.policy.greedy import Decision, GreedyPolicy
 from rap.kv.decode_cache import KVLayout
 from rap.errors import RequestError
-from rap.mask import BlockMask
-from rap.memory import Request
-from rap.server import ServerThread, create_app
+from rap.core.mask import BlockMask
+from rap.core.memory import Request
+from rap.serve.server import ServerThread, create_app
 
 
 BIG = 1 << 40

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from rap.eval.perplexity import window_nll
-from rap.forward import Forward
-from rap.plan import DROP
+from rap.core.forward import Forward
+from rap.core.plan import DROP
 from rap.profile import load_calibration
 from rap.profile.levels import allowed_levels, level_profile, load_level_profile
-from rap.quant import fake_quantize
+from rap.core.quant import fake_quantize
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def _reference_nll(view, calib, block: str, level: str) -> float:
     mask = None
     try:
         if level == DROP:
-            from rap.mask import BlockMask
+            from rap.core.mask import BlockMask
 
             mask = BlockMask.full(view.num_layers).drop(block)
         elif level != "dtype":

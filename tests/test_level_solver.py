@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from rap.errors import BudgetError
-from rap.memory import MemoryModel, Request
-from rap.plan import DROP, DTYPE, Plan
+from rap.core.memory import MemoryModel, Request
+from rap.core.plan import DROP, DTYPE, Plan
 from rap.policy.solver import LevelSolver, LevelTable
 
 

@@ -9,9 +9,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from rap.engine import Engine  # noqa: E402
+from rap.serve.engine import Engine  # noqa: E402
 from rap.eval.lm_eval_model import write_task_configs  # noqa: E402
-from rap.server import ServerThread, create_app  # noqa: E402
+from rap.serve.server import ServerThread, create_app  # noqa: E402
 from rap.sources import bundled_path  # noqa: E402
 
 LIMIT = 8
@@ -55,7 +55,7 @@ def test_rap_model_on_local_tasks_matches_raps_own_scorer(task_manager, stories)
 
     out = run(task_manager, "rap", "model=stories260k,drop=ffn.3+attn.1", ["rap_piqa", "rap_winogrande", "rap_arc_easy"])
     view, tok = stories
-    from rap.mask import BlockMask
+    from rap.core.mask import BlockMask
 
     ours = evaluate(view, tok, ["piqa", "winogrande", "arc_easy"], limit=LIMIT,
                     mask=BlockMask.parse("ffn.3,attn.1", view.num_layers), progress=False)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rap.errors import MaskError
-from rap.mask import BlockMask
+from rap.core.mask import BlockMask
 
 
 def test_masks_are_hashable_values():

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from rap.errors import RequestError
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request, cuda_block_bytes, parse_bytes
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request, cuda_block_bytes, parse_bytes
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_non_positive_request_sizes_are_rejected(args):
 # ---- the decoder path's fixed and transient terms (derivations in rap/memory.py) --------------------
 def test_cuda_runtime_is_two_cublas_workspaces_and_only_on_cuda(mem, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    from rap.memory import cuda_cublas_workspace_bytes
+    from rap.core.memory import cuda_cublas_workspace_bytes
 
     assert cuda_cublas_workspace_bytes() == 32 * 2**20
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
@@ -121,7 +121,7 @@ def test_prefill_peak_is_one_layers_transient_on_the_residual_stream(mem):
 
 
 def test_prefill_runs_a_few_rows_at_a_time_so_its_transients_stop_growing_with_the_batch(mem):
-    from rap.memory import PREFILL_CHUNK_TOKENS
+    from rap.core.memory import PREFILL_CHUNK_TOKENS
 
     s, P = mem.shape, 1024
     rows = PREFILL_CHUNK_TOKENS // P
@@ -138,8 +138,8 @@ def test_decoder_peak_on_cuda_is_what_the_memory_model_says():
     import torch
     from transformers import AutoConfig
 
-    from rap.decode import Decoder, bucket_batch, bucket_length
-    from rap.model import BlockView
+    from rap.decode.decoder import Decoder, bucket_batch, bucket_length
+    from rap.core.model import BlockView
     from rap.sources import model_from_config
 
     config = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=512, intermediate_size=1536,

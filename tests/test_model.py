@@ -1,11 +1,11 @@
 import pytest
 import torch
-from rap.hf import DynamicCache, StaticCache, cache_kwargs
+from rap.core.hf import DynamicCache, StaticCache, cache_kwargs
 
 from rap.errors import UnsupportedModelError
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
-from rap.model import BlockView, SkippedCacheLayer
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
+from rap.core.model import BlockView, SkippedCacheLayer
 from rap.sources import model_from_config
 
 from conftest import tiny_config

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import rap.decode as decode
-from rap.decode import Decoder
+import rap.decode.decoder as decode
+from rap.decode.decoder import Decoder
 from rap.eval.needle_decoder import PrefillReplay
 
 from test_decode_kv import STORY

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from rap.errors import MaskError, RapError
-from rap.mask import BlockMask
-from rap.plan import Plan, PlanError, parse_level
+from rap.core.mask import BlockMask
+from rap.core.plan import Plan, PlanError, parse_level
 
 
 def test_plan_is_a_hashable_value_that_extends_block_mask():

@@ -12,8 +12,8 @@ import torch
 
 from conftest import run_rap as rap
 from rap.errors import BudgetError
-from rap.mask import BlockMask
-from rap.memory import MemoryModel, Request
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request
 from test_policy_support import stories_context, stories_setup
 
 POLICIES = ("ladder", "gsi-order", "knapsack", "ffn-first", "attn-first", "oracle")
@@ -46,7 +46,7 @@ def test_cost_table_handles_sliding_window_layers_of_different_kv_cost():
     """Gemma 3 mixes sliding and full attention layers: KV bytes differ per layer."""
     from conftest import tiny_config
 
-    from rap.model import BlockView
+    from rap.core.model import BlockView
     from rap.policy.context import PolicyContext
     from rap.policy.evaluator import KVPenalty, MaskSurrogate, QualityModel
     from rap.sources import model_from_config

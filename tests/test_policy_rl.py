@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("gymnasium")
 pytest.importorskip("sb3_contrib")
 
-from rap.memory import Request  # noqa: E402
+from rap.core.memory import Request  # noqa: E402
 from test_policy_support import stories_context, stories_setup  # noqa: E402
 
 STEPS = 1024

@@ -10,8 +10,8 @@ import torch
 
 from rap.data import WIKITEXT2_VALID, read_text
 from rap.eval.perplexity import token_windows
-from rap.mask import BlockMask
-from rap.memory import MemoryModel
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel
 
 
 def oneshot_profile(view, evaluator) -> dict:

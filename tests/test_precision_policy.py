@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rap.engine import Engine, GenerationRequest
-from rap.memory import MemoryModel, Request
-from rap.plan import Plan
+from rap.serve.engine import Engine, GenerationRequest
+from rap.core.memory import MemoryModel, Request
+from rap.core.plan import Plan
 from rap.policy.precision import PrecisionLadder, precision_rungs
 
 

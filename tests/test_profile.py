@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 from rap.profile import (BlockRunner, Calibration, Racing, gsi, load_calibration, load_profile, naive_gsi,
                          oneshot, random_order, shortgpt)
 

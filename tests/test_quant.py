@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rap.decode import Decoder
-from rap.memory import MemoryModel
-from rap.model import BlockView
-from rap.plan import Plan, PlanError
-from rap.quant import (fake_quantize, module_storage_bytes, quantize_weight, quantized_weight_bytes,
+from rap.decode.decoder import Decoder
+from rap.core.memory import MemoryModel
+from rap.core.model import BlockView
+from rap.core.plan import Plan, PlanError
+from rap.core.quant import (fake_quantize, module_storage_bytes, quantize_weight, quantized_weight_bytes,
                        set_module_level, storage_bytes)
 from rap.sources import model_from_config
 
@@ -148,9 +148,9 @@ def test_decoder_uses_blocks_already_resident_at_their_level():
 
 
 def test_rap_forward_runs_a_plans_quantized_blocks_with_their_quantized_values(stories):
-    """Perplexity, zero-shot and the demo's probe go through rap.forward: under a plan they must score
+    """Perplexity, zero-shot and the demo's probe go through rap.core.forward: under a plan they must score
     the quantized model (its logits equal a transformers model holding the dequantized weights)."""
-    from rap.forward import Forward
+    from rap.core.forward import Forward
 
     view, _ = stories
     plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop", view.num_layers)

@@ -4,12 +4,12 @@ as the memory model says, the order of moves within the larger of the old and ne
 import pytest
 import torch
 
-from rap.decode import Decoder
-from rap.mask import BlockMask
-from rap.memory import MemoryModel
-from rap.model import BlockView
-from rap.plan import Plan
-from rap.residency import WeightResidency
+from rap.decode.decoder import Decoder
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel
+from rap.core.model import BlockView
+from rap.core.plan import Plan
+from rap.serve.residency import WeightResidency
 from rap.sources import model_from_config
 
 from conftest import tiny_config
@@ -91,7 +91,7 @@ def test_staged_quantized_copies_need_no_quantization_transient(view):
 
 
 def test_engine_switches_levels_between_batches(stories):
-    from rap.engine import Engine, GenerationRequest
+    from rap.serve.engine import Engine, GenerationRequest
 
     view, tok = stories
     engine = Engine(view, budget="1GiB", tokenizer=tok)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
-from rap.engine import Engine
-from rap.server import ServerThread, create_app
+from rap.serve.engine import Engine
+from rap.serve.server import ServerThread, create_app
 
 BIG = 1 << 40
 LONG = 480  # stories260k's context is 512: ~2 s of decoding on a busy CPU

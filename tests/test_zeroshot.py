@@ -9,8 +9,8 @@ import torch
 from rap.data import DATASETS
 from rap.errors import RapError, RequestError
 from rap.eval import zeroshot as zs
-from rap.mask import BlockMask
-from rap.model import BlockView
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 from rap.sources import model_from_config
 
 from conftest import tiny_config

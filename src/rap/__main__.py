@@ -1,3 +1,3 @@
-from .cli import main
+from rap.cli import main
 
 main()

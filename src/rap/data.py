@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import RapError
+from rap.errors import RapError
 
 WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"  # held-out perplexity
 WIKITEXT2_VALID = "wikitext-2/valid.txt"  # calibration (no overlap with test)
@@ -80,7 +80,7 @@ DATASETS: dict[str, DataSet] = {s.name: s for s in (
 
 def managed_dir() -> Path:
     """The folder `rap data fetch` writes to: $RAP_CACHE/data (default ~/.cache/rap/data)."""
-    from .sources import cache_dir
+    from rap.sources import cache_dir
 
     return cache_dir() / "data"
 

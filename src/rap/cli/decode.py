@@ -33,9 +33,9 @@ def generate(
     """Generate with rap's decoder: static KV cache for kept attention blocks, one CUDA graph per mask."""
     from rich.markup import escape
 
-    from . import console, load_view_for_cli, parse_mask
-    from ..decode import Decoder
-    from ..errors import RequestError
+    from rap.cli import console, load_view_for_cli, parse_mask
+    from rap.decode.decoder import Decoder
+    from rap.errors import RequestError
 
     view, tok = load_view_for_cli(model, dtype=dtype, device=device)
     mask = parse_mask(view, drop, profile, plan)

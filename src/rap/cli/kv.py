@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _floats(text: str, what: str) -> list[float]:
-    from ..errors import RequestError
+    from rap.errors import RequestError
 
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -45,7 +45,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def _budgets(text: str) -> list[float]:
-    from ..errors import RequestError
+    from rap.errors import RequestError
 
     values = [v / 100 if v > 1 else v for v in _floats(text, "budgets")]  # accept 5,10,20 as percent
     if any(not 0 < v <= 1 for v in values):
@@ -54,7 +54,7 @@ def _budgets(text: str) -> list[float]:
 
 
 def _presses(text: str, full: bool) -> dict:
-    from ..kv import make_press
+    from rap.kv import make_press
 
     presses = {"full": None} if full else {}
     for name in text.split(","):
@@ -64,7 +64,7 @@ def _presses(text: str, full: bool) -> dict:
 
 
 def _load(model: str, dtype: Optional[str], device: Optional[str]):
-    from . import load_view_for_cli
+    from rap.cli import load_view_for_cli
 
     return load_view_for_cli(model, dtype=dtype, device=device)
 
@@ -76,7 +76,7 @@ def _stem(kind: str, view) -> str:
 
 def _finish(kind: str, view, out: Path, rows: list[dict], summary: dict, metric: str, settings: dict,
             value_fmt: str, higher_is_better: bool) -> None:
-    from ..kv.report import table_text, write_result
+    from rap.kv.report import table_text, write_result
 
     title = f"{kind} on {view.name}: {metric} ({'higher' if higher_is_better else 'lower'} is better)"
     console.print(table_text(summary, value_fmt, title))
@@ -101,7 +101,7 @@ def needle(
     out: Path = OUT,
 ) -> None:
     """Needle-in-a-haystack retrieval (Paul Graham essays) per press x budget, averaged over depths and lengths."""
-    from ..eval.needle import default_lengths, run_needle, summarize
+    from rap.eval.needle import default_lengths, run_needle, summarize
 
     view, tok = _load(model, dtype, device)
     ctx = view.shape.max_context
@@ -130,7 +130,7 @@ def leval(
     out: Path = OUT,
 ) -> None:
     """L-Eval long-document exact-match tasks per press x budget (mean over tasks of per-task accuracy)."""
-    from ..eval.leval import run_leval
+    from rap.eval.leval import run_leval
 
     view, tok = _load(model, dtype, device)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -144,7 +144,7 @@ def leval(
     per_task = {t: {p: {b: sum(v) / len(v) for b, v in d.items()} for p, d in ps.items()} for t, ps in per_task.items()}
     summary = {p: {b: sum(per_task[t][p][b] for t in per_task) / len(per_task) for b in d}
                for p, d in next(iter(per_task.values())).items()}
-    from ..kv.report import table_text
+    from rap.kv.report import table_text
 
     for task, s in per_task.items():
         console.print(table_text(s, "{:.3f}", f"{task}: accuracy"))
@@ -169,9 +169,9 @@ def continuation(
     out: Path = OUT,
 ) -> None:
     """Perplexity of the continuation after compressing a long prefix, per press x budget."""
-    from ..data import WIKITEXT2_TEST, read_text
-    from ..eval.perplexity import needs_bos, token_windows
-    from ..kv.continuation import run_continuation
+    from rap.data import WIKITEXT2_TEST, read_text
+    from rap.eval.perplexity import needs_bos, token_windows
+    from rap.kv.continuation import run_continuation
 
     view, tok = _load(model, dtype, device)
     ctx = view.shape.max_context

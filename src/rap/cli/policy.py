@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import RapError
-from ..sources import planning_memory
+from rap.errors import RapError
+from rap.sources import planning_memory
 
 
 def read_profile(path: Path) -> dict:
@@ -44,13 +44,13 @@ def register(app: typer.Typer) -> None:
         """Train the runtime policy: measure quality on calibration data, then MaskablePPO."""
         from rich.console import Console
 
-        from . import load_view_for_cli
-        from ..data import WIKITEXT2_VALID, read_text
-        from ..eval.perplexity import needs_bos, token_windows
-        from ..policy.context import PolicyContext
-        from ..policy.evaluator import MeasuredEvaluator
-        from ..policy.rl import Bundle
-        from ..policy.train import TrainConfig, base_meta, prepare_quality, train_agent, validate_profile
+        from rap.cli import load_view_for_cli
+        from rap.data import WIKITEXT2_VALID, read_text
+        from rap.eval.perplexity import needs_bos, token_windows
+        from rap.policy.context import PolicyContext
+        from rap.policy.evaluator import MeasuredEvaluator
+        from rap.policy.rl import Bundle
+        from rap.policy.train import TrainConfig, base_meta, prepare_quality, train_agent, validate_profile
 
         console = Console(highlight=False, stderr=True)
         import importlib.util
@@ -113,8 +113,8 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from rich.table import Table
 
-        from ..memory import Request, format_bytes, parse_bytes
-        from ..policy import make_policy
+        from rap.core.memory import Request, format_bytes, parse_bytes
+        from rap.policy import make_policy
 
         console = Console(highlight=False)
         request = Request(batch, prompt, new)
@@ -156,12 +156,12 @@ def register(app: typer.Typer) -> None:
 
 def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]):
     """PolicyContext from a trained bundle, or from a profile alone."""
-    from ..policy.context import PolicyContext
-    from ..policy.evaluator import QualityModel
-    from ..policy.rl import Bundle
+    from rap.policy.context import PolicyContext
+    from rap.policy.evaluator import QualityModel
+    from rap.policy.rl import Bundle
 
     if bundle is None and profile is None:
-        from ..sources import bundled_policy
+        from rap.sources import bundled_policy
 
         shipped = bundled_policy(model, memory.shape.num_layers)
         if shipped is not None and shipped.suffix == ".zip":
@@ -175,7 +175,7 @@ def _context(memory, model: str, bundle: Optional[Path], profile: Optional[Path]
         raise RapError(f"no profile ships for {model}: give a trained policy (--policy policy.zip or --bundle "
                        "policy.zip) or --profile profile.json (from `rap profile`)")
     prof = read_profile(profile)
-    from ..policy.train import validate_profile
+    from rap.policy.train import validate_profile
 
     validate_profile(prof, memory.shape.num_layers)
     return PolicyContext(memory, prof["order"], QualityModel.from_profile(prof), prof.get("scores"), model), None

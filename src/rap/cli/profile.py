@@ -41,14 +41,14 @@ def profile_command(
     """Rank blocks by importance and write a reusable profile (removal order, PPL after each removal)."""
     from rich.markup import escape
 
-    from . import console, load_view_for_cli
-    from ..errors import RapError
-    from ..memory import parse_bytes
-    from ..profile.calibration import load_calibration
-    from ..profile.gsi import Racing, gsi
-    from ..profile.oneshot import oneshot
-    from ..profile.random_order import random_order
-    from ..profile.shortgpt import shortgpt
+    from rap.cli import console, load_view_for_cli
+    from rap.errors import RapError
+    from rap.core.memory import parse_bytes
+    from rap.profile.calibration import load_calibration
+    from rap.profile.gsi import Racing, gsi
+    from rap.profile.oneshot import oneshot
+    from rap.profile.random_order import random_order
+    from rap.profile.shortgpt import shortgpt
 
     if method not in METHODS:
         raise RapError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -60,7 +60,7 @@ def profile_command(
     console.print(escape(f"{view.name}: {len(view.blocks)} blocks; calibration {cal.source}: "
                          f"{cal.num_windows} windows x {cal.seq_len} tokens ({str(view.dtype)[6:]} on {view.device})"))
     if method == "levels":
-        from ..profile.levels import level_profile
+        from rap.profile.levels import level_profile
 
         lp = level_profile(view, cal, int4_group=int4_group, steps=steps, remeasure=remeasure or None,
                            batch_windows=batch_windows, bytes_device=bytes_device, checkpoint=out, resume=resume,
@@ -106,13 +106,13 @@ def curve_command(
     """Held-out perplexity as blocks are removed in each profile's order: PNG + table + JSON."""
     from rich.table import Table
 
-    from . import console, load_view_for_cli
-    from ..data import WIKITEXT2_TEST, read_text
-    from ..errors import RapError
-    from ..eval.perplexity import needs_bos, token_windows
-    from ..profile.curve import curve_counts, method_labels, plot_curves, ppl_at, removal_curves, rows
-    from ..provenance import command_line
-    from ..profile.record import environment, load_profile, now
+    from rap.cli import console, load_view_for_cli
+    from rap.data import WIKITEXT2_TEST, read_text
+    from rap.errors import RapError
+    from rap.eval.perplexity import needs_bos, token_windows
+    from rap.profile.curve import curve_counts, method_labels, plot_curves, ppl_at, removal_curves, rows
+    from rap.provenance import command_line
+    from rap.profile.record import environment, load_profile, now
 
     profs = [load_profile(p) for p in profiles]
     hashes = {p.model_hash for p in profs}

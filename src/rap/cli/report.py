@@ -13,6 +13,6 @@ def register(app: typer.Typer) -> None:
                out: Path = typer.Option(Path("benchmarks/results/REPORT.md"), "-o", "--out",
                                         help="Markdown page to write; plots go beside it")) -> None:
         """One Markdown page (tables + plots) from benchmark result JSONs."""
-        from ..report import build_report
+        from rap.report import build_report
 
         typer.echo(f"wrote {build_report(files, out)}")

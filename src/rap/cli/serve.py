@@ -9,14 +9,14 @@ from typing import Optional
 
 import typer
 
-from ..errors import RapError
+from rap.errors import RapError
 
 
 def _stage_spec(stage_host: bool, stage_levels: str | None):
     """--stage-host [--stage-levels a,b] -> Engine's stage_host_copies (False, True or a tuple of levels)."""
     if not stage_levels:
         return stage_host
-    from ..plan import parse_level
+    from rap.core.plan import parse_level
 
     if not stage_host:
         raise RapError("--stage-levels needs --stage-host")
@@ -60,12 +60,12 @@ def register(app: typer.Typer) -> None:
         try:
             import uvicorn  # noqa: F401
 
-            from ..server import create_app, serve as run_server
+            from rap.serve.server import create_app, serve as run_server
         except ImportError as e:
             raise RapError(f"`rap serve` needs the serve extra ({e.name} is missing): pip install 'rap-runtime[serve]'")
-        from . import console, load_view_for_cli
-        from ..engine import Engine
-        from ..memory import format_bytes, parse_bytes
+        from rap.cli import console, load_view_for_cli
+        from rap.serve.engine import Engine
+        from rap.core.memory import format_bytes, parse_bytes
 
         import os
 
@@ -98,8 +98,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Replay a memory-budget trace with a mixed request stream: live table, summary, plot."""
         started = time.perf_counter()
-        from . import _quiet_transformers, console
-        from ..demo import run_demo
+        from rap.cli import _quiet_transformers, console
+        from rap.serve.demo import run_demo
 
         _quiet_transformers()
         _set_threads(threads)

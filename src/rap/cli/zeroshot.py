@@ -23,8 +23,8 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="write the result JSON here"),
     ) -> None:
         """Zero-shot accuracy of MODEL (under a mask) on the eight lm-eval tasks, from rap's data folders."""
-        from ..eval.zeroshot import TASKS, evaluate
-        from . import console, load_view_for_cli, parse_mask
+        from rap.eval.zeroshot import TASKS, evaluate
+        from rap.cli import console, load_view_for_cli, parse_mask
 
         view, tok = load_view_for_cli(model, dtype=dtype, device=device)
         mask = parse_mask(view, drop, profile)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data import data_file
-from ..errors import RequestError
-from .needle import split_chat_prompt
+from rap.data import data_file
+from rap.errors import RequestError
+from rap.eval.needle import split_chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ def run_leval(view, tok, presses: dict, budgets: list[float], tasks: list[str], 
               max_docs: int | None = None, max_questions: int | None = 20, max_new_tokens: int = 32,
               question_aware: bool = True, progress: bool = True) -> list[dict]:
     """One row per (press, budget, task, question); `presses`: name -> Press or None (full cache)."""
-    from ..kv import Budget
-    from ..kv.compress import answer_questions
+    from rap.kv import Budget
+    from rap.kv.compress import answer_questions
 
     device = view.device
     docs = {t: load_documents(tok, t, max_context, max_docs, max_questions, max_new_tokens) for t in tasks}

@@ -32,8 +32,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from ..data import data_file
-from ..errors import RapError
+from rap.data import data_file
+from rap.errors import RapError
 
 TASK_PREFIX = "rap_"
 _MC_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -75,7 +75,7 @@ def write_task_configs(out_dir: str | Path, root: str | Path | None = None) -> P
         raise RapError(f"data file {e.filename} is missing (see shared/data/SOURCES.md)") from None
     if len(piqa) != len(labels):
         raise RapError(f"piqa: {len(piqa)} questions but {len(labels)} labels")
-    from .zeroshot import parse_obqa_choices
+    from rap.eval.zeroshot import parse_obqa_choices
 
     piqa_file = _write_jsonl(out / "piqa.jsonl", [{**r, "label": y} for r, y in zip(piqa, labels)])
     obqa_file = _write_jsonl(out / "openbookqa.jsonl", [
@@ -142,9 +142,9 @@ class RapLM(TemplateLM):
                  dtype: str | None = None, device: str | None = None, batch_size: int | str = 8,
                  max_gen_toks: int = 256, **kwargs):
         super().__init__()
-        from ..engine import Engine
-        from ..mask import BlockMask
-        from ..sources import load_view
+        from rap.serve.engine import Engine
+        from rap.core.mask import BlockMask
+        from rap.sources import load_view
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             device = None  # lm-eval's CLI passes --device (default cuda); like its HFLM, use what is there
@@ -205,7 +205,7 @@ class RapLM(TemplateLM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from ..engine import GenerationRequest
+        from rap.serve.engine import GenerationRequest
 
         out = []
         for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="rap generate"):

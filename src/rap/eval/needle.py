@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import data_file
-from ..errors import RequestError
+from rap.data import data_file
+from rap.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def run_needle(view, tok, presses: dict, budgets: list[float], lengths: list[int
                max_new_tokens: int = 32, question_aware: bool = True, progress: bool = True) -> list[dict]:
     """One row per (press, budget, length, depth). `presses`: name -> Press, or None for the full cache
     (run once, budget 1.0)."""
-    from ..kv import Budget, generate
+    from rap.kv import Budget, generate
 
     spec = default_spec()
     device = view.device

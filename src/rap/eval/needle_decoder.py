@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from .. import decode
-from .needle import NeedleSpec, build_case, score_answer
+import rap.decode.decoder as decode
+from rap.eval.needle import NeedleSpec, build_case, score_answer
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import RequestError
+from rap.errors import RequestError
 
 
 def needs_bos(tokenizer, model_type: str) -> bool:
@@ -57,11 +57,11 @@ class PerplexityResult:
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
                desc: str = "perplexity", mask=None) -> PerplexityResult:
-    """PPL of `windows` [n, seq]. `model`: a BlockView (or rap.forward.Forward), run on rap's own
+    """PPL of `windows` [n, seq]. `model`: a BlockView (or rap.core.forward.Forward), run on rap's own
     forward under `mask` (default: every block); or a bare HF causal LM, run on its own forward
     (for other libraries' models, e.g. the quantization peers; no mask then)."""
-    from ..forward import Forward, forward_for
-    from ..model import BlockView
+    from rap.core.forward import Forward, forward_for
+    from rap.core.model import BlockView
 
     if isinstance(model, (BlockView, Forward)):
         fwd = forward_for(model)

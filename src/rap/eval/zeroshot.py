@@ -21,7 +21,7 @@ as ``lm_eval --limit`` does.
 Scoring is batched: requests are deduplicated, sorted by length (longest first), right-padded, and
 only the logits of continuation positions are computed (``keep`` with a position tensor).
 Right padding needs no attention mask: causal attention never lets a real token see a later pad.
-A BlockView is scored on rap's own forward (`rap.forward.Forward`) under the given mask; a bare HF
+A BlockView is scored on rap's own forward (`rap.core.forward.Forward`) under the given mask; a bare HF
 model on its own forward.
 """
 
@@ -39,8 +39,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import set_root
-from ..errors import RapError, RequestError
+from rap.data import set_root
+from rap.errors import RapError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def _model_device(model) -> torch.device:
 
 def _logits_fn(model, mask, pack: bool):
     """(ids, positions, allowed, keep) -> logits [B, len(keep), V], on rap's forward for a BlockView."""
-    from ..forward import Forward, forward_for
-    from ..model import BlockView
+    from rap.core.forward import Forward, forward_for
+    from rap.core.model import BlockView
 
     if isinstance(model, (BlockView, Forward)):
         fwd = forward_for(model)
@@ -336,8 +336,8 @@ def score_requests(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
         ctx, cont = encode_pair(tokenizer, *req, bos=bos)
         encoded[req] = (tuple(ctx), tuple(cont))
     units = sorted(_units(encoded, max_length, pack), key=lambda u: -u.length)
-    from ..forward import Forward, forward_for
-    from ..model import BlockView
+    from rap.core.forward import Forward, forward_for
+    from rap.core.model import BlockView
 
     device = forward_for(model).device if isinstance(model, (BlockView, Forward)) else _model_device(model)
     logits_of = _logits_fn(model, mask, pack)
@@ -443,8 +443,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] | None = None, *, limi
 
     `pack` (default: on unless the model has sliding-window layers, whose masks a custom 4D mask would
     bypass) scores all choices of a shared context in one row."""
-    from ..model import BlockView
-    from .perplexity import needs_bos
+    from rap.core.model import BlockView
+    from rap.eval.perplexity import needs_bos
 
     names = parse_tasks(tasks)
     if isinstance(model, BlockView):  # rap's own forward under `mask`

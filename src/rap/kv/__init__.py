@@ -1,15 +1,15 @@
 """KV-cache compression that really frees memory: presses pick tokens per KV head at the end of
 prefill, `VarlenCache` stores exactly those (no padding), varlen attention decodes over them."""
 
-from .adakv import AdaKV, adaptive_keep_mask
-from .base import Budget, LayerInputs, Press, ScorerPress
-from .cache import FlatKV, VarlenCache, VarlenLayer
-from .compress import Compressed, compress, generate
-from .decode_cache import FlatLayerCache, KVLayout
-from .pyramidkv import PyramidKV
-from .scorer import DEFAULT_SCORER, SnapKVScorer
-from .snapkv import SnapKV
-from .streaming import StreamingLLM
+from rap.kv.adakv import AdaKV, adaptive_keep_mask
+from rap.kv.base import Budget, LayerInputs, Press, ScorerPress
+from rap.kv.cache import FlatKV, VarlenCache, VarlenLayer
+from rap.kv.compress import Compressed, compress, generate
+from rap.kv.decode_cache import FlatLayerCache, KVLayout
+from rap.kv.pyramidkv import PyramidKV
+from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer
+from rap.kv.snapkv import SnapKV
+from rap.kv.streaming import StreamingLLM
 
 PRESSES = {
     "streaming": StreamingLLM,
@@ -22,7 +22,7 @@ PRESSES = {
 
 def make_press(name: str) -> Press:
     """'snapkv' | 'pyramidkv' | 'streaming' | 'adakv' (= AdaKV(SnapKV())) | 'ada-pyramidkv'."""
-    from ..errors import RequestError
+    from rap.errors import RequestError
 
     key = name.strip().lower()
     if key not in PRESSES:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import LayerInputs, Press, ScorerPress
-from .scorer import adaptive_keep
-from .snapkv import SnapKV
+from rap.kv.base import LayerInputs, Press, ScorerPress
+from rap.kv.scorer import adaptive_keep
+from rap.kv.snapkv import SnapKV
 
 
 def adaptive_keep_mask(scores: torch.Tensor, tokens: int, alpha: float = 0.2) -> torch.Tensor:

@@ -26,7 +26,7 @@ transformers' own `sdpa_attention_forward` unchanged, so prefill, uncompressed c
 sliding-window layers behave exactly as under "sdpa". We chose this over making the cache return
 padded dense tensors because the 4D mask transformers builds is shared by all heads, so it cannot
 express per-head lengths; padding to the longest head would also bring back the memory that
-head-adaptive budgets save. Registration goes through `rap.hf`.
+head-adaptive budgets save. Registration goes through `rap.core.hf`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from functools import lru_cache
 
 import torch
 
-from ..hf import register_attention, sdpa_attention, use_attention
-from .cache import FlatKV
+from rap.core.hf import register_attention, sdpa_attention, use_attention
+from rap.kv.cache import FlatKV
 
 log = logging.getLogger(__name__)
 

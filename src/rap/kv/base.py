@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import RequestError
+from rap.errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ScorerPress(Press):
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """bool mask of the top-k entries along the last dimension (ties: the earlier entry, as the decoder)."""
-    from .scorer import uniform_keep
+    from rap.kv.scorer import uniform_keep
 
     k = min(k, scores.shape[-1])
     return uniform_keep(scores.reshape(-1, 1, scores.shape[-1]),
@@ -115,7 +115,7 @@ def window_queries(x: LayerInputs, window: int) -> tuple[torch.Tensor, float]:
     the layer's own cos/sin), as kvpress does, so prefill can keep using SDPA, which never
     materialises attention weights.
     """
-    from ..decode import rotate_half
+    from rap.decode.decoder import rotate_half
 
     m = x.module
     B, H, T, D = x.keys.shape

@@ -11,7 +11,7 @@ This mirrors Ada-KV's flattened cache (FFY0/AdaKV `DynamicCacheSplitHeadFlatten`
 [sum of head lengths, head_dim] per layer and cu_seqlens for flash-attn varlen), with per-head
 slack so that decode appends need no CUDA extension.
 
-`VarlenCache` is a transformers `Cache`: `model.generate(**rap.hf.cache_kwargs(cache))` works unchanged.
+`VarlenCache` is a transformers `Cache`: `model.generate(**rap.core.hf.cache_kwargs(cache))` works unchanged.
 Its layers are `VarlenLayer`s for compressed attention layers, `SkippedCacheLayer`s for attention
 blocks a `BlockMask` dropped (no tensors at all), and plain `DynamicSlidingWindowLayer`s for
 sliding-window layers (Gemma 3), which are bounded already and are left uncompressed.
@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ..errors import RapError
-from ..hf import Cache, CacheLayerMixin, DynamicCache
-from ..model import SkippedCacheLayer
+from rap.errors import RapError
+from rap.core.hf import Cache, CacheLayerMixin, DynamicCache
+from rap.core.model import SkippedCacheLayer
 
 
 @dataclass

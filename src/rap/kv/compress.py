@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import RequestError
-from ..hf import cache_kwargs
-from ..model import BlockView, SkippedAttention, decoder_layers
-from .attention import use_varlen_attention
-from .base import Budget, LayerInputs, Press
-from .cache import VarlenCache, VarlenLayer
+from rap.errors import RequestError
+from rap.core.hf import cache_kwargs
+from rap.core.model import BlockView, SkippedAttention, decoder_layers
+from rap.kv.attention import use_varlen_attention
+from rap.kv.base import Budget, LayerInputs, Press
+from rap.kv.cache import VarlenCache, VarlenLayer
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import RequestError
-from ..hf import cache_kwargs
-from .base import Budget, Press
-from .compress import _model, compress
+from rap.errors import RequestError
+from rap.core.hf import cache_kwargs
+from rap.kv.base import Budget, Press
+from rap.kv.compress import _model, compress
 
 
 @torch.no_grad()

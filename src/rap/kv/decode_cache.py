@@ -1,6 +1,6 @@
 """The decoder's variable-length KV cache: Ada-KV's per-head budgets in a flat buffer, optionally int8.
 
-`rap.decode.Decoder` keeps, for a kept attention layer under Ada-KV (or int8 KV), one
+`rap.decode.decoder.Decoder` keeps, for a kept attention layer under Ada-KV (or int8 KV), one
 `FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
 
 * keys / values [B * Hkv * T, D] (T = the workspace's compressed cache length); segment
@@ -24,7 +24,7 @@
   16-bit caches, the PyTorch reference otherwise); an int8 cache dequantises the gathered rows
   in the PyTorch path (no int8 Triton kernel yet).
 
-Bytes: `layer_tensor_bytes` lists every tensor a layer allocates; `rap.memory.MemoryModel`
+Bytes: `layer_tensor_bytes` lists every tensor a layer allocates; `rap.core.memory.MemoryModel`
 charges exactly these (`kv_bytes(..., kv_layout=...)`).
 """
 
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RequestError
-from .attention import triton_available, varlen_attention_torch, varlen_attention_triton
-from .cache import FlatKV, _segment_rows
+from rap.errors import RequestError
+from rap.kv.attention import triton_available, varlen_attention_torch, varlen_attention_triton
+from rap.kv.cache import FlatKV, _segment_rows
 
 DECODER_PRESSES = ("snapkv", "adakv")
 KV_BITS = (16, 8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .snapkv import SnapKV
+from rap.kv.snapkv import SnapKV
 
 
 def round_to_total(values: list[float], total: int) -> list[int]:

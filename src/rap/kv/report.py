@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import provenance
+from rap import provenance
 
 
 def budget_label(budget: str | float) -> str:
@@ -46,7 +46,7 @@ def plot_summary(summary: dict[str, dict[str, float]], path: Path, ylabel: str, 
     ticks = sorted({float(b) * 100 for d in summary.values() for b in d if float(b) < 1})
     if ticks:
         ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
-    from ..plotting import save_figure
+    from rap.plotting import save_figure
 
     return save_figure(fig, ax, path, legend_size=8)
 

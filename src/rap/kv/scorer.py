@@ -1,6 +1,6 @@
 """The one SnapKV-style scorer: every place rap ranks prompt tokens for KV compression calls this.
 
-The decoder (`rap.decode`, right after each layer's prefill), the HF-path presses (`rap.kv.SnapKV`,
+The decoder (`rap.decode.decoder`, right after each layer's prefill), the HF-path presses (`rap.kv.SnapKV`,
 `AdaKV(SnapKV())`, `PyramidKV`), the evaluations (`rap kv needle`, L-Eval) and the policy's KV
 penalty (`rap.policy.evaluator.continuation_nll`) all score with `SnapKVScorer`, so the policy
 prices the compressor the server runs.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import RequestError
+from rap.errors import RequestError
 
 POOLS = ("max", "avg")
 GROUPS = ("mean", "max")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerInputs, ScorerPress, window_queries
-from .scorer import DEFAULT_SCORER, SnapKVScorer
+from rap.kv.base import LayerInputs, ScorerPress, window_queries
+from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerInputs, ScorerPress
+from rap.kv.base import LayerInputs, ScorerPress
 
 
 @dataclass(frozen=True)

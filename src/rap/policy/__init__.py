@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ..mask import BlockMask
-from ..memory import MemoryBreakdown, Request
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryBreakdown, Request
 
 # The policy `rap decide` and the engine use when none is named. Chosen from the held-out evaluation
 # in benchmarks/results/policy-smollm2-135m-2026-11-24.json (benchmarks/policy.py, 200 scenarios):
@@ -84,36 +84,36 @@ class Policy(Protocol):
 
 def make_policy(name: str, context, bundle=None) -> Policy:
     """A policy by name over `context` (a PolicyContext). 'rl' needs a trained bundle."""
-    from ..errors import RapError
+    from rap.errors import RapError
 
     if name in BASELINE_NAMES:
-        from .baselines import make_baseline
+        from rap.policy.baselines import make_baseline
 
         return make_baseline(name, context)
     if name == "ladder":
-        from .ladder import LadderPolicy
+        from rap.policy.ladder import LadderPolicy
 
         return LadderPolicy(context)
     if name == "precision":  # int8 / int4 rungs before any drop, then the ladder on int4 blocks
-        from .precision import PrecisionPolicy
+        from rap.policy.precision import PrecisionPolicy
 
         return PrecisionPolicy(context, "ladder", bundle)
     if name == "oracle":
-        from .oracle import OraclePolicy
+        from rap.policy.oracle import OraclePolicy
 
         return OraclePolicy(context)
     if name == "rl":
         if bundle is None or bundle.agent is None:
             raise RapError("policy 'rl' needs a trained policy file: rap train-policy MODEL --profile ... --out policy.zip")
-        from .rl import RLPolicy
+        from rap.policy.rl import RLPolicy
 
         return RLPolicy(context, bundle.agent)
     raise RapError(f"unknown policy {name!r}; use a policy .zip or one of: {', '.join(POLICY_NAMES)}")
 
 
-# ---- for rap.engine: decide(memory_model, request, budget_bytes, resident_mask) -------------------
+# ---- for rap.serve.engine: decide(memory_model, request, budget_bytes, resident_mask) -------------------
 class EnginePolicy:
-    """Adapts a named policy (or a trained policy file) to rap.engine's calling convention,
+    """Adapts a named policy (or a trained policy file) to rap.serve.engine's calling convention,
     building the PolicyContext for whichever memory model the engine passes (once per model).
     `resident_mask` is accepted but not used: switching cost is not modelled yet."""
 
@@ -129,9 +129,9 @@ class EnginePolicy:
             if self.bundle is not None:
                 ctx = self.bundle.context(memory_model)
             else:
-                from .greedy import complete_order
-                from .context import PolicyContext
-                from .evaluator import QualityModel
+                from rap.policy.greedy import complete_order
+                from rap.policy.context import PolicyContext
+                from rap.policy.evaluator import QualityModel
 
                 L = memory_model.shape.num_layers
                 profile = {**self.profile, "num_layers": L, "order": complete_order(self.profile["order"], L)}
@@ -146,13 +146,13 @@ def _read(profile):
     import json
     from pathlib import Path
 
-    from ..errors import RapError
+    from rap.errors import RapError
 
     if profile is None or isinstance(profile, dict):
         return None, profile
     path = Path(profile)
     if path.suffix == ".zip":
-        from .rl import Bundle
+        from rap.policy.rl import Bundle
 
         return Bundle.load(path), None
     try:
@@ -162,25 +162,25 @@ def _read(profile):
 
 
 def load_policy(spec: str, profile=None) -> EnginePolicy:
-    """rap.engine's hook: `spec` is a policy name or a trained policy .zip; `profile` a profile
+    """rap.serve.engine's hook: `spec` is a policy name or a trained policy .zip; `profile` a profile
     (dict or path) or a policy .zip providing the quality model."""
     if spec.endswith(".zip"):
         bundle, _ = _read(spec)
         return EnginePolicy("rl", bundle)
     bundle, prof = _read(profile)
     if bundle is None and prof is None:
-        from ..errors import RapError
+        from rap.errors import RapError
 
         raise RapError(f"policy {spec!r} needs a profile (block removal order) or a trained policy .zip")
     return EnginePolicy(spec, bundle, prof)
 
 
 def default_policy(profile=None):
-    """rap.engine's hook: the best policy of the held-out evaluation over what `profile` gives
+    """rap.serve.engine's hook: the best policy of the held-out evaluation over what `profile` gives
     (a trained policy .zip, or a profile); with nothing, the engine's own greedy policy."""
     bundle, prof = _read(profile)
     if bundle is None and prof is None:
-        from .greedy import GreedyPolicy
+        from rap.policy.greedy import GreedyPolicy
 
         return GreedyPolicy()
     name = DEFAULT_POLICY if (bundle is not None and (DEFAULT_POLICY != "rl" or bundle.agent is not None)) else "ladder"
@@ -205,9 +205,9 @@ BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
 
 def make_level_policy(name: str, memory, level_profile, kv_penalty=None):
     """A policy over plans with levels: `decide(request, budget_bytes) -> Decision` whose mask is a
-    `rap.plan.Plan`. `level_profile`: a LevelProfile, its dict or a path to its JSON."""
-    from ..errors import RapError
-    from .solver import make_solver
+    `rap.core.plan.Plan`. `level_profile`: a LevelProfile, its dict or a path to its JSON."""
+    from rap.errors import RapError
+    from rap.policy.solver import make_solver
 
     allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
     if name not in allow:

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..memory import Request
-from .evaluator import mask_from_keep
+from rap.core.memory import Request
+from rap.policy.evaluator import mask_from_keep
 
 
 class _KVChoice:
@@ -64,7 +64,7 @@ class OrderPolicy(_KVChoice):
     def __init__(self, context, order: Sequence[str], name: str, kv_ratios: Sequence[float] | None = None):
         super().__init__(context, kv_ratios, name)
         L = context.num_layers
-        from .evaluator import block_index
+        from rap.policy.evaluator import block_index
 
         idx = [block_index(n, L) for n in order]
         # prefixes[k] keeps everything but the first k blocks of the order

@@ -20,11 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BudgetError
-from ..mask import BlockMask
-from ..memory import MemoryModel, Request, format_bytes
-from . import Decision
-from .evaluator import QualityModel, block_index, drop_vector, mask_from_keep
+from rap.errors import BudgetError
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request, format_bytes
+from rap.policy import Decision
+from rap.policy.evaluator import QualityModel, block_index, drop_vector, mask_from_keep
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PolicyContext:
         self.names = [f"attn.{i}" for i in range(L)] + [f"ffn.{i}" for i in range(L)]
         self.order = list(order)  # removal order, least important first
         if sorted(self.order) != sorted(self.names):
-            from ..errors import RapError
+            from rap.errors import RapError
 
             raise RapError(f"the profile's order names {len(self.order)} blocks; the model has {2 * L}: "
                            "was it made for another model?")
@@ -135,7 +135,7 @@ class PolicyContext:
     @property
     def ladder(self):
         if self._ladder is None:
-            from .ladder import MaskLadder
+            from rap.policy.ladder import MaskLadder
 
             self._ladder = MaskLadder.from_order(self.quality, self.num_layers, self.order)
         return self._ladder

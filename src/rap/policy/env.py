@@ -19,8 +19,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from .ladder import decode_split, n_features, observe, split_choices
-from .workload import Scenario, Workload
+from rap.policy.ladder import decode_split, n_features, observe, split_choices
+from rap.policy.workload import Scenario, Workload
 
 
 class DecisionEnv(gym.Env):

@@ -35,8 +35,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..hf import cache_kwargs
-from ..mask import BlockMask
+from rap.core.hf import cache_kwargs
+from rap.core.mask import BlockMask
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class MeasuredEvaluator:
         if key not in self._nll:
             import time
 
-            from ..eval.perplexity import perplexity
+            from rap.eval.perplexity import perplexity
 
             t0 = time.perf_counter()
             res = perplexity(self.view, self.windows, self.batch_size, progress=False, mask=mask)
@@ -197,7 +197,7 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, kv_ratios: Sequence[
     """
     import torch.nn.functional as F
 
-    from ..kv import AdaKV, Budget, SnapKV, compress
+    from rap.kv import AdaKV, Budget, SnapKV, compress
 
     press = press or AdaKV(SnapKV())
     cont = ids[:, prompt:]

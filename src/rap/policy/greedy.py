@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 
-from ..errors import BudgetError, RapError
-from ..mask import BlockMask, block_name
-from ..memory import MemoryModel, Request, format_bytes
+from rap.errors import BudgetError, RapError
+from rap.core.mask import BlockMask, block_name
+from rap.core.memory import MemoryModel, Request, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def kv_layout_for_bits(kv_bits: int):
     """The KV layout the memory model plans a decision's bits with (None: the model's default layout)."""
     if kv_bits == 16:
         return None
-    from ..kv.decode_cache import KVLayout
+    from rap.kv.decode_cache import KVLayout
 
     return KVLayout("adakv", kv_bits)  # RequestError for unsupported bits
 
@@ -125,14 +125,14 @@ class GreedyPolicy:
 def default_policy(profile: dict | str | Path | None = None) -> Any:
     """The precision ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only
     default (`default_drop_policy`)."""
-    from .precision import PrecisionLadder
+    from rap.policy.precision import PrecisionLadder
 
     return PrecisionLadder(inner=default_drop_policy(profile))
 
 
 def default_drop_policy(profile: dict | str | Path | None = None) -> Any:
     """rap.policy's drop-only default for this profile (its held-out winner, or GreedyPolicy without one)."""
-    from . import default_policy as package_default  # rap.policy's __init__ imports this module
+    from rap.policy import default_policy as package_default  # rap.policy's __init__ imports this module
 
     return package_default(profile=profile)
 
@@ -148,10 +148,10 @@ def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
         if policy in ("drop", "drop-only"):
             return default_drop_policy(profile)
         if policy in ("precision", "precision-ladder"):  # int8 / int4 before any drop (rap.policy.precision)
-            from .precision import PrecisionLadder
+            from rap.policy.precision import PrecisionLadder
 
             return PrecisionLadder(profile=profile)
-        from . import load_policy  # named policies
+        from rap.policy import load_policy  # named policies
 
         return load_policy(policy, profile=profile)
     if hasattr(policy, "decide") or callable(policy):

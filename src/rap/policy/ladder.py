@@ -23,9 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..mask import BlockMask
-from ..memory import Request
-from .evaluator import block_index, mask_from_keep, mask_key
+from rap.core.mask import BlockMask
+from rap.core.memory import Request
+from rap.policy.evaluator import block_index, mask_from_keep, mask_key
 
 def n_features(num_kv_ratios: int) -> int:
     """Length of `observe`'s vector."""
@@ -121,7 +121,7 @@ class MaskLadder:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MaskLadder":
-        from .evaluator import mask_from_key
+        from rap.policy.evaluator import mask_from_key
 
         masks = [mask_from_key(k) for k in d["keep"]]
         keep = np.array([[*m.keep_attn, *m.keep_ffn] for m in masks], dtype=np.float64)

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..memory import Request
-from .evaluator import mask_from_keep, mask_key
+from rap.core.memory import Request
+from rap.policy.evaluator import mask_from_keep, mask_key
 
 
 class OraclePolicy:
@@ -55,7 +55,7 @@ class OraclePolicy:
         n2 = 2 * ctx.num_layers
         sur = ctx.quality.surrogate
         pen = ctx.quality.kv_penalty(ctx.kv_ratios[r_index], request.prompt)
-        from .ladder import peaks
+        from rap.policy.ladder import peaks
 
         fits = peaks(ladder, costs)[r_index] <= budget_bytes
         seeds = ladder.keep[fits][np.argsort(ladder.values[fits])[: self.population // 2]]

@@ -26,9 +26,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import BudgetError
-from ..memory import MemoryModel, Request, format_bytes
-from ..plan import DROP, INT4_GROUP_SIZES, INT8, Plan, block_linears
+from rap.errors import BudgetError
+from rap.core.memory import MemoryModel, Request, format_bytes
+from rap.core.plan import DROP, INT4_GROUP_SIZES, INT8, Plan, block_linears
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def precision_rungs(num_layers: int, shape, on_cuda: bool = False,
 
 class PrecisionLadder:
     """Engine policy (`decide(memory_model, request, budget_bytes, resident_mask)`): the rungs above,
-    then `inner` (any engine policy; default: rap.engine's default drop policy for `profile`) on the
+    then `inner` (any engine policy; default: rap.serve.engine's default drop policy for `profile`) on the
     int4 rung's memory model."""
 
     name = "precision-ladder"
@@ -73,7 +73,7 @@ class PrecisionLadder:
     def __init__(self, inner: Any = None, profile: dict | str | Path | None = None,
                  measured: dict[str, float] | None = None):
         if inner is None:
-            from .greedy import default_drop_policy
+            from rap.policy.greedy import default_drop_policy
 
             inner = default_drop_policy(profile)
         self.inner = inner
@@ -81,7 +81,7 @@ class PrecisionLadder:
         self._leveled: dict[int, MemoryModel] = {}
 
     def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
-        from .greedy import Decision, _call_policy
+        from rap.policy.greedy import Decision, _call_policy
 
         rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda, memory_model)
         for name, plan in rungs:
@@ -125,8 +125,8 @@ class PrecisionPolicy:
     name = "precision"
 
     def __init__(self, context, inner_name: str = "ladder", bundle=None, measured: dict[str, float] | None = None):
-        from . import make_policy
-        from .context import PolicyContext
+        from rap.policy import make_policy
+        from rap.policy.context import PolicyContext
 
         self.context = context
         self.rungs = precision_rungs(context.num_layers, context.memory.shape, context.memory.on_cuda, context.memory)
@@ -138,7 +138,7 @@ class PrecisionPolicy:
         self.measured = dict(measured or {})
 
     def decide(self, request: Request, budget_bytes: int):
-        from . import Decision
+        from rap.policy import Decision
 
         memory = self.context.memory
         for name, plan in self.rungs:

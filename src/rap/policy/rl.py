@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RapError
-from ..memory import MemoryModel, Request
-from .evaluator import QualityModel
-from .ladder import MaskLadder, decode_split, observe, split_choices
+from rap.errors import RapError
+from rap.core.memory import MemoryModel, Request
+from rap.policy.evaluator import QualityModel
+from rap.policy.ladder import MaskLadder, decode_split, observe, split_choices
 
 FORMAT = 1
 
@@ -97,7 +97,7 @@ class Bundle:
         return list(self.meta["order"])
 
     def context(self, memory: MemoryModel):
-        from .context import PolicyContext
+        from rap.policy.context import PolicyContext
 
         L = memory.shape.num_layers
         if self.meta.get("num_layers") != L:

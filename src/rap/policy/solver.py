@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BudgetError
-from ..memory import MemoryModel, Request, format_bytes
-from ..plan import DROP, DTYPE, Plan
+from rap.errors import BudgetError
+from rap.core.memory import MemoryModel, Request, format_bytes
+from rap.core.plan import DROP, DTYPE, Plan
 
 DEFAULT_BUCKETS = 4096
 
@@ -72,7 +72,7 @@ class LevelSolver:
 
     def __init__(self, memory: MemoryModel, table: LevelTable, kv_penalty=None, buckets: int = DEFAULT_BUCKETS,
                  name: str | None = None):
-        from .evaluator import KVPenalty
+        from rap.policy.evaluator import KVPenalty
 
         self.memory = memory
         self.table = table
@@ -192,7 +192,7 @@ class LevelSolver:
         return empty, r, self.memory.peak_bytes(empty, request, r)
 
     def decide(self, request: Request, budget_bytes: int):
-        from . import Decision
+        from rap.policy import Decision
 
         kv, act, pen, reserve = self._request_terms(request)
         A = self.num_layers + 1
@@ -249,7 +249,7 @@ def make_solver(memory: MemoryModel, profile, kv_penalty=None, allow: tuple[str,
     from pathlib import Path
 
     if isinstance(profile, (str, Path)):
-        from ..profile.levels import load_level_profile
+        from rap.profile.levels import load_level_profile
 
         profile = load_level_profile(profile)
     return LevelSolver(memory, LevelTable.from_profile(profile, memory, allow), kv_penalty, buckets, name)

@@ -22,10 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .evaluator import (KV_RATIOS, KVPenalty, MaskSurrogate, MeasuredEvaluator, QualityModel, design_masks,
+from rap.policy.evaluator import (KV_RATIOS, KVPenalty, MaskSurrogate, MeasuredEvaluator, QualityModel, design_masks,
                         drop_vector, mask_key, measure_kv_penalty, measure_many)
-from .ladder import MaskLadder
-from .workload import Workload
+from rap.policy.ladder import MaskLadder
+from rap.policy.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TrainConfig:
 
 
 def validate_profile(profile: dict, num_layers: int) -> None:
-    from ..errors import RapError
+    from rap.errors import RapError
 
     order = profile.get("order")
     names = {f"{k}.{i}" for k in ("attn", "ffn") for i in range(num_layers)}
@@ -109,8 +109,8 @@ def train_agent(context, meta: dict, out: str | Path, config: TrainConfig = Trai
     from stable_baselines3.common.utils import set_random_seed
     from tqdm.auto import tqdm
 
-    from .env import DecisionEnv
-    from .rl import Agent, Bundle
+    from rap.policy.env import DecisionEnv
+    from rap.policy.rl import Agent, Bundle
 
     out = Path(out)
     workload = workload or Workload()

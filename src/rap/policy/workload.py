@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..memory import MemoryModel, Request
+from rap.core.memory import MemoryModel, Request
 
 
 @dataclass(frozen=True)

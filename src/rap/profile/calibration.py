@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import WIKITEXT2_VALID, read_text
-from ..eval.perplexity import needs_bos, token_windows
+from rap.data import WIKITEXT2_VALID, read_text
+from rap.eval.perplexity import needs_bos, token_windows
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RapError
-from ..eval.perplexity import perplexity
-from ..mask import BlockMask
-from ..model import BlockView
-from .record import Profile
+from rap.errors import RapError
+from rap.eval.perplexity import perplexity
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
+from rap.profile.record import Profile
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import RapError
-from ..mask import BlockMask
-from ..model import BlockView
-from .calibration import Calibration
-from .record import Profile, Step, environment, load_profile, model_hash, now, ppl_from_nll
-from .runner import BlockRunner, check_block_layout
+from rap.errors import RapError
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
+from rap.profile.calibration import Calibration
+from rap.profile.record import Profile, Step, environment, load_profile, model_hash, now, ppl_from_nll
+from rap.profile.runner import BlockRunner, check_block_layout
 
 log = logging.getLogger(__name__)
 
@@ -454,10 +454,10 @@ def gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, racing
 def naive_gsi(view: BlockView, calib: Calibration, *, steps: int | None = None, batch_size: int = 8,
               progress: bool = True) -> Profile:
     """The plain algorithm, kept obviously correct: for every candidate, mask it out and run the
-    whole forward (rap.forward, equal to the stock forward: tests/test_forward.py) over all windows.
+    whole forward (rap.core.forward, equal to the stock forward: tests/test_forward.py) over all windows.
     m * (m - 1) block passes per step."""
-    from ..eval.perplexity import window_nll
-    from ..forward import forward_for
+    from rap.eval.perplexity import window_nll
+    from rap.core.forward import forward_for
 
     fwd = forward_for(view)
 

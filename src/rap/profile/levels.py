@@ -11,8 +11,8 @@ Generalizes GSI from "drop a block" to "move a block to a lower level" (dtype ->
    rise per byte is smallest (stale values from earlier plans rank them) and takes the best of
    those fresh values; `remeasure=None` re-measures every move every step (exact, ~10x slower).
 
-Quantized values: rap.quant's `fake_quantize` (the values the torchao kernels hold, dequantized
-to the model dtype) run on rap.forward's own layer functions (`attn_block`, `ffn_block`); not the
+Quantized values: rap.core.quant's `fake_quantize` (the values the torchao kernels hold, dequantized
+to the model dtype) run on rap.core.forward's own layer functions (`attn_block`, `ffn_block`); not the
 int8/int4 kernels themselves, which would give the same values up to matmul rounding.
 Prefix reuse as in GSI: the stream entering every block under the current plan is cached
 (`[windows, seq, hidden]` per block, on the device), so a move of block p runs blocks p.. only.
@@ -50,11 +50,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import RapError
-from ..model import BlockView
-from ..plan import DROP, DTYPE, INT8, Plan
-from .calibration import Calibration
-from .record import environment, model_hash, now, ppl_from_nll, save_record
+from rap.errors import RapError
+from rap.core.model import BlockView
+from rap.core.plan import DROP, DTYPE, INT8, Plan
+from rap.profile.calibration import Calibration
+from rap.profile.record import environment, model_hash, now, ppl_from_nll, save_record
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,13 @@ def load_level_profile(path: str | Path) -> LevelProfile:
 
 # ---- running blocks at a level ------------------------------------------------------------------
 class LevelRunner:
-    """rap.forward's blocks with their linear weights replaced by `fake_quantize`d copies.
+    """rap.core.forward's blocks with their linear weights replaced by `fake_quantize`d copies.
 
     The quantized copies are made once per (block, level) and kept (the model's size again per level).
     """
 
     def __init__(self, view: BlockView):
-        from ..forward import forward_for
+        from rap.core.forward import forward_for
 
         self.view = view
         self.fwd = forward_for(view)
@@ -158,7 +158,7 @@ class LevelRunner:
             return base
         key = (name, level)
         if key not in self._weights:
-            from ..quant import fake_quantize
+            from rap.core.quant import fake_quantize
 
             fields = ("wq", "wk", "wv", "wo") if kind == "attn" else ("wg", "wu", "wd")
             new = {f: fake_quantize(getattr(base, f), level) for f in fields}
@@ -174,8 +174,8 @@ class LevelRunner:
         """Block `name` at `level` on a stream [B, S, hidden] (a dropped block returns x)."""
         if level == DROP:
             return x
-        from ..decode import ffn_block
-        from ..forward import attn_block
+        from rap.decode.decoder import ffn_block
+        from rap.core.forward import attn_block
 
         self.block_window_passes += x.shape[0]
         w = self.weights(name, level)
@@ -186,7 +186,7 @@ class LevelRunner:
 
     @torch.no_grad()
     def nll_sum(self, x: torch.Tensor, ids: torch.Tensor, rows_per_call: int = 4) -> float:
-        from ..eval.perplexity import window_nll
+        from rap.eval.perplexity import window_nll
 
         ids = ids.to(x.device)
         return float(sum(window_nll(self.fwd.head(x[i:i + rows_per_call]), ids[i:i + rows_per_call]).double().sum()
@@ -237,14 +237,14 @@ class Streams:
 
 def allowed_levels(view: BlockView, int4_group: int = 64) -> dict[str, list[str]]:
     """block -> the ladder's levels its shape allows (int4 only where the group divides every in_features)."""
-    from ..memory import MemoryModel
+    from rap.core.memory import MemoryModel
 
     table = MemoryModel.from_view(view, on_cuda=False).block_level_bytes()
     return {name: [lv for lv in ladder(int4_group) if lv in table[name]] for name in table}
 
 
 def bytes_tables(view: BlockView, levels: dict[str, list[str]]) -> dict[str, dict[str, dict[str, int]]]:
-    from ..memory import MemoryModel
+    from rap.core.memory import MemoryModel
 
     out = {}
     for device, on_cuda in (("cpu", False), ("cuda", True)):
@@ -271,7 +271,7 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
     nbytes = tables[bytes_device]
     settings = {"int4_group": int4_group, "remeasure": remeasure, "batch_windows": batch_windows,
                 "dtype": str(view.dtype).replace("torch.", ""),
-                "quantized_values": "rap.quant.fake_quantize on rap.forward (not the int8/int4 kernels)"}
+                "quantized_values": "rap.core.quant.fake_quantize on rap.core.forward (not the int8/int4 kernels)"}
     versions, device_text = environment(view.device)
     prof = LevelProfile(model=name or view.name, model_hash=model_hash(view), calibration=calib.describe(),
                         num_layers=view.num_layers, levels=list(order), bytes=tables, bytes_device=bytes_device,

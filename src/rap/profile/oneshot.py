@@ -3,11 +3,11 @@ full model. It is exactly the first step of GSI (same wavefront, one step), rank
 
 from __future__ import annotations
 
-from ..model import BlockView
-from .calibration import Calibration
-from .gsi import gsi
-from .orders import fill_ppl_after
-from .record import Profile
+from rap.core.model import BlockView
+from rap.profile.calibration import Calibration
+from rap.profile.gsi import gsi
+from rap.profile.orders import fill_ppl_after
+from rap.profile.record import Profile
 
 
 def oneshot(view: BlockView, calib: Calibration, *, steps: int | None = None, progress: bool = True,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..mask import BlockMask
-from ..model import BlockView
-from .calibration import Calibration
-from .record import Profile, ppl_from_nll
-from .runner import BlockRunner
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
+from rap.profile.calibration import Calibration
+from rap.profile.record import Profile, ppl_from_nll
+from rap.profile.runner import BlockRunner
 
 
 @torch.no_grad()

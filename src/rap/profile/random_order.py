@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from ..model import BlockView
-from .calibration import Calibration
-from .orders import fill_ppl_after
-from .record import Profile, environment, model_hash, now
+from rap.core.model import BlockView
+from rap.profile.calibration import Calibration
+from rap.profile.orders import fill_ppl_after
+from rap.profile.record import Profile, environment, model_hash, now
 
 
 def random_order(view: BlockView, calib: Calibration, *, seed: int | None = None, steps: int | None = None,

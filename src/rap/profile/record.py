@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RapError
-from ..model import BlockView
+from rap.errors import RapError
+from rap.core.model import BlockView
 
 BLOCK_FORWARD_UNIT = "one block applied to the whole calibration set (block-window passes / windows)"
 
@@ -108,7 +108,7 @@ def model_hash(view: BlockView) -> str:
 
 def environment(device: torch.device | str) -> tuple[dict, str]:
     """(software versions, device line); on CPU the line names the torch threads, which set the timings."""
-    from .. import provenance
+    from rap import provenance
 
     device = torch.device(device)
     text = provenance.device_line(device)
@@ -128,7 +128,7 @@ def ppl_from_nll(total_nll: float, tokens: int) -> float:
 def save_record(record, path: str | Path) -> Path:
     """Atomic write of a profile record (`.to_dict()`, `.command`): a killed run leaves the previous
     checkpoint, never half a file; the command line is filled on the first save."""
-    from .. import provenance
+    from rap import provenance
 
     if not record.command:
         record.command = provenance.command_line()

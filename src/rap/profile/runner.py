@@ -5,7 +5,7 @@ A block is a residual update of the hidden stream ``h`` (shape [batch, seq, hidd
     attn.i:  h = h + post_attn_norm?(self_attn(input_layernorm(h)))
     ffn.i:   h = h + post_ffn_norm?(mlp(pre_ffn_norm(h)))      # pre_ffn_norm = post_attention_layernorm (Llama)
 
-computed by rap's own layer functions (`rap.forward.Forward.attn_block` / `ffn_block`, the ones
+computed by rap's own layer functions (`rap.core.forward.Forward.attn_block` / `ffn_block`, the ones
 the decoder serves with), which reproduce the stock forward pass bit for bit in float32
 (tests/test_forward.py). The runner counts how many (block, window) passes it has run: the unit in
 which GSI's cost is reported.
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..eval.perplexity import window_nll
-from ..forward import Forward, forward_for
-from ..mask import BlockMask
-from ..model import BlockView
+from rap.errors import UnsupportedModelError
+from rap.eval.perplexity import window_nll
+from rap.core.forward import Forward, forward_for
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
 
 
 @dataclass

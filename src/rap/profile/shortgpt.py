@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-from ..mask import BlockMask
-from ..model import BlockView
-from .calibration import Calibration
-from .gsi import Wavefront
-from .orders import fill_ppl_after
-from .record import Profile, environment, model_hash, now, ppl_from_nll
-from .runner import BlockRunner
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView
+from rap.profile.calibration import Calibration
+from rap.profile.gsi import Wavefront
+from rap.profile.orders import fill_ppl_after
+from rap.profile.record import Profile, environment, model_hash, now, ppl_from_nll
+from rap.profile.runner import BlockRunner
 
 
 def shortgpt(view: BlockView, calib: Calibration, *, steps: int | None = None, progress: bool = True,

@@ -21,11 +21,11 @@ from typing import Sequence
 
 import torch
 
-from .engine import Engine, GenerationRequest
-from .budget import FixedBudget
-from .errors import RapError
-from .mask import BlockMask
-from .memory import Request, format_bytes
+from rap.serve.engine import Engine, GenerationRequest
+from rap.serve.budget import FixedBudget
+from rap.errors import RapError
+from rap.core.mask import BlockMask
+from rap.core.memory import Request, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def load_demo_model(name: str, device: str | None = None, dtype=None):
     """(view, tokenizer, note): the requested model, or the bundled stories260k when a known model cannot
     be fetched (offline laptop). A model the user names by path that does not load is an error, not a
     reason to demo something else."""
-    from .sources import KNOWN_MODELS, load_view
+    from rap.sources import KNOWN_MODELS, load_view
 
     try:
         view, tok = load_view(name, device=device, dtype=dtype)
@@ -152,8 +152,8 @@ class QualityProbe:
     @torch.inference_mode()
     def __call__(self, mask: BlockMask) -> float:
         if mask not in self.cache:
-            from .eval.perplexity import window_nll
-            from .forward import forward_for
+            from rap.eval.perplexity import window_nll
+            from rap.core.forward import forward_for
 
             with self.engine._lock:  # weights of `mask` are resident after its batch
                 logits = forward_for(self.engine.view).logits(self.ids, mask)

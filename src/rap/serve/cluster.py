@@ -49,8 +49,8 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from .budget import FixedBudget, budget_from_spec
-from .errors import RapError, RequestError
+from rap.serve.budget import FixedBudget, budget_from_spec
+from rap.errors import RapError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +220,10 @@ class RapReplica:
     async def __init__(self, config: ReplicaConfig, board):
         import torch
 
-        from .sources import load_view
-        from .engine import Engine
-        from .budget import _device_total_bytes
-        from .memory import parse_bytes
+        from rap.sources import load_view
+        from rap.serve.engine import Engine
+        from rap.serve.budget import _device_total_bytes
+        from rap.core.memory import parse_bytes
 
         self.config, self.board = config, board
         context = serve.get_replica_context()
@@ -241,7 +241,7 @@ class RapReplica:
         self.device_total_bytes = _device_total_bytes(self.engine.device, device_total)
         self.applied_version, self.applied_spec = 0, None
         self.ongoing = 0
-        from .server import create_app
+        from rap.serve.server import create_app
 
         self.app = create_app(self.engine, model_name=self.engine.name, max_batch=config.max_batch,
                               batch_window_s=config.batch_window_s, max_tokens_limit=config.max_tokens_limit)
@@ -403,7 +403,7 @@ class ClusterFront:
                                       "(ended with an in-band error)", registry=self.registry)
 
     def __serve_build_asgi_app__(self):
-        from .server import APIError, _install_error_handlers
+        from rap.serve.server import APIError, _install_error_handlers
 
         app = FastAPI(title="rap cluster", version="0.1")
         _install_error_handlers(app)

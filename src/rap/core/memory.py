@@ -1,12 +1,12 @@
 """MemoryModel: bytes of parameters, KV cache and activations for (mask, request, KV keep ratio).
 
 Everything the policy and the engine decide is checked against this model, so each term is
-written from what rap's decode path (`rap.decode.Decoder`) actually allocates, not fitted:
+written from what rap's decode path (`rap.decode.decoder.Decoder`) actually allocates, not fitted:
 
 * params: the base (embeddings, norms, lm_head; tied weights once) plus the kept blocks, each at
-  its plan level (`rap.plan.Plan`; a plain `BlockMask` keeps blocks at the model's dtype): an int8 /
-  int4 block holds its linear weights as `rap.quant.quantize_weight` stores them (packed values,
-  scales, zeros; `rap.quant.quantized_weight_bytes`, exact per device type) and its norms and biases
+  its plan level (`rap.core.plan.Plan`; a plain `BlockMask` keeps blocks at the model's dtype): an int8 /
+  int4 block holds its linear weights as `rap.core.quant.quantize_weight` stores them (packed values,
+  scales, zeros; `rap.core.quant.quantized_weight_bytes`, exact per device type) and its norms and biases
   as loaded;
 * KV cache: preallocated for prompt + new tokens, only for kept attention blocks
   (a sliding-window layer holds at most its window); with a KV keep ratio r the prompt part
@@ -50,11 +50,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import RequestError
-from .mask import BlockMask
-from .model import BlockView, ModelShape
-from .plan import DROP, DTYPE, INT8, LEVELS, Plan, block_linears, int4_group_size
-from .quant import INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, quantized_weight_bytes
+from rap.errors import RequestError
+from rap.core.mask import BlockMask
+from rap.core.model import BlockView, ModelShape
+from rap.core.plan import DROP, DTYPE, INT8, LEVELS, Plan, block_linears, int4_group_size
+from rap.core.quant import INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, quantized_weight_bytes
 
 
 PREFILL_CHUNK_TOKENS = 16384  # the decoder's prefill runs at most this many prompt tokens at once (whole rows)
@@ -104,7 +104,7 @@ class MemoryBreakdown:
 
 
 class MemoryModel:
-    """Predicts peak device bytes of rap's generate path (`rap.decode.Decoder`) for a model shape."""
+    """Predicts peak device bytes of rap's generate path (`rap.decode.decoder.Decoder`) for a model shape."""
 
     # model types whose attention normalises q and k per head (an extra fp32 RMSNorm in the prefill)
     QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "gemma3_text", "olmo2")
@@ -116,10 +116,10 @@ class MemoryModel:
         self.shape = shape
         self.prefill_chunk_tokens = prefill_chunk_tokens
         # None: a compressed cache holds exactly its tokens (rap.kv's VarlenCache); an int: it is a
-        # dense buffer whose length is rounded up to this many tokens (rap.decode.LENGTH_QUANTUM)
+        # dense buffer whose length is rounded up to this many tokens (rap.decode.decoder.LENGTH_QUANTUM)
         self.kv_length_quantum = kv_length_quantum
         # True: a sliding-window layer caches at most its window (transformers' sliding cache layers);
-        # False: every kept layer holds the whole length (rap.decode's static buffers, window masked)
+        # False: every kept layer holds the whole length (rap.decode.decoder's static buffers, window masked)
         self.window_bounded_kv = True
         # default KV layout for kv_bytes (a rap.kv.decode_cache.KVLayout; None: dense buffers): the
         # engine sets the decoder's, so every plan counts the flat Ada-KV cache it will run
@@ -136,7 +136,7 @@ class MemoryModel:
         if on_cuda:
             ws = cublas_workspace_bytes if cublas_workspace_bytes is not None else cuda_cublas_workspace_bytes()
             # two streams run matmuls: the current one (prefill, RoPE table) and the decoder's capture
-            # stream (warm-up + graph capture, `rap.decode.capture_stream`); each keeps its workspace
+            # stream (warm-up + graph capture, `rap.decode.decoder.capture_stream`); each keeps its workspace
             self.runtime_bytes = 2 * ws
             if compiled is None or compiled:  # the Decoder compiles its block functions by default on CUDA
                 # torch._inductor.runtime.benchmarking: `torch.empty(L2_cache_size // 4, dtype=int)`,
@@ -277,7 +277,7 @@ class MemoryModel:
         return total
 
     def _flat_kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float, bits: int) -> int:
-        from .kv.decode_cache import layer_tensor_bytes
+        from rap.kv.decode_cache import layer_tensor_bytes
 
         s = self.shape
         total = 0
@@ -301,7 +301,7 @@ class MemoryModel:
         return noise + record + rope
 
     def sampler_bytes(self, batch: int) -> int:
-        """Peak of the last-position logits (fp32) plus `rap.decode.pick_tokens` (temperature + top-p).
+        """Peak of the last-position logits (fp32) plus `rap.decode.decoder.pick_tokens` (temperature + top-p).
 
         The full sort over the vocabulary dominates: logits / temperature (4), the sorted values (4)
         and their int64 indices (8), plus PyTorch's CUDA sort buffers (aten/src/ATen/native/cuda/

@@ -5,7 +5,7 @@ the Hugging Face model's weights (no copies) instead of `model.generate`:
 
 * prefill: eager, one SDPA call per kept attention block (cuDNN / flash / memory-efficient kernels),
   writing keys and values straight into the static cache; each block's tensors are freed before
-  the next block runs, so the peak is one block's transients (what `rap.memory` counts);
+  the next block runs, so the peak is one block's transients (what `rap.core.memory` counts);
 * decode: one step = embedding -> kept blocks -> norm -> lm_head -> greedy or sampled pick ->
   stop-token bookkeeping, all on the device. On CUDA that step is captured as a
   `torch.cuda.CUDAGraph` per (mask, batch bucket, cache length, greedy/sampled) and cached: a
@@ -57,7 +57,7 @@ layer being compressed ever holds its full prompt K/V (the transient q, k, v of 
 the cache holds `MemoryModel(kv_length_quantum=LENGTH_QUANTUM).kv_bytes(..., kv_layout=...)`
 bytes exactly (the compressed length rounded up like every cache length).
 
-Why this module is long (~1,200 lines): it holds rap's layer math (shared with rap.forward, one
+Why this module is long (~1,200 lines): it holds rap's layer math (shared with rap.core.forward, one
 screen per piece) and the Decoder, whose prefill, KV compression, graph cache and sampling share
 one workspace (the static buffers and the captured graphs read the same tensors). Moving the layer
 math to a module of its own and the Decoder's jobs into a `decode/` package is the part of the
@@ -76,15 +76,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BudgetError, RequestError, UnsupportedModelError
-from .hf import rotary_tables, sdpa_attention
-from .kv.decode_cache import ADAKV_ALPHA, FlatLayerCache, KVLayout, layout_for
-from .kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep, uniform_keep
-from .mask import BlockMask
-from .memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes, prefill_rows
-from .model import BlockView
-from .plan import DROP, DTYPE, Plan
-from .quant import quantize_weight, storage_bytes, weight_level
+from rap.errors import BudgetError, RequestError, UnsupportedModelError
+from rap.core.hf import rotary_tables, sdpa_attention
+from rap.kv.decode_cache import ADAKV_ALPHA, FlatLayerCache, KVLayout, layout_for
+from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep, uniform_keep
+from rap.core.mask import BlockMask
+from rap.core.memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes, prefill_rows
+from rap.core.model import BlockView
+from rap.core.plan import DROP, DTYPE, Plan
+from rap.core.quant import quantize_weight, storage_bytes, weight_level
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class AttnWeights:
     head_dim: int
     scaling: float
     window: int | None  # sliding window in tokens, or None
-    module: nn.Module  # for transformers' SDPA (rap.hf.sdpa_attention) on the eager path
+    module: nn.Module  # for transformers' SDPA (rap.core.hf.sdpa_attention) on the eager path
     wqkv: torch.Tensor | None = None  # [q; k; v] rows, only with fuse_projections
     bqkv: torch.Tensor | None = None
     norm_offset: bool = False  # Gemma: every RMSNorm scales by (1 + w)
@@ -173,7 +173,7 @@ def project_qkv(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: torch.T
             [a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], dim=-1)
     else:
         q, k, v = F.linear(h, a.wq, a.bq), F.linear(h, a.wk, a.bk), F.linear(h, a.wv, a.bv)
-    del h  # eager prefill: the normed input must not outlive the projections (rap.memory counts it so)
+    del h  # eager prefill: the normed input must not outlive the projections (rap.core.memory counts it so)
     q = q.view(B, S, a.heads, a.head_dim)
     k = k.view(B, S, a.kv_heads, a.head_dim)
     v = v.view(B, S, a.kv_heads, a.head_dim).transpose(1, 2)
@@ -416,7 +416,7 @@ def prefill_attention(x: torch.Tensor, a: AttnWeights, cos: torch.Tensor, sin: t
     is_causal path: cuDNN or flash attention, no score matrix; measured on the H100, every backend
     allocates only its output). A function of its own so that nothing of one layer (q, k, v, the
     SDPA output) stays alive into the next layer's FFN, as the loop's locals used to: the prefill
-    peak is then one layer's transients on top of the residual stream, which rap.memory counts.
+    peak is then one layer's transients on top of the residual stream, which rap.core.memory counts.
     With a plan, this layer's full-prompt k and v are the only full-length K/V that exist.
     `flat`: the layer's `FlatLayerCache` (Ada-KV / int8; kc, vc unused), filled by `keep_prompt_flat`.
     """
@@ -463,7 +463,7 @@ def capture_stream(device: torch.device) -> "torch.cuda.Stream":
     allocator, never freed). A new stream per capture for the warm-up plus torch.cuda.graph's own
     capture stream left one more workspace allocated per captured graph (+33.5 MB each, measured on
     the H100); with this stream the process holds two, the current stream's and this one's, which is
-    what rap.memory counts.
+    what rap.core.memory counts.
     """
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
@@ -705,7 +705,7 @@ class Decoder:
         """Per-layer attention / FFN weights for `mask` (a `Plan` or a plain mask: every block at dtype).
 
         A block the plan keeps at the level its module's weights are resident at (the dtype as
-        loaded, or int8 / int4 after `rap.residency.WeightResidency` moved it) uses those weights as
+        loaded, or int8 / int4 after `rap.serve.residency.WeightResidency` moved it) uses those weights as
         they are. A block resident at dtype that the plan wants quantized is quantized once from that
         copy and cached (counted in `extra_weight_bytes`: the dense copy stays, as it must for the
         next plan that keeps it dense); any other mismatch raises. Fused q/k/v and gate/up weights
@@ -739,7 +739,7 @@ class Decoder:
         name = f"{kind}.{layer}"
         if resident != DTYPE:
             raise RequestError(f"{name} is resident at {resident}, the plan runs it at {level}: move it first "
-                               "(rap.residency.WeightResidency.apply(plan))")
+                               "(rap.serve.residency.WeightResidency.apply(plan))")
         key = (name, level)
         if key not in self._quantized:
             fields = ("wqkv", "wq", "wk", "wv", "wo") if kind == "attn" else ("wgu", "wg", "wu", "wd")
@@ -803,7 +803,7 @@ class Decoder:
 
     def _kv_length(self, prompt: int, length: int, kv_ratio: float) -> int:
         """Cache columns for a request of `prompt` tokens in a `length`-column bucket: the memory model's
-        count for the request the engine plans with (rap.backends.DecoderBackend.planning_request)."""
+        count for the request the engine plans with (rap.serve.backends.DecoderBackend.planning_request)."""
         if kv_ratio >= 1.0:
             return length
         return self.memory.kv_tokens(Request(1, max(1, prompt), max(1, length - prompt)), kv_ratio)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import MaskError
-from .mask import BlockMask, block_name, parse_block_name
+from rap.errors import MaskError
+from rap.core.mask import BlockMask, block_name, parse_block_name
 
 DTYPE, INT8, DROP = "dtype", "int8", "drop"
 INT4_GROUP_SIZES = (32, 64, 128)  # what both int4 layouts (tinygemm CUDA, torchao's CPU opaque) accept

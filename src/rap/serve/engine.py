@@ -10,7 +10,7 @@ For every batch of requests the engine
 3. makes the resident weights match the decision (`WeightResidency`): dropped blocks leave the
    device for pinned host memory, kept blocks come back on a side CUDA stream, and each block's
    first forward waits only for its own copy, so reloading overlaps with the layers before it;
-4. generates with a *backend* (rap.decode.Decoder, or Hugging Face `generate` under the block
+4. generates with a *backend* (rap.decode.decoder.Decoder, or Hugging Face `generate` under the block
    mask as the fallback) and returns per-request text with metadata: decision,
    predicted and measured memory, time. The decoder applies the decision's KV keep ratio
    (SnapKV, uniform per head; its buffers shrink as the memory model says) and streams tokens;
@@ -20,11 +20,11 @@ A request whose smallest configuration cannot fit is rejected with `BudgetError`
 of the batch is served. An out-of-memory error is caught, logged, and the batch is retried once
 with a smaller decision; it never escapes `Engine.generate`.
 
-Nothing here knows about HTTP, processes or threads beyond one lock: `rap.server` (or a Ray Serve
+Nothing here knows about HTTP, processes or threads beyond one lock: `rap.serve.server` (or a Ray Serve
 deployment, one Engine per GPU) wraps an Engine without changing it.
 
-Where the pieces live: budget sources in `rap.budget`, backends in `rap.backends`, `Decision` and
-the built-in greedy policy in `rap.policy.greedy`, weight residency in `rap.residency`.
+Where the pieces live: budget sources in `rap.serve.budget`, backends in `rap.serve.backends`, `Decision` and
+the built-in greedy policy in `rap.policy.greedy`, weight residency in `rap.serve.residency`.
 Why this module is long (~770 lines): what is left is one state machine, the batch loop (admit and
 validate rows, decide, move weights, run, bisect failures, stream, cancel); its halves share the
 engine's lock and counters, and split apart they would only call each other.
@@ -44,15 +44,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .errors import BudgetError, RapError, RequestError
-from .mask import BlockMask
-from .memory import MemoryModel, Request, format_bytes
-from .model import BlockView
-from .plan import Plan
-from .backends import GREEDY_TEMPERATURE, HFGenerateBackend, Sampling, make_backend
-from .budget import BudgetSource, LiveBudget, budget_from_spec
-from .policy.greedy import Decision, GreedyPolicy, _call_policy, as_policy, default_removal_order
-from .residency import WeightResidency
+from rap.errors import BudgetError, RapError, RequestError
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel, Request, format_bytes
+from rap.core.model import BlockView
+from rap.core.plan import Plan
+from rap.serve.backends import GREEDY_TEMPERATURE, HFGenerateBackend, Sampling, make_backend
+from rap.serve.budget import BudgetSource, LiveBudget, budget_from_spec
+from rap.policy.greedy import Decision, GreedyPolicy, _call_policy, as_policy, default_removal_order
+from rap.serve.residency import WeightResidency
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class Engine:
                 raise RapError("Engine(view) needs the tokenizer too: Engine(view, tokenizer=tok)")
             self.view = model
         else:
-            from .sources import load_view
+            from rap.sources import load_view
 
             self.view, tokenizer = load_view(str(model), dtype=dtype, device=device)
         self.tokenizer = tokenizer
@@ -197,7 +197,7 @@ class Engine:
         self.device_total_bytes = device_total_bytes
         self.memory_model = MemoryModel.from_view(self.view)
         if profile is None:
-            from .sources import bundled_policy
+            from rap.sources import bundled_policy
 
             profile = bundled_policy(self.view.name, self.view.num_layers)
             if profile is not None:
@@ -441,7 +441,7 @@ class Engine:
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         if r.kv_press is not None:
-            from .kv.decode_cache import layout_for
+            from rap.kv.decode_cache import layout_for
 
             layout_for(r.kv_press)  # one line for an unknown press
             windowed = getattr(self.backend, "windowed_layers", lambda: [])()

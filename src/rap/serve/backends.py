@@ -11,11 +11,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import RapError
-from .hf import BaseStreamer
-from .mask import BlockMask
-from .memory import Request
-from .model import BlockView
+from rap.errors import RapError
+from rap.core.hf import BaseStreamer
+from rap.core.mask import BlockMask
+from rap.core.memory import Request
+from rap.core.model import BlockView
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class _StepStreamer(BaseStreamer):
 
 
 class DecoderBackend:
-    """rap.decode.Decoder (static cache for kept attention blocks, CUDA graphs per mask).
+    """rap.decode.decoder.Decoder (static cache for kept attention blocks, CUDA graphs per mask).
 
     Two things tie it to weight residency: its captured graphs hold the addresses of the weights,
     so when blocks come back to the device (at new addresses) every graph and cache buffer is
@@ -150,7 +150,7 @@ class DecoderBackend:
         self.kv_length_quantum = getattr(module, "LENGTH_QUANTUM", None) if self.supports_kv_ratio else None
         self.kv_layout = None
         if self.supports_kv_ratio and "kv_press" in self._accepts:
-            from .kv.decode_cache import KVLayout
+            from rap.kv.decode_cache import KVLayout
 
             self.kv_layout = KVLayout("adakv")  # what the decoder runs below ratio 1 (a request may ask snapkv)
         self.streams = "on_step" in self._accepts  # else tokens come back at the end of the batch
@@ -170,7 +170,7 @@ class DecoderBackend:
 
     def drop_weight_references(self) -> None:
         """Release graphs and per-layer weight references before blocks change precision (see
-        rap.residency); `on_weights_restored` re-reads the modules' weights afterwards."""
+        rap.serve.residency); `on_weights_restored` re-reads the modules' weights afterwards."""
         self.decoder.release()
         getattr(self.decoder, "forget_weights", lambda: None)()
         self._stale = True
@@ -198,16 +198,16 @@ class DecoderBackend:
 
 
 def make_backend(view: BlockView, backend: str = "auto"):
-    """"auto": rap.decode.Decoder when it supports the model, else HF generate (said in the log);
+    """"auto": rap.decode.decoder.Decoder when it supports the model, else HF generate (said in the log);
     "hf" or "decoder" to force one."""
     if backend == "hf":
         return HFGenerateBackend()
-    from . import decode
+    import rap.decode.decoder as decode
 
     try:
         return DecoderBackend(view, decode.Decoder, decode)
     except RapError as e:  # a family or RoPE the decoder does not implement: the slow path still serves
         if backend == "decoder":
-            raise RapError(f"rap.decode.Decoder is not usable here: {e}") from None
-        log.warning("rap.decode.Decoder unavailable (%s); using Hugging Face generate", e)
+            raise RapError(f"rap.decode.decoder.Decoder is not usable here: {e}") from None
+        log.warning("rap.decode.decoder.Decoder unavailable (%s); using Hugging Face generate", e)
         return HFGenerateBackend()

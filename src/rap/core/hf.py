@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.llama.modeling_llama import LlamaModel
 
-from .errors import RapError
+from rap.errors import RapError
 
 __all__ = ["BaseStreamer", "Cache", "CacheLayerMixin", "DynamicCache", "StaticCache", "CACHE_KWARG", "cache_kwargs",
            "cache_given_to_attention", "output_cache", "sdpa_attention", "rotary_tables",

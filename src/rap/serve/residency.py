@@ -20,7 +20,7 @@ byte (`measured_resident_bytes`, tensor storage; `memory_allocated` on CUDA).
 Blocks dropped or restored at the model's dtype keep their `nn.Parameter` objects (only `.data`
 moves, so hooks and references stay valid); a quantized level replaces the linear's weight
 Parameter (a torchao tensor cannot be a Parameter's `.data`), so whoever holds weight references
-(rap.decode.Decoder) must drop them first: `apply(..., before_change=...)` calls it once before the
+(rap.decode.decoder.Decoder) must drop them first: `apply(..., before_change=...)` calls it once before the
 first such move. On CPU, host and device memory are one: dense copies are the original tensors (no
 copy), quantized levels are real, and residency is tracked as on CUDA.
 """
@@ -35,11 +35,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .mask import BlockMask
-from .memory import MemoryModel
-from .model import BlockView
-from .plan import DROP, DTYPE, Plan, block_linears, is_quantized
-from .quant import block_linear_modules, module_storage_bytes, quantize_weight, storage_bytes
+from rap.core.mask import BlockMask
+from rap.core.memory import MemoryModel
+from rap.core.model import BlockView
+from rap.core.plan import DROP, DTYPE, Plan, block_linears, is_quantized
+from rap.core.quant import block_linear_modules, module_storage_bytes, quantize_weight, storage_bytes
 
 log = logging.getLogger(__name__)
 

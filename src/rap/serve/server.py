@@ -39,10 +39,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from .engine import SEED_RANGE, Engine, EngineFailure, GenerationRequest, GenerationResult, check_text
-from .errors import BudgetError, ModelNotFoundError, RapError, RequestError
-from .memory import Request
-from .scoring import MAX_TOP_LOGPROBS, TokenScore, score
+from rap.serve.engine import SEED_RANGE, Engine, EngineFailure, GenerationRequest, GenerationResult, check_text
+from rap.errors import BudgetError, ModelNotFoundError, RapError, RequestError
+from rap.core.memory import Request
+from rap.serve.scoring import MAX_TOP_LOGPROBS, TokenScore, score
 
 log = logging.getLogger(__name__)
 
@@ -681,7 +681,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
         """Validated rows (tokenized; runs on the tokenizer thread), n per prompt."""
         press = body.rap.kv_press if body.rap is not None else None
         if press is not None:
-            from .kv.decode_cache import layout_for
+            from rap.kv.decode_cache import layout_for
 
             try:
                 press = layout_for(press).press

@@ -1,7 +1,7 @@
 """Weight-only quantized linear weights for a plan's int8 / int4 blocks, from torchao.
 
 Each quantized weight is a torchao tensor subclass that `F.linear` dispatches on, so rap's layer
-math (`rap.decode`) is the same for every level; only the weight objects differ:
+math (`rap.decode.decoder`) is the same for every level; only the weight objects differ:
 
 * ``int8``: `torchao.quantization.Int8Tensor` (what `Int8WeightOnlyConfig` builds): int8 values
   [N, K], a symmetric fp32 scale and an int8 zero point (always 0) per output channel. Same on
@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .plan import INT8, PlanError, int4_group_size
+from rap.core.plan import INT8, PlanError, int4_group_size
 
 INT4_CUDA_K_MULTIPLE = 1024  # Int4TilePackedTo4dTensor pads in_features to this
 INT4_CUDA_N_MULTIPLE = 8  # ... and out_features to its ntile (8 on CUDA)
@@ -154,7 +154,7 @@ def dequantize_transient_bytes(out_features: int, in_features: int, level: str, 
 def weight_level(t: torch.Tensor | None) -> str:
     """The plan level a (module's) weight tensor is stored at: "int8", "int4g<G>" or "dtype"
     (an `nn.Parameter` wrapping a torchao tensor is that tensor's type)."""
-    from .plan import DTYPE
+    from rap.core.plan import DTYPE
 
     name = type(t).__name__
     if name == "Int8Tensor":

@@ -6,7 +6,7 @@
     h = fwd.embed(ids); h = fwd.attn_block(0, h); h = fwd.ffn_block(0, h); ...   # one block at a time (GSI)
 
 Perplexity, GSI calibration, zero-shot scoring and the policy's measurements run on this; serving
-runs `rap.decode.Decoder`, whose prefill and decode step call the same functions (`project_qkv`,
+runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (`project_qkv`,
 `attn_output`, `ffn_block`, `rms_norm`, read from the HF modules by `attn_weights` / `ffn_weights`).
 transformers supplies the weights, the rotary tables (its own rotary module, so the values are its
 values) and the SDPA wrapper, and is the reference in tests (tests/test_forward.py compares logits
@@ -30,14 +30,14 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .decode import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, embed_scale,
+from rap.decode.decoder import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, embed_scale,
                      ffn_block, is_gemma, norm_eps, project_qkv, rms_norm, rope_kinds, rope_tables)
-from .errors import UnsupportedModelError
-from .hf import sdpa_attention
-from .mask import BlockMask
-from .plan import DROP, DTYPE
-from .quant import fake_quantize, weight_level
-from .model import BlockView
+from rap.errors import UnsupportedModelError
+from rap.core.hf import sdpa_attention
+from rap.core.mask import BlockMask
+from rap.core.plan import DROP, DTYPE
+from rap.core.quant import fake_quantize, weight_level
+from rap.core.model import BlockView
 
 FORWARD_MODEL_TYPES = DECODE_MODEL_TYPES
 
@@ -83,7 +83,7 @@ class Forward:
         inner = view.model.model
         self.kinds = rope_kinds(view)
         self.attn = [attn_weights(view, i, self.kinds) for i in range(view.num_layers)]
-        from .decode import ffn_weights
+        from rap.decode.decoder import ffn_weights
 
         self.ffn = [ffn_weights(view, i) for i in range(view.num_layers)]
         self.embed_w = inner.embed_tokens.weight
@@ -104,9 +104,9 @@ class Forward:
 
     def weights(self, mask: BlockMask) -> tuple[list[AttnWeights], list]:
         """Per-layer weights under `mask`. A `Plan`'s int8 / int4 blocks carry their quantized values
-        (`rap.quant.fake_quantize`: what the kernels hold, dequantized), so perplexity, zero-shot and
+        (`rap.core.quant.fake_quantize`: what the kernels hold, dequantized), so perplexity, zero-shot and
         the demo's probe measure the model that serves. A block already resident quantized (moved by
-        `rap.residency`) runs its kernels' tensors as they are. Copies are cached per (block, level)."""
+        `rap.serve.residency`) runs its kernels' tensors as they are. Copies are cached per (block, level)."""
         if not getattr(mask, "is_quantized", False):
             return self.attn, self.ffn
         return ([self._at(self.attn[i], ("wq", "wk", "wv", "wo"), i, lv) for i, lv in enumerate(mask.attn_levels)],
@@ -207,7 +207,7 @@ class Forward:
         """
         mask = mask or BlockMask.full(self.num_layers)
         if mask.num_layers != self.num_layers:
-            from .errors import MaskError
+            from rap.errors import MaskError
 
             raise MaskError(f"mask has {mask.num_layers} layers, the model has {self.num_layers}")
         x = self.embed(ids)

@@ -2,7 +2,7 @@
 
 A mask is a value: immutable, hashable, cheap to pass around and to use as a dictionary key
 (the decode path caches one captured graph per mask, the policy memoises scores per mask).
-It knows nothing about weights; `rap.model.BlockView.apply` turns it into a forward pass.
+It knows nothing about weights; `rap.core.model.BlockView.apply` turns it into a forward pass.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import MaskError
+from rap.errors import MaskError
 
 _NAME = re.compile(r"^(attn|ffn)\.(\d+)$")
 

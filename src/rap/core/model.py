@@ -13,7 +13,7 @@ A dropped attention block must also create no KV-cache entries. Its stand-in rep
 layer's entry in whatever transformers `Cache` it is handed with a `SkippedCacheLayer`: no
 tensors, only a token count, so the cache still reports the right sequence length (generate
 asks layer 0 for it) and the right mask sizes. The cache keyword it is handed comes through
-`rap.hf` (it was renamed in 5.24); CI checks the oldest and the newest supported release.
+`rap.core.hf` (it was renamed in 5.24); CI checks the oldest and the newest supported release.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from .errors import UnsupportedModelError
-from .hf import Cache, CacheLayerMixin, cache_given_to_attention
-from .mask import BlockMask, block_name
+from rap.errors import UnsupportedModelError
+from rap.core.hf import Cache, CacheLayerMixin, cache_given_to_attention
+from rap.core.mask import BlockMask, block_name
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class BlockView:
     def apply(self, mask: BlockMask) -> BlockMask:
         """Make the forward pass run exactly the blocks `mask` keeps; returns the previous mask."""
         if mask.num_layers != self.num_layers:
-            from .errors import MaskError
+            from rap.errors import MaskError
 
             raise MaskError(f"mask has {mask.num_layers} layers, the model has {self.num_layers}")
         previous = self._mask

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .memory import Request
+from rap.core.memory import Request
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from rap.serve.engine import Engine
 
 MAX_TOP_LOGPROBS = 20
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import RequestError
-from .memory import format_bytes, parse_bytes
+from rap.errors import RequestError
+from rap.core.memory import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""rap's fast decoder: prefill, KV compression, one captured CUDA graph per plan, and sampling."""
