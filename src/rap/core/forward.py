@@ -6,7 +6,7 @@
     h = fwd.embed(ids); h = fwd.attn_block(0, h); h = fwd.ffn_block(0, h); ...   # one block at a time (GSI)
 
 Perplexity, GSI calibration, zero-shot scoring and the policy's measurements run on this; serving
-runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (`project_qkv`,
+runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (rap.core.layers: `project_qkv`,
 `attn_output`, `ffn_block`, `rms_norm`, read from the HF modules by `attn_weights` / `ffn_weights`).
 transformers supplies the weights, the rotary tables (its own rotary module, so the values are its
 values) and the SDPA wrapper, and is the reference in tests (tests/test_forward.py compares logits
@@ -30,8 +30,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from rap.decode.decoder import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, embed_scale,
-                     ffn_block, is_gemma, norm_eps, project_qkv, rms_norm, rope_kinds, rope_tables)
+from rap.core.layers import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, embed_scale,
+                             ffn_block, ffn_weights, is_gemma, norm_eps, project_qkv, rms_norm, rope_kinds,
+                             rope_tables)
 from rap.errors import UnsupportedModelError
 from rap.core.hf import sdpa_attention
 from rap.core.mask import BlockMask
@@ -83,8 +84,6 @@ class Forward:
         inner = view.model.model
         self.kinds = rope_kinds(view)
         self.attn = [attn_weights(view, i, self.kinds) for i in range(view.num_layers)]
-        from rap.decode.decoder import ffn_weights
-
         self.ffn = [ffn_weights(view, i) for i in range(view.num_layers)]
         self.embed_w = inner.embed_tokens.weight
         self.embed_scale = embed_scale(view)
