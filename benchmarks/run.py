@@ -139,8 +139,7 @@ def decide(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: in
     deciding, which means nothing on random weights and costs GPU minutes; for timing, bytes matter."""
     from rap.policy.greedy import GreedyPolicy
 
-    raw = GreedyPolicy(profile["order"] if profile else None).decide(
-        mem, request, budget_bytes, BlockMask.full(view.num_layers))
+    raw = GreedyPolicy(mem, profile["order"] if profile else None).decide(request, budget_bytes)
     return raw.mask, "greedy" + (" (profile order)" if profile else " (default order: FFN from the last layer)")
 
 
@@ -330,7 +329,7 @@ def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], di
         order = [f"attn.{i}" for i in reversed(range(L))] + [f"ffn.{i}" for i in reversed(range(L))]
         from rap.policy.greedy import GreedyPolicy
 
-        mask = GreedyPolicy(order).decide(mem, plan_req, budget, full).mask
+        mask = GreedyPolicy(mem, order).decide(plan_req, budget).mask
         rap = attempt("rap", mask, request, {"policy": "greedy (attention from the last layer first)"})
         # plain KV limit: the dense model keeps every block and cuts prompts to the longest that fits
         fit = 0
