@@ -4,7 +4,7 @@
     q, k, v = project_qkv(x, a, cos, sin)                     # norm -> q/k/v -> (q/k norm) -> RoPE
     x = attn_output(x, attend(q, k, v), a)                    # x + post_norm?(o_proj(o))
     x = ffn_block(x, f)                                       # x + post_norm?(down(act(gate) * up))
-    logits = final_logits(x, head.norm_w, ...)                # norm -> lm_head (-> softcap), fp32
+    h = head_weights(view); x = h.embed(ids); ...; logits = final_logits(x, *h.args)   # embed ... norm -> lm_head
 
 Every job runs these: `rap.core.forward.Forward` over whole windows (perplexity, GSI, zero-shot, the
 policy's measurements) and `rap.decode.decoder.Decoder` for prefill and decode steps (static cache,
@@ -189,14 +189,44 @@ def attn_decode_flat(x, a: AttnWeights, cos, sin, cache: FlatLayerCache, max_len
     return attn_output(x, o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a)
 
 
-def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b, offset: bool = False,
-                 softcap: float | None = None) -> torch.Tensor:
-    """Last position's logits in fp32, as `generate` sees them. x [B, S, hidden] -> [B, V].
-    `softcap` (Gemma's final_logit_softcapping): cap * tanh(logits / cap), in the model dtype as HF does."""
-    logits = F.linear(rms_norm(x[:, -1], norm_w, eps, offset), lm_w, lm_b)
+def lm_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b, offset: bool = False,
+              softcap: float | None = None) -> torch.Tensor:
+    """Logits of every position in the model dtype, as transformers' forward returns them: final norm ->
+    lm_head; `softcap` (Gemma's final_logit_softcapping): cap * tanh(logits / cap). x [..., hidden]."""
+    logits = F.linear(rms_norm(x, norm_w, eps, offset), lm_w, lm_b)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
+    return logits
+
+
+def final_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b, offset: bool = False,
+                 softcap: float | None = None) -> torch.Tensor:
+    """Last position's logits in fp32, as `generate` sees them. x [B, S, hidden] -> [B, V]."""
+    return lm_logits(x[:, -1], norm_w, eps, lm_w, lm_b, offset, softcap).float()
+
+
+@dataclass(eq=False)
+class HeadWeights:
+    """What surrounds the layers: the token embedding (Gemma: scaled by sqrt(hidden)), the final norm and
+    the lm_head (Gemma: softcapped). `args` are `lm_logits` / `final_logits`'s arguments after x."""
+
+    embed_w: torch.Tensor
+    embed_scale: torch.Tensor | None
+    norm_w: torch.Tensor
+    norm_eps: float
+    norm_offset: bool
+    lm_w: torch.Tensor
+    lm_b: torch.Tensor | None
+    softcap: float | None
+
+    @property
+    def args(self) -> tuple:
+        return self.norm_w, self.norm_eps, self.lm_w, self.lm_b, self.norm_offset, self.softcap
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [B, S, hidden], the stream entering attn.0."""
+        x = F.embedding(ids, self.embed_w)
+        return x if self.embed_scale is None else x * self.embed_scale
 
 
 # ---- the layer weights, read from the HF modules (no copies) -----------------------------------------
@@ -242,6 +272,14 @@ def rope_tables(view: BlockView, length: int, kinds: Sequence[str | None] | None
     probe = torch.empty(0, device=view.device, dtype=view.dtype)
     tables = [rotary_tables(rotary, probe, pos, kind) for kind in kinds]
     return torch.stack([c[0] for c, _ in tables]), torch.stack([s[0] for _, s in tables])
+
+
+def head_weights(view: BlockView) -> HeadWeights:
+    """The embedding, final norm and lm_head as rap's layer functions read them (the HF modules' tensors)."""
+    inner, head = view.model.model, view.model.lm_head
+    return HeadWeights(embed_w=inner.embed_tokens.weight, embed_scale=embed_scale(view), norm_w=inner.norm.weight,
+                       norm_eps=norm_eps(inner.norm), norm_offset=is_gemma(view), lm_w=head.weight, lm_b=head.bias,
+                       softcap=getattr(view.config, "final_logit_softcapping", None))
 
 
 def attn_weights(view: BlockView, i: int, kinds: Sequence[str | None] | None = None) -> AttnWeights:

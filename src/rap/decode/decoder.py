@@ -32,12 +32,11 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rap.core.layers import (DECODE_MODEL_TYPES, STATIC_ROPE_TYPES, AttnWeights, FfnWeights,  # noqa: F401 (re-exported)
                              attend_static, attn_decode_flat, attn_decode_static, attn_output, attn_weights,
-                             check_static_rope, embed_scale, ffn_block, ffn_weights, final_logits, is_gemma,
+                             check_static_rope, embed_scale, ffn_block, ffn_weights, final_logits, head_weights, is_gemma,
                              norm_eps, project_qkv, rms_norm, rope, rope_kinds, rope_tables, rotate_half)
 from rap.core.mask import BlockMask
 from rap.core.memory import PREFILL_CHUNK_TOKENS, MemoryModel, Request, format_bytes
@@ -132,7 +131,6 @@ class Decoder:
             raise UnsupportedModelError(
                 f"rap's fast decode path supports {', '.join(DECODE_MODEL_TYPES)}, not {model_type!r}; "
                 "use the stock path (`with view.masked(mask): view.model.generate(...)`)")
-        inner = view.model.model
         check_static_rope(view)
         if attention not in ("sdpa", "matmul"):
             raise ValueError(f"attention must be 'sdpa' or 'matmul', got {attention!r}")
@@ -155,13 +153,7 @@ class Decoder:
         # prompts run through the prefill a few rows at a time, at most this many tokens together
         # (at least one row): the prefill's transients stay bounded however large the batch is
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
-        self.embed_w = inner.embed_tokens.weight
-        self.embed_scale = embed_scale(view)
-        self.norm_w, self.norm_eps = inner.norm.weight, norm_eps(inner.norm)
-        self.norm_offset = is_gemma(view)
-        self.softcap = getattr(view.config, "final_logit_softcapping", None)
-        head = view.model.lm_head
-        self.lm_w, self.lm_b = head.weight, head.bias
+        self.head_w = head_weights(view)  # embedding, final norm, lm_head: rap.core.forward reads the same
         self.pad_token_id = getattr(view.config, "pad_token_id", None)
         self.rope_kinds = rope_kinds(view)
         self.attn = [self._attn_weights(i) for i in range(view.num_layers)]
@@ -393,8 +385,7 @@ class Decoder:
         return [(m, ws.batch, ws.length, sampled) for ws in self._workspaces.values() for (m, sampled) in ws.graphs]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(ids, self.embed_w)
-        return x if self.embed_scale is None else x * self.embed_scale
+        return self.head_w.embed(ids)
 
 
     # ---- the decode step and its graphs (rap.decode.step, rap.decode.graphs) ----------------------------

@@ -112,4 +112,4 @@ def prefill_rows(dec, ws: Workspace, mask: BlockMask, ids: torch.Tensor, pad: to
                                       mask_for(a.window), plan)
         if mask.keep_ffn[i]:
             x = ffn_block(x, ffn[i])
-    return final_logits(x, dec.norm_w, dec.norm_eps, dec.lm_w, dec.lm_b, dec.norm_offset, dec.softcap)
+    return final_logits(x, *dec.head_w.args)

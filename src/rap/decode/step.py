@@ -43,7 +43,7 @@ def static_step(dec, ws: Workspace, mask: BlockMask, sampled: bool) -> None:
                 x = dec._attn_fn(x, a, cos[a.rope], sin[a.rope], kc, vc, ws.col, v, dec.attention)
         if mask.keep_ffn[i]:
             x = dec._ffn_fn(x, ffn[i])
-    logits = dec._head_fn(x, dec.norm_w, dec.norm_eps, dec.lm_w, dec.lm_b, dec.norm_offset, dec.softcap)
+    logits = dec._head_fn(x, *dec.head_w.args)
     advance(ws, logits, sampled)
 
 
@@ -82,7 +82,7 @@ def exact_step(dec, ws: Workspace, mask: BlockMask, sampled: bool, n: int) -> No
             x = attn_output(x, o.reshape(n, 1, -1), a)
         if mask.keep_ffn[i]:
             x = ffn_block(x, ffn[i])
-    logits = final_logits(x, dec.norm_w, dec.norm_eps, dec.lm_w, dec.lm_b, dec.norm_offset, dec.softcap)
+    logits = final_logits(x, *dec.head_w.args)
     if n < ws.batch:  # bucket rows beyond the request are idle on this path
         logits = torch.cat([logits, logits.new_zeros(ws.batch - n, logits.shape[1])])
     advance(ws, logits, sampled)
