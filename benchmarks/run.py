@@ -36,6 +36,7 @@ from benchmarks.common import SHAPES, environment, out_dir, print_table, shape_c
 from rap.core.mask import BlockMask
 from rap.core.memory import MemoryModel, Request
 from rap.core.model import BlockView
+from rap.decode.workspace import planning_request  # the engine's decoder backend plans with the same function
 
 log = logging.getLogger("benchmarks.run")
 
@@ -120,16 +121,6 @@ def build_view(shape: str, model_path: str | None, device: str, dtype: torch.dty
         return view, True
     torch.manual_seed(0)
     return BlockView(model_from_config(shape_config(shape), dtype=dtype, device=device), name=shape), False
-
-
-def planning_request(request: Request) -> Request:
-    """The request as the Decoder allocates it (batch bucket, cache length rounded up)."""
-    try:
-        from rap.decode.decoder import bucket_batch, bucket_length
-    except ImportError:
-        return request
-    length = bucket_length(request.total_tokens)
-    return Request(bucket_batch(request.batch), request.prompt, length - request.prompt)
 
 
 def decide(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: int, profile: dict | None):

@@ -50,7 +50,7 @@ from rap.decode.prefill import prefill, prefill_attention  # noqa: F401 (prefill
 from rap.decode.sampling import draw_noise, pick_tokens, row_generators
 from rap.decode.step import exact_step, static_step
 from rap.decode.workspace import (BATCH_BUCKETS, LENGTH_QUANTUM, MAX_STOP_IDS, Workspace,  # noqa: F401
-                                  bucket_batch, bucket_length)
+                                  bucket_batch, bucket_length, planning_request)
 from rap.errors import BudgetError, RequestError, UnsupportedModelError
 from rap.kv.decode_cache import FlatLayerCache, KVLayout, layout_for  # noqa: F401 (FlatLayerCache re-exported)
 from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer

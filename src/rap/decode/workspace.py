@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rap.core.mask import BlockMask
+from rap.core.memory import Request
 from rap.kv.decode_cache import FlatLayerCache, KVLayout
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -91,3 +92,11 @@ def bucket_batch(n: int) -> int:
 
 def bucket_length(n: int) -> int:
     return LENGTH_QUANTUM * math.ceil(n / LENGTH_QUANTUM)
+
+
+def planning_request(request: Request) -> Request:
+    """The request as the Decoder allocates it: batch rounded up to its bucket, prompt + new tokens to the
+    cache length (`bucket_length`); the extra columns count as new tokens. What the engine, its backends
+    and the benchmarks plan with (the memory model's `Request`)."""
+    length = bucket_length(request.total_tokens)
+    return Request(bucket_batch(request.batch), request.prompt, max(request.new_tokens, length - request.prompt))
