@@ -6,7 +6,7 @@
     h = fwd.embed(ids); h = fwd.attn_block(0, h); h = fwd.ffn_block(0, h); ...   # one block at a time (GSI)
 
 Perplexity, GSI calibration, zero-shot scoring and the policy's measurements run on this; serving
-runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (`project_qkv`,
+runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (rap.core.layers: `project_qkv`,
 `attn_output`, `ffn_block`, `rms_norm`, read from the HF modules by `attn_weights` / `ffn_weights`).
 transformers supplies the weights, the rotary tables (its own rotary module, so the values are its
 values) and the SDPA wrapper, and is the reference in tests (tests/test_forward.py compares logits
@@ -28,10 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from rap.decode.decoder import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, embed_scale,
-                     ffn_block, is_gemma, norm_eps, project_qkv, rms_norm, rope_kinds, rope_tables)
+from rap.core.layers import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, ffn_block,
+                             ffn_weights, head_weights, lm_logits, project_qkv, rope_kinds, rope_tables)
 from rap.errors import UnsupportedModelError
 from rap.core.hf import sdpa_attention
 from rap.core.mask import BlockMask
@@ -80,19 +79,10 @@ class Forward:
             raise UnsupportedModelError("bidirectional-attention configs are not causal LMs")
         check_static_rope(view)
         self.view = view
-        inner = view.model.model
         self.kinds = rope_kinds(view)
         self.attn = [attn_weights(view, i, self.kinds) for i in range(view.num_layers)]
-        from rap.decode.decoder import ffn_weights
-
         self.ffn = [ffn_weights(view, i) for i in range(view.num_layers)]
-        self.embed_w = inner.embed_tokens.weight
-        self.embed_scale = embed_scale(view)
-        self.norm_w, self.norm_eps = inner.norm.weight, norm_eps(inner.norm)
-        self.norm_offset = is_gemma(view)
-        self.softcap = getattr(view.config, "final_logit_softcapping", None)
-        head = view.model.lm_head
-        self.lm_w, self.lm_b = head.weight, head.bias
+        self.head_w = head_weights(view)  # embedding, final norm, lm_head: the decoder reads the same
         self._cos: torch.Tensor | None = None  # [R, T, D], grown on demand
         self._sin: torch.Tensor | None = None
         self._plain: dict[int, _Rows] = {}  # S -> the unpadded-window context
@@ -163,8 +153,7 @@ class Forward:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden], the stream entering attn.0."""
-        x = F.embedding(ids.to(self.device), self.embed_w)
-        return x if self.embed_scale is None else x * self.embed_scale
+        return self.head_w.embed(ids.to(self.device))
 
     def attn_block(self, i: int, x: torch.Tensor, positions: torch.Tensor | None = None,
                    attn_mask: torch.Tensor | None = None, rows: _Rows | None = None) -> torch.Tensor:
@@ -191,10 +180,7 @@ class Forward:
             x = x[:, -keep:]
         elif isinstance(keep, torch.Tensor):
             x = x[:, keep.to(x.device)]
-        logits = F.linear(rms_norm(x, self.norm_w, self.norm_eps, self.norm_offset), self.lm_w, self.lm_b)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return lm_logits(x, *self.head_w.args)
 
     # ---- whole passes ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -174,7 +174,7 @@ class LevelRunner:
         """Block `name` at `level` on a stream [B, S, hidden] (a dropped block returns x)."""
         if level == DROP:
             return x
-        from rap.decode.decoder import ffn_block
+        from rap.core.layers import ffn_block
         from rap.core.forward import attn_block
 
         self.block_window_passes += x.shape[0]
