@@ -46,7 +46,7 @@ def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
 
     total = 0.0
     for i in range(0, len(windows), batch):
-        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch)
+        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch, head=plan.head_level)
         total += s.current_nll()
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 

@@ -87,6 +87,7 @@ class Forward:
         self._sin: torch.Tensor | None = None
         self._plain: dict[int, _Rows] = {}  # S -> the unpadded-window context
         self._quantized: dict = {}  # (first field, layer, level) -> weights with quantized values
+        self._heads: dict = {}  # head level -> HeadWeights holding that level's values
 
     @property
     def num_layers(self) -> int:
@@ -151,9 +152,21 @@ class Forward:
                     masks[a.window] = base & near[:, None]
         return _Rows(cos[:, positions][:, :, None], sin[:, positions][:, :, None], masks)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def head_weights(self, mask: BlockMask | None = None):
+        """The embedding / final norm / lm_head under `mask`: a `Plan`'s int8 head holds its quantized values."""
+        return self.head_at(getattr(mask, "head_level", "dtype"))
+
+    def head_at(self, level: str):
+        """The head's weights at `level` ("dtype" or "int8"), as fake-quantized values (cached)."""
+        if level == "dtype" or self.head_w.level != "dtype":
+            return self.head_w
+        if level not in self._heads:
+            self._heads[level] = self.head_w.at(level, fake=True)
+        return self._heads[level]
+
+    def embed(self, ids: torch.Tensor, mask: BlockMask | None = None) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden], the stream entering attn.0."""
-        return self.head_w.embed(ids.to(self.device))
+        return self.head_weights(mask).embed(ids.to(self.device))
 
     def attn_block(self, i: int, x: torch.Tensor, positions: torch.Tensor | None = None,
                    attn_mask: torch.Tensor | None = None, rows: _Rows | None = None) -> torch.Tensor:
@@ -173,14 +186,14 @@ class Forward:
         kind, layer = name.split(".")
         return self.attn_block(int(layer), x, rows=rows) if kind == "attn" else self.ffn_block(int(layer), x)
 
-    def head(self, x: torch.Tensor, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, keep: int | torch.Tensor | None = None, mask: BlockMask | None = None) -> torch.Tensor:
         """Final norm, lm_head and (Gemma) logit softcapping, in the model dtype as transformers returns
         them. keep: None = every position; an int k = the last k; a tensor = those positions."""
         if isinstance(keep, int) and keep > 0:
             x = x[:, -keep:]
         elif isinstance(keep, torch.Tensor):
             x = x[:, keep.to(x.device)]
-        return lm_logits(x, *self.head_w.args)
+        return lm_logits(x, *self.head_weights(mask).args)
 
     # ---- whole passes ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,7 +209,7 @@ class Forward:
             from rap.errors import MaskError
 
             raise MaskError(f"mask has {mask.num_layers} layers, the model has {self.num_layers}")
-        x = self.embed(ids)
+        x = self.embed(ids, mask)
         rows = self._rows(x.shape[1], positions, attn_mask)
         custom = positions is not None or attn_mask is not None
         attn, ffn = self.weights(mask)
@@ -219,7 +232,7 @@ class Forward:
     def logits(self, ids: torch.Tensor, mask: BlockMask | None = None, *, positions: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None, keep: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S or len(keep), V] of rows `ids` [B, S] under `mask` (model dtype)."""
-        return self.head(self.hidden(ids, mask, positions, attn_mask), keep)
+        return self.head(self.hidden(ids, mask, positions, attn_mask), keep, mask)
 
 
 def forward_for(model) -> Forward:

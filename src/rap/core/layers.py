@@ -19,7 +19,7 @@ and every layer of a model shares the compiled code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -225,8 +225,33 @@ class HeadWeights:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden], the stream entering attn.0."""
-        x = F.embedding(ids, self.embed_w)
+        w = self.embed_w
+        if hasattr(w, "qdata"):  # an int8 head (torchao Int8Tensor or gemlite): gather rows, then scale them
+            x = (w.qdata[ids].to(torch.float32) * w.scale.reshape(-1)[ids][..., None]).to(self.norm_w.dtype)
+        else:
+            x = F.embedding(ids, w)
         return x if self.embed_scale is None else x * self.embed_scale
+
+    @property
+    def level(self) -> str:
+        from rap.core.quant import weight_level
+
+        return weight_level(self.embed_w)
+
+    def at(self, level: str, fake: bool) -> "HeadWeights":
+        """These weights with the head at `level`: fake=True holds the level's values dequantized (what
+        rap.core.forward measures), fake=False the kernel's tensor (what the decoder runs). A tied lm_head
+        stays one tensor with the embedding."""
+        from rap.core.quant import fake_quantize, quantize_weight
+
+        if level == self.level:
+            return self
+        if self.level != "dtype":
+            raise ValueError(f"the head is resident at {self.level}; it can only run there")
+        make = (lambda w: fake_quantize(w, level)) if fake else (lambda w: quantize_weight(w, level, "head"))
+        embed = make(self.embed_w)
+        tied = self.lm_w is self.embed_w or self.lm_w.data_ptr() == self.embed_w.data_ptr()
+        return replace(self, embed_w=embed, lm_w=embed if tied else make(self.lm_w))
 
 
 # ---- the layer weights, read from the HF modules (no copies) -----------------------------------------

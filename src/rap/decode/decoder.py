@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from rap.core.layers import (DECODE_MODEL_TYPES, STATIC_ROPE_TYPES, AttnWeights, FfnWeights,  # noqa: F401 (re-exported)
+from rap.core.layers import (DECODE_MODEL_TYPES, STATIC_ROPE_TYPES, AttnWeights, FfnWeights, HeadWeights,  # noqa: F401 (re-exported)
                              attend_static, attn_decode_flat, attn_decode_static, attn_output, attn_weights,
                              check_static_rope, embed_scale, ffn_block, ffn_weights, final_logits, head_weights, is_gemma,
                              norm_eps, project_qkv, rms_norm, rope, rope_kinds, rope_tables, rotate_half)
@@ -279,6 +279,7 @@ class Decoder:
             for f in ("wq", "wk", "wv", "wo", "wqkv", "wg", "wu", "wd", "wgu"):
                 if hasattr(w, f):
                     setattr(w, f, None)
+        self.head_w = None
         self._quantized.clear()
         self._plan_weights.clear()
         self.extra_weight_bytes = 0
@@ -288,6 +289,7 @@ class Decoder:
         a module's weight with a quantized one, or back) and forget derived copies."""
         self.attn = [self._attn_weights(i) for i in range(self.view.num_layers)]
         self.ffn = [self._ffn_weights(i) for i in range(self.view.num_layers)]
+        self.head_w = head_weights(self.view)
         self._quantized.clear()
         self._plan_weights.clear()
         self.extra_weight_bytes = 0
@@ -384,8 +386,23 @@ class Decoder:
     def cached_graphs(self) -> list[tuple[BlockMask, int, int, bool]]:
         return [(m, ws.batch, ws.length, sampled) for ws in self._workspaces.values() for (m, sampled) in ws.graphs]
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head_w.embed(ids)
+    def _embed(self, ids: torch.Tensor, mask: BlockMask | None = None) -> torch.Tensor:
+        return self.head_for(mask).embed(ids)
+
+    def head_for(self, mask: BlockMask | None) -> HeadWeights:
+        """The embedding / norm / lm_head a plan runs: its int8 head as the int8 kernel's tensor. A head
+        resident at dtype that the plan wants int8 is quantized once and cached (in `extra_weight_bytes`:
+        the dense copy stays; `rap.serve.residency` moves the head itself to free it)."""
+        level = getattr(mask, "head_level", DTYPE)
+        if level == self.head_w.level:
+            return self.head_w
+        key = ("head", level)
+        if key not in self._quantized:
+            self._quantized[key] = self.head_w.at(level, fake=False)
+            self.extra_weight_bytes += storage_bytes(self._quantized[key].embed_w)
+            if self._quantized[key].lm_w is not self._quantized[key].embed_w:
+                self.extra_weight_bytes += storage_bytes(self._quantized[key].lm_w)
+        return self._quantized[key]
 
 
     # ---- the decode step and its graphs (rap.decode.step, rap.decode.graphs) ----------------------------

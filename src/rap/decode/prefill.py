@@ -97,7 +97,7 @@ def prefill_rows(dec, ws: Workspace, mask: BlockMask, ids: torch.Tensor, pad: to
                 masks[window] = m[:, None]
         return masks[window]
 
-    x = dec._embed(ids)
+    x = dec.head_for(mask).embed(ids)
     attn, ffn = dec.block_weights(mask)
     for i in range(mask.num_layers):
         if mask.keep_attn[i]:
@@ -112,4 +112,4 @@ def prefill_rows(dec, ws: Workspace, mask: BlockMask, ids: torch.Tensor, pad: to
                                       mask_for(a.window), plan)
         if mask.keep_ffn[i]:
             x = ffn_block(x, ffn[i])
-    return final_logits(x, *dec.head_w.args)
+    return final_logits(x, *dec.head_for(mask).args)

@@ -21,7 +21,7 @@ from rap.kv.decode_cache import FlatLayerCache
 
 def static_step(dec, ws: Workspace, mask: BlockMask, sampled: bool) -> None:
     """One decode step over static buffers: capturable (no host syncs, no data-dependent shapes)."""
-    x = dec._embed(ws.tokens[:, None])  # [B, 1, hidden]
+    x = dec.head_for(mask).embed(ws.tokens[:, None])  # [B, 1, hidden]
     pos = ws.col - ws.pad + ws.shift  # [B] true positions (columns of a compressed cache are fewer)
     cos, sin = ws.cos[:, pos][:, :, None, None, :], ws.sin[:, pos][:, :, None, None, :]  # [R, B, 1, 1, D]
     valid = (ws.arange[None, :] >= ws.pad[:, None]) & (ws.arange[None, :] <= ws.col)
@@ -43,7 +43,7 @@ def static_step(dec, ws: Workspace, mask: BlockMask, sampled: bool) -> None:
                 x = dec._attn_fn(x, a, cos[a.rope], sin[a.rope], kc, vc, ws.col, v, dec.attention)
         if mask.keep_ffn[i]:
             x = dec._ffn_fn(x, ffn[i])
-    logits = dec._head_fn(x, *dec.head_w.args)
+    logits = dec._head_fn(x, *dec.head_for(mask).args)
     advance(ws, logits, sampled)
 
 
@@ -53,7 +53,7 @@ def exact_step(dec, ws: Workspace, mask: BlockMask, sampled: bool, n: int) -> No
 
     col = int(ws.col)
     L = col + 1
-    x = dec._embed(ws.tokens[:n, None])
+    x = dec.head_for(mask).embed(ws.tokens[:n, None])
     pos = ws.col - ws.pad[:n] + ws.shift[:n]
     cos, sin = ws.cos[:, pos][:, :, None, None, :], ws.sin[:, pos][:, :, None, None, :]
     keys = ws.arange[:L]
@@ -82,7 +82,7 @@ def exact_step(dec, ws: Workspace, mask: BlockMask, sampled: bool, n: int) -> No
             x = attn_output(x, o.reshape(n, 1, -1), a)
         if mask.keep_ffn[i]:
             x = ffn_block(x, ffn[i])
-    logits = final_logits(x, *dec.head_w.args)
+    logits = final_logits(x, *dec.head_for(mask).args)
     if n < ws.batch:  # bucket rows beyond the request are idle on this path
         logits = torch.cat([logits, logits.new_zeros(ws.batch - n, logits.shape[1])])
     advance(ws, logits, sampled)

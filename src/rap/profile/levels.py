@@ -185,11 +185,12 @@ class LevelRunner:
         return ffn_block(x, w)
 
     @torch.no_grad()
-    def nll_sum(self, x: torch.Tensor, ids: torch.Tensor, rows_per_call: int = 4) -> float:
+    def nll_sum(self, x: torch.Tensor, ids: torch.Tensor, rows_per_call: int = 4, head: str = DTYPE) -> float:
+        from rap.core.layers import lm_logits
         from rap.eval.perplexity import window_nll
 
-        ids = ids.to(x.device)
-        return float(sum(window_nll(self.fwd.head(x[i:i + rows_per_call]), ids[i:i + rows_per_call]).double().sum()
+        ids, args = ids.to(x.device), self.fwd.head_at(head).args
+        return float(sum(window_nll(lm_logits(x[i:i + rows_per_call], *args), ids[i:i + rows_per_call]).double().sum()
                          for i in range(0, x.shape[0], rows_per_call)))
 
 
@@ -197,11 +198,14 @@ class Streams:
     """The current plan's stream entering every block (H[p], p = 0..2L; H[2L] leaves the last one),
     for all windows, kept on the model's device; `refresh(p)` recomputes H[p+1..] after block p moved."""
 
-    def __init__(self, runner: LevelRunner, windows: torch.Tensor, levels: list[str], batch_windows: int):
-        self.runner, self.windows, self.levels, self.bw = runner, windows, levels, batch_windows
+    def __init__(self, runner: LevelRunner, windows: torch.Tensor, levels: list[str], batch_windows: int,
+                 head: str = DTYPE):
+        self.runner, self.windows, self.levels, self.bw, self.head = runner, windows, levels, batch_windows, head
         n = len(runner.blocks)
         self.H: list[torch.Tensor | None] = [None] * (n + 1)
-        x = torch.cat([runner.fwd.embed(windows[i:i + batch_windows]) for i in range(0, len(windows), batch_windows)])
+        embed = runner.fwd.head_at(head).embed
+        x = torch.cat([embed(windows[i:i + batch_windows].to(runner.fwd.device))
+                       for i in range(0, len(windows), batch_windows)])
         self.H[0] = x
         self.rows = runner.fwd._rows(windows.shape[1], None, None)
         self.refresh(0)
@@ -226,12 +230,12 @@ class Streams:
             x = self.runner.run(self.runner.blocks[p], level, x, self.rows)
             for q in range(p + 1, len(self.runner.blocks)):
                 x = self.runner.run(self.runner.blocks[q], self.levels[q], x, self.rows)
-            total += self.runner.nll_sum(x, self.windows[i:i + self.bw])
+            total += self.runner.nll_sum(x, self.windows[i:i + self.bw], head=self.head)
         return total
 
     def current_nll(self) -> float:
         end = self.H[-1]
-        return sum(self.runner.nll_sum(end[i:i + self.bw], self.windows[i:i + self.bw])
+        return sum(self.runner.nll_sum(end[i:i + self.bw], self.windows[i:i + self.bw], head=self.head)
                    for i in range(0, len(end), self.bw))
 
 
