@@ -94,6 +94,9 @@ class LevelProfile:
     single: dict = field(default_factory=dict)  # block -> level -> mean NLL rise (vs dense) when moved alone
     bytes: dict = field(default_factory=dict)  # device type -> block -> level -> bytes
     bytes_device: str = "cpu"  # which table the greedy pass ranked by
+    # the embedding / lm_head: {"single": {"int8": mean NLL rise from dense}, "bytes": {device: {level: bytes}}};
+    # measured like a block's single move, not part of the greedy order (a policy adds it as one more choice)
+    head: dict = field(default_factory=dict)
     steps: list[LevelStep] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     complete: bool = False
@@ -332,6 +335,16 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
         del dense
     else:
         bar.update(sum(L - p for p, _ in moves))
+    if "int8" not in prof.head.get("single", {}):
+        from rap.core.memory import MemoryModel
+
+        head = Streams(runner, windows, [DTYPE] * L, batch_windows, head="int8")
+        prof.head = {"single": {"int8": head.current_nll() / tokens - prof.dense_nll},
+                     "bytes": {dev: {lv: MemoryModel.from_view(view, on_cuda=dev == "cuda").head_bytes(lv)
+                                     for lv in (DTYPE, "int8")} for dev in ("cpu", "cuda")}}
+        del head
+        if checkpoint is not None:
+            prof.save(checkpoint)
 
     # 2. greedy sequential pass; `stale[(p, lv)]`: last measured rise per byte (plan of that time)
     def ratio(p: int, lv: str, rise: float) -> float:
