@@ -287,9 +287,9 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
         old = load_level_profile(checkpoint)
         if (old.model_hash == prof.model_hash and old.calibration.get("ids_sha256") == calib.sha256
                 and old.settings.get("int4_group") == int4_group and old.bytes_device == bytes_device):
-            if old.complete:
+            if old.complete and old.head:
                 return old
-            prof = old
+            prof = old  # incomplete, or complete but made before the head was measured: only that is added
             log.info("resuming %s: %d single moves, %d greedy steps", checkpoint,
                      sum(len(v) for v in old.single.values()), len(old.steps))
     tokens = calib.scored_tokens
@@ -354,7 +354,7 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
     stale = {(p, lv): ratio(p, lv, prof.single[blocks[p]][lv]) for p, lv in moves}
     cur_mean = cur / tokens
     freed_total = sum(nbytes[b][DTYPE] - nbytes[b][levels[i]] for i, b in enumerate(blocks))
-    for step in range(len(prof.steps), total_steps):
+    for step in range(len(prof.steps), 0 if prof.complete else total_steps):
         t_step = time.perf_counter()
         cands = [(p, lv) for p, lv in moves if order.index(lv) > order.index(levels[p])
                  and nbytes[blocks[p]][levels[p]] > nbytes[blocks[p]][lv]]
