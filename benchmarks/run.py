@@ -82,6 +82,8 @@ REGISTRY: tuple[Benchmark, ...] = (
               "a budget trace through the Engine: resident memory follows the budget, no OOM"),
     Benchmark("precision", "python -m benchmarks.precision", "gpu", 5, "precision-<date>.json",
               "decode speed per precision level (dtype / int8 / int4) vs roofline and torchao + generate"),
+    Benchmark("int8-kernels", "python -m benchmarks.int8_kernels", "gpu", 4, "int8-kernels.json",
+              "weight-only int8 matmul kernels side by side (gemlite, torchao, aten, compiled dequant) on 7B linears"),
     Benchmark("precision-cpu", "python -m benchmarks.precision_cpu", "cpu", 10, "precision-cpu-<date>.json",
               "WikiText-2 PPL and decode tok/s of precision plans on SmolLM2-135M"),
     Benchmark("levels", "python -m benchmarks.levels", "cpu", 15, "levels-<model>-<device>-<date>.json + .png",
