@@ -206,6 +206,9 @@ class Engine:
                 log.info("using the profile shipped for %s: %s", self.view.name, profile)
         self.profile = profile
         self.policy = as_policy(policy, self.memory_model, profile)
+        # what an idle budget drop decides with, built now (fitting its quality model takes seconds): the
+        # shrink must land within a second of the drop
+        getattr(self.policy, "drop_only", None)
         self.residency = WeightResidency(self.view, self.memory_model)
         if stage_host_copies:
             # True: dense copies only; a tuple of levels: also a staged quantized host copy per level
