@@ -329,6 +329,9 @@ class MaskSurrogate:
 
 
 # ---- the bundle the policies use ----------------------------------------------------------------
+_FITTED: dict[str, "QualityModel"] = {}  # QualityModel.from_profile's fits, by the profile's content
+
+
 @dataclass
 class QualityModel:
     """Predicted log(PPL / PPL_dense) of (mask, KV keep ratio, prompt length)."""
@@ -364,7 +367,16 @@ class QualityModel:
     @classmethod
     def from_profile(cls, profile: dict) -> "QualityModel":
         """Without measurements of our own: fit the surrogate to the profile's removal curve
-        (PPL after each removal in its order). KV compression is not modelled (ratio 1 only)."""
+        (PPL after each removal in its order). KV compression is not modelled (ratio 1 only).
+        The fit takes seconds and depends only on the profile, so one per profile is kept."""
+        key = json.dumps([list(profile["order"]), profile.get("num_layers"), profile.get("dense_ppl"),
+                          profile.get("ppl_after")], default=str)
+        if key not in _FITTED:
+            _FITTED[key] = cls._from_profile(profile)
+        return _FITTED[key]
+
+    @classmethod
+    def _from_profile(cls, profile: dict) -> "QualityModel":
         order = list(profile["order"])
         L = int(profile.get("num_layers") or len(order) // 2)
         dense = float(profile.get("dense_ppl") or float("nan"))
