@@ -124,11 +124,12 @@ def _nested(data: dict, depth: int = 0) -> list[str]:
 def _render_bench(data: dict) -> list[str]:
     lines = ["| headline | value | note |", "|---|---|---|"]
     notes = data.get("notes") or {}
-    for key in ("throughput_ratio_80pct_kv_light", "quality_kept_80pct", "kv_heavy_dense_ooms", "kv_heavy_rap_served"):
-        lines.append(f"| `{key}` | {_fmt(data.get(key), key)} | {_fmt(notes.get(key, ''))} |")
-    extra = [f"- {k}: {_fmt(v)}" for k, v in notes.items()
-             if k not in ("throughput_ratio_80pct_kv_light", "quality_kept_80pct", "kv_heavy_dense_ooms",
-                          "kv_heavy_rap_served")]
+    keys = ("throughput_ratio_80pct_kv_light", "quality_kept_above_chance_80pct", "quality_kept_80pct",
+            "kv_heavy_dense_ooms", "kv_heavy_rap_served")
+    for key in keys:
+        if key in data or key != "quality_kept_above_chance_80pct":  # runs before 2026-12-02 lack it
+            lines.append(f"| `{key}` | {_fmt(data.get(key), key)} | {_fmt(notes.get(key, ''))} |")
+    extra = [f"- {k}: {_fmt(v)}" for k, v in notes.items() if k not in keys]
     return lines + ([""] + extra if extra else [])
 
 
@@ -146,8 +147,8 @@ def _render_quality(data: dict) -> list[str]:
         for t in tasks:
             res = r.get("tasks", {}).get(t, {})
             row[t] = res.get(res.get("headline", "acc"))
-        row.update({k: r.get(k) for k in ("mean_headline", "quality_kept", "quality_kept_above_chance",
-                                           "wikitext2_ppl")})
+        row.update({k: r.get(k) for k in ("mean_headline", "quality_kept_above_chance", "quality_kept", "boolq",
+                                           "boolq_kept_above_chance", "wikitext2_ppl")})
         flat.append(row)
     return lines + table(flat, list(flat[0]))
 
