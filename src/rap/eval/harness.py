@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from rap.errors import RapError, RequestError
-from rap.eval.lm_eval_model import TASK_NAMES, TASK_PREFIX, RapLM, write_task_configs
 
 log = logging.getLogger(__name__)
 
-TASKS = TASK_NAMES
+# lm-eval is imported where it runs (rap.eval.lm_eval_model): the tables' share math below needs none
+TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa", "lambada_openai")
+TASK_PREFIX = "rap_"  # rap_<task>: the local lm-eval task names
 METRICS = {"piqa": ("acc", "acc_norm"), "hellaswag": ("acc", "acc_norm"), "winogrande": ("acc",),
            "arc_easy": ("acc", "acc_norm"), "arc_challenge": ("acc", "acc_norm"), "boolq": ("acc",),
            "openbookqa": ("acc", "acc_norm"), "lambada_openai": ("acc", "ppl")}
@@ -62,6 +63,8 @@ def parse_tasks(spec: str | Iterable[str] | None) -> list[str]:
 def task_manager(tasks: Sequence[str], root: str | Path | None = None):
     """An lm-eval TaskManager that knows rap_<task> for each of `tasks` (and no hub task)."""
     from lm_eval.tasks import TaskManager
+
+    from rap.eval.lm_eval_model import write_task_configs
 
     folder = write_task_configs(Path(tempfile.mkdtemp(prefix="rap-lm-eval-tasks-")), root, tasks)
     return TaskManager(include_path=str(folder), include_defaults=False)
@@ -100,6 +103,7 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str] | None = None, *, limi
     from lm_eval import simple_evaluate
 
     from rap.core.model import BlockView
+    from rap.eval.lm_eval_model import RapLM
 
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -133,13 +137,18 @@ def summarize(results: dict[str, dict], limit: int | None, apart: Sequence[str] 
     """The means over the tasks but `apart` (BoolQ), which is reported alone; `mean_headline_all`
     keeps every task (the mean rap's results before 2026-12-02 called `mean_headline`)."""
     inside = [r for n, r in results.items() if n not in apart] or list(results.values())
-    heads = [r[r["headline"]] for r in inside]
     return {"limit": limit, "harness": harness_version(), "tasks": results,
-            "mean_headline": sum(heads) / len(heads), "mean_acc": sum(r["acc"] for r in inside) / len(inside),
+            "mean_headline": mean_headline(results, apart), "mean_acc": sum(r["acc"] for r in inside) / len(inside),
             "mean_chance": sum(r["chance"] for r in inside) / len(inside),
             "mean_over": [n for n in results if n not in apart] or list(results),
             "apart": {n: results[n][results[n]["headline"]] for n in results if n in apart},
-            "mean_headline_all": sum(r[r["headline"]] for r in results.values()) / len(results)}
+            "mean_headline_all": mean_headline(results, ())}
+
+
+def mean_headline(tasks: dict[str, dict], apart: Sequence[str] = APART) -> float:
+    """The mean headline accuracy over `tasks` but `apart` (all of them if nothing else is left)."""
+    inside = [r for n, r in tasks.items() if n not in apart] or list(tasks.values())
+    return sum(r[r["headline"]] for r in inside) / len(inside)
 
 
 def harness_version() -> str:

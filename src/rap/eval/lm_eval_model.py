@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from rap.data import set_root
 from rap.errors import RapError
+from rap.eval.harness import TASK_PREFIX
+from rap.eval.harness import TASKS as TASK_NAMES
 
-TASK_PREFIX = "rap_"
 _MC_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
 
@@ -71,8 +72,6 @@ def parse_obqa_choices(text: str) -> list[str]:
     return texts
 
 
-TASK_NAMES = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa",
-              "lambada_openai")
 DATASET_OF_TASK = {"arc_easy": "arc", "arc_challenge": "arc"}  # rap.data.DATASETS name, where it differs
 
 
