@@ -3,7 +3,7 @@
     python -m benchmarks.cluster_load                               # 2,000 requests, concurrency 32, SmolLM2-135M
     python -m benchmarks.cluster_load --model stories260k           # the bundled tiny model (a busy 2-core box)
     python -m benchmarks.cluster_load --smoke                       # 120 requests, stories260k
-    python -m benchmarks.cluster_load --max-tokens 4 --policy greedy   # SmolLM2-135M, short requests, drops only (CPU)
+    python -m benchmarks.cluster_load --max-tokens 4 --policy drop     # SmolLM2-135M, short requests, drops only (CPU)
 
 Both phases send the same closed-loop stream (--concurrency requests always in flight; completions and chat,
 a quarter streamed, 8-32 new tokens or --max-tokens, greedy and seeded sampling) and change the budget every --budget-every-s
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica (and of the single server)")
     p.add_argument("--max-tokens", type=int, default=None, help="every request's max_tokens (default: 8-32)")
-    p.add_argument("--policy", default=None, help="rap serve --policy of every server (e.g. greedy: drop blocks "
+    p.add_argument("--policy", default=None, help="rap serve --policy of every server (e.g. drop: drop blocks "
                                                   "only; on CPU the int8/int4 levels of the default are slow)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--smoke", action="store_true", help="120 requests of stories260k")
