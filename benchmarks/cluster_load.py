@@ -3,9 +3,10 @@
     python -m benchmarks.cluster_load                               # 2,000 requests, concurrency 32, SmolLM2-135M
     python -m benchmarks.cluster_load --model stories260k           # the bundled tiny model (a busy 2-core box)
     python -m benchmarks.cluster_load --smoke                       # 120 requests, stories260k
+    python -m benchmarks.cluster_load --max-tokens 4 --policy drop     # SmolLM2-135M, short requests, drops only (CPU)
 
 Both phases send the same closed-loop stream (--concurrency requests always in flight; completions and chat,
-a quarter streamed, 8-32 new tokens, greedy and seeded sampling) and change the budget every --budget-every-s
+a quarter streamed, 8-32 new tokens or --max-tokens, greedy and seeded sampling) and change the budget every --budget-every-s
 seconds (cycling 100% -> 60% -> 80% of the dense need of one replica's reference batch; the cluster gets that
 per replica as a total, PUT /v1/budget). Phase 1: one `rap serve` process. Phase 2: `rap cluster` with
 --replicas replicas on a local Ray; once --kill-at of the requests are answered, one replica is killed
@@ -81,6 +82,8 @@ async def run_phase(url: str, args, share_bytes: int, replicas: int, on_progress
     """The closed-loop request stream against `url`; budget changes every args.budget_every_s seconds."""
     rng = random.Random(0)
     plan = [good_request(i, rng) for i in range(args.requests)]
+    if args.max_tokens is not None:  # short requests: a bounded run of a real model on a busy CPU
+        plan = [(path, {**body, "max_tokens": args.max_tokens}) for path, body in plan]
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     results: list[dict] = []
     budget_log: list[dict] = []
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-every-s", type=float, default=10.0)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica (and of the single server)")
+    p.add_argument("--max-tokens", type=int, default=None, help="every request's max_tokens (default: 8-32)")
+    p.add_argument("--policy", default=None, help="rap serve --policy of every server (e.g. drop: drop blocks "
+                                                  "only; on CPU the int8/int4 levels of the default are slow)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--smoke", action="store_true", help="120 requests of stories260k")
     args = p.parse_args(argv)
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- phase 1: one `rap serve` ------------------------------------------------------------------
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / "rap-cluster-load-single.log"
-    proc = start_server(args.model, port, args.max_batch, args.threads, log_path)
+    proc = start_server(args.model, port, args.max_batch, args.threads, log_path, args.policy)
     try:
         url = f"http://127.0.0.1:{port}"
         share = dense_share(url)
@@ -183,13 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     payload["single"] = {k: v for k, v in single.items() if k != "results"}
     rows.append({"setup": "rap serve x1", **{k: payload["single"][k] for k in
                  ("requests", "answered_ok", "lost", "requests_per_s", "p50_ms", "p99_ms")}})
+    write_json(f"cluster-load-{stamp}.json", {**payload, "partial": "phase 1 only (the cluster phase runs next)"})
 
     # ---- phase 2: the cluster, one replica killed ------------------------------------------------------
     from rap.serve.cluster import DeployConfig, ReplicaConfig, start_cluster, stop_cluster
 
     t_start = time.perf_counter()
     url = start_cluster(ReplicaConfig(args.model, budget=str(share * args.replicas), threads=args.threads,
-                                      max_batch=args.max_batch),
+                                      max_batch=args.max_batch, policy=args.policy),
                         DeployConfig(replicas=args.replicas, max_ongoing_requests=args.max_batch),
                         port=free_port(), log_to_driver=False)
     startup_s = time.perf_counter() - t_start

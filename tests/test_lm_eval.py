@@ -50,13 +50,14 @@ def run(task_manager, model, model_args, tasks):
     return out
 
 
-def test_rap_model_on_local_tasks_matches_raps_own_scorer(task_manager, stories):
-    from rap.eval.zeroshot import evaluate
+def test_lm_eval_model_rap_by_name_equals_rap_zeroshot_on_a_loaded_view(task_manager, stories):
+    """`lm_eval --model rap --model_args model=...,drop=...` (rap loads the model) and rap.eval.harness on
+    an already loaded view with the same mask (what `rap zeroshot` and the benchmarks run) agree."""
+    from rap.core.mask import BlockMask
+    from rap.eval.harness import evaluate
 
     out = run(task_manager, "rap", "model=stories260k,drop=ffn.3+attn.1", ["rap_piqa", "rap_winogrande", "rap_arc_easy"])
     view, tok = stories
-    from rap.core.mask import BlockMask
-
     ours = evaluate(view, tok, ["piqa", "winogrande", "arc_easy"], limit=LIMIT,
                     mask=BlockMask.parse("ffn.3,attn.1", view.num_layers), progress=False)
     for name in ("piqa", "winogrande", "arc_easy"):

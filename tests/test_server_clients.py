@@ -119,6 +119,28 @@ def test_too_many_prompts_get_400(served):
     assert r.status_code == 400 and "--max-prompts" in r.json()["error"]["message"]
 
 
+def test_a_small_job_behind_a_long_one_gets_the_next_batch_alone_and_the_long_one_every_other():
+    from collections import deque
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from rap.serve.server import Batcher
+
+    def job(name, n):
+        return deque((SimpleNamespace(name=name, cancelled=False), Future()) for _ in range(n))
+
+    batcher = Batcher(engine=None, max_batch=4, window_s=0)
+    batcher.jobs = deque([job("long", 40)])
+    first = batcher._take()
+    batcher.jobs.extend([job("a", 1), job("b", 2)])
+    names = [[r.name for r, _ in batcher._take()] for _ in range(3)]
+    assert [r.name for r, _ in first] == ["long"] * 4
+    assert sorted(names[0]) == ["a", "b", "b"]  # the short jobs alone, not filled up with the long one's rows
+    assert names[1] == names[2] == ["long"] * 4
+    batcher.jobs.extend([job("c", 1)])
+    assert [r.name for r, _ in batcher._take()] == ["c"] and len(batcher.jobs) == 1
+
+
 def test_a_huge_request_does_not_starve_a_small_one(served):
     client, _, url = served
 

@@ -420,7 +420,7 @@ class Batcher:
 
     Fair: each HTTP request's rows form one job, and a batch takes rows from the jobs in turn, so a
     request of 3,000 prompts is spread over many batches and a small request that arrives meanwhile
-    rides in the next one instead of waiting for all of them. Rows whose client is gone (their
+    runs in the next one instead of waiting for all of them (see `_take`). Rows whose client is gone (their
     `cancel` is set) are dropped before they run. While idle it keeps the resident weights within
     the budget (a budget that drops between requests frees memory within `idle_check_s`)."""
 
@@ -436,6 +436,7 @@ class Batcher:
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.busy = False
+        self.last_short_only = False
 
     async def start(self) -> None:
         self.wake = asyncio.Event()
@@ -472,16 +473,26 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _take(self) -> list:
+        """The next batch: rows from the jobs in turn. While a long job (more rows than a batch) waits
+        beside short ones, every other batch holds the short jobs' rows only, so a small request that
+        arrives during a long one's batch runs next in a batch of its own size (a batch of 32 costs
+        about twice a batch of 1 on a CPU) and the long job still gets at least every other batch."""
+        short = deque(j for j in self.jobs if len(j) <= self.max_batch)
+        short_only = not self.last_short_only and 0 < len(short) < len(self.jobs)
+        self.last_short_only = short_only
+        ring = short if short_only else self.jobs
         batch = []
-        while self.jobs and len(batch) < self.max_batch:
-            job = self.jobs.popleft()
+        while ring and len(batch) < self.max_batch:
+            job = ring.popleft()
             r, f = job.popleft()
             if not f.done() and not r.cancelled:
                 batch.append((r, f))
             elif not f.done():
                 f.set_result(GenerationResult(r.request_id, finish_reason="cancelled"))
             if job:
-                self.jobs.append(job)  # round robin: its next row waits for the other jobs' rows
+                ring.append(job)  # round robin: its next row waits for the other jobs' rows
+        if short_only:
+            self.jobs = deque([*ring, *(j for j in self.jobs if len(j) > self.max_batch)])
         return batch
 
     async def _loop(self) -> None:
@@ -621,7 +632,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
                batch_window_s: float = 0.005, max_tokens_limit: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompts: int = MAX_PROMPTS) -> FastAPI:
     """A FastAPI app serving `engine`. The engine is used from one worker thread only; tokenizing
-    runs on another, so the event loop only parses, routes and streams."""
+    runs on a small pool of others, so the event loop only parses, routes and streams."""
     model_id = model_name or engine.name
     CompletionBody, ChatBody = request_bodies(engine.view.shape.vocab_size, engine.max_context, max_prompts)
     registry = CollectorRegistry()
@@ -633,7 +644,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, max_batch: int 
     batch_sizes = Histogram("rap_batch_size", "requests per engine batch", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     batcher = Batcher(engine, max_batch or engine.max_batch, batch_window_s, batch_sizes)
-    tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rap-tokenize")
+    # several threads: a small request's tokenizing must not queue behind a 3,000-prompt one's
+    tokenize_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rap-tokenize")
     created = int(time.time())
     state = {"draining": False}
 
