@@ -7,13 +7,14 @@ it was built with; the engine builds its policy over its own memory model (`as_p
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rap.core.mask import BlockMask, block_name
 from rap.core.memory import MemoryModel, Request, format_bytes
 from rap.errors import BudgetError, RapError
-from rap.policy.decision import Decision, Policy  # noqa: F401 (Decision re-exported for the engine's callers)
+from rap.policy.decision import Decision, Policy
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,11 @@ class GreedyPolicy:
         if profile is None:
             return cls(memory_model)
         if not isinstance(profile, dict):
-            import json
+            from rap.policy import _read
 
-            try:
-                profile = json.loads(Path(profile).read_text())
-            except (OSError, ValueError) as e:
-                raise RapError(f"cannot read profile {profile}: {e}") from None
+            bundle, profile = _read(profile)  # a profile .json, or a trained policy .zip carrying its order
+            if bundle is not None:
+                return cls(memory_model, bundle.order)
         if "order" not in profile:
             raise RapError('the profile has no "order" (list of blocks, least important first)')
         return cls(memory_model, profile["order"])
@@ -112,7 +112,9 @@ def default_policy(memory_model: MemoryModel, profile: dict | str | Path | None 
 
 def default_drop_policy(memory_model: MemoryModel, profile: dict | str | Path | None = None) -> Policy:
     """rap.policy's drop-only default for this profile (its held-out winner, or GreedyPolicy without one)."""
-    from rap.policy import default_policy as package_default  # rap.policy's __init__ imports this module lazily
+    from rap.policy import (
+        default_policy as package_default,  # rap.policy's __init__ imports this module lazily
+    )
 
     return package_default(memory_model, profile=profile)
 
