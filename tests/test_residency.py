@@ -96,11 +96,11 @@ def test_engine_switches_levels_between_batches(stories):
     view, tok = stories
     engine = Engine(view, budget="1GiB", tokenizer=tok)
     plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop", view.num_layers)
-    engine.policy = lambda mm, req, budget, resident: plan
+    engine.policy = lambda req, budget: plan
     out = engine.generate([GenerationRequest(prompt="Once upon a time", max_new_tokens=8)])
     assert out[0].ok and engine.residency.plan == plan
     assert engine.residency.measured_resident_bytes() == engine.memory_model.param_bytes(plan)
-    engine.policy = lambda mm, req, budget, resident: BlockMask.full(view.num_layers)
+    engine.policy = lambda req, budget: BlockMask.full(view.num_layers)
     try:
         assert engine.generate([GenerationRequest(prompt="Once upon a time", max_new_tokens=8)])[0].ok
         assert engine.residency.plan == Plan.full(view.num_layers)

@@ -156,7 +156,7 @@ class RapLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         fixed = self.mask
         self.engine = Engine(self.view, tokenizer=self.tokenizer, budget=2**62, profile=prof,
-                             policy=lambda memory_model, request, budget_bytes, resident: fixed)
+                             policy=lambda request, budget_bytes: fixed)
 
     @property
     def eot_token_id(self) -> int:
