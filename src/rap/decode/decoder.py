@@ -93,7 +93,6 @@ class Generation:
     kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values
 
 
-
 class Decoder:
     """Generates from a BlockView (or HF model) under any BlockMask and KV keep ratio, fast.
 
