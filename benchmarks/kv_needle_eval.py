@@ -63,6 +63,16 @@ def spec_of(k: int):
     return default_spec() if NEEDLES[k] is None else NeedleSpec(*NEEDLES[k])
 
 
+def resume(path: Path) -> list[dict]:
+    """Rows of an earlier (partial) run of this part, to skip its finished cases (`--resume`)."""
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def todo(args, rows: list[dict]) -> list[tuple[int, int, float]]:
+    done = {(r["needle"], r["length"], r["depth"]) for r in rows}
+    return [c for c in cases(args.lengths_list, args.depths, args.needles_list)[: args.max_cases] if c not in done]
+
+
 def write(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
@@ -76,7 +86,7 @@ def run_decoder(args, out: Path) -> None:
     from rap.eval.needle_decoder import KVSetting, PrefillReplay
     from rap.sources import load_view
 
-    view, tok = load_view(args.model, dtype=torch.float32, device="cpu")
+    view, tok = load_view(args.model, dtype=torch.float32, device=args.device)
     budgets = [float(b) for b in args.budgets.split(",")]
     settings = [KVSetting("full"), KVSetting("int8", 1.0, None, 8)]
     settings += [KVSetting("snapkv (decoder)", b, "snapkv") for b in budgets]
@@ -85,8 +95,8 @@ def run_decoder(args, out: Path) -> None:
     dec = Decoder(view)
     head = {**provenance.environment(), "part": "decoder", "model": args.model, "max_new_tokens": args.max_new,
             "settings": [vars(s) for s in settings]}
-    rows, t0 = [], time.time()
-    for k, n, d in cases(args.lengths_list, args.depths, args.needles_list)[: args.max_cases]:
+    rows, t0 = resume(out / "decoder.json") if args.resume else [], time.time()
+    for k, n, d in todo(args, rows):
         spec = spec_of(k)
         case = build_case(tok, n, d, spec)
         ids = case.context_ids[0].tolist() + case.question_ids[0].tolist()
@@ -156,8 +166,8 @@ def run_hf(args, out: Path) -> None:
         kvp_error = f"{type(exc).__name__}: {exc}"
     budgets = [float(b) for b in args.budgets.split(",")]
     pyr_budgets = [float(b) for b in args.pyramid_budgets.split(",") if b.strip()]
-    plain, tok = load_view(args.model, dtype=torch.float32, device="cpu")  # prefill + kvpress
-    rapv, _ = load_view(args.model, dtype=torch.float32, device="cpu")  # rap's varlen attention for decoding
+    plain, tok = load_view(args.model, dtype=torch.float32, device=args.device)  # prefill + kvpress
+    rapv, _ = load_view(args.model, dtype=torch.float32, device=args.device)  # rap's varlen attention for decoding
     use_varlen_attention(rapv.model)
     model = plain.model
     head = {**provenance.environment(), "part": "hf", "model": args.model, "max_new_tokens": args.max_new,
@@ -168,11 +178,12 @@ def run_hf(args, out: Path) -> None:
                             "what transformers < 5.3 passed at prefill. Nothing else of kvpress is changed."}
     cfg = model.config
     eos = tok.eos_token_id
-    rows, t0 = [], time.time()
-    for k, n, d in cases(args.lengths_list, args.depths, args.needles_list)[: args.max_cases]:
+    rows, t0 = resume(out / "hf.json") if args.resume else [], time.time()
+    dev = plain.device
+    for k, n, d in todo(args, rows):
         spec = spec_of(k)
         case = build_case(tok, n, d, spec)
-        ids = torch.cat([case.context_ids, case.question_ids], 1)
+        ids = torch.cat([case.context_ids, case.question_ids], 1).to(dev)
         P = ids.shape[1]
         rec = Recorder(model)
         full = DynamicCache(config=cfg)
@@ -206,7 +217,7 @@ def run_hf(args, out: Path) -> None:
                     layers.append(VarlenLayer.from_keep_mask(keys, values, press.keep(x, plan[i]), args.max_new))
                 cache = VarlenCache(layers)
                 nbytes = cache.nbytes
-                gen = rapv.model.generate(torch.cat([ids, torch.tensor([[first]])], 1), **cache_kwargs(cache),
+                gen = rapv.model.generate(torch.cat([ids, torch.tensor([[first]], device=dev)], 1), **cache_kwargs(cache),
                                           max_new_tokens=args.max_new - 1, do_sample=False, temperature=None,
                                           top_p=None, top_k=None, eos_token_id=eos, pad_token_id=eos)
             row(name, b, tok.decode([first] + gen[0, P + 1:].tolist(), skip_special_tokens=True), nbytes)
@@ -227,7 +238,7 @@ def run_hf(args, out: Path) -> None:
                             s = rec.seen[i]
                             kw = {**s, "past_key_values": cache}
                             if kw["cache_position"] is None:  # transformers >= 5.3 no longer passes it
-                                kw["cache_position"] = torch.arange(P)
+                                kw["cache_position"] = torch.arange(P, device=dev)
                             press.forward_hook(attn, [], kw, (None, None))
                         nbytes = cache_nbytes(cache)
                         answer = kvpress_answer(model, cache, first, P, args.max_new, eos,
@@ -254,10 +265,10 @@ def kvpress_answer(model, cache, first: int, P: int, max_new: int, eos, pipeline
     of the compressed prompt (question-aware, as rap's rows), so the loop starts at the first answer token.
     """
     stop = [eos] if isinstance(eos, int) else list(eos)
-    out, pos = [first], P
+    out, pos, dev = [first], P, model.device
     while len(out) < max_new and out[-1] not in stop:
-        logits = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
-                       position_ids=torch.tensor([[pos]])).logits
+        logits = model(input_ids=torch.tensor([[out[-1]]], device=dev), past_key_values=cache,
+                       position_ids=torch.tensor([[pos]], device=dev)).logits
         out.append(int(logits[0, -1].argmax()))
         pos += 1
     return out
@@ -339,6 +350,8 @@ def main(argv=None) -> int:
     ap.add_argument("--int8-budget", type=float, default=0.2)
     ap.add_argument("--max-new", type=int, default=20)
     ap.add_argument("--max-cases", type=int, default=None)
+    ap.add_argument("--resume", action="store_true", help="keep the part's earlier rows in --out, run the rest")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--kvpress-path", default="/work/venv-kvpress/site",
                     help="a directory holding kvpress 0.5.5 (pip install --no-deps --target DIR kvpress==0.5.5)")
     ap.add_argument("--out", default="/tmp/kv-needle-eval", help="partial JSON per part")

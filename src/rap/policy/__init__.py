@@ -47,6 +47,7 @@ class Decision:
     budget_bytes: int
     breakdown: MemoryBreakdown  # from MemoryModel.breakdown for exactly this mask/request/ratio
     predicted_log_ratio: float  # predicted log(PPL / PPL_dense)
+    kv_bits: int = 16  # KV storage the decision prices: 16 = the model's dtype, 8 = int8 keys and values
 
     @property
     def predicted_ppl_ratio(self) -> float:
@@ -63,7 +64,7 @@ class Decision:
     def to_dict(self) -> dict:
         return {
             "policy": self.policy, "plan": str(self.mask), "drop": list(self.mask.dropped), "kept_attn": self.kept_attn,
-            "kept_ffn": self.kept_ffn, "kv_ratio": self.kv_ratio,
+            "kept_ffn": self.kept_ffn, "kv_ratio": self.kv_ratio, "kv_bits": self.kv_bits,
             "request": {"batch": self.request.batch, "prompt": self.request.prompt,
                         "new_tokens": self.request.new_tokens},
             "budget_bytes": self.budget_bytes, "breakdown": self.breakdown.to_dict(),
