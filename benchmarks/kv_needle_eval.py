@@ -57,6 +57,13 @@ def cases(lengths: list[int], n_depths: int, needles: list[int], seed: int = 0) 
     return out
 
 
+def found_all(tok, spec, tokens) -> bool:
+    """Every key phrase is in the answer so far: its score is 1 whatever follows, so decoding may stop
+    there (score-preserving; it only saves CPU time)."""
+    text = tok.decode(tokens, skip_special_tokens=True).lower()
+    return all(p in text for p in spec.key_phrases)
+
+
 def spec_of(k: int):
     from rap.eval.needle import NeedleSpec, default_spec
 
@@ -103,7 +110,14 @@ def run_decoder(args, out: Path) -> None:
         replay = PrefillReplay(dec)
         for j, s in enumerate(settings):
             dec.release()
-            kw = dict(kv_ratio=s.kv_ratio, kv_press=s.kv_press, kv_bits=s.kv_bits, stop_token_ids=tok.eos_token_id)
+            seen: list[int] = []
+
+            def on_step(new, seen=seen):
+                seen.append(int(new[0]))
+                return [found_all(tok, spec, seen)]
+
+            kw = dict(kv_ratio=s.kv_ratio, kv_press=s.kv_press, kv_bits=s.kv_bits, stop_token_ids=tok.eos_token_id,
+                      on_step=on_step)
             if j == 0:
                 replay.capture_logits()
                 gen = replay.record([ids], args.max_new, **kw)
@@ -139,7 +153,15 @@ class Recorder:
 
 
 def run_hf(args, out: Path) -> None:
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+    class PhrasesFound(StoppingCriteria):
+        def __init__(self, tok, spec, P):
+            self.tok, self.spec, self.P = tok, spec, P
+
+        def __call__(self, input_ids, scores, **kw):
+            done = found_all(self.tok, self.spec, input_ids[0, self.P:].tolist())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     from rap import provenance
     from rap.core.hf import cache_kwargs
@@ -158,7 +180,6 @@ def run_hf(args, out: Path) -> None:
     try:
         import kvpress
         from kvpress import AdaKVPress, SnapKVPress
-        from kvpress.pipeline import KVPressTextGenerationPipeline
 
         kvp = {"version": getattr(kvpress, "__version__", None) or _dist_version(args.kvpress_path),
                "file": kvpress.__file__}
@@ -217,9 +238,11 @@ def run_hf(args, out: Path) -> None:
                     layers.append(VarlenLayer.from_keep_mask(keys, values, press.keep(x, plan[i]), args.max_new))
                 cache = VarlenCache(layers)
                 nbytes = cache.nbytes
+                stop = StoppingCriteriaList([PhrasesFound(tok, spec, P)])
                 gen = rapv.model.generate(torch.cat([ids, torch.tensor([[first]], device=dev)], 1), **cache_kwargs(cache),
                                           max_new_tokens=args.max_new - 1, do_sample=False, temperature=None,
-                                          top_p=None, top_k=None, eos_token_id=eos, pad_token_id=eos)
+                                          top_p=None, top_k=None, eos_token_id=eos, pad_token_id=eos,
+                                          stopping_criteria=stop)
             row(name, b, tok.decode([first] + gen[0, P + 1:].tolist(), skip_special_tokens=True), nbytes)
 
         # NVIDIA kvpress, its own forward_hook on the same recorded layer inputs, its own greedy loop
@@ -242,7 +265,7 @@ def run_hf(args, out: Path) -> None:
                             press.forward_hook(attn, [], kw, (None, None))
                         nbytes = cache_nbytes(cache)
                         answer = kvpress_answer(model, cache, first, P, args.max_new, eos,
-                                                KVPressTextGenerationPipeline)
+                                                lambda t: found_all(tok, spec, t))
                     for layer in model.model.layers:
                         layer.self_attn.masked_key_indices = None
                     row(name, b, tok.decode(answer, skip_special_tokens=True), nbytes)
@@ -258,7 +281,7 @@ def _dist_version(path: str) -> str | None:
     return None
 
 
-def kvpress_answer(model, cache, first: int, P: int, max_new: int, eos, pipeline_cls) -> list[int]:
+def kvpress_answer(model, cache, first: int, P: int, max_new: int, eos, done=lambda t: False) -> list[int]:
     """kvpress's `generate_answer` loop (explicit positions P, P+1, ...), starting from the prefill's token.
 
     The pipeline feeds the question through the compressed context first; here the question is part
@@ -266,7 +289,7 @@ def kvpress_answer(model, cache, first: int, P: int, max_new: int, eos, pipeline
     """
     stop = [eos] if isinstance(eos, int) else list(eos)
     out, pos, dev = [first], P, model.device
-    while len(out) < max_new and out[-1] not in stop:
+    while len(out) < max_new and out[-1] not in stop and not done(out):
         logits = model(input_ids=torch.tensor([[out[-1]]], device=dev), past_key_values=cache,
                        position_ids=torch.tensor([[pos]], device=dev)).logits
         out.append(int(logits[0, -1].argmax()))
