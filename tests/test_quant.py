@@ -41,6 +41,41 @@ def test_cuda_int4_bytes_count_tinygemm_padding():
     assert quantized_weight_bytes(4096, 4096, "int4g128", 2, "cuda") == 4096 * 4096 // 2 + 32 * 4096 * 4
 
 
+def test_int8_runs_torchao_on_cpu_and_a_bad_kernel_choice_is_one_line(monkeypatch):
+    from rap.core.quant import int8_kernel
+
+    assert int8_kernel("cpu") == "torchao"
+    monkeypatch.setenv("RAP_INT8_KERNEL", "cutlass")
+    with pytest.raises(PlanError, match="RAP_INT8_KERNEL='cutlass'"):
+        int8_kernel("cuda")
+    monkeypatch.setenv("RAP_INT8_KERNEL", "torchao")
+    assert int8_kernel("cuda") == "torchao"
+    # torchao's Int8Tensor holds a per-row int8 zero point, gemlite a single fp32 meta scale
+    assert quantized_weight_bytes(96, 256, "int8", 2, "cuda") == 96 * 256 + 4 * 96 + 96
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [1, 8, 33])
+def test_cuda_int8_is_gemlite_with_the_cpu_values_and_counted_bytes(M, monkeypatch):
+    from rap.core.gemlite_int8 import GemliteInt8Tensor, available
+    from rap.core.quant import int8_kernel, weight_level
+
+    if not available():
+        pytest.skip("gemlite not installed (the cuda extra)")
+    monkeypatch.delenv("RAP_INT8_KERNEL", raising=False)
+    torch.manual_seed(0)
+    w = torch.randn(1536, 576, dtype=torch.bfloat16, device="cuda") * 0.05
+    q = quantize_weight(w, "int8")
+    assert isinstance(q, GemliteInt8Tensor) and int8_kernel("cuda") == "gemlite" and weight_level(q) == "int8"
+    assert storage_bytes(q) == quantized_weight_bytes(1536, 576, "int8", 2, "cuda")
+    ref = fake_quantize(w.cpu().float(), "int8")  # the values the CPU plan holds
+    torch.testing.assert_close(q.dequantize().float().cpu(), ref, atol=1e-6, rtol=1e-3)
+    x = torch.randn(M, 576, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(F.linear(x, q).float(), F.linear(x, ref.to("cuda", torch.bfloat16)).float(),
+                               atol=0.05, rtol=0.02)
+
+
 def random_llama(layers=3, hidden=128, inter=256, vocab=256):
     torch.manual_seed(0)
     cfg = tiny_config("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,

@@ -233,7 +233,7 @@ class MemoryModel:
         e, peak = self.shape.dtype_bytes, 0
         for name, level in mask.items():
             if level == INT8:
-                peak = max(peak, max(dequantize_transient_bytes(N, K, level, e)
+                peak = max(peak, max(dequantize_transient_bytes(N, K, level, e, "cuda" if self.on_cuda else "cpu")
                                      for _, N, K in block_linears(name.split(".")[0], self.shape)))
             elif int4_group_size(level) is not None and self.on_cuda:
                 K = max(K for _, _, K in block_linears(name.split(".")[0], self.shape))
