@@ -1,4 +1,4 @@
-"""Issue 16's needle evaluation: every press on the same cases, accuracy against the KV bytes really held.
+"""Issue 16's needle (and L-Eval) evaluation: every press on the same cases, accuracy vs the KV bytes really held.
 
 Two parts, each runnable alone (two processes share the box's cores), each rewriting its partial
 JSON after every case so a killed run still yields what it measured; `--part merge` joins them,
@@ -36,7 +36,9 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -75,9 +77,50 @@ def resume(path: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def todo(args, rows: list[dict]) -> list[tuple[int, int, float]]:
-    done = {(r["needle"], r["length"], r["depth"]) for r in rows}
-    return [c for c in cases(args.lengths_list, args.depths, args.needles_list)[: args.max_cases] if c not in done]
+@dataclass
+class Case:
+    key: dict  # the row fields naming the case: needle / length / depth, or task / doc / question
+    ids: list[int]  # the whole prompt (question-aware: the question is compressed with the context)
+    score: Callable[[str], float]
+    done: Callable[[list[int]], bool]  # True once the score can no longer change (decoding may stop)
+
+
+def case_key(row_or_key: dict) -> tuple:
+    return tuple(row_or_key[k] for k in CASE_FIELDS[row_or_key.get("eval", "needle")])
+
+
+CASE_FIELDS = {"needle": ("needle", "length", "depth"), "leval": ("task", "doc", "question")}
+
+
+def make_cases(args, tok, rows: list[dict]) -> Iterator[Case]:
+    """The eval's cases not already in `rows` (built lazily: a 4k needle case tokenizes fast, L-Eval reads
+    its documents once)."""
+    finished = {case_key(r) for r in rows}
+    if args.eval == "needle":
+        from rap.eval.needle import build_case, score_answer
+
+        for k, n, d in cases(args.lengths_list, args.depths, args.needles_list)[: args.max_cases]:
+            key = {"eval": "needle", "needle": k, "length": n, "depth": d}
+            if case_key(key) in finished:
+                continue
+            spec = spec_of(k)
+            c = build_case(tok, n, d, spec)
+            yield Case(key, c.context_ids[0].tolist() + c.question_ids[0].tolist(),
+                       lambda a, spec=spec: score_answer(a, spec), lambda t, spec=spec: found_all(tok, spec, t))
+        return
+    from rap.eval.leval import load_documents, score_answer as leval_score
+
+    made = 0
+    for task in args.tasks.split(","):
+        docs = load_documents(tok, task, args.max_context, None, args.questions, args.max_new)
+        for doc in docs:
+            for q, (qids, gold) in enumerate(zip(doc.questions, doc.golds)):
+                key = {"eval": "leval", "task": task, "doc": doc.index, "question": q, "gold": gold[:120]}
+                made += 1
+                if case_key(key) in finished or (args.max_cases and made > args.max_cases):
+                    continue
+                yield Case(key, doc.context_ids[0].tolist() + qids[0].tolist(),
+                           lambda a, task=task, gold=gold: leval_score(task, a, gold), lambda t: False)
 
 
 def write(path: Path, payload: dict) -> None:
@@ -89,7 +132,6 @@ def write(path: Path, payload: dict) -> None:
 def run_decoder(args, out: Path) -> None:
     from rap import provenance
     from rap.decode.decoder import Decoder
-    from rap.eval.needle import build_case, score_answer
     from rap.eval.needle_decoder import KVSetting, PrefillReplay
     from rap.sources import load_view
 
@@ -100,13 +142,11 @@ def run_decoder(args, out: Path) -> None:
     settings += [KVSetting("adakv (decoder)", b, "adakv") for b in budgets]
     settings.append(KVSetting("int8+adakv (decoder)", args.int8_budget, "adakv", 8))
     dec = Decoder(view)
-    head = {**provenance.environment(), "part": "decoder", "model": args.model, "max_new_tokens": args.max_new,
-            "settings": [vars(s) for s in settings]}
+    head = {**provenance.environment(), "part": "decoder", "eval": args.eval, "model": args.model,
+            "max_new_tokens": args.max_new, "settings": [vars(s) for s in settings]}
     rows, t0 = resume(out / "decoder.json") if args.resume else [], time.time()
-    for k, n, d in todo(args, rows):
-        spec = spec_of(k)
-        case = build_case(tok, n, d, spec)
-        ids = case.context_ids[0].tolist() + case.question_ids[0].tolist()
+    for case in make_cases(args, tok, rows):
+        ids = case.ids
         replay = PrefillReplay(dec)
         for j, s in enumerate(settings):
             dec.release()
@@ -114,7 +154,7 @@ def run_decoder(args, out: Path) -> None:
 
             def on_step(new, seen=seen):
                 seen.append(int(new[0]))
-                return [found_all(tok, spec, seen)]
+                return [case.done(seen)]
 
             kw = dict(kv_ratio=s.kv_ratio, kv_press=s.kv_press, kv_bits=s.kv_bits, stop_token_ids=tok.eos_token_id,
                       on_step=on_step)
@@ -125,8 +165,8 @@ def run_decoder(args, out: Path) -> None:
             else:
                 gen = replay.replay([ids], args.max_new, **kw)
             answer = tok.decode(gen.tokens[0], skip_special_tokens=True)
-            rows.append({"press": s.name, "budget": s.kv_ratio, "kv_bits": s.kv_bits, "length": n, "depth": d,
-                         "needle": k, "score": score_answer(answer, spec), "kv_bytes": dec.kv_resident_bytes,
+            rows.append({"press": s.name, "budget": s.kv_ratio, "kv_bits": s.kv_bits, **case.key,
+                         "score": case.score(answer), "kv_bytes": dec.kv_resident_bytes,
                          "prompt_tokens": len(ids), "answer": answer.strip()[:120]})
         dec.release()
         write(out / "decoder.json", {**head, "seconds": time.time() - t0, "rows": rows})
@@ -156,16 +196,15 @@ def run_hf(args, out: Path) -> None:
     from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
     class PhrasesFound(StoppingCriteria):
-        def __init__(self, tok, spec, P):
-            self.tok, self.spec, self.P = tok, spec, P
+        def __init__(self, done, P):
+            self.done, self.P = done, P
 
         def __call__(self, input_ids, scores, **kw):
-            done = found_all(self.tok, self.spec, input_ids[0, self.P:].tolist())
+            done = self.done(input_ids[0, self.P:].tolist())
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     from rap import provenance
     from rap.core.hf import cache_kwargs
-    from rap.eval.needle import build_case, score_answer
     from rap.kv import AdaKV, Budget, PyramidKV, SnapKV
     from rap.kv.attention import use_varlen_attention
     from rap.kv.base import LayerInputs
@@ -191,7 +230,7 @@ def run_hf(args, out: Path) -> None:
     rapv, _ = load_view(args.model, dtype=torch.float32, device=args.device)  # rap's varlen attention for decoding
     use_varlen_attention(rapv.model)
     model = plain.model
-    head = {**provenance.environment(), "part": "hf", "model": args.model, "max_new_tokens": args.max_new,
+    head = {**provenance.environment(), "part": "hf", "eval": args.eval, "model": args.model, "max_new_tokens": args.max_new,
             "kvpress": kvp, "kvpress_error": kvp_error,
             "kvpress_shim": "kvpress 0.5.5 pins transformers<5.3 and was installed --no-deps beside transformers "
                             "5.24; 5.24 no longer passes cache_position to attention modules, which kvpress's "
@@ -201,10 +240,8 @@ def run_hf(args, out: Path) -> None:
     eos = tok.eos_token_id
     rows, t0 = resume(out / "hf.json") if args.resume else [], time.time()
     dev = plain.device
-    for k, n, d in todo(args, rows):
-        spec = spec_of(k)
-        case = build_case(tok, n, d, spec)
-        ids = torch.cat([case.context_ids, case.question_ids], 1).to(dev)
+    for case in make_cases(args, tok, rows):
+        ids = torch.tensor([case.ids], device=dev)
         P = ids.shape[1]
         rec = Recorder(model)
         full = DynamicCache(config=cfg)
@@ -216,9 +253,8 @@ def run_hf(args, out: Path) -> None:
         del full
 
         def row(press, budget, answer, nbytes):
-            rows.append({"press": press, "budget": budget, "kv_bits": 16, "length": n, "depth": d, "needle": k,
-                         "score": score_answer(answer, spec), "kv_bytes": int(nbytes), "prompt_tokens": P,
-                         "answer": answer.strip()[:120]})
+            rows.append({"press": press, "budget": budget, "kv_bits": 16, **case.key, "score": case.score(answer),
+                         "kv_bytes": int(nbytes), "prompt_tokens": P, "answer": answer.strip()[:120]})
 
         # rap.kv's presses (HF path), from the recorded layers
         rap_presses = [("adakv (hf path)", AdaKV(SnapKV()), b) for b in budgets]
@@ -238,7 +274,7 @@ def run_hf(args, out: Path) -> None:
                     layers.append(VarlenLayer.from_keep_mask(keys, values, press.keep(x, plan[i]), args.max_new))
                 cache = VarlenCache(layers)
                 nbytes = cache.nbytes
-                stop = StoppingCriteriaList([PhrasesFound(tok, spec, P)])
+                stop = StoppingCriteriaList([PhrasesFound(case.done, P)])
                 gen = rapv.model.generate(torch.cat([ids, torch.tensor([[first]], device=dev)], 1), **cache_kwargs(cache),
                                           max_new_tokens=args.max_new - 1, do_sample=False, temperature=None,
                                           top_p=None, top_k=None, eos_token_id=eos, pad_token_id=eos,
@@ -265,7 +301,7 @@ def run_hf(args, out: Path) -> None:
                             press.forward_hook(attn, [], kw, (None, None))
                         nbytes = cache_nbytes(cache)
                         answer = kvpress_answer(model, cache, first, P, args.max_new, eos,
-                                                lambda t: found_all(tok, spec, t))
+                                                case.done)
                     for layer in model.model.layers:
                         layer.self_attn.masked_key_indices = None
                     row(name, b, tok.decode(answer, skip_special_tokens=True), nbytes)
@@ -300,12 +336,23 @@ def kvpress_answer(model, cache, first: int, P: int, max_new: int, eos, done=lam
 def merge(args, out: Path) -> int:
     parts = {p: json.loads((out / f"{p}.json").read_text()) for p in ("decoder", "hf") if (out / f"{p}.json").exists()}
     rows = [r for p in parts.values() for r in p["rows"]]
-    # only cases every part finished count, so every press is scored on the same cases
+    # each part alone, on every case it finished (the decoder's claims use all of its cases)
+    by_part = {}
+    for name, p in parts.items():
+        acc = {}
+        for r in p["rows"]:
+            acc.setdefault(r["press"], {}).setdefault(f"{r['budget']:g}", []).append(r["score"])
+        by_part[name] = {"cases": len({case_key(r) for r in p["rows"]}),
+                         "score_sum": {q: {b: sum(v) for b, v in d.items()} for q, d in acc.items()},
+                         "summary": {q: {b: sum(v) / len(v) for b, v in d.items()} for q, d in acc.items()},
+                         "n": {q: {b: len(v) for b, v in d.items()} for q, d in acc.items()}}
+    # the side-by-side table: only cases every part finished, so every press is scored on the same cases
     done = None
     for p in parts.values():
-        keys = {(r["needle"], r["length"], r["depth"]) for r in p["rows"]}
+        keys = {case_key(r) for r in p["rows"]}
         done = keys if done is None else done & keys
-    rows = [r for r in rows if (r["needle"], r["length"], r["depth"]) in done]
+    done = done or set()
+    rows = [r for r in rows if case_key(r) in done]
     summary, kv = {}, {}
     for r in rows:
         summary.setdefault(r["press"], {}).setdefault(f"{r['budget']:g}", []).append(r["score"])
@@ -318,21 +365,39 @@ def merge(args, out: Path) -> int:
     from rap.kv.report import table_text
     from rap.kv.scorer import DEFAULT_SCORER
 
-    lengths = sorted({c[1] for c in done})
-    title = (f"needle on {args.model}: {len(done)} cases (lengths {lengths}, {args.depths} depths, "
-             f"{len(args.needles_list)} needles)")
+    if args.eval == "needle":
+        lengths = sorted({c[1] for c in done})
+        title = (f"needle on {args.model}: {len(done)} cases (lengths {lengths}, {args.depths} depths, "
+                 f"{len(args.needles_list)} needles)")
+    else:
+        per = {t: sum(1 for c in done if c[0] == t) for t in args.tasks.split(",")}
+        title = f"L-Eval on {args.model}, {args.max_context} tokens: " + ", ".join(f"{t} {n} q" for t, n in per.items())
+        per_task = {}
+        for r in rows:
+            per_task.setdefault(r["task"], {}).setdefault(r["press"], {}).setdefault(f"{r['budget']:g}", []).append(
+                r["score"])
+        per_task = {t: {p: {b: sum(v) / len(v) for b, v in d.items()} for p, d in ps.items()}
+                    for t, ps in per_task.items()}
     print(table_text(summary, "{:.3f}", title))
     print(table_text({p: {b: v / 2**20 for b, v in d.items()} for p, d in kv.items()}, "{:.2f}", "mean KV MiB"))
     checks = verdicts(summary, correct, ncases)
     for line in checks["lines"]:
         print(line)
+    if "decoder" in by_part and by_part["decoder"]["cases"] > len(done):
+        d = by_part["decoder"]
+        print(table_text(d["summary"], "{:.3f}", f"decoder part alone: all {d['cases']} cases it finished"))
+        d["checks"] = verdicts(d["summary"], d["score_sum"], d["n"])
+        for line in d["checks"]["lines"]:
+            print(line)
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    stem = f"kv-needle-eval-{args.model}-{args.date}{args.tag}"
-    payload = {**provenance.environment(), "eval": "needle, issue 16", "model": args.model,
+    stem = f"kv-{args.eval}-eval-{args.model}-{args.date}{args.tag}"
+    payload = {**provenance.environment(), "eval": f"{args.eval}, issue 16", "model": args.model,
                "parts": {p: {k: v for k, v in d.items() if k != "rows"} for p, d in parts.items()},
                "scorer": DEFAULT_SCORER.describe(), "cases_scored": len(done), "summary": summary,
-               "score_sum": correct, "cases": ncases, "mean_kv_bytes": kv, "checks": checks, "rows": rows}
+               "score_sum": correct, "cases": ncases, "mean_kv_bytes": kv, "checks": checks,
+               "per_task": per_task if args.eval == "leval" else None, "by_part": by_part,
+               "rows": [r for p in parts.values() for r in p["rows"]]}
     write(res / f"{stem}.json", payload)
     from benchmarks.kv_needle_decoder import plot
 
@@ -364,6 +429,10 @@ def verdicts(summary: dict, correct: dict, ncases: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("decoder", "hf", "merge"), required=True)
+    ap.add_argument("--eval", choices=("needle", "leval"), default="needle")
+    ap.add_argument("--tasks", default="topic_retrieval_longchat,coursera", help="L-Eval tasks (--eval leval)")
+    ap.add_argument("--max-context", type=int, default=4096, help="L-Eval: documents truncated to this prompt")
+    ap.add_argument("--questions", type=int, default=None, help="L-Eval: questions per task (default all)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--depths", type=int, default=7)
