@@ -75,3 +75,18 @@ def _(func, types, args, kwargs):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     return torch.ops.gemlite.forward_functional(x, bias, w.kernel_args(), w.meta_args, -1)
+
+
+def _gather(ids: torch.Tensor, w: GemliteInt8Tensor) -> torch.Tensor:
+    """Rows `ids` of the weight, dequantized (an int8 head's embedding lookup)."""
+    return (w.qdata[ids].to(torch.float32) * w.scale[ids][..., None]).to(w.dtype)
+
+
+@implements_torch_function(torch.nn.functional.embedding)
+def _(func, types, args, kwargs):
+    return _gather(args[0], args[1])
+
+
+@implements(aten.embedding.default)
+def _(func, types, args, kwargs):
+    return _gather(args[1], args[0])

@@ -5,9 +5,9 @@
 the continuation tokens one by one through the compressed (and, at 8 bits, quantised) cache and
 sums their NLL: teacher forcing on the decoder's own prefill, token selection, cache layout and
 decode attention. The decoder has no teacher-forcing entry point, so this wraps its prefill (to
-keep its logits and workspace) and its token step (`_advance`: to score the step's logits and put
-the continuation's next token in place of the sampled one), on the eager step (no captured graph,
-whose step could not be intercepted). What the policy prices is then what `rap serve` runs.
+keep its logits and workspace) and its token step (`rap.decode.step.advance`: to score the step's
+logits and put the continuation's next token in place of the sampled one), on the exact step (no
+captured graph, whose step could not be intercepted). What the policy prices is then what `rap serve` runs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+import rap.decode.step as step_module
 from rap.errors import RequestError
 
 
@@ -46,7 +47,7 @@ def decoder_continuation_nll(decoder, ids: torch.Tensor, prompt: int, options: S
     cont = ids[0, prompt:].to(decoder.device)
     C = cont.numel()
     out = {}
-    real_prefill, real_advance = decoder._prefill, decoder._advance
+    real_prefill, real_advance = decoder._prefill, step_module.advance
     graphs, step = decoder.use_graphs, decoder.step
     for opt in options:
         state = {"ws": None, "j": 0, "nll": 0.0}
@@ -69,13 +70,13 @@ def decoder_continuation_nll(decoder, ids: torch.Tensor, prompt: int, options: S
                 state["ws"].tokens[0] = cont[0]
             return None
 
-        decoder._prefill, decoder._advance = prefill, advance
-        decoder.use_graphs, decoder.step = False, "eager"
+        decoder._prefill, step_module.advance = prefill, advance
+        decoder.use_graphs, decoder.step = False, "exact"
         try:
             decoder.generate([prompt_ids], C, kv_ratio=opt.kv_ratio, kv_press=opt.kv_press, kv_bits=opt.kv_bits,
                              on_step=force_first)
         finally:
-            decoder._prefill, decoder._advance = real_prefill, real_advance
+            decoder._prefill, step_module.advance = real_prefill, real_advance
             decoder.use_graphs, decoder.step = graphs, step
             decoder.release()
         if state["j"] != C - 1:

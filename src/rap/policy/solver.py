@@ -33,6 +33,7 @@ import numpy as np
 from rap.errors import BudgetError
 from rap.core.memory import MemoryModel, Request, format_bytes
 from rap.core.plan import DROP, DTYPE, Plan
+from rap.policy.decision import Decision
 
 DEFAULT_BUCKETS = 4096
 
@@ -198,8 +199,7 @@ class LevelSolver:
         r = min(self.kv_ratios)
         return empty, r, self.memory.peak_bytes(empty, request, r)
 
-    def decide(self, request: Request, budget_bytes: int):
-        from rap.policy import Decision
+    def decide(self, request: Request, budget_bytes: int) -> Decision:
         from rap.policy.greedy import kv_layout_for_bits
 
         kv, act, pen, reserve = self._request_terms(request)
@@ -227,15 +227,17 @@ class LevelSolver:
                 plan = self.plan_at(n_a, cc, q)
                 bd = self.memory.breakdown(plan, request, r, layout)  # what MemoryModel.fits compares
                 if bd.total_bytes <= budget_bytes:
-                    return Decision(self.name, plan, r, request, int(budget_bytes), bd,
-                                    float(exact[n_a, cc] + pen[r_i]), kv_bits=bits)
+                    return Decision(plan, r, bd.total_bytes, self.name, request=request,
+                                    budget_bytes=int(budget_bytes), breakdown=bd,
+                                    predicted_log_ratio=float(exact[n_a, cc] + pen[r_i]), kv_bits=bits)
                 if cc == 0 or not math.isfinite(pref[n_a, cc - 1]):
                     break
                 cc = int(arg[n_a, cc - 1])
         plan, r, need = self.smallest(request)
         if self.memory.fits(budget_bytes, plan, request, r):  # pragma: no cover - the table always has it
-            return Decision(self.name, plan, r, request, int(budget_bytes), self.memory.breakdown(plan, request, r),
-                            float(sum(max(c) for c in self.table.costs)))
+            bd = self.memory.breakdown(plan, request, r)
+            return Decision(plan, r, bd.total_bytes, self.name, request=request, budget_bytes=int(budget_bytes),
+                            breakdown=bd, predicted_log_ratio=float(sum(max(c) for c in self.table.costs)))
         raise BudgetError(f"nothing fits in {format_bytes(budget_bytes)}: the smallest configuration (every block "
                           f"dropped, KV ratio {r:g}) needs {format_bytes(need)} for batch {request.batch}, prompt "
                           f"{request.prompt}, {request.new_tokens} new tokens; raise the budget or shrink the request")
