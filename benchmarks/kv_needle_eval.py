@@ -445,7 +445,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="keep the part's earlier rows in --out, run the rest")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kvpress-path", default="/work/venv-kvpress/site",
-                    help="a directory holding kvpress 0.5.5 (pip install --no-deps --target DIR kvpress==0.5.5)")
+                    help="a directory holding kvpress 0.5.5 and the three modules it imports that rap lacks: "
+                         "pip install --no-deps --target DIR kvpress==0.5.5 'cachetools>=5.5.2,<6' fire termcolor")
     ap.add_argument("--out", default="/tmp/kv-needle-eval", help="partial JSON per part")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
