@@ -24,8 +24,9 @@ writes the result JSON and the plot (accuracy vs mean KV bytes, one line per pre
   full attention), so replaying one prefill is what each press's own prefill would compute.
 
     nice -n 10 python benchmarks/kv_needle_eval.py --part decoder --out /tmp/kvn &
-    nice -n 10 python benchmarks/kv_needle_eval.py --part hf --out /tmp/kvn &
+    KVPRESS_PATH=/path/to/kvpress-site nice -n 10 python benchmarks/kv_needle_eval.py --part hf --out /tmp/kvn &
     python benchmarks/kv_needle_eval.py --part merge --out /tmp/kvn --results benchmarks/results
+    (--resume continues a part from its partial JSON; --device cuda runs it on a GPU)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import sys
 import time
@@ -444,10 +446,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-cases", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="keep the part's earlier rows in --out, run the rest")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--kvpress-path", default="/work/venv-kvpress/site",
+    ap.add_argument("--kvpress-path", default=os.environ.get("KVPRESS_PATH"),
                     help="a directory holding kvpress 0.5.5 and the three modules it imports that rap lacks: "
                          "pip install --no-deps --target DIR kvpress==0.5.5 'cachetools>=5.5.2,<6' fire termcolor")
-    ap.add_argument("--out", default="/tmp/kv-needle-eval", help="partial JSON per part")
+    ap.add_argument("--out", default="out/kv-needle-eval", help="partial JSON per part")
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--tag", default="")
