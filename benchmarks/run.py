@@ -105,6 +105,8 @@ REGISTRY: tuple[Benchmark, ...] = (
     Benchmark("kv-needle-eval", "python benchmarks/kv_needle_eval.py --part decoder|hf|merge [--eval leval]",
               "cpu/gpu", 180, "kv-needle-eval-<model>-<date>.json + .png (kv-leval-eval-... with --eval leval)",
               "issue 16: needle (63 cases) / L-Eval, decoder vs HF-path vs kvpress 0.5.5 presses, real KV bytes"),
+    Benchmark("kv-penalty", "python benchmarks/kv_penalty.py", "cpu/gpu", 15, "kv-penalty-<model>-<date>.json",
+              "the policy's KV penalty on rap's decoder (16-bit, int8) beside the HF path's"),
     Benchmark("kv-scorer-choice", "python benchmarks/kv_scorer_choice.py", "cpu", 10,
               "kv-scorer-choice-<model>-<date>.json", "needle-token retention per SnapKV scorer setting"),
     Benchmark("server-load", "python -m benchmarks.server_load", "cpu", 2, "server-load-<date>.json",
