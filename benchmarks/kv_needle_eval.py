@@ -315,7 +315,7 @@ def run_hf(args, out: Path) -> None:
 
 def _dist_version(path: str) -> str | None:
     for p in Path(path).glob("kvpress-*.dist-info"):
-        return p.name.split("-")[1].removesuffix(".dist-info")
+        return p.name[len("kvpress-"):-len(".dist-info")]
     return None
 
 
