@@ -233,7 +233,7 @@ def main() -> None:
 
         kv_test = KVPenalty.from_dict(json.loads(kv_cache.read_text())["penalty"])
     else:
-        kv_test = measure_kv_penalty(view.model, test_stream, prompts, ctx.kv_ratios, 64 if not args.smoke else 16,
+        kv_test = measure_kv_penalty(view, test_stream, prompts, ctx.kv_ratios, 64 if not args.smoke else 16,
                                      args.kv_samples)
         kv_cache.write_text(json.dumps({"key": kv_key, "penalty": kv_test.to_dict()}))
     # additivity check on the most chosen pruned masks that keep attention

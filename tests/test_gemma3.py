@@ -82,3 +82,20 @@ def test_gemma_3_270m_greedy_tokens_equal_transformers(gemma_270m, drop):
     pad = tok.pad_token_id
     ours = Decoder(view).generate(prompts, 16, mask=mask, pad_token_id=pad).tokens
     assert ours == reference_generate(view, mask, prompts, 16, pad_id=pad)
+
+
+def test_a_kv_press_on_sliding_window_layers_is_refused_before_any_work_naming_the_layers(tiny_gemma, stories):
+    from rap.errors import RequestError
+    from rap.policy.greedy import Decision
+    from rap.serve.engine import Engine, GenerationRequest
+
+    class FullKV:
+        def decide(self, memory_model, request, budget_bytes, resident_mask):
+            return Decision(BlockMask.full(resident_mask.num_layers), 1.0)
+
+    engine = Engine(tiny_gemma, tokenizer=stories[1], budget=1 << 40, backend="decoder", policy=FullKV())
+    (result,) = engine.generate(GenerationRequest(prompt_ids=[2, 5, 9, 11, 3, 7], max_new_tokens=4, kv_press="adakv"))
+    assert isinstance(result.error, RequestError) and "\n" not in str(result.error)
+    assert "sliding-window attention layers [0, 2]" in str(result.error) and engine.stats.steps == 0
+    with pytest.raises(RequestError, match=r"sliding-window attention layers \[0, 2\]"):  # the decoder itself
+        Decoder(tiny_gemma).generate([[2, 5, 9, 11, 3, 7]], 4, kv_ratio=0.5)

@@ -110,3 +110,26 @@ def test_int8_only_never_picks_another_level(memory):
     req = Request(batch=1, prompt=64, new_tokens=16)
     d = solver.decide(req, int(0.9 * memory.peak_bytes(Plan.full(5), req)))
     assert set(v for _, v in d.mask.items()) <= {DTYPE, "int8"}
+
+
+def _kv_penalty(int8_cost: float):
+    from rap.policy.evaluator import KVPenalty
+
+    return KVPenalty((64, 512), (1.0, 0.5), ((0.0, 0.3), (0.0, 0.3)),
+                     int8_table=((int8_cost, 0.3 + int8_cost), (int8_cost, 0.3 + int8_cost)))
+
+
+def test_the_solver_chooses_kv_bits_with_the_keep_ratio_and_the_plan(memory):
+    from rap.kv.decode_cache import KVLayout
+
+    table = _table(memory)
+    req = Request(batch=16, prompt=400, new_tokens=64)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    budget = int(0.8 * dense)  # the full 16-bit cache does not fit with every block at dtype
+    cheap = LevelSolver(memory, table, kv_penalty=_kv_penalty(0.001), buckets=1 << 14).decide(req, budget)
+    assert cheap.kv_bits == 8 and cheap.kv_ratio == 1.0  # int8 KV at full keep costs less than dropping
+    assert cheap.breakdown == memory.breakdown(cheap.mask, req, 1.0, KVLayout("adakv", 8))
+    assert cheap.breakdown.total_bytes <= budget and cheap.to_dict()["kv_bits"] == 8
+    dear = LevelSolver(memory, table, kv_penalty=_kv_penalty(5.0), buckets=1 << 14).decide(req, budget)
+    assert dear.kv_bits == 16  # a measured int8 penalty above every alternative keeps 16-bit KV
+    assert dear.predicted_log_ratio < 5.0

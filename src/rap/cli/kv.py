@@ -17,10 +17,17 @@ console = Console(highlight=False)
 kv_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="KV-cache compression (StreamingLLM, SnapKV, PyramidKV, Ada-KV): evaluations.")
 
-PRESSES_HELP = "comma list of: streaming, snapkv, pyramidkv, adakv (=AdaKV(SnapKV)), ada-pyramidkv"
+PRESSES_HELP = ("comma list; --path decoder (default: what `rap serve` runs): snapkv (uniform), adakv "
+                "[default both]; --path hf (rap.kv on transformers, a comparison): streaming, snapkv, pyramidkv, "
+                "adakv (=AdaKV(SnapKV)), ada-pyramidkv [default: streaming,snapkv,pyramidkv,adakv]")
+HF_PRESSES = "streaming,snapkv,pyramidkv,adakv"
+DECODER_PRESSES = "snapkv,adakv"
 
 # Options every evaluation takes (one definition, so the three commands cannot drift apart).
-PRESSES = typer.Option("streaming,snapkv,pyramidkv,adakv", help=PRESSES_HELP)
+PRESSES = typer.Option(None, help=PRESSES_HELP)
+PATH = typer.Option("decoder", "--path", help="decoder: rap's decoder (Ada-KV / uniform SnapKV, int8 KV), the path "
+                                             "requests are served on; hf: rap.kv's presses on transformers")
+KV_BITS = typer.Option(16, "--kv-bits", help="decoder path: 16 (model dtype) or 8 (int8 keys and values)")
 BUDGETS = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)")
 FULL = typer.Option(True, "--full/--no-full", help="also run the full-cache reference")
 DTYPE = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -63,6 +70,30 @@ def _presses(text: str, full: bool) -> dict:
     return presses
 
 
+def _decoder_settings(path: str, presses: Optional[str], budgets: list[float], kv_bits: int, full: bool,
+                      agnostic: bool):
+    """None for --path hf; else the decoder's settings, every press and the bits checked before any work."""
+    from rap.errors import RequestError
+    from rap.eval.needle_decoder import settings_for
+
+    if path not in ("decoder", "hf"):
+        raise RequestError(f"--path must be decoder or hf, got {path!r}")
+    if path == "hf":
+        if kv_bits != 16:
+            raise RequestError("--kv-bits 8 runs on the decoder path only (--path decoder)")
+        return None
+    if agnostic:
+        raise RequestError("--agnostic (compress before the question) runs on the HF path only: add --path hf")
+    names = [p.strip().lower() for p in (presses or DECODER_PRESSES).split(",") if p.strip()]
+    from rap.kv import PRESSES as RAP_KV_PRESSES
+
+    hf_only = [p for p in names if p not in DECODER_PRESSES.split(",") and p in RAP_KV_PRESSES]
+    if hf_only:
+        raise RequestError(f"press {hf_only[0]!r} is not in rap's decoder (it has {DECODER_PRESSES}); "
+                           f"add --path hf for rap.kv's HF-path presses")
+    return settings_for(names, budgets, kv_bits, full)
+
+
 def _load(model: str, dtype: Optional[str], device: Optional[str]):
     from rap.cli import load_view_for_cli
 
@@ -96,20 +127,32 @@ def needle(
     max_new: int = typer.Option(32, help="answer tokens"),
     agnostic: bool = typer.Option(False, "--agnostic", help="compress the haystack before the question is known"),
     full: bool = FULL,
+    path: str = PATH,
+    kv_bits: int = KV_BITS,
     dtype: Optional[str] = DTYPE,
     device: Optional[str] = DEVICE,
     out: Path = OUT,
 ) -> None:
     """Needle-in-a-haystack retrieval (Paul Graham essays) per press x budget, averaged over depths and lengths."""
-    from rap.eval.needle import default_lengths, run_needle, summarize
+    from rap.eval.needle import default_lengths, default_spec, run_needle, summarize
 
+    budget_list = _budgets(budgets)
+    dec_settings = _decoder_settings(path, presses, budget_list, kv_bits, full, agnostic)
+    hf_presses = _presses(presses or HF_PRESSES, full) if dec_settings is None else None
     view, tok = _load(model, dtype, device)
     ctx = view.shape.max_context
     lens = [int(x) for x in _floats(lengths, "lengths")] if lengths else default_lengths(ctx)
-    rows = run_needle(view, tok, _presses(presses, full), _budgets(budgets), lens, _floats(depths, "depths"),
-                      max_new, question_aware=not agnostic)
-    settings = {"lengths": lens, "depths": _floats(depths, "depths"), "max_new_tokens": max_new,
-                "question_aware": not agnostic, "dtype": str(view.dtype)}
+    if dec_settings is None:
+        rows = run_needle(view, tok, hf_presses, budget_list, lens, _floats(depths, "depths"), max_new,
+                          question_aware=not agnostic)
+    else:
+        from rap.decode.decoder import Decoder
+        from rap.eval.needle_decoder import run_needle_decoder
+
+        rows = run_needle_decoder(Decoder(view), tok, dec_settings, lens, _floats(depths, "depths"),
+                                  [default_spec()], max_new)
+    settings = {"path": path, "kv_bits": kv_bits, "lengths": lens, "depths": _floats(depths, "depths"),
+                "max_new_tokens": max_new, "question_aware": not agnostic, "dtype": str(view.dtype)}
     _finish("needle", view, out, rows, summarize(rows), "needle accuracy", settings, "{:.3f}", True)
 
 
@@ -125,18 +168,28 @@ def leval(
     max_new: int = typer.Option(32, help="answer tokens"),
     agnostic: bool = typer.Option(False, "--agnostic", help="compress each document once, before its questions"),
     full: bool = FULL,
+    path: str = PATH,
+    kv_bits: int = KV_BITS,
     dtype: Optional[str] = DTYPE,
     device: Optional[str] = DEVICE,
     out: Path = OUT,
 ) -> None:
     """L-Eval long-document exact-match tasks per press x budget (mean over tasks of per-task accuracy)."""
-    from rap.eval.leval import run_leval
+    from rap.eval.leval import run_leval, run_leval_decoder
 
+    budget_list = _budgets(budgets)
+    dec_settings = _decoder_settings(path, presses, budget_list, kv_bits, full, agnostic)
+    hf_presses = _presses(presses or HF_PRESSES, full) if dec_settings is None else None
     view, tok = _load(model, dtype, device)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     ctx = max_context or view.shape.max_context
-    rows = run_leval(view, tok, _presses(presses, full), _budgets(budgets), task_list, ctx, max_docs,
-                     max_questions, max_new, question_aware=not agnostic)
+    if dec_settings is None:
+        rows = run_leval(view, tok, hf_presses, budget_list, task_list, ctx, max_docs, max_questions, max_new,
+                         question_aware=not agnostic)
+    else:
+        from rap.decode.decoder import Decoder
+
+        rows = run_leval_decoder(Decoder(view), tok, dec_settings, task_list, ctx, max_docs, max_questions, max_new)
     per_task: dict = {}
     for r in rows:
         per_task.setdefault(r["task"], {}).setdefault(r["press"], {}).setdefault(f"{r['budget']:g}", []).append(
@@ -148,7 +201,7 @@ def leval(
 
     for task, s in per_task.items():
         console.print(table_text(s, "{:.3f}", f"{task}: accuracy"))
-    settings = {"tasks": task_list, "max_context": ctx, "max_docs": max_docs, "max_questions": max_questions,
+    settings = {"path": path, "kv_bits": kv_bits, "tasks": task_list, "max_context": ctx, "max_docs": max_docs, "max_questions": max_questions,
                 "max_new_tokens": max_new, "question_aware": not agnostic, "per_task": per_task,
                 "dtype": str(view.dtype)}
     _finish("leval", view, out, rows, summary, "L-Eval accuracy (mean over tasks)", settings, "{:.3f}", True)
@@ -180,7 +233,7 @@ def continuation(
     text = read_text(file or WIKITEXT2_TEST)
     wins = token_windows(text, tok, P + C, max_tokens=windows * (P + C) + P + C,
                          bos=needs_bos(tok, view.config.model_type))[:windows]
-    rows = run_continuation(view, wins, P, _presses(presses, full), _budgets(budgets))
+    rows = run_continuation(view, wins, P, _presses(presses or HF_PRESSES, full), _budgets(budgets))
     summary: dict = {}
     for r in rows:
         summary.setdefault(r["press"], {})[f"{r['budget']:g}"] = r["ppl"]

@@ -133,3 +133,32 @@ def run_leval(view, tok, presses: dict, budgets: list[float], tasks: list[str], 
                     bar.update()
     bar.close()
     return rows
+
+
+def run_leval_decoder(decoder, tok, settings: list, tasks: list[str], max_context: int,
+                      max_docs: int | None = None, max_questions: int | None = 20, max_new_tokens: int = 32,
+                      progress: bool = True) -> list[dict]:
+    """L-Eval through rap's decoder (the path requests are served on), question-aware: each question's
+    prompt is its document + the question, every KV setting (`rap.eval.needle_decoder.KVSetting`)
+    replaying that prompt's one prefill. One row per (setting, task, question), with the KV bytes held."""
+    from rap.eval.needle_decoder import answer_settings
+
+    docs = {t: load_documents(tok, t, max_context, max_docs, max_questions, max_new_tokens) for t in tasks}
+    total = sum(len(d.questions) for ds in docs.values() for d in ds)
+    bar = tqdm(total=total, desc="leval (decoder)", disable=not progress, leave=False)
+    rows = []
+    for task, ds in docs.items():
+        for doc in ds:
+            for k, (q, gold) in enumerate(zip(doc.questions, doc.golds)):
+                ids = doc.context_ids[0].tolist() + q[0].tolist()
+                for s, (tokens, nbytes) in zip(settings, answer_settings(decoder, ids, settings, max_new_tokens,
+                                                                         tok.eos_token_id)):
+                    text = tok.decode(tokens, skip_special_tokens=True)
+                    rows.append({"press": s.name, "budget": s.kv_ratio, "kv_bits": s.kv_bits, "task": task,
+                                 "doc": doc.index, "question": k, "context_tokens": int(doc.context_ids.shape[1]),
+                                 "prompt_tokens": len(ids), "truncated": doc.truncated,
+                                 "score": score_answer(task, text, gold), "kv_bytes": nbytes,
+                                 "answer": text.strip()[:120], "gold": gold[:120]})
+                bar.update()
+    bar.close()
+    return rows

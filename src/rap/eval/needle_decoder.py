@@ -98,32 +98,60 @@ class PrefillReplay:
         self.decoder._prefill = keep
 
 
+def answer_settings(decoder: "decode.Decoder", ids: list[int], settings: list[KVSetting], max_new_tokens: int,
+                    stop_token_ids=None) -> list[tuple[list[int], int]]:
+    """(new tokens, the decoder's KV bytes) for one prompt under every setting, one prefill shared
+    (`PrefillReplay`: recorded with the first setting, replayed for the others)."""
+    replay = PrefillReplay(decoder)
+    out = []
+    for j, s in enumerate(settings):
+        decoder.release()  # this setting's cache alone, so kv_resident_bytes is its bytes
+        kw = dict(kv_ratio=s.kv_ratio, kv_press=s.kv_press, kv_bits=s.kv_bits, stop_token_ids=stop_token_ids)
+        if j == 0:
+            replay.capture_logits()
+            try:
+                gen = replay.record([ids], max_new_tokens, **kw)
+            finally:
+                decoder._prefill = replay._real_prefill
+        else:
+            gen = replay.replay([ids], max_new_tokens, **kw)
+        out.append((gen.tokens[0], decoder.kv_resident_bytes))
+    decoder.release()
+    return out
+
+
 def run_needle_decoder(decoder: "decode.Decoder", tok, settings: list[KVSetting], lengths: list[int],
                        depths: list[float], specs: list[NeedleSpec], max_new_tokens: int = 24,
                        progress: bool = True) -> list[dict]:
     """One row per (setting, length, depth, needle): score, answer, the decoder's KV bytes."""
-    eos = tok.eos_token_id
     rows = []
     cases = [(spec_i, spec, n, d) for spec_i, spec in enumerate(specs) for n in lengths for d in depths]
-    bar = tqdm(total=len(cases) * len(settings), desc="needle (decoder)", disable=not progress, leave=False)
+    bar = tqdm(total=len(cases), desc="needle (decoder)", disable=not progress, leave=False)
     for spec_i, spec, n, d in cases:
         case = build_case(tok, n, d, spec)
         ids = case.context_ids[0].tolist() + case.question_ids[0].tolist()
-        replay = PrefillReplay(decoder)
-        for j, s in enumerate(settings):
-            decoder.release()  # this setting's cache alone, so kv_resident_bytes is its bytes
-            kw = dict(kv_ratio=s.kv_ratio, kv_press=s.kv_press, kv_bits=s.kv_bits, stop_token_ids=eos)
-            if j == 0:
-                replay.capture_logits()
-                gen = replay.record([ids], max_new_tokens, **kw)
-                decoder._prefill = replay._real_prefill
-            else:
-                gen = replay.replay([ids], max_new_tokens, **kw)
-            answer = tok.decode(gen.tokens[0], skip_special_tokens=True)
+        for s, (tokens, nbytes) in zip(settings, answer_settings(decoder, ids, settings, max_new_tokens,
+                                                                 tok.eos_token_id)):
+            answer = tok.decode(tokens, skip_special_tokens=True)
             rows.append({"press": s.name, "budget": s.kv_ratio, "kv_bits": s.kv_bits, "length": n, "depth": d,
-                         "needle": spec_i, "score": score_answer(answer, spec), "kv_bytes": decoder.kv_resident_bytes,
+                         "needle": spec_i, "score": score_answer(answer, spec), "kv_bytes": nbytes,
                          "prompt_tokens": len(ids), "answer": answer.strip()[:160]})
-            bar.update()
+        bar.update()
     bar.close()
-    decoder.release()
     return rows
+
+
+def settings_for(presses: list[str], budgets: list[float], kv_bits: int = 16, full: bool = True) -> list[KVSetting]:
+    """The decoder's KV settings of a press x budget sweep (+ the full cache), validated before any work:
+    an unknown press or unsupported bits is one `RequestError` line here, not after a prefill."""
+    from rap.kv.decode_cache import layout_for
+
+    out = [KVSetting("full")] if full else []
+    suffix = "" if kv_bits == 16 else f"+int{kv_bits}"
+    if kv_bits != 16:
+        layout_for(None, kv_bits)
+        out.append(KVSetting(f"int{kv_bits}", 1.0, None, kv_bits))
+    for p in presses:
+        layout_for(p, kv_bits)
+        out += [KVSetting(f"{p}{suffix}", b, p, kv_bits) for b in budgets]
+    return out

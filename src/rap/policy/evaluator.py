@@ -8,12 +8,11 @@ Three pieces, from slow and exact to fast and approximate:
   Used for calibration (WikiText-2 valid) and for the reported held-out numbers (WikiText-2 test).
 * `KVPenalty`: the quality cost of keeping only a fraction r of the prompt's KV cache, as an
   *additive* term in log-PPL, measured ONCE on the dense model by `measure_kv_penalty` and then
-  interpolated in log2(prompt length): the prompt's cache is compressed with rap.kv's
-  AdaKV(SnapKV()) press and the NLL of the following tokens is compared with the full cache.
-  That press scores with `rap.kv.scorer.DEFAULT_SCORER` and splits budgets with
-  `rap.kv.scorer.adaptive_keep`, the decoder's own scorer and split (tests/test_decode_adakv.py
-  checks that both keep the same tokens and decode the same greedy tokens), so the penalty prices
-  the compressor that serves.
+  interpolated in log2(prompt length): the prompt is prefilled through rap's decoder with each
+  keep ratio (Ada-KV in its flat cache, the compressor `rap serve` runs) and optionally int8 KV
+  (`int8_table`), and the NLL of the following tokens is compared with the full 16-bit cache
+  (`rap.policy.kv_measure`). Given a bare HF model instead of a BlockView it measures rap.kv's
+  HF-path AdaKV(SnapKV()), kept as an explicit comparison.
   Assumptions this makes explicit: the penalty does not depend on which blocks are dropped
   (benchmarks/policy.py checks this on a few pruned masks), nor on batch or output length.
 * `MaskSurrogate`: a small model fitted to measured masks that predicts the log ratio of any mask
@@ -148,22 +147,30 @@ class MeasuredEvaluator:
 class KVPenalty:
     """Added log-PPL of continuation tokens when only ceil(r * prompt) prompt tokens stay cached.
 
-    table[i][j]: penalty at prompt_lens[i], ratios[j]; interpolated linearly in log2(prompt),
-    clamped at the ends. r = 1 costs nothing by definition.
+    table[i][j]: penalty at prompt_lens[i], ratios[j] with 16-bit KV; int8_table (when measured):
+    the same with int8 keys and values (its r = 1 column is the quantisation's own cost).
+    Interpolated linearly in log2(prompt), clamped at the ends. 16-bit r = 1 costs nothing by definition.
     """
 
     prompt_lens: tuple[int, ...]
     ratios: tuple[float, ...]
     table: tuple[tuple[float, ...], ...]
-    method: str = ("rap.kv AdaKV(SnapKV()) (the decoder's scorer and Ada-KV split) on the dense model, "
+    method: str = ("rap's decoder (Ada-KV with the decoder's scorer, its flat cache) on the dense model, "
                    "continuation NLL, measured once")
     tokens: int = 0  # continuation tokens scored per prompt length
+    int8_table: tuple[tuple[float, ...], ...] | None = None
 
-    def __call__(self, kv_ratio: float, prompt: int) -> float:
-        if kv_ratio >= 1.0:
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return (16, 8) if self.int8_table is not None else (16,)
+
+    def __call__(self, kv_ratio: float, prompt: int, kv_bits: int = 16) -> float:
+        if kv_bits not in self.bits:
+            raise ValueError(f"KV bits {kv_bits} were not measured; measured: {self.bits}")
+        if kv_ratio >= 1.0 and kv_bits == 16:
             return 0.0
-        j = self._ratio_index(kv_ratio)
-        col = [row[j] for row in self.table]
+        j = self._ratio_index(min(kv_ratio, 1.0))
+        col = [row[j] for row in (self.table if kv_bits == 16 else self.int8_table)]
         x = math.log2(max(prompt, 1))
         xs = [math.log2(p) for p in self.prompt_lens]
         return float(max(0.0, np.interp(x, xs, col)))
@@ -175,13 +182,17 @@ class KVPenalty:
         raise ValueError(f"kv ratio {kv_ratio} was not measured; measured: {self.ratios}")
 
     def to_dict(self) -> dict:
-        return {"prompt_lens": list(self.prompt_lens), "ratios": list(self.ratios),
-                "table": [list(r) for r in self.table], "method": self.method, "tokens": self.tokens}
+        d = {"prompt_lens": list(self.prompt_lens), "ratios": list(self.ratios),
+             "table": [list(r) for r in self.table], "method": self.method, "tokens": self.tokens}
+        if self.int8_table is not None:
+            d["int8_table"] = [list(r) for r in self.int8_table]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVPenalty":
+        int8 = d.get("int8_table")
         return cls(tuple(d["prompt_lens"]), tuple(d["ratios"]), tuple(tuple(r) for r in d["table"]),
-                   d.get("method", ""), d.get("tokens", 0))
+                   d.get("method", ""), d.get("tokens", 0), None if int8 is None else tuple(tuple(r) for r in int8))
 
     @classmethod
     def zero(cls, ratios: Sequence[float] = (1.0,)) -> "KVPenalty":
@@ -216,31 +227,63 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, kv_ratios: Sequence[
 
 def measure_kv_penalty(model, token_stream: torch.Tensor, prompt_lens: Sequence[int],
                        kv_ratios: Sequence[float] = KV_RATIOS, continuation: int = 64, samples: int = 2,
-                       progress: bool = True) -> KVPenalty:
-    """Measure `KVPenalty` once: `samples` non-overlapping spans per prompt length of a token stream."""
+                       progress: bool = True, kv_bits: Sequence[int] = (16,)) -> KVPenalty:
+    """Measure `KVPenalty` once: `samples` non-overlapping spans per prompt length of a token stream.
+
+    model: a `BlockView` (or a `rap.decode.decoder.Decoder`): measured on rap's decoder, the
+    compressor `rap serve` runs (Ada-KV in its flat cache; `kv_bits` (16, 8) adds the int8 table);
+    a bare HF model: rap.kv's HF-path AdaKV(SnapKV()) (the explicit comparison; 16-bit only).
+    """
     from tqdm.auto import tqdm
 
+    from rap.core.model import BlockView
+
     ratios = tuple(sorted(set(kv_ratios) | {1.0}, reverse=True))
-    table, tokens = [], 0
+    bits = tuple(sorted(set(kv_bits) | {16}, reverse=True))
+    decoder = None
+    if isinstance(model, BlockView):
+        from rap.decode.decoder import Decoder
+
+        decoder = Decoder(model)
+    elif hasattr(model, "generate") and hasattr(model, "kv_resident_bytes"):
+        decoder = model
+    if decoder is None and bits != (16,):
+        raise ValueError("int8 KV is measured on rap's decoder: pass a BlockView")
+    if decoder is not None:
+        from rap.policy.kv_measure import KVOption, decoder_continuation_nll
+
+        options = [KVOption(r, b) for b in bits for r in ratios]
+    tables = {b: [] for b in bits}
+    tokens = 0
     bar = tqdm(total=len(prompt_lens) * samples, desc="KV penalty", disable=not progress, leave=False)
     for P in prompt_lens:
         span = P + continuation
         n = min(samples, token_stream.numel() // span)
         if n == 0:
             raise ValueError(f"the token stream has {token_stream.numel()} tokens, fewer than one span of {span}")
-        sums = {r: 0.0 for r in ratios}
+        sums = {(r, b): 0.0 for r in ratios for b in bits}
         for s in range(n):
             ids = token_stream[s * span:(s + 1) * span][None]
-            for r, v in continuation_nll(model, ids, P, ratios).items():
-                sums[r] += v
+            if decoder is not None:
+                for o, v in decoder_continuation_nll(decoder, ids, P, options).items():
+                    sums[(o.kv_ratio, o.kv_bits)] += v
+            else:
+                for r, v in continuation_nll(model, ids, P, ratios).items():
+                    sums[(r, 16)] += v
             bar.update(1)
         scored = n * continuation
         tokens = scored
-        # noise can make a smaller cache look free or better: clamp at 0 and make it monotone
-        row = np.maximum.accumulate([max(0.0, (sums[r] - sums[1.0]) / scored) for r in ratios])
-        table.append(tuple(float(x) for x in row))
+        for b in bits:
+            # noise can make a smaller cache look free or better: clamp at 0 and make it monotone
+            row = np.maximum.accumulate([max(0.0, (sums[(r, b)] - sums[(1.0, 16)]) / scored) for r in ratios])
+            tables[b].append(tuple(float(x) for x in row))
     bar.close()
-    return KVPenalty(tuple(prompt_lens), ratios, tuple(table), tokens=tokens)
+    method = ("rap's decoder (Ada-KV with the decoder's scorer and split, its flat cache"
+              + (", int8 KV" if 8 in bits else "") + ") on the dense model, continuation NLL, measured once"
+              if decoder is not None else
+              "rap.kv HF-path AdaKV(SnapKV()) on the dense model, continuation NLL, measured once (comparison)")
+    return KVPenalty(tuple(prompt_lens), ratios, tuple(tables[16]), method=method, tokens=tokens,
+                     int8_table=tuple(tables[8]) if 8 in bits else None)
 
 
 # ---- surrogate ---------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ class LevelSolver:
         self.table = table
         self.kv_penalty = kv_penalty or KVPenalty.zero()
         self.kv_ratios = tuple(self.kv_penalty.ratios)
+        # the KV options priced: every measured keep ratio at every measured KV bits (16, and 8 when the
+        # penalty has an int8 table): the policy picks bits with the ratio and the weight plan
+        self.kv_options = tuple((r, b) for b in self.kv_penalty.bits for r in self.kv_ratios)
         if name:
             self.name = name
         self.num_layers = L = memory.shape.num_layers
@@ -160,7 +163,10 @@ class LevelSolver:
 
     # ---- deciding -----------------------------------------------------------------------------
     def _request_terms(self, request: Request):
-        """(KV bytes [R, L+1] by attention blocks kept, activation bytes, KV penalties [R], quantized reserve)."""
+        """(KV bytes [R, L+1] by attention blocks kept, activation bytes, KV penalties [R], quantized reserve),
+        R = the KV options (keep ratio, bits)."""
+        from rap.policy.greedy import kv_layout_for_bits
+
         key = (request.batch, request.prompt, request.new_tokens)
         if key not in self._kv_cache:
             m, L = self.memory, self.num_layers
@@ -174,10 +180,11 @@ class LevelSolver:
                 self._full = Plan.full(L)
                 self._quantized = [Plan.uniform(L, lv) for lv in {v for lvs in self.table.levels for v in lvs}
                                    if lv not in (DTYPE, DROP)]
-            kv_layer = np.array([[max(m.kv_bytes(request, p, r) for p in self._one_attn)] for r in self.kv_ratios])
+            kv_layer = np.array([[max(m.kv_bytes(request, p, r, kv_layout_for_bits(b)) for p in self._one_attn)]
+                                 for r, b in self.kv_options])
             full = m.breakdown(self._full, request, 1.0)
             act = max(full.total_bytes - full.param_bytes - full.kv_bytes, 0)
-            pen = np.array([self.kv_penalty(r, request.prompt) for r in self.kv_ratios])
+            pen = np.array([self.kv_penalty(r, request.prompt, b) for r, b in self.kv_options])
             tokens = request.batch * max(request.prompt, 1)
             reserve = max([m.quant_transient_bytes(p, tokens) for p in self._quantized] + [0])
             self._kv_cache[key] = (kv_layer * np.arange(L + 1)[None, :], act, pen, reserve)
@@ -193,6 +200,8 @@ class LevelSolver:
         return empty, r, self.memory.peak_bytes(empty, request, r)
 
     def decide(self, request: Request, budget_bytes: int) -> Decision:
+        from rap.policy.greedy import kv_layout_for_bits
+
         kv, act, pen, reserve = self._request_terms(request)
         A = self.num_layers + 1
         costs, idxs = [], []
@@ -210,16 +219,17 @@ class LevelSolver:
             r_i, n_a = divmod(rest, A)
             if not math.isfinite(cost[q, r_i, n_a]):
                 break
-            r = self.kv_ratios[r_i]
+            r, bits = self.kv_options[r_i]
+            layout = kv_layout_for_bits(bits)
             exact, pref, arg, _ = self._tables[q]
             cc = int(arg[n_a, idxs[q][r_i, n_a]])
             for _ in range(64):  # a term the table does not model: step down the frontier until it fits
                 plan = self.plan_at(n_a, cc, q)
-                bd = self.memory.breakdown(plan, request, r)  # what MemoryModel.fits compares with the budget
+                bd = self.memory.breakdown(plan, request, r, layout)  # what MemoryModel.fits compares
                 if bd.total_bytes <= budget_bytes:
                     return Decision(plan, r, bd.total_bytes, self.name, request=request,
                                     budget_bytes=int(budget_bytes), breakdown=bd,
-                                    predicted_log_ratio=float(exact[n_a, cc] + pen[r_i]))
+                                    predicted_log_ratio=float(exact[n_a, cc] + pen[r_i]), kv_bits=bits)
                 if cc == 0 or not math.isfinite(pref[n_a, cc - 1]):
                     break
                 cc = int(arg[n_a, cc - 1])

@@ -77,7 +77,9 @@ def prepare_quality(view, profile: dict, evaluator: MeasuredEvaluator, kv_stream
              surrogate.fit_rmse, surrogate.cv_rmse)
     if kv_stream is not None and len(kv_ratios) > 1:
         lens = kv_prompt_lens or [p for p in (64, 256, 1024, 4096) if p + kv_continuation <= view.shape.max_context]
-        penalty = measure_kv_penalty(view.model, kv_stream, lens, kv_ratios, kv_continuation, kv_samples, progress)
+        # on rap's decoder (the compressor that serves), 16-bit and int8 KV
+        penalty = measure_kv_penalty(view, kv_stream, lens, kv_ratios, kv_continuation, kv_samples, progress,
+                                     kv_bits=(16, 8))
     else:
         penalty = KVPenalty.zero()
     dense_nll = evaluator.dense_nll()
