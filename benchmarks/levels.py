@@ -152,6 +152,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model (default: the model's device)")
     ap.add_argument("--smoke", action="store_true", help="stories260k, its own small level profile")
+    ap.add_argument("--policies", default=None, help="comma-separated subset of the policies (default: all)")
+    ap.add_argument("--reuse", action="append", default=[],
+                    help="a previous levels-*.json: its measured plans are not measured again when its eval "
+                         "settings (file, windows, seq_len, dtype) are these (rows say 'reused')")
     args = ap.parse_args(argv)
 
     from benchmarks.common import environment, print_table
@@ -179,6 +183,12 @@ def main(argv=None) -> None:
     request = Request(batch=1, prompt=min(512, args.seq_len), new_tokens=128)
     dense_need = memory.dense_need(request)
     policies, solver = build_policies(view, memory, lp, gsi_prof, request)
+    if args.policies:
+        wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in policies]
+        if unknown:
+            raise SystemExit(f"unknown policies {unknown}; known: {', '.join(policies)}")
+        policies = {k: policies[k] for k in wanted}
 
     windows = token_windows(read_text(WIKITEXT2_TEST), tok, args.seq_len, None,
                             bos=needs_bos(tok, view.config.model_type))
@@ -187,11 +197,24 @@ def main(argv=None) -> None:
     windows = windows.to(view.device)
     runner = LevelRunner(view)
     cache: dict = {}
+    reused: dict = {}
+    eval_key = (WIKITEXT2_TEST, int(windows.shape[0]), args.seq_len, str(view.dtype).replace("torch.", ""))
+    for path in args.reuse:
+        old = json.loads(Path(path).read_text())
+        e = old.get("eval", {})
+        if (e.get("file"), e.get("windows"), e.get("seq_len"), e.get("dtype")) != eval_key or old.get("model") != args.model:
+            raise SystemExit(f"--reuse {path}: its eval settings {e} are not this run's {eval_key}")
+        for r in old["rows"]:
+            if r.get("ppl") and r.get("plan"):
+                reused[Plan.parse(r["plan"], view.num_layers)] = (math.log(r["ppl"]), path)
     dense_param = memory.param_bytes(Plan.full(view.num_layers))
 
     def measure(plan):
         if plan not in cache:
-            cache[plan] = plan_nll(runner, windows, plan, batch=4 if view.device.type == "cuda" else 1)
+            if plan in reused:
+                cache[plan] = reused[plan][0]
+            else:
+                cache[plan] = plan_nll(runner, windows, plan, batch=4 if view.device.type == "cuda" else 1)
         return cache[plan]
 
     t0 = time.perf_counter()
@@ -214,7 +237,8 @@ def main(argv=None) -> None:
             rows.append({**row, "plan": plan.spec() or "*=dtype", "counts": plan.counts(),
                          "param_bytes_ratio": memory.param_bytes(plan) / dense_param,
                          "peak_bytes": memory.peak_bytes(plan, request), "fits": memory.fits(budget, plan, request),
-                         "ppl": math.exp(nll), "ppl_ratio": math.exp(nll - dense_nll)})
+                         "ppl": math.exp(nll), "ppl_ratio": math.exp(nll - dense_nll),
+                         **({"reused": reused[plan][1]} if plan in reused else {})})
             print(f"{frac:.2f} {name:16s} ppl {math.exp(nll):9.3f} ({math.exp(nll - dense_nll):.3f}x) {plan.counts()}",
                   flush=True)
     seconds = time.perf_counter() - t0
@@ -247,7 +271,7 @@ def main(argv=None) -> None:
                "memory_model_device": "cuda" if on_cuda else "cpu", "dense_need_bytes": dense_need,
                "level_profile": {"path": args.profile, "calibration": lp.calibration, "device": lp.device},
                "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins,
-               "solver_decide_p99_ms": p99, "seconds": seconds}
+               "solver_decide_p99_ms": p99, "seconds": seconds, "reused_from": args.reuse}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, out / f"{stem}.png", f"{args.model}: held-out PPL ({int(windows.shape[0])} x {args.seq_len} test tokens) "
          f"vs parameter bytes, {device}")

@@ -94,7 +94,8 @@ def test_the_level_policy_hook_builds_the_default_over_the_bundled_smollm2_profi
 
     path = bundled_level_profile("smollm2-135m")
     prof = load_level_profile(path)
-    assert prof.calibration["tokens"] >= 256 and len(prof.single) == 2 * prof.num_layers
+    assert prof.calibration["tokens"] >= 65536 and len(prof.single) == 2 * prof.num_layers  # the issue: >= 64k
+    assert prof.command and prof.calibration["ids_sha256"]
     from rap.errors import RapError
 
     with pytest.raises(RapError, match="unknown level policy"):
@@ -110,3 +111,28 @@ def test_int8_only_never_picks_another_level(memory):
     req = Request(batch=1, prompt=64, new_tokens=16)
     d = solver.decide(req, int(0.9 * memory.peak_bytes(Plan.full(5), req)))
     assert set(v for _, v in d.mask.items()) <= {DTYPE, "int8"}
+
+
+def test_the_solver_weighs_levels_by_the_memory_model_of_the_device_it_plans_for(memory):
+    from rap.policy.solver import make_solver
+
+    # a profile whose recorded bytes (made on another device) disagree with this memory model's
+    prof = {"single": {b: {"int8": 0.01, "int4g64": 0.02, DROP: 0.5} for b in memory.dense_block_bytes},
+            "bytes": {"cuda": {b: {"int8": 1, "int4g64": 1, DTYPE: 2, DROP: 0} for b in memory.dense_block_bytes}}}
+    table = make_solver(memory, prof).table
+    for name, levels, nbytes in zip(table.blocks, table.levels, table.bytes):
+        assert nbytes == tuple(memory.level_bytes(name, lv) for lv in levels)
+
+
+def test_memoised_decisions_fit_every_budget_of_their_bucket(memory):
+    solver = LevelSolver(memory, _table(memory, seed=5), buckets=256)
+    req = Request(batch=2, prompt=48, new_tokens=8)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    edge = (int(0.7 * dense) // solver.bucket_bytes) * solver.bucket_bytes
+    budgets = [edge, edge + solver.bucket_bytes // 2, edge + solver.bucket_bytes - 1]
+    plans = []
+    for b in budgets + budgets[::-1]:  # second pass: from the memo
+        d = solver.decide(req, b)
+        assert d.budget_bytes == b and memory.fits(b, d.mask, req, d.kv_ratio)
+        plans.append(d.mask)
+    assert len(set(plans)) == 1

@@ -161,6 +161,12 @@ class MemoryModel:
             return 0
         if level == DTYPE:
             return dense
+        key = ("level", name, level)
+        if key not in self._memo:
+            self._memo[key] = self._quantized_block_bytes(name, level, dense)
+        return self._memo[key]
+
+    def _quantized_block_bytes(self, name: str, level: str, dense: int) -> int:
         e = self.shape.dtype_bytes
         device = "cuda" if self.on_cuda else "cpu"
         linears = block_linears(name.split(".")[0], self.shape)
@@ -230,8 +236,13 @@ class MemoryModel:
         return self._memo[key]
 
     def _quant_transient_bytes(self, mask: Plan, tokens: int) -> int:
+        # the peak depends only on which (kind, level) pairs the plan holds: memoised per plan, not per tokens
+        key = ("quantized kinds", mask)
+        if key not in self._memo:
+            self._memo[key] = sorted({(name.split(".")[0], level) for name, level in mask.items()
+                                      if level == INT8 or int4_group_size(level) is not None})
         e, peak = self.shape.dtype_bytes, 0
-        for name, level in mask.items():
+        for name, level in self._memo[key]:
             if level == INT8:
                 peak = max(peak, max(dequantize_transient_bytes(N, K, level, e)
                                      for _, N, K in block_linears(name.split(".")[0], self.shape)))

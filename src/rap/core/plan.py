@@ -23,6 +23,7 @@ or ``{"attn_levels": [...], "ffn_levels": [...]}``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class PlanError(MaskError):
     """A plan spec that does not parse, or a level that a block's shape does not allow."""
 
 
+@functools.lru_cache(maxsize=256)  # pure, and every Plan built parses one level per block: policies build many
 def parse_level(text: str) -> str:
     """'int4' -> 'int4g128', 'INT4:64' / 'int4-g64' / 'int4g64' -> 'int4g64', 'drop', 'int8', 'dtype'."""
     t = str(text).strip().lower()
@@ -218,9 +220,9 @@ class Plan(BlockMask):
         """Which blocks run, without their precision."""
         return BlockMask(self.keep_attn, self.keep_ffn)
 
-    @property
+    @functools.cached_property  # asked for every memory term of every plan a policy weighs
     def is_quantized(self) -> bool:
-        return any(is_quantized(v) for _, v in self.items())
+        return any(is_quantized(v) for v in self.attn_levels + self.ffn_levels)
 
     def counts(self) -> dict[str, int]:
         """Blocks per level, in LEVELS order (levels with no block left out)."""

@@ -91,6 +91,7 @@ class LevelSolver:
         self._tables = [self._dp(table), self._dp(table, unquantized=True)]
         self._plans: dict[tuple[int, int, int], Plan] = {}
         self._kv_cache: dict = {}
+        self._decisions: dict = {}
 
     def _dp(self, table: LevelTable, unquantized: bool = False):
         L, G, INF = self.num_layers, self.G, np.inf
@@ -131,16 +132,19 @@ class LevelSolver:
         key = (n_attn, c, q)
         if key not in self._plans:
             t = self.table
-            chosen = {}
+            levels = {"attn": [DTYPE] * self.num_layers, "ffn": [DTYPE] * self.num_layers}
             a = n_attn
             choices = self._tables[q][3]
             for b in range(len(t.blocks) - 1, -1, -1):
                 k = int(choices[b][a, c])
                 lv = t.levels[b][k]
-                chosen[t.blocks[b]] = lv
+                kind, layer = t.blocks[b].split(".")
+                levels[kind][int(layer)] = lv
                 c -= math.ceil(t.bytes[b][k] / self.bucket_bytes)
-                a -= 1 if (t.blocks[b].startswith("attn") and lv != DROP) else 0
-            self._plans[key] = Plan.full(self.num_layers).with_levels(chosen)
+                a -= 1 if (kind == "attn" and lv != DROP) else 0
+            self._plans[key] = Plan.from_levels(levels["attn"], levels["ffn"])
+            if len(self._plans) > 65536:
+                self._plans.pop(next(iter(self._plans)))
         return self._plans[key]
 
     def frontier(self) -> list[tuple[int, float, Plan]]:
@@ -192,6 +196,26 @@ class LevelSolver:
         return empty, r, self.memory.peak_bytes(empty, request, r)
 
     def decide(self, request: Request, budget_bytes: int):
+        """The cheapest (plan, KV ratio) that fits. Memoised per (request shape, budget bucket): the
+        decision is made for the bucket's lower edge, so it fits every budget in the bucket (at most
+        one bucket, `bucket_bytes`, below what the exact budget could have bought)."""
+        from rap.policy import Decision
+
+        bucket = int(budget_bytes) // self.bucket_bytes
+        key = (request.batch, request.prompt, request.new_tokens, bucket)
+        hit = self._decisions.get(key)
+        if hit is None:
+            try:
+                hit = self._decide(request, bucket * self.bucket_bytes)
+            except BudgetError:  # only the exact budget fits (or nothing does: the error names the real budget)
+                return self._decide(request, int(budget_bytes))
+            self._decisions[key] = hit
+            if len(self._decisions) > 65536:
+                self._decisions.pop(next(iter(self._decisions)))
+        return Decision(hit.policy, hit.mask, hit.kv_ratio, request, int(budget_bytes), hit.breakdown,
+                        hit.predicted_log_ratio)
+
+    def _decide(self, request: Request, budget_bytes: int):
         from rap.policy import Decision
 
         kv, act, pen, reserve = self._request_terms(request)
