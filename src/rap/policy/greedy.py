@@ -122,12 +122,30 @@ class GreedyPolicy:
         return Decision(mask, self.kv_ratio, peak(lo), self.name, kv_bits=self.kv_bits)
 
 
-def default_policy(profile: dict | str | Path | None = None) -> Any:
-    """The precision ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only
-    default (`default_drop_policy`)."""
+def default_policy(profile: dict | str | Path | None = None, model: str | None = None) -> Any:
+    """For a model with a shipped level profile (`rap.policy.bundled_level_profile`): the level solver
+    (rap.policy.solver; the held-out winner, see rap.policy.DEFAULT_LEVEL_POLICY). Otherwise the precision
+    ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only default."""
+    if model is not None:
+        from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile
+
+        path = bundled_level_profile(model)
+        if path is not None and path.exists():
+            return level_policy(DEFAULT_LEVEL_POLICY, path)
     from rap.policy.precision import PrecisionLadder
 
     return PrecisionLadder(inner=default_drop_policy(profile))
+
+
+def level_policy(name: str, level_profile) -> Any:
+    """A level policy by name (rap.policy.LEVEL_POLICY_NAMES) in the engine's convention."""
+    from rap.policy import LEVEL_POLICY_NAMES
+    from rap.policy.solver import SolverEnginePolicy
+
+    allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
+    if name not in allow:
+        raise RapError(f"unknown level policy {name!r}; use one of: {', '.join(LEVEL_POLICY_NAMES)}")
+    return SolverEnginePolicy(level_profile, allow[name], name)
 
 
 def default_drop_policy(profile: dict | str | Path | None = None) -> Any:
@@ -137,12 +155,21 @@ def default_drop_policy(profile: dict | str | Path | None = None) -> Any:
     return package_default(profile=profile)
 
 
-def as_policy(policy: Any, profile: dict | str | Path | None = None) -> Any:
-    """None -> default_policy (the precision ladder); "drop" -> the drop-only default; "greedy" -> GreedyPolicy;
-    an object with .decide or a callable -> itself."""
+def as_policy(policy: Any, profile: dict | str | Path | None = None, model: str | None = None) -> Any:
+    """None -> default_policy (the level solver where `model` ships a level profile, else the precision
+    ladder); "drop" -> the drop-only default; "greedy" -> GreedyPolicy; "solver" / "int8-only" /
+    "int4-only" -> that level policy over `model`'s level profile; an object with .decide or a callable -> itself."""
     if policy is None:
-        return default_policy(profile)
+        return default_policy(profile, model)
     if isinstance(policy, str):
+        from rap.policy import LEVEL_POLICY_NAMES, bundled_level_profile
+
+        if policy in LEVEL_POLICY_NAMES:
+            path = bundled_level_profile(model) if model else None
+            if path is None or not path.exists():
+                raise RapError(f"policy {policy!r} needs a level profile; none ships for {model!r} "
+                               "(make one: rap profile MODEL --method levels)")
+            return level_policy(policy, path)
         if policy == "greedy":
             return GreedyPolicy.from_profile(profile)
         if policy in ("drop", "drop-only"):

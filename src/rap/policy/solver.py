@@ -277,3 +277,33 @@ def make_solver(memory: MemoryModel, profile, kv_penalty=None, allow: tuple[str,
 
         profile = load_level_profile(profile)
     return LevelSolver(memory, LevelTable.from_profile(profile, memory, allow), kv_penalty, buckets, name)
+
+
+class SolverEnginePolicy:
+    """The solver in rap.serve.engine's convention (`decide(memory_model, request, budget_bytes, resident_mask)`
+    -> rap.policy.greedy.Decision), one solver per memory model the engine passes. KV keep ratio 1 only
+    (the level profile measures no KV penalty; the drop-only default has none either)."""
+
+    name = "solver"
+
+    def __init__(self, level_profile, allow: tuple[str, ...] | None = None, name: str | None = None):
+        from rap.profile.levels import LevelProfile, load_level_profile
+
+        self.level_profile = level_profile if isinstance(level_profile, (LevelProfile, dict)) \
+            else load_level_profile(level_profile)
+        self.allow = allow
+        if name:
+            self.name = name
+        self._solvers: dict[int, LevelSolver] = {}
+
+    def solver_for(self, memory_model: MemoryModel) -> LevelSolver:
+        key = id(memory_model)
+        if key not in self._solvers:
+            self._solvers[key] = make_solver(memory_model, self.level_profile, allow=self.allow, name=self.name)
+        return self._solvers[key]
+
+    def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
+        from rap.policy.greedy import Decision
+
+        d = self.solver_for(memory_model).decide(request, budget_bytes)
+        return Decision(d.mask, d.kv_ratio, d.breakdown.total_bytes, self.name)

@@ -203,7 +203,7 @@ class Engine:
             if profile is not None:
                 log.info("using the profile shipped for %s: %s", self.view.name, profile)
         self.profile = profile
-        self.policy = as_policy(policy, profile)
+        self.policy = as_policy(policy, profile, self.view.name)
         self.residency = WeightResidency(self.view, self.memory_model)
         if stage_host_copies:
             # True: dense copies only; a tuple of levels: also a staged quantized host copy per level
