@@ -4,11 +4,15 @@ Budgets are fractions of the dense need (`MemoryModel.dense_need`) of one reques
 512, 128 new tokens; KV keep ratio 1: KV compression is not part of this comparison). Policies:
 
 * solver         rap.policy.solver (multiple-choice knapsack over the level profile's single-move costs)
+* solver-marginal the solver on the greedy pass's re-measured rises where it has them (interactions)
+* solver-greedy-drops  drops in the greedy pass's order (re-measured rises), levels of the rest by the knapsack
 * greedy-profile the longest prefix of the level profile's greedy moves that fits
 * drop-only      today's default (`rap.policy.DEFAULT_POLICY`, the mask ladder over the GSI profile)
 * int8-only / int4-only   the solver with only that level (plus dtype): a single-knob curve
 * int8-then-drop every block int8, then the default drop policy on the int8 memory model
 * precision-ladder        rap.policy.precision's fixed rungs (dtype, ffn-int8, int8, int4, int4+drops)
+* rl             the MaskablePPO agent on the joint action (rap.policy.level_rl; `--agent`, from
+                 benchmarks/level_agent.py), when its file exists
 
 Quality: WikiText-2 *test* perplexity of each chosen plan (calibration was WikiText-2 valid),
 measured with rap.core.forward and rap.core.quant.fake_quantize (the int8/int4 kernels' values, dequantized),
@@ -51,7 +55,7 @@ def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
-def build_policies(view, memory, level_prof, gsi_prof: dict, request):
+def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path=None):
     from rap.core.plan import DROP, INT8, Plan
     from rap.policy import DEFAULT_POLICY, make_policy
     from rap.policy.context import PolicyContext
@@ -71,6 +75,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request):
     prec = PrecisionPolicy(ctx)
     int4 = [lv for lv in level_prof.levels if lv.startswith("int4")][0]
     solvers = {"solver": make_solver(memory, level_prof),
+               "solver-marginal": make_solver(memory, level_prof, costs="marginal", name="solver-marginal"),
                "int8-only": make_solver(memory, level_prof, allow=(INT8,)),
                "int4-only": make_solver(memory, level_prof, allow=(int4,))}
     greedy = [level_prof.plan_after(k) for k in range(len(level_prof.steps) + 1)]
@@ -92,7 +97,19 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request):
         d = drop_on_int8.decide(request, budget)
         return int8_all.with_levels({n: DROP for n in d.mask.dropped})
 
-    return {"solver": lambda b: solvers["solver"].decide(request, b).mask,
+    picks = {}
+    if agent_path is not None and Path(agent_path).exists():  # the RL agent on the joint action (level_rl)
+        from rap.policy.level_rl import LevelAgentPolicy, load_level_agent
+
+        agent = LevelAgentPolicy(solvers["solver"], load_level_agent(agent_path)[0])
+        picks["rl"] = lambda b: agent.decide(request, b).mask
+    from rap.policy.solver import GreedyDropSolver
+
+    greedy_drops = GreedyDropSolver(memory, level_prof) if level_prof.steps else None
+    if greedy_drops is not None:
+        picks["solver-greedy-drops"] = lambda b: greedy_drops.decide(request, b).mask
+    return {**picks, "solver": lambda b: solvers["solver"].decide(request, b).mask,
+            "solver-marginal": lambda b: solvers["solver-marginal"].decide(request, b).mask,
             "greedy-profile": greedy_pick,
             "drop-only": lambda b: Plan.of(drop_only.decide(request, b).mask),
             "int8-only": only(solvers["int8-only"]),
@@ -152,6 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model (default: the model's device)")
     ap.add_argument("--smoke", action="store_true", help="stories260k, its own small level profile")
+    ap.add_argument("--agent", default="benchmarks/results/level-agent-smollm2-135m-2026-12-02.zip",
+                    help="the RL agent (benchmarks/level_agent.py) for policy 'rl' (skipped when the file is absent)")
     ap.add_argument("--policies", default=None, help="comma-separated subset of the policies (default: all)")
     ap.add_argument("--reuse", action="append", default=[],
                     help="a previous levels-*.json: its measured plans are not measured again when its eval "
@@ -182,7 +201,7 @@ def main(argv=None) -> None:
     memory = MemoryModel.from_view(view, on_cuda=on_cuda)
     request = Request(batch=1, prompt=min(512, args.seq_len), new_tokens=128)
     dense_need = memory.dense_need(request)
-    policies, solver = build_policies(view, memory, lp, gsi_prof, request)
+    policies, solver = build_policies(view, memory, lp, gsi_prof, request, args.agent)
     if args.policies:
         wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
         unknown = [p for p in wanted if p not in policies]
@@ -249,6 +268,11 @@ def main(argv=None) -> None:
         if got:
             targets[f"{frac:.0%}"] = {"limit": limit, "solver_ppl_ratio": got[0]["ppl_ratio"],
                                       "met": got[0]["ppl_ratio"] <= limit}
+    rl_gap = {}
+    for frac in sorted({r["budget_ratio"] for r in rows}):
+        got = {r["policy"]: r["ppl_ratio"] for r in rows if r["budget_ratio"] == frac and r["ppl_ratio"]}
+        if "rl" in got and "solver" in got:
+            rl_gap[f"{frac:.2f}"] = got["rl"] / got["solver"]
     wins = {}
     for frac in sorted({r["budget_ratio"] for r in rows}):
         here = [r for r in rows if r["budget_ratio"] == frac and r["ppl"]]
@@ -270,7 +294,7 @@ def main(argv=None) -> None:
                "request": {"batch": request.batch, "prompt": request.prompt, "new_tokens": request.new_tokens},
                "memory_model_device": "cuda" if on_cuda else "cpu", "dense_need_bytes": dense_need,
                "level_profile": {"path": args.profile, "calibration": lp.calibration, "device": lp.device},
-               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins,
+               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins, "rl_ppl_over_solver": rl_gap,
                "solver_decide_p99_ms": p99, "seconds": seconds, "reused_from": args.reuse}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, out / f"{stem}.png", f"{args.model}: held-out PPL ({int(windows.shape[0])} x {args.seq_len} test tokens) "

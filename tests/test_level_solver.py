@@ -136,3 +136,40 @@ def test_memoised_decisions_fit_every_budget_of_their_bucket(memory):
         assert d.budget_bytes == b and memory.fits(b, d.mask, req, d.kv_ratio)
         plans.append(d.mask)
     assert len(set(plans)) == 1
+
+
+def _profile_with_steps(memory):
+    blocks = list(memory.dense_block_bytes)
+    single = {b: {"int8": 0.01, "int4g64": 0.05, DROP: 1.0} for b in blocks}
+    nll, steps = 2.0, []
+    for b, lv, rise in [(blocks[0], "int8", -0.001), (blocks[0], "int4g64", 0.002), (blocks[3], DROP, 0.5),
+                        (blocks[1], "int8", 0.0), (blocks[5], DROP, 2.0), (blocks[2], DROP, -0.3)]:
+        nll += rise
+        steps.append({"block": b, "level": lv, "nll": nll})
+    return {"single": single, "steps": steps, "dense_nll": 2.0}, blocks
+
+
+def test_marginal_costs_are_the_greedy_rises_up_to_its_first_drop(memory):
+    prof, blocks = _profile_with_steps(memory)
+    table = LevelTable.from_profile(prof, memory, costs="marginal", clamp_gains=False)
+    cost = {b: dict(zip(lv, c)) for b, lv, c in zip(table.blocks, table.levels, table.costs)}
+    assert cost[blocks[0]]["int8"] == pytest.approx(-0.001)  # re-measured in the greedy pass
+    assert cost[blocks[0]]["int4g64"] == pytest.approx(0.001)  # dtype -> int8 -> int4: both rises
+    assert cost[blocks[1]]["int8"] == 0.01  # taken after the first drop: the single-move rise
+    assert cost[blocks[3]][DROP] == 1.0 and cost[blocks[2]][DROP] == 1.0  # drops keep their single rise
+
+
+def test_greedy_drop_solver_drops_a_prefix_of_the_greedy_drops_and_fits(memory):
+    from rap.policy.solver import GreedyDropSolver
+
+    prof, blocks = _profile_with_steps(memory)
+    solver = GreedyDropSolver(memory, prof, buckets=256)
+    req = Request(batch=1, prompt=32, new_tokens=8)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    prefixes = [set(), {blocks[3]}, {blocks[3], blocks[5]}, {blocks[3], blocks[5], blocks[2]}]
+    for frac in (1.0, 0.6, 0.4, 0.3, 0.2):
+        try:
+            d = solver.decide(req, int(frac * dense))
+        except BudgetError:
+            continue
+        assert set(d.mask.dropped) in prefixes and memory.fits(int(frac * dense), d.mask, req, d.kv_ratio)
