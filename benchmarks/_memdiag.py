@@ -108,7 +108,7 @@ def sdpa_probe() -> list[dict]:
         for name, backends in [("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
                                ("flash", [SDPBackend.FLASH_ATTENTION]),
                                ("efficient", [SDPBackend.EFFICIENT_ATTENTION])]:
-            def call():
+            def call(q=q, k=k, v=v, backends=backends, D=D, gqa=gqa):  # bound now: the loop rebinds them
                 kw = dict(is_causal=True, scale=D ** -0.5, enable_gqa=gqa)
                 if backends is None:
                     return F.scaled_dot_product_attention(q, k, v, **kw)
@@ -127,15 +127,15 @@ def sdpa_probe() -> list[dict]:
 
 def sampler_probe() -> list[dict]:
     """Extra bytes of rap's sampler (pick_tokens) over [B, V] fp32 logits, per element."""
-    from rap.decode.decoder import pick_tokens
+    from rap.decode.sampling import pick_tokens
 
     rows = []
     for B, V in [(1, 49152), (8, 49152), (32, 49152), (1, 151936), (16, 151936), (8, 32000), (16, 32000)]:
         logits = torch.randn(B, V, device="cuda")
         noise = torch.rand(B, V, device="cuda")
         t, p = torch.ones((), device="cuda"), torch.full((), 0.9, device="cuda")
-        peak = _peak_of(lambda: pick_tokens(logits, t, p, noise))
-        sort_peak = _peak_of(lambda: (logits / t).sort(-1, descending=True))
+        peak = _peak_of(lambda logits=logits, noise=noise: pick_tokens(logits, t, p, noise))
+        sort_peak = _peak_of(lambda logits=logits: (logits / t).sort(-1, descending=True))
         rows.append({"B": B, "V": V, "sampler_extra_per_elem": peak / (B * V),
                      "sort_extra_per_elem": sort_peak / (B * V)})
         del logits, noise

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import rap.decode.decoder as decode
+    import rap.decode.prefill as prefill
     from rap.eval.needle import build_case, default_spec
     from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep
     from rap.sources import load_view
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
                                                                             ("mean", "max"))]
     tally = {(c, b): [] for c in configs for b in budgets}
     state = {}
-    real = decode.keep_prompt_flat
+    real = prefill.keep_prompt_flat  # what the prefill calls
 
     def probe(q, k, v, cache, plan, scaling):
         P = k.shape[2]
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
                 tally[(c, b)].append(float(keep[0, :, lo:hi].float().mean()))
         return real(q, k, v, cache, plan, scaling)
 
-    decode.keep_prompt_flat = probe
+    prefill.keep_prompt_flat = probe
     dec = decode.Decoder(view)
     t0 = time.time()
     depths = [i / (args.depths - 1) for i in range(args.depths)]

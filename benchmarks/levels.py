@@ -50,7 +50,7 @@ def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
 
     total = 0.0
     for i in range(0, len(windows), batch):
-        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch)
+        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch, head=plan.head_level)
         total += s.current_nll()
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
@@ -60,7 +60,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path
     from rap.policy import DEFAULT_POLICY, make_policy
     from rap.policy.context import PolicyContext
     from rap.policy.evaluator import QualityModel
-    from rap.policy.precision import PrecisionPolicy
+    from rap.policy.precision import precision_policy
     from rap.policy.solver import make_solver
     from rap.policy.greedy import complete_order
 
@@ -72,7 +72,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path
     int8_all = Plan.uniform(L, INT8)
     ctx8 = PolicyContext(memory.with_levels(int8_all), order, quality)
     drop_on_int8 = make_policy(DEFAULT_POLICY, ctx8)
-    prec = PrecisionPolicy(ctx)
+    prec = precision_policy(ctx)
     int4 = [lv for lv in level_prof.levels if lv.startswith("int4")][0]
     solvers = {"solver": make_solver(memory, level_prof),
                "solver-marginal": make_solver(memory, level_prof, costs="marginal", name="solver-marginal"),

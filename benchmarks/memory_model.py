@@ -51,10 +51,9 @@ def masks_for(view: BlockView) -> dict[str, BlockMask]:
 
 def decoder_request(req: Request) -> Request:
     """The request the Decoder actually allocates for (batch bucket, length rounded to its quantum)."""
-    from rap.decode.decoder import bucket_batch, bucket_length
+    from rap.decode.workspace import planning_request
 
-    total = bucket_length(req.total_tokens)
-    return Request(bucket_batch(req.batch), req.prompt, total - req.prompt)
+    return planning_request(req)
 
 
 @torch.no_grad()

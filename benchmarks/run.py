@@ -3,7 +3,8 @@ and the quantization peer. Runs the pieces that exist and writes $OUT/bench-<dat
 headline keys of issue 9, each computed from measurements made in this run (or read from a named
 result file), or null with the reason in `notes`.
 
-    python -m benchmarks.run --suite gpu --model /root/smollm2 [--profile gsi.json]   # H100, < 8 min
+    python -m benchmarks.run --suite gpu [--model SMOLLM2_DIR_OR_GGUF] [--profile gsi.json]   # H100, < 8 min
+    python -m benchmarks.run --list         # every benchmark: device, rough time, output file (REGISTRY)
     python -m benchmarks.run --suite cpu      # SmolLM2 on CPU: throughput rows; quality from a result file
     python -m benchmarks.run --suite smoke    # CPU, seconds: every code path on tiny models
 
@@ -29,6 +30,7 @@ import json
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from benchmarks.common import SHAPES, environment, out_dir, print_table, shape_c
 from rap.core.mask import BlockMask
 from rap.core.memory import MemoryModel, Request
 from rap.core.model import BlockView
+from rap.decode.workspace import planning_request  # the engine's decoder backend plans with the same function
 
 log = logging.getLogger("benchmarks.run")
 
@@ -43,6 +46,78 @@ BUDGETS = (1.0, 0.8, 0.6, 0.4)
 GPU_GRID = ("llama-2-7b:8x4096", "llama-2-7b:32x512", "qwen2.5-7b:1x16384")  # batch / prompt sweep of issue 9
 HEADLINE_KEYS = ("throughput_ratio_80pct_kv_light", "quality_kept_80pct", "kv_heavy_dense_ooms",
                  "kv_heavy_rap_served")
+
+
+# ---- the declared suite: every benchmark in benchmarks/, with where it runs, how long, what it writes ------
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark script: `command` run from the repository root (PYTHONPATH=src:.), on `device`, in about
+    `minutes`, writing `output` (under $OUT, or benchmarks/results/ where $OUT is unset; <date> = YYYY-MM-DD)."""
+
+    name: str
+    command: str
+    device: str  # "gpu", "cpu" or "cpu/gpu" (runs on either; GPU rows are the ones results quote)
+    minutes: float
+    output: str
+    what: str
+
+
+REGISTRY: tuple[Benchmark, ...] = (
+    Benchmark("suite-gpu", "python -m benchmarks.run --suite gpu", "gpu", 8, "bench-<date>.json",
+              "issue-9 suite: throughput/memory at 100/80/60/40% budgets, KV-heavy OOM case, quality, quant peer"),
+    Benchmark("suite-cpu", "python -m benchmarks.run --suite cpu", "cpu", 10, "bench-<date>.json",
+              "the suite's throughput rows on SmolLM2-135M, quality from a result file"),
+    Benchmark("suite-smoke", "python -m benchmarks.run --suite smoke", "cpu", 1, "bench-<date>.json",
+              "every code path of the suite on tiny models"),
+    Benchmark("decode", "python -m benchmarks.decode --batches 1,8,32 --prompts 512 --new 128 --explore", "gpu", 4,
+              "decode-<date>.json", "rap's decoder vs stock generate and the bandwidth roofline, mask switch cost"),
+    Benchmark("decode-ab", "python -m benchmarks.decode_ab --old OLD/src --new src", "cpu/gpu", 3, "--json PATH (optional)",
+              "decode speed of two source trees in one run, as a ratio (old vs new Decoder)"),
+    Benchmark("memory-model", "python -m benchmarks.memory_model --path decoder", "gpu", 2,
+              "memory-model-decoder-<date>.json", "memory model prediction vs torch.cuda.max_memory_allocated"),
+    Benchmark("memdiag", "python -m benchmarks._memdiag", "gpu", 2, "memdiag-probes.json",
+              "what is alive at a measured peak; SDPA backend and sampler probes (memory_model --explain uses it)"),
+    Benchmark("engine-trace", "python -m benchmarks.engine_trace --shape llama-2-7b --batch 8 --prompt 512 --new 64",
+              "gpu", 3, "engine-trace-<date>-<shape>.json + .png",
+              "a budget trace through the Engine: resident memory follows the budget, no OOM"),
+    Benchmark("precision", "python -m benchmarks.precision", "gpu", 5, "precision-<date>.json",
+              "decode speed per precision level (dtype / int8 / int4) vs roofline and torchao + generate"),
+    Benchmark("precision-cpu", "python -m benchmarks.precision_cpu", "cpu", 10, "precision-cpu-<date>.json",
+              "WikiText-2 PPL and decode tok/s of precision plans on SmolLM2-135M"),
+    Benchmark("levels", "python -m benchmarks.levels", "cpu", 15, "levels-<model>-<device>-<date>.json + .png",
+              "level policies (solver, ladder, int8/int4-only, drop-only) by measured held-out PPL per budget"),
+    Benchmark("gsi", "python benchmarks/gsi.py timing", "gpu", 3, "gsi-gpu.json",
+              "GSI step cost on a 7B shape; `compare` / `agreement` subcommands: exact vs plain vs racing (CPU)"),
+    Benchmark("policy", "python -m benchmarks.policy", "cpu", 20, "policy-<date>.json + .png",
+              "runtime policies on held-out scenarios: quality, fit, decision latency"),
+    Benchmark("quality", "python -m benchmarks.quality", "cpu/gpu", 10, "quality-<date>.json + .png",
+              "zero-shot accuracy and WikiText-2 PPL under parameter budgets, dense vs pruned"),
+    Benchmark("quant-peer", "python -m benchmarks.quant_peer", "cpu/gpu", 5, "quant-<date>.json",
+              "torchao int8/int4 weight-only vs rap's block masks at the same bytes"),
+    Benchmark("width-peer", "python -m benchmarks.width_peer", "cpu/gpu", 10, "width-peer-<date>.json",
+              "torch-pruning FFN-width pruning at rap's parameter budgets"),
+    Benchmark("kv", "python -m benchmarks.kv", "gpu", 4, "kv-<date>.json + kv-latency-<date>.png",
+              "KV compression: cache bytes, varlen decode attention speed, needle"),
+    Benchmark("kv-decode", "python benchmarks/kv_decode_gpu.py", "gpu", 4, "kv-decode-cuda.json",
+              "decoder step time under SnapKV / Ada-KV / int8 KV vs the full cache; bytes vs memory model"),
+    Benchmark("kv-needle-decoder", "python -m benchmarks.kv_needle_decoder", "cpu", 20,
+              "kv-needle-decoder-<model>-<date>.json + .png", "needle retrieval vs real KV bytes per press"),
+    Benchmark("kv-scorer-choice", "python benchmarks/kv_scorer_choice.py", "cpu", 10,
+              "kv-scorer-choice-<model>-<date>.json", "needle-token retention per SnapKV scorer setting"),
+    Benchmark("server-load", "python -m benchmarks.server_load", "cpu", 2, "server-load-<date>.json",
+              "load test of rap serve: rate, concurrency, budget changes, bad requests"),
+    Benchmark("cluster-load", "python -m benchmarks.cluster_load", "cpu", 5, "cluster-load-<date>.json",
+              "rap cluster (Ray Serve, N replicas) vs one rap serve, with a replica killed"),
+    Benchmark("lm-eval-serve", "python -m benchmarks.lm_eval_serve", "cpu", 3, "lm-eval-serve-<date>.json",
+              "lm-eval through rap serve equals lm-eval with rap as the model"),
+    Benchmark("gpu-h200", "bash benchmarks/gpu_h200.sh", "gpu", 10, "(the steps' files)",
+              "one bounded device call: the GPU rows above, each under timeout (variables in benchmarks/GPU.md)"),
+)
+
+
+def print_registry() -> None:
+    print_table([{"name": b.name, "device": b.device, "minutes": f"~{b.minutes:g}", "output": b.output,
+                  "command": b.command} for b in REGISTRY], ["name", "device", "minutes", "output", "command"])
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -122,16 +197,6 @@ def build_view(shape: str, model_path: str | None, device: str, dtype: torch.dty
     return BlockView(model_from_config(shape_config(shape), dtype=dtype, device=device), name=shape), False
 
 
-def planning_request(request: Request) -> Request:
-    """The request as the Decoder allocates it (batch bucket, cache length rounded up)."""
-    try:
-        from rap.decode.decoder import bucket_batch, bucket_length
-    except ImportError:
-        return request
-    length = bucket_length(request.total_tokens)
-    return Request(bucket_batch(request.batch), request.prompt, length - request.prompt)
-
-
 def decide(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: int, profile: dict | None):
     """The decision for this budget: the engine's greedy policy (fewest blocks dropped, in the profile's
     removal order, or the engine's default order without one, until the memory model says it fits).
@@ -139,8 +204,7 @@ def decide(view: BlockView, mem: MemoryModel, request: Request, budget_bytes: in
     deciding, which means nothing on random weights and costs GPU minutes; for timing, bytes matter."""
     from rap.policy.greedy import GreedyPolicy
 
-    raw = GreedyPolicy(profile["order"] if profile else None).decide(
-        mem, request, budget_bytes, BlockMask.full(view.num_layers))
+    raw = GreedyPolicy(mem, profile["order"] if profile else None).decide(request, budget_bytes)
     return raw.mask, "greedy" + (" (profile order)" if profile else " (default order: FFN from the last layer)")
 
 
@@ -330,7 +394,7 @@ def kv_heavy_section(shape: str, args, request: Request) -> tuple[list[dict], di
         order = [f"attn.{i}" for i in reversed(range(L))] + [f"ffn.{i}" for i in reversed(range(L))]
         from rap.policy.greedy import GreedyPolicy
 
-        mask = GreedyPolicy(order).decide(mem, plan_req, budget, full).mask
+        mask = GreedyPolicy(mem, order).decide(plan_req, budget).mask
         rap = attempt("rap", mask, request, {"policy": "greedy (attention from the last layer first)"})
         # plain KV limit: the dense model keeps every block and cuts prompts to the longest that fits
         fit = 0
@@ -375,6 +439,7 @@ def quality_section(args, profile_path: str | None) -> tuple[dict | None, str | 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print every benchmark (REGISTRY) and exit")
     parser.add_argument("--suite", choices=("gpu", "cpu", "smoke"), default="gpu")
     parser.add_argument("--model", default=None, help="SmolLM2 folder or .gguf (default: rap's cached smollm2-135m)")
     parser.add_argument("--profile", default=None, help="GSI profile JSON for SmolLM2's removal order")
@@ -390,6 +455,9 @@ def main(argv=None) -> None:
                         help="bench JSONs of earlier calls of this suite on the same device, in order: each "
                              "contributes what it measured itself; a later measurement of a row or key wins")
     args = parser.parse_args(argv)
+    if args.list:
+        print_registry()
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

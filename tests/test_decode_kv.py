@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import rap.decode.decoder as decode
+import rap.decode.prefill as prefill
+import rap.decode.step as decode_step
 from rap.decode.decoder import LENGTH_QUANTUM, Decoder, bucket_batch, bucket_length
 from rap.serve.backends import DecoderBackend
 from rap.errors import RequestError
@@ -96,9 +98,11 @@ def decoder_step_logits(monkeypatch, dec, ids, mask, kv_ratio, new_tokens):
         seen.append(real(*args)[0])
         return seen[-1][None]
 
-    monkeypatch.setattr(decode, "final_logits", record)
+    monkeypatch.setattr(prefill, "final_logits", record)  # the prefill's and the exact step's head
+    monkeypatch.setattr(decode_step, "final_logits", record)
     tokens = dec.generate([ids], new_tokens, mask=mask, kv_ratio=kv_ratio, kv_press="snapkv").tokens[0]
-    monkeypatch.setattr(decode, "final_logits", real)
+    monkeypatch.setattr(prefill, "final_logits", real)
+    monkeypatch.setattr(decode_step, "final_logits", real)
     return seen, tokens
 
 

@@ -8,7 +8,8 @@ import torch
 
 from rap.serve.engine import Engine, GenerationRequest, OutOfMemoryAfterRetry
 from rap.serve.budget import CallableBudget, DeviceFractionBudget, FixedBudget, LiveBudget, budget_from_spec
-from rap.policy.greedy import Decision, GreedyPolicy, default_removal_order
+from rap.policy.decision import Decision
+from rap.policy.greedy import GreedyPolicy, default_removal_order
 from rap.serve.backends import HFGenerateBackend
 from rap.serve.residency import WeightResidency
 from rap.errors import BudgetError, RequestError
@@ -75,14 +76,14 @@ def test_greedy_policy_drops_ffn_from_the_last_layer_then_attention_until_it_fit
     assert order[:2] == ["ffn.4", "ffn.3"] and order[view.num_layers] == "attn.4"
     dense, smallest = mm.dense_need(request), mm.peak_bytes(BlockMask.from_drop(view.num_layers, order), request)
     for budget in range(smallest, dense + 1, (dense - smallest) // 17):
-        d = GreedyPolicy().decide(mm, request, budget)
+        d = GreedyPolicy(mm).decide(request, budget)
         count = len(d.mask.dropped)
         assert d.mask == BlockMask.from_order(view.num_layers, order, count)
         assert d.predicted_peak_bytes == mm.peak_bytes(d.mask, request) <= budget
         if count:  # the fewest drops: one block fewer would not fit
             assert mm.peak_bytes(BlockMask.from_order(view.num_layers, order, count - 1), request) > budget
     with pytest.raises(BudgetError):
-        GreedyPolicy().decide(mm, request, smallest - 1)
+        GreedyPolicy(mm).decide(request, smallest - 1)
 
 
 def test_greedy_policy_follows_a_profile_order(loaded):
@@ -91,7 +92,7 @@ def test_greedy_policy_follows_a_profile_order(loaded):
     profile = {"order": ["attn.1", "ffn.0", "ffn.2"]}
     request = Request(1, 8, 8)
     budget = mm.peak_bytes(BlockMask.from_drop(view.num_layers, ["attn.1", "ffn.0"]), request)
-    assert GreedyPolicy.from_profile(profile).decide(mm, request, budget).mask.dropped == ("ffn.0", "attn.1")
+    assert GreedyPolicy.from_profile(mm, profile).decide(request, budget).mask.dropped == ("ffn.0", "attn.1")
 
 
 # ---- generation -------------------------------------------------------------------------------------------
@@ -224,11 +225,11 @@ def test_streamed_requests_are_served_by_the_decoder_and_stream_what_it_returns(
 
 
 class FixedKV:
-    def __init__(self, kv_ratio):
-        self.kv_ratio = kv_ratio
+    def __init__(self, kv_ratio, num_layers):
+        self.kv_ratio, self.num_layers = kv_ratio, num_layers
 
-    def decide(self, memory_model, request, budget_bytes, resident_mask):
-        return Decision(BlockMask.from_drop(resident_mask.num_layers, ["ffn.2"]), self.kv_ratio)
+    def decide(self, request, budget_bytes):
+        return Decision(BlockMask.from_drop(self.num_layers, ["ffn.2"]), self.kv_ratio)
 
 
 def test_a_policy_kv_ratio_is_applied_by_the_decoder_and_shrinks_its_cache_as_predicted(loaded):
@@ -238,7 +239,7 @@ def test_a_policy_kv_ratio_is_applied_by_the_decoder_and_shrinks_its_cache_as_pr
     request = Request(1, len(ids), 8)
     held = {}
     for ratio in (1.0, 0.5):
-        engine = make_engine(loaded, backend="decoder", policy=FixedKV(ratio))
+        engine = make_engine(loaded, backend="decoder", policy=FixedKV(ratio, view.num_layers))
         assert engine.backend.supports_kv_ratio
         step = engine.complete(prompt, max_new_tokens=8).step
         planned = engine.planning_request(request)
@@ -276,15 +277,15 @@ def test_any_object_with_decide_or_a_plain_callable_is_a_policy(loaded):
     calls = []
 
     class Fixed:
-        def decide(self, memory_model, request, budget_bytes, resident_mask):
-            calls.append((request, budget_bytes, resident_mask))
+        def decide(self, request, budget_bytes):
+            calls.append((request, budget_bytes))
             return Decision(chosen)
 
     engine = make_engine(loaded, policy=Fixed())
     assert engine.complete("Once upon a time", max_new_tokens=3).step.decision.mask == chosen
-    assert calls[0][1] == BIG and calls[0][2].is_full
+    assert calls[0][1] == BIG
 
-    engine = make_engine(loaded, policy=lambda mm, req, budget, resident: chosen)
+    engine = make_engine(loaded, policy=lambda req, budget: chosen)
     assert engine.complete("Once upon a time", max_new_tokens=3).step.decision.mask == chosen
     # a decision that does not fit is never run, whoever made it
     engine.set_budget(engine.memory_model.peak_bytes(chosen, engine.planning_request(Request(1, 5, 3))) - 1)

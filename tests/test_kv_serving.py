@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rap.serve.engine import Engine, GenerationRequest
-from rap.policy.greedy import Decision, GreedyPolicy
+from rap.policy.decision import Decision
+from rap.policy.greedy import GreedyPolicy
 from rap.kv.decode_cache import KVLayout
 from rap.errors import RequestError
 from rap.core.mask import BlockMask
@@ -21,17 +22,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FixedKV:
-    def __init__(self, kv_ratio, kv_bits=16):
-        self.kv_ratio, self.kv_bits = kv_ratio, kv_bits
+    def __init__(self, kv_ratio, kv_bits=16, num_layers=None):
+        self.kv_ratio, self.kv_bits, self.num_layers = kv_ratio, kv_bits, num_layers
 
-    def decide(self, memory_model, request, budget_bytes, resident_mask):
-        return Decision(BlockMask.full(resident_mask.num_layers), self.kv_ratio, kv_bits=self.kv_bits)
+    def decide(self, request, budget_bytes):
+        return Decision(BlockMask.full(self.num_layers), self.kv_ratio, kv_bits=self.kv_bits)
 
 
 def engine_for(stories, ratio, bits=16, budget=BIG, policy=None) -> Engine:
     view, tok = stories
     view.apply(BlockMask.full(view.num_layers))
-    return Engine(view, tokenizer=tok, budget=budget, backend="decoder", policy=policy or FixedKV(ratio, bits))
+    return Engine(view, tokenizer=tok, budget=budget, backend="decoder", policy=policy or FixedKV(ratio, bits, view.num_layers))
 
 
 def test_a_keep_ratio_below_one_runs_adakv_and_the_plan_counts_its_flat_cache_exactly(stories):
@@ -112,12 +113,12 @@ def test_with_int8_kv_the_greedy_policy_drops_fewer_blocks_under_a_tight_budget(
     full = BlockMask.full(view.num_layers)
     budget = (engine.memory_model.peak_bytes(full, request, 1.0)
               + engine.memory_model.peak_bytes(full, request, 1.0, KVLayout("adakv", 8))) // 2
-    sixteen = GreedyPolicy().decide(engine.memory_model, request, budget, full)
-    eight = GreedyPolicy(kv_bits=8).decide(engine.memory_model, request, budget, full)
+    sixteen = GreedyPolicy(engine.memory_model).decide(request, budget)
+    eight = GreedyPolicy(engine.memory_model, kv_bits=8).decide(request, budget)
     assert len(eight.mask.dropped) == 0 < len(sixteen.mask.dropped) and eight.kv_bits == 8
 
 
 def test_unsupported_kv_bits_are_refused_in_one_line():
     with pytest.raises(RequestError, match="KV bits") as err:
-        GreedyPolicy(kv_bits=4)
+        GreedyPolicy(None, kv_bits=4)
     assert "\n" not in str(err.value)

@@ -19,14 +19,14 @@ def smollm2_memory():
 def test_a_model_with_a_level_profile_is_served_by_the_solver_by_default(smollm2_memory):
     from rap.policy.greedy import as_policy
     from rap.policy.precision import PrecisionLadder
-    from rap.policy.solver import SolverEnginePolicy
+    from rap.policy.solver import LevelSolver
 
-    policy = as_policy(None, None, "smollm2-135m")
-    assert isinstance(policy, SolverEnginePolicy)
-    assert isinstance(as_policy(None, None, "stories260k"), PrecisionLadder)  # no level profile ships for it
+    policy = as_policy(None, smollm2_memory, None, "smollm2-135m")
+    assert isinstance(policy, LevelSolver)
+    assert isinstance(as_policy(None, smollm2_memory, None, "stories260k"), PrecisionLadder)  # no level profile
     req = Request(1, 512, 128)
     budget = int(0.5 * smollm2_memory.dense_need(req))
-    d = policy.decide(smollm2_memory, req, budget)
+    d = policy.decide(req, budget)
     assert d.predicted_peak_bytes <= budget and smollm2_memory.fits(budget, d.mask, req, d.kv_ratio)
     assert isinstance(d.mask, Plan) and d.mask.is_quantized and d.policy == "solver"
 

@@ -52,6 +52,18 @@ def test_single_move_rise_equals_a_full_forward_with_that_block_fake_quantized(s
         assert prof.single[block][level] == pytest.approx(_reference_nll(view, calib, block, level) - dense, abs=2e-5)
 
 
+def test_the_heads_int8_rise_equals_a_full_forward_with_an_int8_head(stories, calib):
+    from rap.core.plan import Plan
+
+    view, _ = stories
+    prof = level_profile(view, calib, steps=0, progress=False)
+    ids = calib.windows
+    plan = Plan.full(view.num_layers).with_head("int8")
+    measured = float(window_nll(Forward(view).logits(ids, plan), ids).double().sum()) / calib.scored_tokens
+    assert prof.head["single"]["int8"] == pytest.approx(measured - prof.dense_nll, abs=2e-5)
+    assert prof.head["bytes"]["cpu"]["int8"] < prof.head["bytes"]["cpu"]["dtype"] / 3  # fp32 -> int8 + scales
+
+
 def test_int4_is_offered_only_where_the_group_divides_every_projection(stories):
     view, _ = stories
     allowed = allowed_levels(view, 64)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import rap.decode.decoder as decode
+import rap.decode.prefill as prefill
 from rap.decode.decoder import Decoder
 from rap.eval.needle_decoder import PrefillReplay
 
@@ -28,6 +29,6 @@ def test_a_replayed_prefill_decodes_every_kv_setting_as_a_fresh_generate(stories
     def no_prefill(*args, **kwargs):
         raise AssertionError("a replay must not run the prefill's layers")
 
-    monkeypatch.setattr(decode, "prefill_attention", no_prefill)
+    monkeypatch.setattr(prefill, "prefill_attention", no_prefill)
     assert [replay.replay([ids], 10, **kw).tokens for kw in settings] == wants
     assert dec._prefill == replay._real_prefill  # the decoder is itself again afterwards

@@ -170,6 +170,7 @@ def test_engine_hooks_return_policies_with_the_engine_signature(trained):
     ctx, _, out, _, _ = trained
     req = Request(2, 128, 32)
     budget = (ctx.smallest_peak(req) + ctx.memory.dense_need(req)) // 2
-    for policy in (load_policy(str(out)), default_policy(str(out)), load_policy("gsi-order", profile=str(out))):
-        d = policy.decide(ctx.memory, req, budget, None)
+    for policy in (load_policy(str(out), ctx.memory), default_policy(ctx.memory, str(out)),
+                   load_policy("gsi-order", ctx.memory, profile=str(out))):
+        d = policy.decide(req, budget)
         assert ctx.memory.fits(budget, d.mask, req, d.kv_ratio)

@@ -22,9 +22,9 @@ def test_rungs_lose_precision_before_dropping_anything(mem):
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
     # stories260k: attention takes int4 g64; the FFN's down_proj (172 in) no group size: int8
     assert rungs[-1][1].attn_levels[0] == "int4g64" and rungs[-1][1].ffn_levels[0] == "int8"
-    policy = PrecisionLadder()
+    policy = PrecisionLadder(mem)
     for (name, plan), peak in zip(rungs, peaks):
-        d = policy.decide(mem, req, peak)
+        d = policy.decide(req, peak)
         assert d.mask == plan and d.policy.endswith(name) and d.predicted_peak_bytes <= peak
 
 
@@ -32,7 +32,7 @@ def test_below_the_int4_rung_blocks_drop_on_int4_bytes(mem):
     req = Request(1, 64, 16)
     bottom = precision_rungs(mem.shape.num_layers, mem.shape)[-1][1]
     budget = mem.peak_bytes(bottom, req) - 60_000
-    d = PrecisionLadder().decide(mem, req, budget)
+    d = PrecisionLadder(mem).decide(req, budget)
     assert d.mask.dropped and d.predicted_peak_bytes <= budget
     kept = [(n, lv) for n, lv in d.mask.items() if lv != "drop"]
     assert all(lv == bottom.level(n) for n, lv in kept)

@@ -41,6 +41,40 @@ def test_cuda_int4_bytes_count_tinygemm_padding():
     assert quantized_weight_bytes(4096, 4096, "int4g128", 2, "cuda") == 4096 * 4096 // 2 + 32 * 4096 * 4
 
 
+def test_int8_runs_torchao_on_cpu_and_a_bad_kernel_choice_is_one_line(monkeypatch):
+    from rap.core.quant import int8_kernel
+
+    assert int8_kernel("cpu") == "torchao"
+    monkeypatch.setenv("RAP_INT8_KERNEL", "cutlass")
+    with pytest.raises(PlanError, match="RAP_INT8_KERNEL='cutlass'"):
+        int8_kernel("cuda")
+    monkeypatch.setenv("RAP_INT8_KERNEL", "torchao")
+    assert int8_kernel("cuda") == "torchao"
+    # torchao's Int8Tensor holds a per-row int8 zero point, gemlite a single fp32 meta scale
+    assert quantized_weight_bytes(96, 256, "int8", 2, "cuda") == 96 * 256 + 4 * 96 + 96
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [1, 8, 33])
+def test_cuda_int8_is_gemlite_with_the_cpu_values_and_counted_bytes(M, monkeypatch):
+    from rap.core.gemlite_int8 import GemliteInt8Tensor, available
+    from rap.core.quant import int8_kernel, weight_level
+
+    if not available():
+        pytest.skip("gemlite not installed (the cuda extra)")
+    monkeypatch.delenv("RAP_INT8_KERNEL", raising=False)
+    torch.manual_seed(0)
+    w = torch.randn(1536, 576, dtype=torch.bfloat16, device="cuda") * 0.05
+    q = quantize_weight(w, "int8")
+    assert isinstance(q, GemliteInt8Tensor) and int8_kernel("cuda") == "gemlite" and weight_level(q) == "int8"
+    assert storage_bytes(q) == quantized_weight_bytes(1536, 576, "int8", 2, "cuda")
+    ref = fake_quantize(w, "int8")  # the values torchao's Int8Tensor (the CPU kernel) holds for this weight
+    torch.testing.assert_close(q.dequantize(), ref)
+    x = torch.randn(M, 576, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(F.linear(x, q).float(), F.linear(x, ref).float(), atol=0.05, rtol=0.02)
+
+
 def random_llama(layers=3, hidden=128, inter=256, vocab=256):
     torch.manual_seed(0)
     cfg = tiny_config("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
@@ -71,9 +105,14 @@ def test_resident_bytes_of_quantized_blocks_equal_the_memory_model(spec):
 
 
 def dequantized_copy(view, plan) -> BlockView:
-    """A separate copy of the model whose quantized blocks hold their quantized-then-dequantized weights."""
+    """A separate copy of the model whose quantized blocks (and int8 head) hold their quantized-then-dequantized
+    weights."""
     ref = BlockView(copy.deepcopy(view.model))
     with torch.no_grad():
+        if plan.head_level != "dtype":
+            for w in {id(m.weight): m.weight for m in (ref.model.get_input_embeddings(),
+                                                       ref.model.get_output_embeddings())}.values():
+                w.copy_(fake_quantize(w, plan.head_level))
         for name, level in plan.items():
             if level not in ("dtype", "drop"):
                 for lin in ref.block_module(name).children():
@@ -96,7 +135,8 @@ def reference_tokens(view, plan, prompts, new_tokens):
     return out
 
 
-@pytest.mark.parametrize("spec", ["*=int8", "*=int4g64", "ffn.*=int4g32,attn.1=drop,attn.0=int8,attn.2=int4g128"])
+@pytest.mark.parametrize("spec", ["*=int8", "*=int4g64", "ffn.*=int4g32,attn.1=drop,attn.0=int8,attn.2=int4g128",
+                                  "head=int8", "ffn.*=int4g64,head=int8"])
 @pytest.mark.parametrize("step", ["exact", "static"])
 def test_plan_tokens_equal_a_transformers_model_with_dequantized_weights(spec, step):
     view = random_llama()
@@ -108,6 +148,28 @@ def test_plan_tokens_equal_a_transformers_model_with_dequantized_weights(spec, s
     assert got == want
     if "int4" in spec:  # int4 really changes this model's tokens (int8 is too close to dense to, here)
         assert got != dense
+
+
+def test_the_head_is_a_knob_of_its_own_dtype_or_int8():
+    plan = Plan.parse("ffn.*=int8,head=int8", 4)
+    assert plan.head_level == "int8" and Plan.parse("*=int8", 4).head_level == "dtype"  # wildcards mean blocks
+    assert Plan.parse(plan.spec(), 4) == plan and Plan.from_dict(plan.to_dict(), 4) == plan
+    assert plan.with_levels({"ffn.0": "drop"}).head_level == "int8" and plan != plan.with_head("dtype")
+    for bad in ("head=int4g64", "head=drop", "head=fp4"):
+        with pytest.raises(PlanError, match="head=|unknown level"):
+            Plan.parse(bad, 4)
+
+
+def test_an_int8_head_frees_its_bytes_in_the_memory_model_and_on_the_device():
+    view = random_llama()
+    mem = MemoryModel.from_view(view)
+    V, H = view.shape.vocab_size, view.shape.hidden_size
+    tensors = mem.head_tensors
+    assert tensors == (1 if view.config.tie_word_embeddings else 2)
+    plan = Plan.parse("head=int8", view.num_layers)
+    assert mem.param_bytes(Plan.full(view.num_layers)) - mem.param_bytes(plan) == tensors * (4 * V * H - (V * H + 5 * V))
+    q = quantize_weight(view.model.get_input_embeddings().weight, "int8")
+    assert storage_bytes(q) * tensors == mem.head_bytes("int8")
 
 
 def test_stories260k_int8_and_int4_attention_match_the_reference(stories):
@@ -153,7 +215,7 @@ def test_rap_forward_runs_a_plans_quantized_blocks_with_their_quantized_values(s
     from rap.core.forward import Forward
 
     view, _ = stories
-    plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop", view.num_layers)
+    plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop,head=int8", view.num_layers)
     ref = dequantized_copy(view, plan)
     ids = torch.tensor([[1, 345, 67, 89, 210, 33, 5, 77]])
     fwd = Forward(view)

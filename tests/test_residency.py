@@ -25,8 +25,8 @@ def view():
     return BlockView(model_from_config(cfg, dtype=torch.float32, device="cpu"), name="tiny-llama")
 
 
-PLANS = ["*=int8", "ffn.*=int4g64,attn.0=drop", "attn.*=int4g32,ffn.1=int8,ffn.2=drop", "", "*=int4g128",
-         "ffn.*=drop,attn.*=int8", ""]
+PLANS = ["*=int8", "ffn.*=int4g64,attn.0=drop,head=int8", "attn.*=int4g32,ffn.1=int8,ffn.2=drop", "", "*=int4g128",
+         "ffn.*=drop,attn.*=int8,head=int8", "head=int8", ""]
 
 
 def test_resident_bytes_after_every_switch_equal_the_memory_model(view):
@@ -53,7 +53,7 @@ def test_dense_weights_come_back_bit_for_bit_with_their_parameters(view):
 
 
 def test_quantized_residency_decodes_like_the_decoders_own_quantization(view):
-    plan = Plan.parse("ffn.*=int4g64,attn.1=int8,attn.2=drop", view.num_layers)
+    plan = Plan.parse("ffn.*=int4g64,attn.1=int8,attn.2=drop,head=int8", view.num_layers)
     prompts = [[5, 17, 33, 2, 90]]
     want = Decoder(view, step="static").generate(prompts, 10, mask=plan).tokens
     res = WeightResidency(view)
@@ -95,12 +95,12 @@ def test_engine_switches_levels_between_batches(stories):
 
     view, tok = stories
     engine = Engine(view, budget="1GiB", tokenizer=tok)
-    plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop", view.num_layers)
-    engine.policy = lambda mm, req, budget, resident: plan
+    plan = Plan.parse("attn.*=int4g64,ffn.*=int8,ffn.4=drop,head=int8", view.num_layers)
+    engine.policy = lambda req, budget: plan
     out = engine.generate([GenerationRequest(prompt="Once upon a time", max_new_tokens=8)])
     assert out[0].ok and engine.residency.plan == plan
     assert engine.residency.measured_resident_bytes() == engine.memory_model.param_bytes(plan)
-    engine.policy = lambda mm, req, budget, resident: BlockMask.full(view.num_layers)
+    engine.policy = lambda req, budget: BlockMask.full(view.num_layers)
     try:
         assert engine.generate([GenerationRequest(prompt="Once upon a time", max_new_tokens=8)])[0].ok
         assert engine.residency.plan == Plan.full(view.num_layers)

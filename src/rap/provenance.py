@@ -30,12 +30,13 @@ def versions() -> dict:
 
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "transformers": transformers.__version__, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        found["rap"] = version("rap-runtime")
-    except Exception:  # running from a source tree that is not installed
-        pass
+    for dist, key in (("rap-runtime", "rap"), ("torchao", "torchao"), ("gemlite", "gemlite")):
+        try:  # rap from a source tree that is not installed, or a kernel library this run lacks
+            found[key] = version(dist)
+        except PackageNotFoundError:
+            pass
     return found
 
 

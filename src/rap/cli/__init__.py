@@ -140,6 +140,7 @@ def info(model: str, as_json: bool = typer.Option(False, "--json", help="print J
         "head_dim": s.head_dim, "max_context": s.max_context,
     }
     summary["level_kernels"] = kernels
+    summary["head_bytes"] = {lv: levels_mem.head_bytes(lv) for lv in ("dtype", "int8")}  # embedding + lm_head
     summary["level_total_bytes"] = {lv: view.base_bytes + sum(d[lv] for d in level_bytes.values())
                                     for lv in levels if all(lv in d for d in level_bytes.values())}
     if as_json:
@@ -158,6 +159,8 @@ def info(model: str, as_json: bool = typer.Option(False, "--json", help="print J
                      " (n/a: the group size does not divide a projection's in_features)"))
     for key in ("architecture", "dtype", "heads", "kv_heads", "head_dim", "max_context"):
         console.print(f"{key}: {summary[key]}")
+    console.print(f"head (embedding + lm_head, plan key head=): dtype {format_bytes(summary['head_bytes']['dtype'])}, "
+                  f"int8 {format_bytes(summary['head_bytes']['int8'])}")
     console.print(f"base (embeddings, norms, lm_head): {format_bytes(view.base_bytes)}; "
                   f"all parameters: {format_bytes(summary['total_param_bytes'])}; "
                   f"KV cache per token: {summary['kv_bytes_per_token']:,} B")
@@ -191,7 +194,8 @@ def memory(
     br = mem.breakdown(mask, request, kv_ratio)
     table = Table("term", "bytes", "", title=escape(f"{view.name} [{mask}] batch={batch} prompt={prompt} new={new} kv_ratio={kv_ratio}"))
     by_level = mem.param_bytes_by_level(mask)
-    level_rows = [(f"  {'base (embeddings, norms, head)' if lv == 'base' else 'blocks at ' + lv}", n)
+    head_level = getattr(mask, "head_level", "dtype")
+    level_rows = [(f"  {f'base (embeddings, norms, lm_head; head at {head_level})' if lv == 'base' else 'blocks at ' + lv}", n)
                   for lv, n in by_level.items() if lv != "drop"] if plan is not None else []
     rows = [("parameters", br.param_bytes), *level_rows, ("KV cache", br.kv_bytes),
             ("activations (prefill peak)", br.prefill_activation_bytes),

@@ -6,7 +6,7 @@
     h = fwd.embed(ids); h = fwd.attn_block(0, h); h = fwd.ffn_block(0, h); ...   # one block at a time (GSI)
 
 Perplexity, GSI calibration, zero-shot scoring and the policy's measurements run on this; serving
-runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (`project_qkv`,
+runs `rap.decode.decoder.Decoder`, whose prefill and decode step call the same functions (rap.core.layers: `project_qkv`,
 `attn_output`, `ffn_block`, `rms_norm`, read from the HF modules by `attn_weights` / `ffn_weights`).
 transformers supplies the weights, the rotary tables (its own rotary module, so the values are its
 values) and the SDPA wrapper, and is the reference in tests (tests/test_forward.py compares logits
@@ -28,10 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from rap.decode.decoder import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, embed_scale,
-                     ffn_block, is_gemma, norm_eps, project_qkv, rms_norm, rope_kinds, rope_tables)
+from rap.core.layers import (DECODE_MODEL_TYPES, AttnWeights, attn_output, attn_weights, check_static_rope, ffn_block,
+                             ffn_weights, head_weights, lm_logits, project_qkv, rope_kinds, rope_tables)
 from rap.errors import UnsupportedModelError
 from rap.core.hf import sdpa_attention
 from rap.core.mask import BlockMask
@@ -80,23 +79,15 @@ class Forward:
             raise UnsupportedModelError("bidirectional-attention configs are not causal LMs")
         check_static_rope(view)
         self.view = view
-        inner = view.model.model
         self.kinds = rope_kinds(view)
         self.attn = [attn_weights(view, i, self.kinds) for i in range(view.num_layers)]
-        from rap.decode.decoder import ffn_weights
-
         self.ffn = [ffn_weights(view, i) for i in range(view.num_layers)]
-        self.embed_w = inner.embed_tokens.weight
-        self.embed_scale = embed_scale(view)
-        self.norm_w, self.norm_eps = inner.norm.weight, norm_eps(inner.norm)
-        self.norm_offset = is_gemma(view)
-        self.softcap = getattr(view.config, "final_logit_softcapping", None)
-        head = view.model.lm_head
-        self.lm_w, self.lm_b = head.weight, head.bias
+        self.head_w = head_weights(view)  # embedding, final norm, lm_head: the decoder reads the same
         self._cos: torch.Tensor | None = None  # [R, T, D], grown on demand
         self._sin: torch.Tensor | None = None
         self._plain: dict[int, _Rows] = {}  # S -> the unpadded-window context
         self._quantized: dict = {}  # (first field, layer, level) -> weights with quantized values
+        self._heads: dict = {}  # head level -> HeadWeights holding that level's values
 
     @property
     def num_layers(self) -> int:
@@ -161,10 +152,21 @@ class Forward:
                     masks[a.window] = base & near[:, None]
         return _Rows(cos[:, positions][:, :, None], sin[:, positions][:, :, None], masks)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def head_weights(self, mask: BlockMask | None = None):
+        """The embedding / final norm / lm_head under `mask`: a `Plan`'s int8 head holds its quantized values."""
+        return self.head_at(getattr(mask, "head_level", "dtype"))
+
+    def head_at(self, level: str):
+        """The head's weights at `level` ("dtype" or "int8"), as fake-quantized values (cached)."""
+        if level == "dtype" or self.head_w.level != "dtype":
+            return self.head_w
+        if level not in self._heads:
+            self._heads[level] = self.head_w.at(level, fake=True)
+        return self._heads[level]
+
+    def embed(self, ids: torch.Tensor, mask: BlockMask | None = None) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden], the stream entering attn.0."""
-        x = F.embedding(ids.to(self.device), self.embed_w)
-        return x if self.embed_scale is None else x * self.embed_scale
+        return self.head_weights(mask).embed(ids.to(self.device))
 
     def attn_block(self, i: int, x: torch.Tensor, positions: torch.Tensor | None = None,
                    attn_mask: torch.Tensor | None = None, rows: _Rows | None = None) -> torch.Tensor:
@@ -184,17 +186,14 @@ class Forward:
         kind, layer = name.split(".")
         return self.attn_block(int(layer), x, rows=rows) if kind == "attn" else self.ffn_block(int(layer), x)
 
-    def head(self, x: torch.Tensor, keep: int | torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, keep: int | torch.Tensor | None = None, mask: BlockMask | None = None) -> torch.Tensor:
         """Final norm, lm_head and (Gemma) logit softcapping, in the model dtype as transformers returns
         them. keep: None = every position; an int k = the last k; a tensor = those positions."""
         if isinstance(keep, int) and keep > 0:
             x = x[:, -keep:]
         elif isinstance(keep, torch.Tensor):
             x = x[:, keep.to(x.device)]
-        logits = F.linear(rms_norm(x, self.norm_w, self.norm_eps, self.norm_offset), self.lm_w, self.lm_b)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return lm_logits(x, *self.head_weights(mask).args)
 
     # ---- whole passes ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -210,7 +209,7 @@ class Forward:
             from rap.errors import MaskError
 
             raise MaskError(f"mask has {mask.num_layers} layers, the model has {self.num_layers}")
-        x = self.embed(ids)
+        x = self.embed(ids, mask)
         rows = self._rows(x.shape[1], positions, attn_mask)
         custom = positions is not None or attn_mask is not None
         attn, ffn = self.weights(mask)
@@ -233,7 +232,7 @@ class Forward:
     def logits(self, ids: torch.Tensor, mask: BlockMask | None = None, *, positions: torch.Tensor | None = None,
                attn_mask: torch.Tensor | None = None, keep: int | torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S or len(keep), V] of rows `ids` [B, S] under `mask` (model dtype)."""
-        return self.head(self.hidden(ids, mask, positions, attn_mask), keep)
+        return self.head(self.hidden(ids, mask, positions, attn_mask), keep, mask)
 
 
 def forward_for(model) -> Forward:

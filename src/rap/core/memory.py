@@ -60,6 +60,12 @@ from rap.core.quant import INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, qua
 PREFILL_CHUNK_TOKENS = 16384  # the decoder's prefill runs at most this many prompt tokens at once (whole rows)
 
 
+def head_tensor_count(view) -> int:
+    """1 when the lm_head shares the embedding's tensor (SmolLM2, Gemma), else 2."""
+    emb, head = view.model.get_input_embeddings().weight, view.model.get_output_embeddings().weight
+    return 1 if head is emb or head.data_ptr() == emb.data_ptr() else 2
+
+
 def prefill_rows(prompt: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> int:
     """Rows of `prompt` tokens that one prefill chunk holds (at least one)."""
     return max(1, chunk_tokens // max(1, prompt))
@@ -112,8 +118,9 @@ class MemoryModel:
     def __init__(self, shape: ModelShape, base_bytes: int, block_bytes: dict[str, int], on_cuda: bool = False,
                  qk_norm: bool = False, compiled: bool | None = None, cublas_workspace_bytes: int | None = None,
                  l2_cache_bytes: int | None = None, kv_length_quantum: int | None = None,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, head_tensors: int = 1):
         self.shape = shape
+        self.head_tensors = head_tensors  # [vocab, hidden] tensors in base_bytes: 1 tied embedding / lm_head, 2 untied
         self.prefill_chunk_tokens = prefill_chunk_tokens
         # None: a compressed cache holds exactly its tokens (rap.kv's VarlenCache); an int: it is a
         # dense buffer whose length is rounded up to this many tokens (rap.decode.decoder.LENGTH_QUANTUM)
@@ -150,9 +157,19 @@ class MemoryModel:
             on_cuda = view.device.type == "cuda"
         qk_norm = getattr(view.config, "model_type", "") in cls.QK_NORM_MODEL_TYPES
         return cls(view.shape, view.base_bytes, {b.name: b.param_bytes for b in view.blocks}, on_cuda, qk_norm,
-                   kv_length_quantum=kv_length_quantum)
+                   kv_length_quantum=kv_length_quantum, head_tensors=head_tensor_count(view))
 
     # ---- terms ----------------------------------------------------------------------------
+    def head_bytes(self, level: str = DTYPE) -> int:
+        """Device bytes of the embedding and lm_head (once when tied) at `level` (dtype or int8)."""
+        V, H, e = self.shape.vocab_size, self.shape.hidden_size, self.shape.dtype_bytes
+        per = V * H * e if level == DTYPE else quantized_weight_bytes(V, H, level, e, "cuda" if self.on_cuda else "cpu")
+        return self.head_tensors * per
+
+    def base_bytes_at(self, head_level: str = DTYPE) -> int:
+        """What stays resident beside the blocks (embedding, norms, lm_head), with the head at `head_level`."""
+        return self.base_bytes if head_level == DTYPE else self.base_bytes - self.head_bytes() + self.head_bytes(head_level)
+
     def level_bytes(self, name: str, level: str) -> int:
         """Device bytes of block `name` at `level`: its linear weights as that level stores them
         (on this model's device type) plus the rest of the block (norms, biases) as loaded."""
@@ -211,14 +228,15 @@ class MemoryModel:
         if isinstance(mask, Plan):
             key = ("params", mask)
             if key not in self._memo:
-                self._memo[key] = self.base_bytes + sum(self.level_bytes(name, level) for name, level in mask.items())
+                self._memo[key] = self.base_bytes_at(mask.head_level) + sum(self.level_bytes(name, level)
+                                                                            for name, level in mask.items())
             return self._memo[key]
         return self.base_bytes + sum(n for name, n in self.block_bytes.items() if mask.keeps(name))
 
     def param_bytes_by_level(self, mask: BlockMask) -> dict[str, int]:
         """Resident block bytes per level under `mask` (the base apart, under "base")."""
         plan = Plan.of(self._as_plan(mask))
-        out = {"base": self.base_bytes}
+        out = {"base": self.base_bytes_at(plan.head_level)}
         for name, level in plan.items():
             out[level] = out.get(level, 0) + self.level_bytes(name, level)
         return out
@@ -242,9 +260,12 @@ class MemoryModel:
             self._memo[key] = sorted({(name.split(".")[0], level) for name, level in mask.items()
                                       if level == INT8 or int4_group_size(level) is not None})
         e, peak = self.shape.dtype_bytes, 0
+        if mask.head_level != DTYPE:  # the lm_head's int8 weight (torchao's eager linear casts it whole)
+            peak = dequantize_transient_bytes(self.shape.vocab_size, self.shape.hidden_size, mask.head_level, e,
+                                              "cuda" if self.on_cuda else "cpu")
         for name, level in self._memo[key]:
             if level == INT8:
-                peak = max(peak, max(dequantize_transient_bytes(N, K, level, e)
+                peak = max(peak, max(dequantize_transient_bytes(N, K, level, e, "cuda" if self.on_cuda else "cpu")
                                      for _, N, K in block_linears(name.split(".")[0], self.shape)))
             elif int4_group_size(level) is not None and self.on_cuda:
                 K = max(K for _, _, K in block_linears(name.split(".")[0], self.shape))

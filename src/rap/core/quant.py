@@ -26,7 +26,9 @@ it from the shape alone for the memory model, per device type, to the byte.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 
@@ -49,6 +51,33 @@ def _tinygemm_qparams(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.
     return values, scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
 
 
+INT8_KERNELS = ("gemlite", "torchao")
+_warned_int8 = False
+
+
+def int8_kernel(device_type: str) -> str:
+    """Which kernel the int8 level runs on this device type: "gemlite" (CUDA, when installed: the `cuda`
+    extra) or "torchao" (`Int8Tensor`: CPU, or CUDA without gemlite, at 0.1-0.2x bf16's speed there).
+    `RAP_INT8_KERNEL=torchao` forces torchao; CUDA without gemlite says so once, in the log."""
+    global _warned_int8
+    if device_type != "cuda":
+        return "torchao"
+    choice = os.environ.get("RAP_INT8_KERNEL", "gemlite")
+    if choice not in INT8_KERNELS:
+        raise PlanError(f"RAP_INT8_KERNEL={choice!r}: expected one of {', '.join(INT8_KERNELS)}")
+    if choice == "torchao":
+        return "torchao"
+    from rap.core.gemlite_int8 import available
+
+    if available():
+        return "gemlite"
+    if not _warned_int8:
+        logging.getLogger("rap").warning("int8 on CUDA: gemlite is not installed (pip install 'rap-runtime[cuda]'); "
+                                         "using torchao's Int8Tensor, which runs at ~0.1-0.2x bf16's speed")
+        _warned_int8 = True
+    return "torchao"
+
+
 def check_level_fits(w: torch.Tensor, level: str, name: str = "weight") -> None:
     group = int4_group_size(level)
     if group is not None and w.shape[-1] % group:
@@ -67,7 +96,12 @@ def quantize_weight(w: torch.Tensor, level: str, name: str = "weight") -> torch.
         from torchao.quantization import Int8Tensor
         from torchao.quantization.granularity import PerRow
 
-        return Int8Tensor.from_hp(w, PerRow())
+        t = Int8Tensor.from_hp(w, PerRow())
+        if int8_kernel(w.device.type) == "gemlite":
+            from rap.core.gemlite_int8 import GemliteInt8Tensor
+
+            return GemliteInt8Tensor.from_int8(t.qdata, t.scale, w.dtype)
+        return t
     group = int4_group_size(level)
     if group is None:
         raise PlanError(f"{name}: {level!r} is not a quantized level")
@@ -130,13 +164,14 @@ def quantized_weight_bytes(out_features: int, in_features: int, level: str, dtyp
                            device_type: str = "cpu") -> int:
     """Bytes `quantize_weight` holds for an [out, in] weight at `level` (the dense dtype for others):
 
-    * int8: N*K int8 values + N fp32 scales + N int8 zero points;
+    * int8: N*K int8 values + N fp32 scales + N int8 zero points (torchao `Int8Tensor`), or on CUDA with
+      gemlite N*K values + N fp32 scales + gemlite's fp32 meta scale (`rap.core.gemlite_int8`);
     * int4 on CPU (Int4OpaqueTensor): N*K/2 packed bytes + [K/G, N, 2] scales and zeros in the dtype;
     * int4 on CUDA (Int4TilePackedTo4dTensor): the same over the padded Np x Kp, in bf16.
     """
     N, K = out_features, in_features
     if level == INT8:
-        return N * K + 4 * N + N
+        return N * K + 4 * N + (4 if int8_kernel(device_type) == "gemlite" else N)
     group = int4_group_size(level)
     if group is None:
         return N * K * dtype_bytes
@@ -145,10 +180,13 @@ def quantized_weight_bytes(out_features: int, in_features: int, level: str, dtyp
     return N * K // 2 + (K // group) * N * 2 * dtype_bytes
 
 
-def dequantize_transient_bytes(out_features: int, in_features: int, level: str, dtype_bytes: int) -> int:
+def dequantize_transient_bytes(out_features: int, in_features: int, level: str, dtype_bytes: int,
+                               device_type: str = "cpu") -> int:
     """Bytes an eager linear with this weight allocates beyond its output: Int8Tensor's weight-only
-    path casts the whole [K, N] int8 matrix to the activation dtype first; tinygemm needs nothing."""
-    return out_features * in_features * dtype_bytes if level == INT8 else 0
+    path casts the whole [K, N] int8 matrix to the activation dtype first; gemlite and tinygemm need nothing."""
+    if level != INT8 or int8_kernel(device_type) == "gemlite":
+        return 0
+    return out_features * in_features * dtype_bytes
 
 
 def weight_level(t: torch.Tensor | None) -> str:
@@ -157,7 +195,7 @@ def weight_level(t: torch.Tensor | None) -> str:
     from rap.core.plan import DTYPE
 
     name = type(t).__name__
-    if name == "Int8Tensor":
+    if name in ("Int8Tensor", "GemliteInt8Tensor"):
         return INT8
     if name.startswith("Int4") and hasattr(t, "block_size"):
         return f"int4g{t.block_size[-1]}"

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 import rap.decode.decoder as decode
+import rap.decode.prefill as prefill
 from rap.eval.needle import NeedleSpec, build_case, score_answer
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class KVSetting:
 class PrefillReplay:
     """Record one prefill's (q, k, v) per kept layer and its logits, then stand in for it.
 
-    While recording, `decode.project_qkv` is wrapped so that every multi-token call (a prefill
+    While recording, `rap.decode.prefill.project_qkv` is wrapped so that every multi-token call (a prefill
     layer) is kept. While replaying, `Decoder._prefill` writes the recorded tensors through the
     decoder's own `keep_prompt` / `keep_prompt_flat` into the request's caches.
     """
@@ -47,7 +48,7 @@ class PrefillReplay:
         self._real_prefill = decoder._prefill
 
     def record(self, *args, **kwargs):
-        real = decode.project_qkv
+        real = prefill.project_qkv
         seen = self.layers
 
         def spy(x, a, cos, sin):
@@ -56,11 +57,11 @@ class PrefillReplay:
                 seen.append(out)
             return out
 
-        decode.project_qkv = spy
+        prefill.project_qkv = spy
         try:
             gen = self.decoder.generate(*args, **kwargs)
         finally:
-            decode.project_qkv = real
+            prefill.project_qkv = real
         return gen
 
     def _replay(self, ws, mask, ids, pad, plan=None):

@@ -115,7 +115,7 @@ def window_queries(x: LayerInputs, window: int) -> tuple[torch.Tensor, float]:
     the layer's own cos/sin), as kvpress does, so prefill can keep using SDPA, which never
     materialises attention weights.
     """
-    from rap.decode.decoder import rotate_half
+    from rap.core.layers import rotate_half
 
     m = x.module
     B, H, T, D = x.keys.shape

@@ -1,10 +1,15 @@
 """The runtime policy: for one request under the live memory budget, which blocks run and how
 much of the prompt's KV cache is kept.
 
-Every policy answers `decide(request, budget_bytes) -> Decision` and every Decision it returns
-has been checked with `MemoryModel.fits` (the single source of truth for fit); when nothing
-fits, policies raise `BudgetError` instead of returning a decision that would not run.
+Every policy answers `decide(request, budget_bytes) -> Decision` (rap.policy.decision: the one type and
+signature, used by the engine, `rap decide`, the solver, the ladder, the baselines and the RL agent) and
+every Decision it returns has been checked with `MemoryModel.fits` (the single source of truth for fit);
+when nothing fits, policies raise `BudgetError` instead of returning a decision that would not run.
 
+    decision.py   Decision, Policy
+    greedy.py     the engine's built-in greedy policy, default removal orders, as_policy
+    precision.py  the precision ladder (int8, int4 before any drop)
+    solver.py     plans with levels (a level per block) and a KV ratio
     context.py    PolicyContext: memory model + profile + quality model, fast byte tables, finalize()
     evaluator.py  quality: measured log-PPL ratio (memoised), KV penalty, surrogate, QualityModel
     ladder.py     MaskLadder: the best known mask for each (attention kept, FFN kept) count pair
@@ -13,17 +18,11 @@ fits, policies raise `BudgetError` instead of returning a decision that would no
     env.py        gymnasium environment for one decision
     rl.py         the trained agent (sb3-contrib MaskablePPO) and the bundle file it lives in
     train.py      training loop (seeded, resumable, progress bar)
-    commands.py   `rap train-policy`, `rap decide`
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-from rap.core.mask import BlockMask
-from rap.core.memory import MemoryBreakdown, Request
+from rap.policy.decision import Decision, Policy  # noqa: F401 (the package's central types)
 
 # The policy `rap decide` and the engine use when none is named. Chosen from the held-out evaluation
 # in benchmarks/results/policy-smollm2-135m-2026-11-24.json (benchmarks/policy.py, 200 scenarios):
@@ -33,53 +32,6 @@ from rap.core.memory import MemoryBreakdown, Request
 DEFAULT_POLICY = "ladder"
 BASELINE_NAMES = ("gsi-order", "knapsack", "ffn-first", "attn-first")
 POLICY_NAMES = ("rl", "ladder", "precision", *BASELINE_NAMES, "oracle")
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What runs for one request: a block mask and a KV keep ratio, with what it costs and
-    what it is expected to do to quality."""
-
-    policy: str
-    mask: BlockMask
-    kv_ratio: float
-    request: Request
-    budget_bytes: int
-    breakdown: MemoryBreakdown  # from MemoryModel.breakdown for exactly this mask/request/ratio
-    predicted_log_ratio: float  # predicted log(PPL / PPL_dense)
-
-    @property
-    def predicted_ppl_ratio(self) -> float:
-        return math.exp(self.predicted_log_ratio)
-
-    @property
-    def kept_attn(self) -> int:
-        return sum(self.mask.keep_attn)
-
-    @property
-    def kept_ffn(self) -> int:
-        return sum(self.mask.keep_ffn)
-
-    def to_dict(self) -> dict:
-        return {
-            "policy": self.policy, "plan": str(self.mask), "drop": list(self.mask.dropped), "kept_attn": self.kept_attn,
-            "kept_ffn": self.kept_ffn, "kv_ratio": self.kv_ratio,
-            "request": {"batch": self.request.batch, "prompt": self.request.prompt,
-                        "new_tokens": self.request.new_tokens},
-            "budget_bytes": self.budget_bytes, "breakdown": self.breakdown.to_dict(),
-            "predicted_log_ratio": self.predicted_log_ratio, "predicted_ppl_ratio": self.predicted_ppl_ratio,
-        }
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """Anything that turns (request, budget) into a fitting Decision."""
-
-    name: str
-
-    def decide(self, request: Request, budget_bytes: int) -> Decision:
-        """A decision that fits `budget_bytes`; raises rap.errors.BudgetError if none does."""
-        ...
 
 
 def make_policy(name: str, context, bundle=None) -> Policy:
@@ -95,9 +47,9 @@ def make_policy(name: str, context, bundle=None) -> Policy:
 
         return LadderPolicy(context)
     if name == "precision":  # int8 / int4 rungs before any drop, then the ladder on int4 blocks
-        from rap.policy.precision import PrecisionPolicy
+        from rap.policy.precision import precision_policy
 
-        return PrecisionPolicy(context, "ladder", bundle)
+        return precision_policy(context, "ladder", bundle)
     if name == "oracle":
         from rap.policy.oracle import OraclePolicy
 
@@ -111,34 +63,21 @@ def make_policy(name: str, context, bundle=None) -> Policy:
     raise RapError(f"unknown policy {name!r}; use a policy .zip or one of: {', '.join(POLICY_NAMES)}")
 
 
-# ---- for rap.serve.engine: decide(memory_model, request, budget_bytes, resident_mask) -------------------
-class EnginePolicy:
-    """Adapts a named policy (or a trained policy file) to rap.serve.engine's calling convention,
-    building the PolicyContext for whichever memory model the engine passes (once per model).
-    `resident_mask` is accepted but not used: switching cost is not modelled yet."""
+# ---- for rap.serve.engine: a policy bound to the engine's memory model ------------------------------
+def bound_policy(name: str, memory_model, bundle=None, profile: dict | None = None) -> Policy:
+    """The named policy over `memory_model`: its PolicyContext from the trained bundle, or from `profile`
+    (its removal order completed with the default order for the blocks it does not rank)."""
+    if bundle is not None:
+        ctx = bundle.context(memory_model)
+    else:
+        from rap.policy.context import PolicyContext
+        from rap.policy.evaluator import QualityModel
+        from rap.policy.greedy import complete_order
 
-    def __init__(self, name: str, bundle=None, profile: dict | None = None):
-        self.name = name
-        self.bundle = bundle
-        self.profile = profile
-        self._policies: dict[int, Policy] = {}
-
-    def decide(self, memory_model, request: Request, budget_bytes: int, resident_mask: BlockMask | None = None):
-        key = id(memory_model)
-        if key not in self._policies:
-            if self.bundle is not None:
-                ctx = self.bundle.context(memory_model)
-            else:
-                from rap.policy.greedy import complete_order
-                from rap.policy.context import PolicyContext
-                from rap.policy.evaluator import QualityModel
-
-                L = memory_model.shape.num_layers
-                profile = {**self.profile, "num_layers": L, "order": complete_order(self.profile["order"], L)}
-                ctx = PolicyContext(memory_model, profile["order"], QualityModel.from_profile(profile),
-                                    profile.get("scores"))
-            self._policies[key] = make_policy(self.name, ctx, self.bundle)
-        return self._policies[key].decide(request, budget_bytes)
+        L = memory_model.shape.num_layers
+        profile = {**profile, "num_layers": L, "order": complete_order(profile["order"], L)}
+        ctx = PolicyContext(memory_model, profile["order"], QualityModel.from_profile(profile), profile.get("scores"))
+    return make_policy(name, ctx, bundle)
 
 
 def _read(profile):
@@ -161,30 +100,30 @@ def _read(profile):
         raise RapError(f"cannot read profile {path}: {e}") from None
 
 
-def load_policy(spec: str, profile=None) -> EnginePolicy:
+def load_policy(spec: str, memory_model, profile=None) -> Policy:
     """rap.serve.engine's hook: `spec` is a policy name or a trained policy .zip; `profile` a profile
-    (dict or path) or a policy .zip providing the quality model."""
+    (dict or path) or a policy .zip providing the quality model; the policy plans with `memory_model`."""
     if spec.endswith(".zip"):
         bundle, _ = _read(spec)
-        return EnginePolicy("rl", bundle)
+        return bound_policy("rl", memory_model, bundle)
     bundle, prof = _read(profile)
     if bundle is None and prof is None:
         from rap.errors import RapError
 
         raise RapError(f"policy {spec!r} needs a profile (block removal order) or a trained policy .zip")
-    return EnginePolicy(spec, bundle, prof)
+    return bound_policy(spec, memory_model, bundle, prof)
 
 
-def default_policy(profile=None):
+def default_policy(memory_model, profile=None) -> Policy:
     """rap.serve.engine's hook: the best policy of the held-out evaluation over what `profile` gives
     (a trained policy .zip, or a profile); with nothing, the engine's own greedy policy."""
     bundle, prof = _read(profile)
     if bundle is None and prof is None:
         from rap.policy.greedy import GreedyPolicy
 
-        return GreedyPolicy()
+        return GreedyPolicy(memory_model)
     name = DEFAULT_POLICY if (bundle is not None and (DEFAULT_POLICY != "rl" or bundle.agent is not None)) else "ladder"
-    return EnginePolicy(name, bundle, prof)
+    return bound_policy(name, memory_model, bundle, prof)
 
 
 # ---- plans with precision levels (issue 15, items 4-5): the hook the engine / `rap decide` read -------

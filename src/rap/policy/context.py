@@ -23,7 +23,7 @@ import numpy as np
 from rap.errors import BudgetError
 from rap.core.mask import BlockMask
 from rap.core.memory import MemoryModel, Request, format_bytes
-from rap.policy import Decision
+from rap.policy.decision import Decision
 from rap.policy.evaluator import QualityModel, block_index, drop_vector, mask_from_keep
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,9 @@ class PolicyContext:
         if predicted is None:
             predicted = self.predicted_log_ratio(mask, kv_ratio, request)
         self.repairs += int(repaired)
-        return Decision(policy, mask, kv_ratio, request, int(budget_bytes),
-                        self.memory.breakdown(mask, request, kv_ratio), float(predicted))
+        bd = self.memory.breakdown(mask, request, kv_ratio)
+        return Decision(mask, kv_ratio, bd.total_bytes, policy, request=request, budget_bytes=int(budget_bytes),
+                        breakdown=bd, predicted_log_ratio=float(predicted))
 
     def keep_vector(self, mask: BlockMask) -> np.ndarray:
         return 1.0 - drop_vector(mask)

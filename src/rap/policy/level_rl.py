@@ -199,7 +199,7 @@ class LevelAgentPolicy:
         self.core = EpisodeCore(solver)
 
     def decide(self, request: Request, budget_bytes: int):
-        from rap.policy import Decision
+        from rap.policy.decision import Decision
 
         memory = self.solver.memory
         for shrink in (0, 1, 2, 4, 8, 16):  # a term the byte model leaves out: plan for a little less
@@ -212,7 +212,8 @@ class LevelAgentPolicy:
             plan, r = core.plan(), core.kv_ratio
             bd = memory.breakdown(plan, request, r)
             if bd.total_bytes <= budget_bytes:
-                return Decision(self.name, plan, r, request, int(budget_bytes), bd, core.predicted)
+                return Decision(plan, r, bd.total_bytes, self.name, request=request, budget_bytes=int(budget_bytes),
+                                breakdown=bd, predicted_log_ratio=core.predicted)
         return self.solver.decide(request, budget_bytes)  # raises BudgetError naming what fits, or fits
 
 

@@ -24,11 +24,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rap.errors import BudgetError
 from rap.core.memory import MemoryModel, Request, format_bytes
 from rap.core.plan import DROP, INT4_GROUP_SIZES, INT8, Plan, block_linears
+from rap.policy.decision import Decision
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +65,62 @@ def precision_rungs(num_layers: int, shape, on_cuda: bool = False,
 
 
 class PrecisionLadder:
-    """Engine policy (`decide(memory_model, request, budget_bytes, resident_mask)`): the rungs above,
-    then `inner` (any engine policy; default: rap.serve.engine's default drop policy for `profile`) on the
-    int4 rung's memory model."""
+    """The rungs above over `memory_model`, then the drop policy `make_inner(leveled)` builds over the int4
+    rung's memory model (default: the engine's drop-only default, `rap.policy.greedy.default_drop_policy`).
 
-    name = "precision-ladder"
+    One class for the engine (name "precision-ladder") and `rap decide` (`precision_policy`, name
+    "precision"). A rung's predicted quality is its measured PPL ratio when `measured` gives one, else nan;
+    drops on top of int4 are not measured either (nan rather than the drop-only prediction)."""
 
-    def __init__(self, inner: Any = None, profile: dict | str | Path | None = None,
-                 measured: dict[str, float] | None = None):
-        if inner is None:
+    def __init__(self, memory_model: MemoryModel, make_inner: Callable[[MemoryModel], Any] | None = None,
+                 measured: dict[str, float] | None = None, name: str = "precision-ladder"):
+        if make_inner is None:
             from rap.policy.greedy import default_drop_policy
 
-            inner = default_drop_policy(profile)
-        self.inner = inner
+            def make_inner(memory):
+                return default_drop_policy(memory)
+        self.name = name
+        self.memory = memory_model
+        self.make_inner = make_inner
         self.measured = dict(measured or {})
-        self._leveled: dict[int, MemoryModel] = {}
+        self.rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda,
+                                     memory_model)
+        self._inner: Any = None
+        self._drop_only: Any = None
 
-    def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
-        from rap.policy.greedy import Decision, _call_policy
+    @property
+    def inner(self) -> Any:
+        """The drop policy below the int4 rung, over the int4 rung's memory model (built on first use)."""
+        if self._inner is None:
+            self._inner = self.make_inner(self.memory.with_levels(self.rungs[-1][1]))
+        return self._inner
 
-        rungs = precision_rungs(memory_model.shape.num_layers, memory_model.shape, memory_model.on_cuda, memory_model)
-        for name, plan in rungs:
-            if memory_model.fits(budget_bytes, plan, request):
-                return Decision(plan, 1.0, memory_model.peak_bytes(plan, request), f"{self.name}:{name}")
-        bottom = rungs[-1][1]
-        key = id(memory_model)
-        if key not in self._leveled:  # cached: policies memoise contexts per memory model
-            self._leveled[key] = memory_model.with_levels(bottom)
-        leveled = self._leveled[key]
+    @property
+    def drop_only(self) -> Any:
+        """The same drop policy over the dense memory model: what the engine drops by while idle, when
+        dropping frees bytes at once and quantizing would take a pass over the weights."""
+        if self._drop_only is None:
+            self._drop_only = self.make_inner(self.memory)
+        return self._drop_only
+
+    def decide(self, request: Request, budget_bytes: int) -> Decision:
+        memory = self.memory
+        for name, plan in self.rungs:
+            if memory.fits(budget_bytes, plan, request):
+                ratio = self.measured.get(name)
+                bd = memory.breakdown(plan, request)
+                return Decision(plan, 1.0, bd.total_bytes, f"{self.name}:{name}", request=request,
+                                budget_bytes=int(budget_bytes), breakdown=bd,
+                                predicted_log_ratio=math.log(ratio) if ratio else math.nan)
         try:
-            inner = _call_policy(self.inner, leveled, request, budget_bytes, resident_mask)
+            d = self.inner.decide(request, budget_bytes)
         except BudgetError as e:
             raise BudgetError(f"even with every block at int4 and blocks dropped: {e}") from None
-        plan = bottom.with_levels({n: DROP for n in inner.mask.dropped})
-        kv = inner.kv_ratio
-        return Decision(plan, kv, memory_model.peak_bytes(plan, request, kv), f"{self.name}:int4+{inner.policy}")
+        plan = self.rungs[-1][1].with_levels({n: DROP for n in d.mask.dropped})
+        bd = memory.breakdown(plan, request, d.kv_ratio)
+        log.debug("precision ladder: int4 plus %s (%s)", d.policy, format_bytes(bd.total_bytes))
+        return Decision(plan, d.kv_ratio, bd.total_bytes, f"{self.name}:int4+{d.policy}", request=request,
+                        budget_bytes=int(budget_bytes), breakdown=bd)
 
     def measured_ppl_ratio(self, rung: str) -> float | None:
         return self.measured.get(rung)
@@ -118,37 +140,16 @@ def measured_rung_ratios(path: str | Path, model: str) -> dict[str, float]:
     return {r["rung"]: r["ppl"] / dense for r in mine if math.isfinite(r["ppl"])}
 
 
-class PrecisionPolicy:
-    """`rap decide`'s convention (`decide(request, budget_bytes) -> rap.policy.Decision`): the same rungs,
-    then the named drop policy (default: the ladder) on a context whose blocks are at int4."""
+def precision_policy(context, inner_name: str = "ladder", bundle=None,
+                     measured: dict[str, float] | None = None) -> PrecisionLadder:
+    """`rap decide`'s precision ladder: the rungs, then the named rap.policy policy (default: the ladder)
+    on a PolicyContext whose blocks are at int4."""
+    from rap.policy import make_policy
+    from rap.policy.context import PolicyContext
 
-    name = "precision"
+    def make_inner(leveled: MemoryModel):
+        inner_context = PolicyContext(leveled, context.order, context.quality, getattr(context, "scores", None),
+                                      context.model_name, ladder=getattr(context, "_ladder", None))
+        return make_policy(inner_name, inner_context, bundle)
 
-    def __init__(self, context, inner_name: str = "ladder", bundle=None, measured: dict[str, float] | None = None):
-        from rap.policy import make_policy
-        from rap.policy.context import PolicyContext
-
-        self.context = context
-        self.rungs = precision_rungs(context.num_layers, context.memory.shape, context.memory.on_cuda, context.memory)
-        leveled = context.memory.with_levels(self.rungs[-1][1])
-        self.inner_context = PolicyContext(leveled, context.order, context.quality,
-                                           getattr(context, "scores", None), context.model_name,
-                                           ladder=getattr(context, "_ladder", None))
-        self.inner = make_policy(inner_name, self.inner_context, bundle)
-        self.measured = dict(measured or {})
-
-    def decide(self, request: Request, budget_bytes: int):
-        from rap.policy import Decision
-
-        memory = self.context.memory
-        for name, plan in self.rungs:
-            if memory.fits(budget_bytes, plan, request):
-                ratio = self.measured.get(name)
-                return Decision(f"{self.name}:{name}", plan, 1.0, request, int(budget_bytes),
-                                memory.breakdown(plan, request), math.log(ratio) if ratio else float("nan"))
-        d = self.inner.decide(request, budget_bytes)
-        plan = self.rungs[-1][1].with_levels({n: DROP for n in d.mask.dropped})
-        log.debug("precision ladder: int4 plus %s (%s)", d.policy, format_bytes(memory.peak_bytes(plan, request)))
-        # quality of drops on top of int4 is not measured: nan rather than the drop-only prediction
-        return Decision(f"{self.name}:int4+{d.policy}", plan, d.kv_ratio, request, int(budget_bytes),
-                        memory.breakdown(plan, request, d.kv_ratio), float("nan"))
+    return PrecisionLadder(context.memory, make_inner, measured, name="precision")

@@ -25,6 +25,7 @@ reused for every budget; the DP is 30 lines and exact to the bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ import numpy as np
 from rap.errors import BudgetError
 from rap.core.memory import MemoryModel, Request, format_bytes
 from rap.core.plan import DROP, DTYPE, Plan
+from rap.policy.decision import Decision
 
 DEFAULT_BUCKETS = 4096
 
@@ -222,12 +224,10 @@ class LevelSolver:
         r = min(self.kv_ratios)
         return empty, r, self.memory.peak_bytes(empty, request, r)
 
-    def decide(self, request: Request, budget_bytes: int):
+    def decide(self, request: Request, budget_bytes: int) -> Decision:
         """The cheapest (plan, KV ratio) that fits. Memoised per (request shape, budget bucket): the
         decision is made for the bucket's lower edge, so it fits every budget in the bucket (at most
         one bucket, `bucket_bytes`, below what the exact budget could have bought)."""
-        from rap.policy import Decision
-
         bucket = int(budget_bytes) // self.bucket_bytes
         key = (request.batch, request.prompt, request.new_tokens, bucket)
         hit = self._decisions.get(key)
@@ -239,12 +239,9 @@ class LevelSolver:
             self._decisions[key] = hit
             if len(self._decisions) > 65536:
                 self._decisions.pop(next(iter(self._decisions)))
-        return Decision(hit.policy, hit.mask, hit.kv_ratio, request, int(budget_bytes), hit.breakdown,
-                        hit.predicted_log_ratio)
+        return dataclasses.replace(hit, request=request, budget_bytes=int(budget_bytes))
 
-    def _decide(self, request: Request, budget_bytes: int):
-        from rap.policy import Decision
-
+    def _decide(self, request: Request, budget_bytes: int) -> Decision:
         kv, act, pen, reserve = self._request_terms(request)
         A = self.num_layers + 1
         costs, idxs = [], []
@@ -269,15 +266,17 @@ class LevelSolver:
                 plan = self.plan_at(n_a, cc, q)
                 bd = self.memory.breakdown(plan, request, r)  # what MemoryModel.fits compares with the budget
                 if bd.total_bytes <= budget_bytes:
-                    return Decision(self.name, plan, r, request, int(budget_bytes), bd,
-                                    float(exact[n_a, cc] + pen[r_i]))
+                    return Decision(plan, r, bd.total_bytes, self.name, request=request,
+                                    budget_bytes=int(budget_bytes), breakdown=bd,
+                                    predicted_log_ratio=float(exact[n_a, cc] + pen[r_i]))
                 if cc == 0 or not math.isfinite(pref[n_a, cc - 1]):
                     break
                 cc = int(arg[n_a, cc - 1])
         plan, r, need = self.smallest(request)
         if self.memory.fits(budget_bytes, plan, request, r):  # pragma: no cover - the table always has it
-            return Decision(self.name, plan, r, request, int(budget_bytes), self.memory.breakdown(plan, request, r),
-                            float(sum(max(c) for c in self.table.costs)))
+            bd = self.memory.breakdown(plan, request, r)
+            return Decision(plan, r, bd.total_bytes, self.name, request=request, budget_bytes=int(budget_bytes),
+                            breakdown=bd, predicted_log_ratio=float(sum(max(c) for c in self.table.costs)))
         raise BudgetError(f"nothing fits in {format_bytes(budget_bytes)}: the smallest configuration (every block "
                           f"dropped, KV ratio {r:g}) needs {format_bytes(need)} for batch {request.batch}, prompt "
                           f"{request.prompt}, {request.new_tokens} new tokens; raise the budget or shrink the request")
@@ -304,36 +303,6 @@ def make_solver(memory: MemoryModel, profile, kv_penalty=None, allow: tuple[str,
 
         profile = load_level_profile(profile)
     return LevelSolver(memory, LevelTable.from_profile(profile, memory, allow, costs=costs), kv_penalty, buckets, name)
-
-
-class SolverEnginePolicy:
-    """The solver in rap.serve.engine's convention (`decide(memory_model, request, budget_bytes, resident_mask)`
-    -> rap.policy.greedy.Decision), one solver per memory model the engine passes. KV keep ratio 1 only
-    (the level profile measures no KV penalty; the drop-only default has none either)."""
-
-    name = "solver"
-
-    def __init__(self, level_profile, allow: tuple[str, ...] | None = None, name: str | None = None):
-        from rap.profile.levels import LevelProfile, load_level_profile
-
-        self.level_profile = level_profile if isinstance(level_profile, (LevelProfile, dict)) \
-            else load_level_profile(level_profile)
-        self.allow = allow
-        if name:
-            self.name = name
-        self._solvers: dict[int, LevelSolver] = {}
-
-    def solver_for(self, memory_model: MemoryModel) -> LevelSolver:
-        key = id(memory_model)
-        if key not in self._solvers:
-            self._solvers[key] = make_solver(memory_model, self.level_profile, allow=self.allow, name=self.name)
-        return self._solvers[key]
-
-    def decide(self, memory_model: MemoryModel, request: Request, budget_bytes: int, resident_mask=None):
-        from rap.policy.greedy import Decision
-
-        d = self.solver_for(memory_model).decide(request, budget_bytes)
-        return Decision(d.mask, d.kv_ratio, d.breakdown.total_bytes, self.name)
 
 
 def greedy_drop_order(profile) -> list[tuple[str, float]]:
@@ -389,9 +358,7 @@ class GreedyDropSolver:
             self.drop_cost[k] = max(sum(r for _, r in order[:k]), single)
         self._decisions: dict = {}
 
-    def decide(self, request: Request, budget_bytes: int):
-        from rap.policy import Decision
-
+    def decide(self, request: Request, budget_bytes: int) -> Decision:
         best, err = None, None
         for k, solver in self.solvers.items():
             try:
@@ -412,4 +379,4 @@ class GreedyDropSolver:
                               f"the smallest configuration (every block dropped, KV ratio {r:g}) needs "
                               f"{format_bytes(need)}; raise the budget or shrink the request")
         cost, d = best
-        return Decision(self.name, d.mask, d.kv_ratio, request, int(budget_bytes), d.breakdown, cost)
+        return dataclasses.replace(d, policy=self.name, budget_bytes=int(budget_bytes), predicted_log_ratio=cost)

@@ -94,6 +94,9 @@ class LevelProfile:
     single: dict = field(default_factory=dict)  # block -> level -> mean NLL rise (vs dense) when moved alone
     bytes: dict = field(default_factory=dict)  # device type -> block -> level -> bytes
     bytes_device: str = "cpu"  # which table the greedy pass ranked by
+    # the embedding / lm_head: {"single": {"int8": mean NLL rise from dense}, "bytes": {device: {level: bytes}}};
+    # measured like a block's single move, not part of the greedy order (a policy adds it as one more choice)
+    head: dict = field(default_factory=dict)
     steps: list[LevelStep] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     complete: bool = False
@@ -174,7 +177,7 @@ class LevelRunner:
         """Block `name` at `level` on a stream [B, S, hidden] (a dropped block returns x)."""
         if level == DROP:
             return x
-        from rap.decode.decoder import ffn_block
+        from rap.core.layers import ffn_block
         from rap.core.forward import attn_block
 
         self.block_window_passes += x.shape[0]
@@ -185,11 +188,12 @@ class LevelRunner:
         return ffn_block(x, w)
 
     @torch.no_grad()
-    def nll_sum(self, x: torch.Tensor, ids: torch.Tensor, rows_per_call: int = 4) -> float:
+    def nll_sum(self, x: torch.Tensor, ids: torch.Tensor, rows_per_call: int = 4, head: str = DTYPE) -> float:
+        from rap.core.layers import lm_logits
         from rap.eval.perplexity import window_nll
 
-        ids = ids.to(x.device)
-        return float(sum(window_nll(self.fwd.head(x[i:i + rows_per_call]), ids[i:i + rows_per_call]).double().sum()
+        ids, args = ids.to(x.device), self.fwd.head_at(head).args
+        return float(sum(window_nll(lm_logits(x[i:i + rows_per_call], *args), ids[i:i + rows_per_call]).double().sum()
                          for i in range(0, x.shape[0], rows_per_call)))
 
 
@@ -197,11 +201,14 @@ class Streams:
     """The current plan's stream entering every block (H[p], p = 0..2L; H[2L] leaves the last one),
     for all windows, kept on the model's device; `refresh(p)` recomputes H[p+1..] after block p moved."""
 
-    def __init__(self, runner: LevelRunner, windows: torch.Tensor, levels: list[str], batch_windows: int):
-        self.runner, self.windows, self.levels, self.bw = runner, windows, levels, batch_windows
+    def __init__(self, runner: LevelRunner, windows: torch.Tensor, levels: list[str], batch_windows: int,
+                 head: str = DTYPE):
+        self.runner, self.windows, self.levels, self.bw, self.head = runner, windows, levels, batch_windows, head
         n = len(runner.blocks)
         self.H: list[torch.Tensor | None] = [None] * (n + 1)
-        x = torch.cat([runner.fwd.embed(windows[i:i + batch_windows]) for i in range(0, len(windows), batch_windows)])
+        embed = runner.fwd.head_at(head).embed
+        x = torch.cat([embed(windows[i:i + batch_windows].to(runner.fwd.device))
+                       for i in range(0, len(windows), batch_windows)])
         self.H[0] = x
         self.rows = runner.fwd._rows(windows.shape[1], None, None)
         self.refresh(0)
@@ -226,12 +233,12 @@ class Streams:
             x = self.runner.run(self.runner.blocks[p], level, x, self.rows)
             for q in range(p + 1, len(self.runner.blocks)):
                 x = self.runner.run(self.runner.blocks[q], self.levels[q], x, self.rows)
-            total += self.runner.nll_sum(x, self.windows[i:i + self.bw])
+            total += self.runner.nll_sum(x, self.windows[i:i + self.bw], head=self.head)
         return total
 
     def current_nll(self) -> float:
         end = self.H[-1]
-        return sum(self.runner.nll_sum(end[i:i + self.bw], self.windows[i:i + self.bw])
+        return sum(self.runner.nll_sum(end[i:i + self.bw], self.windows[i:i + self.bw], head=self.head)
                    for i in range(0, len(end), self.bw))
 
 
@@ -280,9 +287,9 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
         old = load_level_profile(checkpoint)
         if (old.model_hash == prof.model_hash and old.calibration.get("ids_sha256") == calib.sha256
                 and old.settings.get("int4_group") == int4_group and old.bytes_device == bytes_device):
-            if old.complete:
+            if old.complete and old.head:
                 return old
-            prof = old
+            prof = old  # incomplete, or complete but made before the head was measured: only that is added
             log.info("resuming %s: %d single moves, %d greedy steps", checkpoint,
                      sum(len(v) for v in old.single.values()), len(old.steps))
     tokens = calib.scored_tokens
@@ -328,6 +335,16 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
         del dense
     else:
         bar.update(sum(L - p for p, _ in moves))
+    if "int8" not in prof.head.get("single", {}):
+        from rap.core.memory import MemoryModel
+
+        head = Streams(runner, windows, [DTYPE] * L, batch_windows, head="int8")
+        prof.head = {"single": {"int8": head.current_nll() / tokens - prof.dense_nll},
+                     "bytes": {dev: {lv: MemoryModel.from_view(view, on_cuda=dev == "cuda").head_bytes(lv)
+                                     for lv in (DTYPE, "int8")} for dev in ("cpu", "cuda")}}
+        del head
+        if checkpoint is not None:
+            prof.save(checkpoint)
 
     # 2. greedy sequential pass; `stale[(p, lv)]`: last measured rise per byte (plan of that time)
     def ratio(p: int, lv: str, rise: float) -> float:
@@ -337,7 +354,7 @@ def level_profile(view: BlockView, calib: Calibration, *, int4_group: int = 64, 
     stale = {(p, lv): ratio(p, lv, prof.single[blocks[p]][lv]) for p, lv in moves}
     cur_mean = cur / tokens
     freed_total = sum(nbytes[b][DTYPE] - nbytes[b][levels[i]] for i, b in enumerate(blocks))
-    for step in range(len(prof.steps), total_steps):
+    for step in range(len(prof.steps), 0 if prof.complete else total_steps):
         t_step = time.perf_counter()
         cands = [(p, lv) for p, lv in moves if order.index(lv) > order.index(levels[p])
                  and nbytes[blocks[p]][levels[p]] > nbytes[blocks[p]][lv]]

@@ -157,10 +157,9 @@ class DecoderBackend:
         self.window_bounded_kv = bool(getattr(getattr(self.decoder, "memory", None), "window_bounded_kv", True))
 
     def planning_request(self, request: Request) -> Request:
-        bucket_batch = getattr(self.module, "bucket_batch", lambda n: n)
-        bucket_length = getattr(self.module, "bucket_length", lambda n: n)
-        length = bucket_length(request.total_tokens)
-        return Request(bucket_batch(request.batch), request.prompt, max(request.new_tokens, length - request.prompt))
+        from rap.decode.workspace import planning_request  # the one function (the benchmarks use it too)
+
+        return planning_request(request)
 
     def on_weights_restored(self, names: Sequence[str]) -> None:
         if names or self._stale:

@@ -4,9 +4,10 @@ For every batch of requests the engine
 
 1. reads the memory budget from a *budget source* (fixed bytes, a fraction of the device, a live
    reading of free device memory minus a reserve, or any callable);
-2. asks a *policy* for a decision, `policy.decide(memory_model, request, budget_bytes, resident_mask)`
-   -> an object with `.mask` (BlockMask) and `.kv_ratio`; the engine re-checks every decision
-   against the memory model itself and never runs one that does not fit;
+2. asks a *policy* for a decision, `policy.decide(request, budget_bytes)` -> `rap.policy.decision.Decision`
+   (the one signature: the policy plans with the engine's memory model; a callable(request, budget_bytes)
+   returning a Decision or a BlockMask also serves); the engine re-checks every decision against the
+   memory model itself and never runs one that does not fit;
 3. makes the resident weights match the decision (`WeightResidency`): dropped blocks leave the
    device for pinned host memory, kept blocks come back on a side CUDA stream, and each block's
    first forward waits only for its own copy, so reloading overlaps with the layers before it;
@@ -23,8 +24,8 @@ with a smaller decision; it never escapes `Engine.generate`.
 Nothing here knows about HTTP, processes or threads beyond one lock: `rap.serve.server` (or a Ray Serve
 deployment, one Engine per GPU) wraps an Engine without changing it.
 
-Where the pieces live: budget sources in `rap.serve.budget`, backends in `rap.serve.backends`, `Decision` and
-the built-in greedy policy in `rap.policy.greedy`, weight residency in `rap.serve.residency`.
+Where the pieces live: budget sources in `rap.serve.budget`, backends in `rap.serve.backends`, `Decision` in
+`rap.policy.decision`, the built-in greedy policy in `rap.policy.greedy`, weight residency in `rap.serve.residency`.
 Why this module is long (~770 lines): what is left is one state machine, the batch loop (admit and
 validate rows, decide, move weights, run, bisect failures, stream, cancel); its halves share the
 engine's lock and counters, and split apart they would only call each other.
@@ -51,7 +52,8 @@ from rap.core.model import BlockView
 from rap.core.plan import Plan
 from rap.serve.backends import GREEDY_TEMPERATURE, HFGenerateBackend, Sampling, make_backend
 from rap.serve.budget import BudgetSource, LiveBudget, budget_from_spec
-from rap.policy.greedy import Decision, GreedyPolicy, _call_policy, as_policy, default_removal_order
+from rap.policy.decision import Decision
+from rap.policy.greedy import GreedyPolicy, as_policy, default_removal_order, kv_layout_for_bits
 from rap.serve.residency import WeightResidency
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,7 @@ class Engine:
             if profile is not None:
                 log.info("using the profile shipped for %s: %s", self.view.name, profile)
         self.profile = profile
-        self.policy = as_policy(policy, profile, self.view.name)
+        self.policy = as_policy(policy, self.memory_model, profile, self.view.name)
         self.residency = WeightResidency(self.view, self.memory_model)
         if stage_host_copies:
             # True: dense copies only; a tuple of levels: also a staged quantized host copy per level
@@ -352,8 +354,7 @@ class Engine:
 
     def _decide(self, request: Request, planning_bytes: int, backend=None, policy=None) -> Decision:
         backend = backend or self.backend
-        decision = _call_policy(policy or self.policy, self.memory_model, request, planning_bytes,
-                                self.residency.mask)
+        decision = self._checked(policy or self.policy, request, planning_bytes)
         if (decision.kv_ratio < 1.0 or decision.kv_bits != 16) and not getattr(backend, "supports_kv_ratio", False):
             # This backend keeps the whole prompt cache: plan with what it will really hold.
             full_kv_bytes = self.memory_model.peak_bytes(decision.mask, request, 1.0)
@@ -361,12 +362,22 @@ class Engine:
                 decision = Decision(decision.mask, 1.0, full_kv_bytes, decision.policy)
             else:
                 log.info("backend %s cannot compress the KV cache; re-deciding with kv_ratio 1.0", backend.name)
-                decision = GreedyPolicy().decide(self.memory_model, request, planning_bytes, self.residency.mask)
+                decision = GreedyPolicy(self.memory_model).decide(request, planning_bytes)
         if decision.predicted_peak_bytes > planning_bytes:
             raise BudgetError(
                 f"policy {decision.policy} chose {decision.mask} needing {format_bytes(decision.predicted_peak_bytes)} "
                 f"but the budget is {format_bytes(planning_bytes)}; nothing smaller was offered")
         return decision
+
+    def _checked(self, policy: Any, request: Request, planning_bytes: int) -> Decision:
+        """The policy's decision, its peak re-counted by the engine's memory model (whoever made it)."""
+        decide = policy.decide if hasattr(policy, "decide") else policy
+        raw = decide(request, planning_bytes)
+        if isinstance(raw, BlockMask):
+            raw = Decision(raw)
+        name = raw.policy or getattr(policy, "name", None) or type(policy).__name__
+        peak = self.memory_model.peak_bytes(raw.mask, request, raw.kv_ratio, kv_layout_for_bits(raw.kv_bits))
+        return dataclasses.replace(raw, predicted_peak_bytes=peak, policy=str(name))
 
     # ---- serving ----------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest] | GenerationRequest) -> list[GenerationResult]:
@@ -635,7 +646,7 @@ class Engine:
             # Dropping frees a block at once (its weights go to host memory); quantizing takes a pass over
             # them. So while idle a precision policy's drop-only inner policy picks what goes; the next
             # batch re-decides with the full policy.
-            policy = getattr(self.policy, "inner", None) or self.policy
+            policy = getattr(self.policy, "drop_only", None) or self.policy
             try:
                 keep = self._decide(smallest, self.effective_budget(budget), policy=policy).mask
             except BudgetError:

@@ -96,6 +96,8 @@ class WeightResidency:
             "levels": {b.name: DTYPE for b in view.blocks},
             "host": {},  # block -> {param name: dense host copy}
             "staged": {},  # (block, level) -> {proj: host tensor}
+            "head": DTYPE,  # the embedding / lm_head's level (dtype or int8)
+            "head_host": None,  # {"embed": dense host copy, "lm": dense host copy or None when tied}
         })
         self._state = state
         self._host: dict[str, dict[str, torch.Tensor]] = state["host"]
@@ -133,7 +135,7 @@ class WeightResidency:
     def plan(self) -> Plan:
         L = self.view.num_layers
         return Plan.from_levels([self.levels[f"attn.{i}"] for i in range(L)],
-                                [self.levels[f"ffn.{i}"] for i in range(L)])
+                                [self.levels[f"ffn.{i}"] for i in range(L)], self._state["head"])
 
     @property
     def mask(self) -> BlockMask:
@@ -146,13 +148,16 @@ class WeightResidency:
 
     def measured_resident_bytes(self) -> int:
         """The same, from the tensors' storage (what `resident_bytes` must equal)."""
-        return self.view.base_bytes + sum(module_storage_bytes(self.view.block_module(n)) for n in self.resident)
+        block_ids = {id(p) for n in self.levels for p in self.view.block_module(n).parameters()}
+        base = sum(storage_bytes(p) for p in self.view.model.parameters() if id(p) not in block_ids)
+        return base + sum(module_storage_bytes(self.view.block_module(n)) for n in self.resident)
 
     def host_bytes(self) -> int:
         """Pinned host bytes held for moves (dense originals and staged quantized copies; 0 on CPU)."""
         if not self.on_cuda:
             return 0
         dense = sum(t.numel() * t.element_size() for d in list(self._host.values()) for t in d.values())
+        dense += sum(t.numel() * t.element_size() for t in (self._state["head_host"] or {}).values() if t is not None)
         return dense + sum(storage_bytes(t) for d in list(self._staged.values()) for t in d.values())
 
     # ---- planning ------------------------------------------------------------------------
@@ -174,6 +179,11 @@ class WeightResidency:
                                 for _, N, K in linears)
             moves.append(Move(name, source, level, self.memory.level_bytes(name, source),
                               self.memory.level_bytes(name, level), transient))
+        head = target.head_level
+        if head != self._state["head"]:
+            V, H = self.memory.shape.vocab_size, self.memory.shape.hidden_size
+            moves.append(Move("head", self._state["head"], head, self.memory.head_bytes(self._state["head"]),
+                              self.memory.head_bytes(head), quantize_transient_bytes(V, H) if is_quantized(head) else 0))
         down = sorted((m for m in moves if m.down), key=lambda m: m.after_bytes - m.before_bytes)
         up = sorted((m for m in moves if not m.down), key=lambda m: -m.before_bytes)
         return down + up
@@ -246,7 +256,34 @@ class WeightResidency:
         if event is not None:
             event.synchronize()
 
+    def _move_head(self, source: str, target: str) -> None:
+        """The embedding (and an untied lm_head) to `target`: int8 is quantized on the device from the dense
+        copy, which waits on the host (pinned on CUDA); back to dtype from that copy. A tied lm_head stays
+        one Parameter with the embedding."""
+        emb, out = self.view.model.get_input_embeddings(), self.view.model.get_output_embeddings()
+        tied = out.weight is emb.weight
+        host = self._state["head_host"]
+        if host is None:  # made once, while the head is at dtype
+            keep = _pinned if self.on_cuda else (lambda t: t.data)
+            host = self._state["head_host"] = {"embed": keep(emb.weight.data),
+                                               "lm": None if tied else keep(out.weight.data)}
+        if target == DTYPE:
+            new_emb = nn.Parameter(host["embed"].to(self.device), requires_grad=False)
+            new_out = new_emb if tied else nn.Parameter(host["lm"].to(self.device), requires_grad=False)
+        else:
+            new_emb = nn.Parameter(quantize_weight(emb.weight.data if source == DTYPE else host["embed"].to(self.device),
+                                                   target, "head"), requires_grad=False)
+            new_out = new_emb if tied else nn.Parameter(
+                quantize_weight(out.weight.data if source == DTYPE else host["lm"].to(self.device), target, "head"),
+                requires_grad=False)
+        emb.weight = new_emb  # the old tensors' last references go
+        out.weight = new_out
+        self._state["head"] = target
+        self.moves["quantized" if target != DTYPE else "dequantized"] += 1
+
     def _move(self, name: str, source: str, target: str) -> None:
+        if name == "head":
+            return self._move_head(source, target)
         module = self.view.block_module(name)
         self._wait(name)
         if source == DTYPE:
