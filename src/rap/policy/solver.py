@@ -161,16 +161,20 @@ class LevelSolver:
         key = (n_attn, c, q)
         if key not in self._plans:
             t = self.table
+            if not hasattr(self, "_walk"):  # per block: (kind, layer, its levels, their buckets), for the walk back
+                self._walk = [(*name.split(".")[:1], int(name.split(".")[1]), t.levels[b],
+                               [math.ceil(n / self.bucket_bytes) for n in t.bytes[b]])
+                              for b, name in enumerate(t.blocks)][::-1]
             levels = {"attn": [DTYPE] * self.num_layers, "ffn": [DTYPE] * self.num_layers}
             a = n_attn
-            choices = self._tables[q][3]
-            for b in range(len(t.blocks) - 1, -1, -1):
-                k = int(choices[b][a, c])
-                lv = t.levels[b][k]
-                kind, layer = t.blocks[b].split(".")
-                levels[kind][int(layer)] = lv
-                c -= math.ceil(t.bytes[b][k] / self.bucket_bytes)
-                a -= 1 if (kind == "attn" and lv != DROP) else 0
+            choices = self._tables[q][3][::-1]
+            for (kind, layer, lvs, w), choice in zip(self._walk, choices):
+                k = choice[a, c]
+                lv = lvs[k]
+                levels[kind][layer] = lv
+                c -= w[k]
+                if kind == "attn" and lv != DROP:
+                    a -= 1
             self._plans[key] = Plan.from_levels(levels["attn"], levels["ffn"])
             if len(self._plans) > 65536:
                 self._plans.pop(next(iter(self._plans)))
