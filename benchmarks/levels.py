@@ -260,6 +260,12 @@ def main(argv=None) -> None:
                          **({"reused": reused[plan][1]} if plan in reused else {})})
             print(f"{frac:.2f} {name:16s} ppl {math.exp(nll):9.3f} ({math.exp(nll - dense_nll):.3f}x) {plan.counts()}",
                   flush=True)
+        partial = Path(os.environ.get("OUT") or "benchmarks/results") / f"levels-{args.model}-partial.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)  # a long run can be read (and --reuse'd) as it goes
+        partial.write_text(json.dumps({"model": args.model, "dense_ppl": math.exp(dense_nll), "rows": rows,
+                                       "eval": {"file": WIKITEXT2_TEST, "windows": int(windows.shape[0]),
+                                                "seq_len": args.seq_len,
+                                                "dtype": str(view.dtype).replace("torch.", "")}}, indent=1))
     seconds = time.perf_counter() - t0
     p99 = decide_p99_ms(solver, memory)
     targets = {}

@@ -345,7 +345,7 @@ class GreedyDropSolver:
         if not order:
             raise BudgetError("the level profile has no greedy drops (rap profile --method levels --steps N)")
         ks = ks or sorted({*range(0, min(len(order), 12) + 1), *range(12, len(order) + 1, 3), len(order)})
-        self.solvers, self.drop_cost, self.dropped = {}, {}, {}
+        self.solvers, self.drop_cost, self.dropped, self.smallest_plans = {}, {}, {}, {}
         for k in ks:
             dropped = {b for b, _ in order[:k]}
             levels, nbytes, costs = [], [], []
@@ -360,11 +360,52 @@ class GreedyDropSolver:
             single = sum(max(0.0, full.costs[full.blocks.index(b)][full.levels[full.blocks.index(b)].index(DROP)])
                          for b, _ in order[:k])
             self.drop_cost[k] = max(sum(r for _, r in order[:k]), single)
+            # the smallest plan with these drops: every other block at its fewest bytes
+            smallest = {b: lv[min(range(len(lv)), key=lambda i: nb[i])] for b, lv, nb in
+                        zip(table.blocks, table.levels, table.bytes)}
+            self.smallest_plans[k] = Plan.full(memory.shape.num_layers).with_levels(smallest)
+        self.ks = sorted(self.solvers)
         self._decisions: dict = {}
+        # least drop cost from k on: once it is above the best found, no larger k can win
+        self.suffix_min, run = {}, math.inf
+        for k in reversed(self.ks):
+            run = min(run, self.drop_cost[k])
+            self.suffix_min[k] = run
+
+    def _first_fitting(self, request: Request, budget_bytes: int) -> int:
+        """Index in `ks` of the fewest drops whose smallest plan fits (len(ks) if none): fits only get
+        easier with more drops, so a binary search."""
+        lo, hi = 0, len(self.ks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.memory.fits(budget_bytes, self.smallest_plans[self.ks[mid]], request):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def decide(self, request: Request, budget_bytes: int) -> Decision:
+        """Memoised per (request shape, budget bucket of the finest sub-solver), as LevelSolver.decide."""
+        step = self.solvers[self.ks[0]].bucket_bytes
+        bucket = int(budget_bytes) // step
+        key = (request.batch, request.prompt, request.new_tokens, bucket)
+        hit = self._decisions.get(key)
+        if hit is None:
+            try:
+                hit = self._decide(request, bucket * step)
+            except BudgetError:
+                return self._decide(request, int(budget_bytes))
+            self._decisions[key] = hit
+            if len(self._decisions) > 65536:
+                self._decisions.pop(next(iter(self._decisions)))
+        return dataclasses.replace(hit, request=request, budget_bytes=int(budget_bytes))
+
+    def _decide(self, request: Request, budget_bytes: int) -> Decision:
         best, err = None, None
-        for k, solver in self.solvers.items():
+        for k in self.ks[self._first_fitting(request, budget_bytes):]:
+            if best is not None and self.suffix_min[k] >= best[0]:
+                break
+            solver = self.solvers[k]
             try:
                 d = solver.decide(request, budget_bytes)
             except BudgetError as e:
