@@ -101,8 +101,10 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path
     if agent_path is not None and Path(agent_path).exists():  # the RL agent on the joint action (level_rl)
         from rap.policy.level_rl import LevelAgentPolicy, load_level_agent
 
-        agent = LevelAgentPolicy(solvers["solver"], load_level_agent(agent_path)[0])
-        picks["rl"] = lambda b: agent.decide(request, b).mask
+        actor, record = load_level_agent(agent_path)
+        if record.get("model") in (None, view.name):  # an agent is trained for one model's blocks
+            agent = LevelAgentPolicy(solvers["solver"], actor)
+            picks["rl"] = lambda b: agent.decide(request, b).mask
     from rap.policy.solver import GreedyDropSolver
 
     greedy_drops = GreedyDropSolver(memory, level_prof) if level_prof.steps else None

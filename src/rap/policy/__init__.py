@@ -138,7 +138,7 @@ def default_policy(memory_model, profile=None) -> Policy:
 # Kept as the default for the 30-100% range; re-decide on the H200 profile (64k tokens) and the
 # full test set (commands in rap/profile/levels.py and benchmarks/levels.py).
 DEFAULT_LEVEL_POLICY = "solver"
-LEVEL_POLICY_NAMES = ("solver", "int8-only", "int4-only")
+LEVEL_POLICY_NAMES = ("solver", "solver-greedy-drops", "int8-only", "int4-only")
 BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
 
 
@@ -148,6 +148,14 @@ def make_level_policy(name: str, memory, level_profile, kv_penalty=None):
     from rap.errors import RapError
     from rap.policy.solver import make_solver
 
+    if name == "solver-greedy-drops":  # drops in the greedy pass's order, levels of the rest by the knapsack
+        from rap.policy.solver import GreedyDropSolver
+
+        if not hasattr(level_profile, "steps") and not isinstance(level_profile, dict):
+            from rap.profile.levels import load_level_profile
+
+            level_profile = load_level_profile(level_profile)
+        return GreedyDropSolver(memory, level_profile)
     allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
     if name not in allow:
         raise RapError(f"unknown level policy {name!r}; use one of: {', '.join(LEVEL_POLICY_NAMES)}")
