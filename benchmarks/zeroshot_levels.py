@@ -50,6 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--policy", default=None, help="level policy (default: rap.policy.DEFAULT_LEVEL_POLICY)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model the plan is made for "
+                    "(default: the device the model runs on)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv=None) -> None:
     from rap.sources import load_view
 
     view, tok = load_view(args.model, dtype=args.dtype, device=args.device)
-    memory = MemoryModel.from_view(view)
+    on_cuda = (args.bytes_device or view.device.type) == "cuda"
+    memory = MemoryModel.from_view(view, on_cuda=on_cuda)
     request = Request(batch=1, prompt=512, new_tokens=128)
     policy_name = args.policy or DEFAULT_LEVEL_POLICY
     policy = make_level_policy(policy_name, memory, bundled_level_profile(args.model))
@@ -74,7 +77,7 @@ def main(argv=None) -> None:
     bos = needs_bos(tok, view.config.model_type)
     out = Path(args.out)
     payload = {**environment(view.device), "model": args.model, "limit": args.limit,
-               "budget_ratio": args.budget, "policy": policy_name, "plan": plan.spec(), "counts": plan.counts(),
+               "budget_ratio": args.budget, "policy": policy_name, "memory_model_device": "cuda" if on_cuda else "cpu", "plan": plan.spec(), "counts": plan.counts(),
                "param_bytes_ratio": memory.param_bytes(plan) / memory.param_bytes(dense_plan),
                "scoring": "rap.eval.zeroshot on rap.core.forward; quantized blocks by rap.core.quant.fake_quantize",
                "dense": {}, "plan_results": {}, "seconds": {}}
