@@ -133,8 +133,8 @@ def default_policy(memory_model, profile=None) -> Policy:
 # benchmarks/results/levels-smollm2-135m-cpu-2048x2-h200profile-2026-12-02.json and
 # levels-smollm2-135m-cpu-2048x2-policies-2026-12-02.json), PPL ratio to dense:
 #   solver 30% 302x, 40% 1.22-1.24x, 50% 1.003x, 60% 1.001x, 70% 1.000x, 80-100% 0.999-1.000x;
-#   solver-greedy-drops 30% 132x (best of the knapsack policies), 40% 2.04x; rl (MaskablePPO) 30% 7.7e3x,
-#   40% 1.95x; int8-only (fits from 50%) 0.997-1.001x, 0.1-0.3% below the solver at 50-90%.
+#   solver-greedy-drops 30% 132x (best of the knapsack policies), 40% 2.04x, 50% 1.008x, 70% 1.001x;
+#   rl (MaskablePPO) 30% 7.7e3x, 40% 1.95x, 50% 1.036x, 70% 1.004x; int8-only (fits from 50%) 0.997-1.001x, 0.1-0.3% below the solver at 50-90%.
 # So the solver is the default: best at 40%, within 0.3% of the best single knob from 50% up; at 30%
 # (where every plan is 100x+ dense) the greedy-drop variant is 2.3x better. The H200 run with CUDA bytes
 # (levels-frontier-smollm2-135m-h200-cudabytes-2026-12-02.json: drops needed from 70% down) favoured the
