@@ -35,7 +35,9 @@ def shares(dense: dict, ours: dict, names) -> dict:
     finite = [a for a in above if math.isfinite(a)]
     d = sum(head(dense[n]) for n in names) / len(names)
     o = sum(head(ours[n]) for n in names) / len(names)
-    return {"tasks": names, "dense_mean": d, "plan_mean": o, "raw_share": o / d,
+    chance = sum(dense[n]["chance"] for n in names) / len(names)
+    return {"tasks": names, "dense_mean": d, "plan_mean": o, "raw_share": o / d, "chance_mean": chance,
+            "above_chance_share_of_means": (o - chance) / (d - chance) if d > chance else float("nan"),
             "above_chance_share": sum(finite) / len(finite) if finite else float("nan"),
             "above_chance_per_task": dict(zip(names, above))}
 
