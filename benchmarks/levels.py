@@ -4,11 +4,15 @@ Budgets are fractions of the dense need (`MemoryModel.dense_need`) of one reques
 512, 128 new tokens; KV keep ratio 1: KV compression is not part of this comparison). Policies:
 
 * solver         rap.policy.solver (multiple-choice knapsack over the level profile's single-move costs)
+* solver-marginal the solver on the greedy pass's re-measured rises where it has them (interactions)
+* solver-greedy-drops  drops in the greedy pass's order (re-measured rises), levels of the rest by the knapsack
 * greedy-profile the longest prefix of the level profile's greedy moves that fits
 * drop-only      today's default (`rap.policy.DEFAULT_POLICY`, the mask ladder over the GSI profile)
 * int8-only / int4-only   the solver with only that level (plus dtype): a single-knob curve
 * int8-then-drop every block int8, then the default drop policy on the int8 memory model
 * precision-ladder        rap.policy.precision's fixed rungs (dtype, ffn-int8, int8, int4, int4+drops)
+* rl             the MaskablePPO agent on the joint action (rap.policy.level_rl; `--agent`, from
+                 benchmarks/level_agent.py), when its file exists
 
 Quality: WikiText-2 *test* perplexity of each chosen plan (calibration was WikiText-2 valid),
 measured with rap.core.forward and rap.core.quant.fake_quantize (the int8/int4 kernels' values, dequantized),
@@ -51,7 +55,7 @@ def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
-def build_policies(view, memory, level_prof, gsi_prof: dict, request):
+def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path=None):
     from rap.core.plan import DROP, INT8, Plan
     from rap.policy import DEFAULT_POLICY, make_policy
     from rap.policy.context import PolicyContext
@@ -71,6 +75,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request):
     prec = precision_policy(ctx)
     int4 = [lv for lv in level_prof.levels if lv.startswith("int4")][0]
     solvers = {"solver": make_solver(memory, level_prof),
+               "solver-marginal": make_solver(memory, level_prof, costs="marginal", name="solver-marginal"),
                "int8-only": make_solver(memory, level_prof, allow=(INT8,)),
                "int4-only": make_solver(memory, level_prof, allow=(int4,))}
     greedy = [level_prof.plan_after(k) for k in range(len(level_prof.steps) + 1)]
@@ -92,7 +97,21 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request):
         d = drop_on_int8.decide(request, budget)
         return int8_all.with_levels({n: DROP for n in d.mask.dropped})
 
-    return {"solver": lambda b: solvers["solver"].decide(request, b).mask,
+    picks = {}
+    if agent_path is not None and Path(agent_path).exists():  # the RL agent on the joint action (level_rl)
+        from rap.policy.level_rl import LevelAgentPolicy, load_level_agent
+
+        actor, record = load_level_agent(agent_path)
+        if record.get("model") in (None, view.name):  # an agent is trained for one model's blocks
+            agent = LevelAgentPolicy(solvers["solver"], actor)
+            picks["rl"] = lambda b: agent.decide(request, b).mask
+    from rap.policy.solver import GreedyDropSolver
+
+    greedy_drops = GreedyDropSolver(memory, level_prof) if level_prof.steps else None
+    if greedy_drops is not None:
+        picks["solver-greedy-drops"] = lambda b: greedy_drops.decide(request, b).mask
+    return {**picks, "solver": lambda b: solvers["solver"].decide(request, b).mask,
+            "solver-marginal": lambda b: solvers["solver-marginal"].decide(request, b).mask,
             "greedy-profile": greedy_pick,
             "drop-only": lambda b: Plan.of(drop_only.decide(request, b).mask),
             "int8-only": only(solvers["int8-only"]),
@@ -152,6 +171,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model (default: the model's device)")
     ap.add_argument("--smoke", action="store_true", help="stories260k, its own small level profile")
+    ap.add_argument("--agent", default="benchmarks/results/level-agent-smollm2-135m-2026-12-02.zip",
+                    help="the RL agent (benchmarks/level_agent.py) for policy 'rl' (skipped when the file is absent)")
+    ap.add_argument("--policies", default=None, help="comma-separated subset of the policies (default: all)")
+    ap.add_argument("--reuse", action="append", default=[],
+                    help="a previous levels-*.json: its measured plans are not measured again when its eval "
+                         "settings (file, windows, seq_len, dtype) are these (rows say 'reused')")
     args = ap.parse_args(argv)
 
     from benchmarks.common import environment, print_table
@@ -178,7 +203,13 @@ def main(argv=None) -> None:
     memory = MemoryModel.from_view(view, on_cuda=on_cuda)
     request = Request(batch=1, prompt=min(512, args.seq_len), new_tokens=128)
     dense_need = memory.dense_need(request)
-    policies, solver = build_policies(view, memory, lp, gsi_prof, request)
+    policies, solver = build_policies(view, memory, lp, gsi_prof, request, args.agent)
+    if args.policies:
+        wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in policies]
+        if unknown:
+            raise SystemExit(f"unknown policies {unknown}; known: {', '.join(policies)}")
+        policies = {k: policies[k] for k in wanted}
 
     windows = token_windows(read_text(WIKITEXT2_TEST), tok, args.seq_len, None,
                             bos=needs_bos(tok, view.config.model_type))
@@ -187,11 +218,24 @@ def main(argv=None) -> None:
     windows = windows.to(view.device)
     runner = LevelRunner(view)
     cache: dict = {}
+    reused: dict = {}
+    eval_key = (WIKITEXT2_TEST, int(windows.shape[0]), args.seq_len, str(view.dtype).replace("torch.", ""))
+    for path in args.reuse:
+        old = json.loads(Path(path).read_text())
+        e = old.get("eval", {})
+        if (e.get("file"), e.get("windows"), e.get("seq_len"), e.get("dtype")) != eval_key or old.get("model") != args.model:
+            raise SystemExit(f"--reuse {path}: its eval settings {e} are not this run's {eval_key}")
+        for r in old["rows"]:
+            if r.get("ppl") and r.get("plan"):
+                reused[Plan.parse(r["plan"], view.num_layers)] = (math.log(r["ppl"]), path)
     dense_param = memory.param_bytes(Plan.full(view.num_layers))
 
     def measure(plan):
         if plan not in cache:
-            cache[plan] = plan_nll(runner, windows, plan, batch=4 if view.device.type == "cuda" else 1)
+            if plan in reused:
+                cache[plan] = reused[plan][0]
+            else:
+                cache[plan] = plan_nll(runner, windows, plan, batch=4 if view.device.type == "cuda" else 1)
         return cache[plan]
 
     t0 = time.perf_counter()
@@ -214,9 +258,16 @@ def main(argv=None) -> None:
             rows.append({**row, "plan": plan.spec() or "*=dtype", "counts": plan.counts(),
                          "param_bytes_ratio": memory.param_bytes(plan) / dense_param,
                          "peak_bytes": memory.peak_bytes(plan, request), "fits": memory.fits(budget, plan, request),
-                         "ppl": math.exp(nll), "ppl_ratio": math.exp(nll - dense_nll)})
+                         "ppl": math.exp(nll), "ppl_ratio": math.exp(nll - dense_nll),
+                         **({"reused": reused[plan][1]} if plan in reused else {})})
             print(f"{frac:.2f} {name:16s} ppl {math.exp(nll):9.3f} ({math.exp(nll - dense_nll):.3f}x) {plan.counts()}",
                   flush=True)
+        partial = Path(os.environ.get("OUT") or "benchmarks/results") / f"levels-{args.model}-partial.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)  # a long run can be read (and --reuse'd) as it goes
+        partial.write_text(json.dumps({"model": args.model, "dense_ppl": math.exp(dense_nll), "rows": rows,
+                                       "eval": {"file": WIKITEXT2_TEST, "windows": int(windows.shape[0]),
+                                                "seq_len": args.seq_len,
+                                                "dtype": str(view.dtype).replace("torch.", "")}}, indent=1))
     seconds = time.perf_counter() - t0
     p99 = decide_p99_ms(solver, memory)
     targets = {}
@@ -225,6 +276,11 @@ def main(argv=None) -> None:
         if got:
             targets[f"{frac:.0%}"] = {"limit": limit, "solver_ppl_ratio": got[0]["ppl_ratio"],
                                       "met": got[0]["ppl_ratio"] <= limit}
+    rl_gap = {}
+    for frac in sorted({r["budget_ratio"] for r in rows}):
+        got = {r["policy"]: r["ppl_ratio"] for r in rows if r["budget_ratio"] == frac and r["ppl_ratio"]}
+        if "rl" in got and "solver" in got:
+            rl_gap[f"{frac:.2f}"] = got["rl"] / got["solver"]
     wins = {}
     for frac in sorted({r["budget_ratio"] for r in rows}):
         here = [r for r in rows if r["budget_ratio"] == frac and r["ppl"]]
@@ -246,8 +302,8 @@ def main(argv=None) -> None:
                "request": {"batch": request.batch, "prompt": request.prompt, "new_tokens": request.new_tokens},
                "memory_model_device": "cuda" if on_cuda else "cpu", "dense_need_bytes": dense_need,
                "level_profile": {"path": args.profile, "calibration": lp.calibration, "device": lp.device},
-               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins,
-               "solver_decide_p99_ms": p99, "seconds": seconds}
+               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins, "rl_ppl_over_solver": rl_gap,
+               "solver_decide_p99_ms": p99, "seconds": seconds, "reused_from": args.reuse}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, out / f"{stem}.png", f"{args.model}: held-out PPL ({int(windows.shape[0])} x {args.seq_len} test tokens) "
          f"vs parameter bytes, {device}")

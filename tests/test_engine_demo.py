@@ -26,6 +26,11 @@ def test_demo_replays_the_trace_within_budget_and_writes_json_and_plot(tmp_path)
     saved = json.loads(json_path.read_text())
     assert [lv["level_ratio"] for lv in saved["levels"]] == [1.0, 0.4, 1.0]
     assert "per budget level" in (tmp_path / "screen.txt").read_text()
+    # the level mix: resident parameter bytes at each precision add up to what the memory model counts
+    for r in result.rows:
+        assert sum(r.level_bytes.values()) == r.resident_bytes or r.resident_bytes == 0
+    assert all(lv["sample"] and lv["level_mix"] for lv in saved["levels"])
+    assert any("int8" in r.level_bytes or any(k.startswith("int4") for k in r.level_bytes) for r in squeezed)
 
 
 def test_demo_falls_back_to_stories260k_when_the_model_cannot_be_fetched(monkeypatch):

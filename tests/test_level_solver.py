@@ -94,7 +94,8 @@ def test_the_level_policy_hook_builds_the_default_over_the_bundled_smollm2_profi
 
     path = bundled_level_profile("smollm2-135m")
     prof = load_level_profile(path)
-    assert prof.calibration["tokens"] >= 256 and len(prof.single) == 2 * prof.num_layers
+    assert prof.calibration["tokens"] >= 65536 and len(prof.single) == 2 * prof.num_layers  # the issue: >= 64k
+    assert prof.command and prof.calibration["ids_sha256"]
     from rap.errors import RapError
 
     with pytest.raises(RapError, match="unknown level policy"):
@@ -133,3 +134,65 @@ def test_the_solver_chooses_kv_bits_with_the_keep_ratio_and_the_plan(memory):
     dear = LevelSolver(memory, table, kv_penalty=_kv_penalty(5.0), buckets=1 << 14).decide(req, budget)
     assert dear.kv_bits == 16  # a measured int8 penalty above every alternative keeps 16-bit KV
     assert dear.predicted_log_ratio < 5.0
+
+
+def test_the_solver_weighs_levels_by_the_memory_model_of_the_device_it_plans_for(memory):
+    from rap.policy.solver import make_solver
+
+    # a profile whose recorded bytes (made on another device) disagree with this memory model's
+    prof = {"single": {b: {"int8": 0.01, "int4g64": 0.02, DROP: 0.5} for b in memory.dense_block_bytes},
+            "bytes": {"cuda": {b: {"int8": 1, "int4g64": 1, DTYPE: 2, DROP: 0} for b in memory.dense_block_bytes}}}
+    table = make_solver(memory, prof).table
+    for name, levels, nbytes in zip(table.blocks, table.levels, table.bytes):
+        assert nbytes == tuple(memory.level_bytes(name, lv) for lv in levels)
+
+
+def test_memoised_decisions_fit_every_budget_of_their_bucket(memory):
+    solver = LevelSolver(memory, _table(memory, seed=5), buckets=256)
+    req = Request(batch=2, prompt=48, new_tokens=8)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    edge = (int(0.7 * dense) // solver.bucket_bytes) * solver.bucket_bytes
+    budgets = [edge, edge + solver.bucket_bytes // 2, edge + solver.bucket_bytes - 1]
+    plans = []
+    for b in budgets + budgets[::-1]:  # second pass: from the memo
+        d = solver.decide(req, b)
+        assert d.budget_bytes == b and memory.fits(b, d.mask, req, d.kv_ratio)
+        plans.append(d.mask)
+    assert len(set(plans)) == 1
+
+
+def _profile_with_steps(memory):
+    blocks = list(memory.dense_block_bytes)
+    single = {b: {"int8": 0.01, "int4g64": 0.05, DROP: 1.0} for b in blocks}
+    nll, steps = 2.0, []
+    for b, lv, rise in [(blocks[0], "int8", -0.001), (blocks[0], "int4g64", 0.002), (blocks[3], DROP, 0.5),
+                        (blocks[1], "int8", 0.0), (blocks[5], DROP, 2.0), (blocks[2], DROP, -0.3)]:
+        nll += rise
+        steps.append({"block": b, "level": lv, "nll": nll})
+    return {"single": single, "steps": steps, "dense_nll": 2.0}, blocks
+
+
+def test_marginal_costs_are_the_greedy_rises_up_to_its_first_drop(memory):
+    prof, blocks = _profile_with_steps(memory)
+    table = LevelTable.from_profile(prof, memory, costs="marginal", clamp_gains=False)
+    cost = {b: dict(zip(lv, c)) for b, lv, c in zip(table.blocks, table.levels, table.costs)}
+    assert cost[blocks[0]]["int8"] == pytest.approx(-0.001)  # re-measured in the greedy pass
+    assert cost[blocks[0]]["int4g64"] == pytest.approx(0.001)  # dtype -> int8 -> int4: both rises
+    assert cost[blocks[1]]["int8"] == 0.01  # taken after the first drop: the single-move rise
+    assert cost[blocks[3]][DROP] == 1.0 and cost[blocks[2]][DROP] == 1.0  # drops keep their single rise
+
+
+def test_greedy_drop_solver_drops_a_prefix_of_the_greedy_drops_and_fits(memory):
+    from rap.policy.solver import GreedyDropSolver
+
+    prof, blocks = _profile_with_steps(memory)
+    solver = GreedyDropSolver(memory, prof, buckets=256)
+    req = Request(batch=1, prompt=32, new_tokens=8)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    prefixes = [set(), {blocks[3]}, {blocks[3], blocks[5]}, {blocks[3], blocks[5], blocks[2]}]
+    for frac in (1.0, 0.6, 0.4, 0.3, 0.2):
+        try:
+            d = solver.decide(req, int(frac * dense))
+        except BudgetError:
+            continue
+        assert set(d.mask.dropped) in prefixes and memory.fits(int(frac * dense), d.mask, req, d.kv_ratio)

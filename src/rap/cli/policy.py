@@ -98,10 +98,11 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, help="sequences in the batch"),
         prompt: int = typer.Option(512, help="prompt tokens per sequence"),
         new: int = typer.Option(128, help="new tokens per sequence"),
-        policy: Optional[str] = typer.Option(None, help="a trained policy .zip, or: rl, ladder, precision, gsi-order, "
-                                             "knapsack, ffn-first, attn-first, oracle (default: precision, "
-                                             "int8 then int4 before any drop, then the best drop policy of the "
-                                             "held-out evaluation on int4 blocks)"),
+        policy: Optional[str] = typer.Option(None, help="a trained policy .zip, or: solver, int8-only, int4-only "
+                                             "(a level per block, over the shipped level profile), rl, ladder, "
+                                             "precision, gsi-order, knapsack, ffn-first, attn-first, oracle "
+                                             "(default: solver where a level profile ships, else precision: "
+                                             "int8 then int4 before any drop, then the best drop policy)"),
         bundle: Optional[Path] = typer.Option(None, help="trained policy .zip providing the quality model for "
                                               "named policies"),
         profile: Optional[Path] = typer.Option(None, help="profile.json, for named policies without a bundle"),
@@ -120,11 +121,29 @@ def register(app: typer.Typer) -> None:
         request = Request(batch, prompt, new)
         budget_bytes = parse_bytes(budget)
         memory = planning_memory(model, dtype)
-        name = policy or "precision"
+        from rap.policy import DEFAULT_LEVEL_POLICY, LEVEL_POLICY_NAMES, bundled_level_profile, make_level_policy
+
+        level_path = bundled_level_profile(model)
+        level_path = level_path if level_path is not None and level_path.exists() else None
+        name = policy or (DEFAULT_LEVEL_POLICY if level_path is not None and bundle is None and profile is None
+                          else "precision")
         if name.endswith(".zip"):
             bundle, name = Path(name), "rl"
-        ctx, loaded = _context(memory, model, bundle, profile)
-        pol = make_policy(name, ctx, loaded)
+        if name in LEVEL_POLICY_NAMES:  # a level for every block (rap.policy.solver) over the shipped level profile
+            if level_path is None:
+                raise RapError(f"policy {name!r} needs a level profile; none ships for {model} "
+                               "(rap profile MODEL --method levels)")
+            from rap.profile.levels import load_level_profile
+
+            level_prof = load_level_profile(level_path)
+            pol = make_level_policy(name, memory, level_prof)
+            dense, kv_note = level_prof.dense_ppl, False
+            L = memory.shape.num_layers
+        else:
+            ctx, loaded = _context(memory, model, bundle, profile)
+            pol = make_policy(name, ctx, loaded)
+            dense, L = ctx.quality.dense_ppl, ctx.num_layers
+            kv_note = not math.isfinite(dense) or ctx.quality.kv_penalty.method.startswith("none")
         t0 = time.perf_counter()
         d = pol.decide(request, budget_bytes)
         ms = (time.perf_counter() - t0) * 1e3
@@ -134,7 +153,6 @@ def register(app: typer.Typer) -> None:
         br = d.breakdown
         console.print(escape(f"{model}: batch {batch}, prompt {prompt}, new {new}, budget {format_bytes(budget_bytes)} "
                              f"-> policy {d.policy} ({ms:.2f} ms)"))
-        L = ctx.num_layers
         console.print(f"keep {d.kept_attn}/{L} attention and {d.kept_ffn}/{L} FFN blocks, KV keep ratio {d.kv_ratio:g}")
         console.print(escape(f"dropped: {', '.join(d.mask.dropped) or 'nothing'}"))
         if getattr(d.mask, "is_quantized", False):
@@ -146,10 +164,9 @@ def register(app: typer.Typer) -> None:
                          ("budget", d.budget_bytes)):
             table.add_row(label, f"{n:,}", format_bytes(n))
         console.print(table)
-        dense = ctx.quality.dense_ppl
         ppl = f" (calibration PPL {dense * d.predicted_ppl_ratio:.2f} vs dense {dense:.2f})" if math.isfinite(dense) else ""
         console.print(f"predicted quality: PPL ratio to dense {d.predicted_ppl_ratio:.3f}{ppl}")
-        if not math.isfinite(dense) or ctx.quality.kv_penalty.method.startswith("none"):
+        if kv_note:
             console.print("[dim]predicted from the profile's curve only (no trained policy bundle): "
                           "KV compression not considered[/dim]")
 

@@ -178,6 +178,12 @@ class MemoryModel:
             return 0
         if level == DTYPE:
             return dense
+        key = ("level", name, level)
+        if key not in self._memo:
+            self._memo[key] = self._quantized_block_bytes(name, level, dense)
+        return self._memo[key]
+
+    def _quantized_block_bytes(self, name: str, level: str, dense: int) -> int:
         e = self.shape.dtype_bytes
         device = "cuda" if self.on_cuda else "cpu"
         linears = block_linears(name.split(".")[0], self.shape)
@@ -248,16 +254,22 @@ class MemoryModel:
         return self._memo[key]
 
     def _quant_transient_bytes(self, mask: Plan, tokens: int) -> int:
+        # the peak depends only on which (kind, level) pairs the plan holds: memoised per plan, not per tokens
+        key = ("quantized kinds", mask)
+        if key not in self._memo:
+            self._memo[key] = sorted({(kind, level) for kind, levels in (("attn", mask.attn_levels),
+                                                                         ("ffn", mask.ffn_levels))
+                                      for level in set(levels) if level == INT8 or level.startswith("int4g")})
         e, peak = self.shape.dtype_bytes, 0
         if mask.head_level != DTYPE:  # the lm_head's int8 weight (torchao's eager linear casts it whole)
             peak = dequantize_transient_bytes(self.shape.vocab_size, self.shape.hidden_size, mask.head_level, e,
                                               "cuda" if self.on_cuda else "cpu")
-        for name, level in mask.items():
+        for kind, level in self._memo[key]:
             if level == INT8:
                 peak = max(peak, max(dequantize_transient_bytes(N, K, level, e, "cuda" if self.on_cuda else "cpu")
-                                     for _, N, K in block_linears(name.split(".")[0], self.shape)))
+                                     for _, N, K in block_linears(kind, self.shape)))
             elif int4_group_size(level) is not None and self.on_cuda:
-                K = max(K for _, _, K in block_linears(name.split(".")[0], self.shape))
+                K = max(K for _, _, K in block_linears(kind, self.shape))
                 peak = max(peak, tokens * INT4_CUDA_K_MULTIPLE * math.ceil(K / INT4_CUDA_K_MULTIPLE) * 2)
         return peak
 

@@ -29,6 +29,7 @@ or ``{"attn_levels": [...], "ffn_levels": [...]}``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ HEAD_NAMES = (HEAD, "embed", "lm_head")
 HEAD_LEVELS = (DTYPE, INT8)
 
 
+@functools.lru_cache(maxsize=256)  # pure, and every Plan built parses one level per block: policies build many
 def parse_level(text: str) -> str:
     """'int4' -> 'int4g128', 'INT4:64' / 'int4-g64' / 'int4g64' -> 'int4g64', 'drop', 'int8', 'dtype'."""
     t = str(text).strip().lower()
@@ -243,14 +245,14 @@ class Plan(BlockMask):
         """Which blocks run, without their precision."""
         return BlockMask(self.keep_attn, self.keep_ffn)
 
-    @property
+    @functools.cached_property  # asked for every memory term of every plan a policy weighs
     def is_quantized(self) -> bool:
-        return self.head_level != DTYPE or any(is_quantized(v) for _, v in self.items())
+        return self.head_level != DTYPE or any(is_quantized(v) for v in self.attn_levels + self.ffn_levels)
 
     @property
     def blocks_quantized(self) -> bool:
         """Whether any block (the head aside) is at int8 / int4."""
-        return any(is_quantized(v) for _, v in self.items())
+        return any(is_quantized(v) for v in self.attn_levels + self.ffn_levels)
 
     def with_head(self, level: str) -> "Plan":
         return Plan.from_levels(self.attn_levels, self.ffn_levels, level)

@@ -127,18 +127,21 @@ def default_policy(memory_model, profile=None) -> Policy:
 
 
 # ---- plans with precision levels (issue 15, items 4-5): the hook the engine / `rap decide` read -------
-# The policy over joint actions (a level per block + the KV ratio) used when a level profile
-# (`rap profile MODEL --method levels`) is given. From the held-out measurement in
-# benchmarks/results/levels-smollm2-135m-cpu-2048x2-2026-12-02.json (benchmarks/levels.py; CPU; 2 x 2,048
-# WikiText-2 test tokens; the CPU level profile has only 256 calibration tokens): the solver is best at
-# 30% of the dense need (172x dense vs 1.3e4x..5e8x for every other policy that fits) and 40% (1.34x vs
-# int4-only 1.38x, precision ladder 1.41x), but 3-5% worse than the precision ladder / int8-only at
-# 50-90% (1.01-1.05x vs 1.000-1.004x: its 256-token int4 costs are noise). Geometric mean of the PPL
-# ratio over 30-100%: solver 2.02, precision ladder 12.9; over 40-100%: ladder 1.050, solver 1.070.
-# Kept as the default for the issue's 30-100% range; re-decide on the H200 profile (64k tokens) and the
-# full test set (commands in rap/profile/levels.py and benchmarks/levels.py).
+# The policy over joint actions (a level per block + the KV ratio) used when a level profile ships
+# (`rap profile MODEL --method levels`). From the held-out measurement (benchmarks/levels.py, CPU, fp32 bytes,
+# 2 x 2,048 WikiText-2 test tokens, the H200 level profile of 65,536 valid tokens:
+# benchmarks/results/levels-smollm2-135m-cpu-2048x2-h200profile-2026-12-02.json and
+# levels-smollm2-135m-cpu-2048x2-policies-2026-12-02.json), PPL ratio to dense:
+#   solver 30% 302x, 40% 1.22-1.24x, 50% 1.003x, 60% 1.001x, 70% 1.000x, 80-100% 0.999-1.000x;
+#   solver-greedy-drops 30% 132x (best of the knapsack policies), 40% 2.04x, 50% 1.008x, 70% 1.001x;
+#   rl (MaskablePPO) 30% 7.7e3x, 40% 1.95x, 50% 1.036x, 70% 1.004x; int8-only (fits from 50%) 0.997-1.001x, 0.1-0.3% below the solver at 50-90%.
+# So the solver is the default: best at 40%, within 0.3% of the best single knob from 50% up; at 30%
+# (where every plan is 100x+ dense) the greedy-drop variant is 2.3x better. The H200 run with CUDA bytes
+# (levels-frontier-smollm2-135m-h200-cudabytes-2026-12-02.json: drops needed from 70% down) favoured the
+# greedy profile's re-measured drops over the solver's single-move ones; re-decide once that run includes
+# solver-greedy-drops (`--policies solver,solver-greedy-drops,...`).
 DEFAULT_LEVEL_POLICY = "solver"
-LEVEL_POLICY_NAMES = ("solver", "int8-only", "int4-only")
+LEVEL_POLICY_NAMES = ("solver", "solver-greedy-drops", "int8-only", "int4-only")
 BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
 
 
@@ -148,6 +151,14 @@ def make_level_policy(name: str, memory, level_profile, kv_penalty=None):
     from rap.errors import RapError
     from rap.policy.solver import make_solver
 
+    if name == "solver-greedy-drops":  # drops in the greedy pass's order, levels of the rest by the knapsack
+        from rap.policy.solver import GreedyDropSolver
+
+        if not hasattr(level_profile, "steps") and not isinstance(level_profile, dict):
+            from rap.profile.levels import load_level_profile
+
+            level_profile = load_level_profile(level_profile)
+        return GreedyDropSolver(memory, level_profile)
     allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
     if name not in allow:
         raise RapError(f"unknown level policy {name!r}; use one of: {', '.join(LEVEL_POLICY_NAMES)}")

@@ -102,9 +102,18 @@ class GreedyPolicy:
                         budget_bytes=int(budget_bytes))
 
 
-def default_policy(memory_model: MemoryModel, profile: dict | str | Path | None = None) -> Policy:
-    """The precision ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only
-    default (`default_drop_policy`)."""
+def default_policy(memory_model: MemoryModel, profile: dict | str | Path | None = None,
+                   model: str | None = None) -> Policy:
+    """For a model with a shipped level profile (`rap.policy.bundled_level_profile`): the level solver
+    (rap.policy.solver; the held-out winner, see rap.policy.DEFAULT_LEVEL_POLICY). Otherwise the precision
+    ladder (int8, then int4, before any drop: rap.policy.precision) over the drop-only default
+    (`default_drop_policy`)."""
+    if model is not None:
+        from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile, make_level_policy
+
+        path = bundled_level_profile(model)
+        if path is not None and path.exists():
+            return make_level_policy(DEFAULT_LEVEL_POLICY, memory_model, path)
     from rap.policy.precision import PrecisionLadder
 
     return PrecisionLadder(memory_model, lambda leveled: default_drop_policy(leveled, profile))
@@ -119,14 +128,24 @@ def default_drop_policy(memory_model: MemoryModel, profile: dict | str | Path | 
     return package_default(memory_model, profile=profile)
 
 
-def as_policy(policy: Any, memory_model: MemoryModel, profile: dict | str | Path | None = None) -> Any:
-    """What the engine plans with, over its `memory_model`: None -> default_policy (the precision ladder);
-    "drop" -> the drop-only default; "greedy" -> GreedyPolicy; "precision" -> the precision ladder; another
-    name or a policy .zip -> rap.policy's policy; an object with .decide(request, budget_bytes) or a
-    callable(request, budget_bytes) -> itself."""
+def as_policy(policy: Any, memory_model: MemoryModel, profile: dict | str | Path | None = None,
+              model: str | None = None) -> Any:
+    """What the engine plans with, over its `memory_model`: None -> default_policy (the level solver where
+    `model` ships a level profile, else the precision ladder); "drop" -> the drop-only default; "greedy" ->
+    GreedyPolicy; "precision" -> the precision ladder; "solver" / "int8-only" / "int4-only" -> that level
+    policy over `model`'s level profile; another name or a policy .zip -> rap.policy's policy; an object
+    with .decide(request, budget_bytes) or a callable(request, budget_bytes) -> itself."""
     if policy is None:
-        return default_policy(memory_model, profile)
+        return default_policy(memory_model, profile, model)
     if isinstance(policy, str):
+        from rap.policy import LEVEL_POLICY_NAMES, bundled_level_profile, make_level_policy
+
+        if policy in LEVEL_POLICY_NAMES:
+            path = bundled_level_profile(model) if model else None
+            if path is None or not path.exists():
+                raise RapError(f"policy {policy!r} needs a level profile; none ships for {model!r} "
+                               "(make one: rap profile MODEL --method levels)")
+            return make_level_policy(policy, memory_model, path)
         if policy == "greedy":
             return GreedyPolicy.from_profile(memory_model, profile)
         if policy in ("drop", "drop-only"):

@@ -78,6 +78,7 @@ class DemoRow:
     sample: str
     rejected: int = 0
     levels: str = ""  # blocks per precision level of a plan, e.g. "30 dtype, 30 int8" ("" without quantization)
+    level_bytes: dict = field(default_factory=dict)  # resident parameter bytes per level ("base": embeddings, norms)
 
 
 @dataclass
@@ -113,7 +114,9 @@ class DemoResult:
                         "max_resident_bytes": max(r.resident_bytes for r in rows),
                         "max_predicted_peak_bytes": max(r.predicted_peak_bytes for r in rows),
                         "blocks_dropped": sorted({r.dropped_ffn + r.dropped_attn for r in rows}),
-                        "quality_ppl": [r.quality_ppl for r in rows], "rejected": sum(r.rejected for r in rows)})
+                        "quality_ppl": [r.quality_ppl for r in rows], "rejected": sum(r.rejected for r in rows),
+                        "level_mix": sorted({r.levels or "dense" for r in rows}),
+                        "level_bytes": rows[-1].level_bytes, "sample": rows[-1].sample})
         return out
 
     def to_dict(self) -> dict:
@@ -217,18 +220,40 @@ def _ppl(x: float) -> str:
 def render_levels(result: DemoResult):
     from rich.table import Table
 
+    from rich.markup import escape
+
     table = Table(title="per budget level", title_justify="left")
-    for col in ("level", "budget", "blocks dropped", "max resident", "tok/s", "vs dense", "ppl"):
+    for col in ("level", "budget", "level mix", "blocks dropped", "max resident", "tok/s", "vs dense", "ppl"):
         table.add_column(col, justify="right")
+    table.add_column("sample output", max_width=48, no_wrap=True)
     for lv in result.levels():
         dropped = lv["blocks_dropped"]
         ppl = lv["quality_ppl"]
-        table.add_row(f"{lv['level_ratio']:.0%}", format_bytes(lv["budget_bytes"]),
+        table.add_row(f"{lv['level_ratio']:.0%}", format_bytes(lv["budget_bytes"]), escape(" | ".join(lv["level_mix"])),
                       str(dropped[0]) if len(dropped) == 1 else f"{dropped[0]}-{dropped[-1]}",
                       format_bytes(lv["max_resident_bytes"]), f"{lv['tokens_per_s']:.1f}",
                       f"{lv['tokens_per_s_vs_dense']:.2f}x",
-                      _ppl(min(ppl)) if min(ppl) == max(ppl) else f"{_ppl(min(ppl))}-{_ppl(max(ppl))}")
+                      _ppl(min(ppl)) if min(ppl) == max(ppl) else f"{_ppl(min(ppl))}-{_ppl(max(ppl))}",
+                      escape(lv["sample"].replace("\n", " ")))
     return table
+
+
+LEVEL_COLORS = {"base": "tab:gray", "dtype": "tab:blue", "int8": "tab:orange", "int4g32": "tab:red",
+                "int4g64": "tab:red", "int4g128": "tab:pink"}
+
+
+def _level_mix_panel(ax, result: DemoResult, x) -> None:
+    """Stacked resident parameter bytes at each precision, per batch."""
+    mib = 2**20
+    names = [n for n in LEVEL_COLORS if any(r.level_bytes.get(n) for r in result.rows)]
+    if not names:
+        ax.text(0.5, 0.5, "no level bytes recorded", ha="center", transform=ax.transAxes)
+        return
+    ax.stackplot(x, *[[r.level_bytes.get(n, 0) / mib for r in result.rows] for n in names],
+                 labels=names, colors=[LEVEL_COLORS[n] for n in names], alpha=0.8, step="mid")
+    ax.set_ylabel("parameter MiB\nby precision")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="lower left", ncol=len(names))
 
 
 def save_plot(result: DemoResult, path: Path) -> Path | None:
@@ -242,8 +267,8 @@ def save_plot(result: DemoResult, path: Path) -> Path | None:
         return None
     x = [r.step for r in result.rows]
     mib = 2**20
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
-    for ax in (ax1, ax2, ax3):  # shade each budget level
+    fig, (ax1, ax4, ax2, ax3) = plt.subplots(4, 1, figsize=(8, 9.5), sharex=True)
+    for ax in (ax1, ax4, ax2, ax3):  # shade each budget level
         for i, level in enumerate(result.trace):
             steps = [r.step for r in result.rows if r.level_index == i]
             if steps:
@@ -260,6 +285,7 @@ def save_plot(result: DemoResult, path: Path) -> Path | None:
     ax1.legend(fontsize=7, loc="lower left")
     ax1.set_title(f"rap demo: {result.model} on {result.device}, budget "
                   + " -> ".join(f"{level:.0%}" for level in result.trace) + " of the dense need", fontsize=10)
+    _level_mix_panel(ax4, result, x)
     ax2.plot(x, [r.quality_ppl for r in result.rows], "o-", color="tab:green")
     ax2.set_ylabel("passage perplexity")
     ax2.set_yscale("log")
@@ -319,6 +345,7 @@ def run_demo(model: str = "smollm2-135m", trace: Sequence[float] = DEFAULT_TRACE
                     budget_bytes=budget, decision=str(mask) if mask.is_full else f"-{len(dropped)} blocks",
                     levels=", ".join(f"{n} {lv}" for lv, n in mask.counts().items())
                     if getattr(mask, "is_quantized", False) else "",
+                    level_bytes=engine.memory_model.param_bytes_by_level(mask),
                     dropped_ffn=sum(n.startswith("ffn") for n in dropped),
                     dropped_attn=sum(n.startswith("attn") for n in dropped),
                     predicted_peak_bytes=step.predicted_peak_bytes, measured_peak_bytes=step.measured_peak_bytes,

@@ -205,7 +205,7 @@ class Engine:
             if profile is not None:
                 log.info("using the profile shipped for %s: %s", self.view.name, profile)
         self.profile = profile
-        self.policy = as_policy(policy, self.memory_model, profile)
+        self.policy = as_policy(policy, self.memory_model, profile, self.view.name)
         # what an idle budget drop decides with, built now (fitting its quality model takes seconds): the
         # shrink must land within a second of the drop
         getattr(self.policy, "drop_only", None)

@@ -1,0 +1,106 @@
+"""Zero-shot at a fraction of the bytes: dense vs the default level policy's plan, 8 tasks x N documents.
+
+The plan is what `rap.policy.make_level_policy(DEFAULT_LEVEL_POLICY, ...)` decides at `--budget` of the
+dense need (batch 1, prompt 512, 128 new tokens; the memory model of the device the model runs on),
+over the bundled level profile. Scoring: rap.eval.zeroshot (lm-eval's prompts and log-likelihood
+scoring) on rap's forward; a Plan's int8 / int4 blocks run with their quantized values
+(rap.core.quant.fake_quantize). Reports, over the tasks: the raw share (mean headline accuracy /
+dense's) and the above-chance share ((acc - chance) / (dense - chance), per task, averaged), BoolQ apart
+(pruned models drift to its majority answer). The JSON is rewritten after every task (partial results).
+
+    nice -n 10 env PYTHONPATH=src OMP_NUM_THREADS=2 python -m benchmarks.zeroshot_levels --limit 500 \\
+        --budget 0.5 --out benchmarks/results/zeroshot-levels-smollm2-135m-cpu-2026-12-02.json
+    # the target setting on a GPU (minutes): add --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+TASK_ORDER = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "hellaswag", "lambada_openai", "boolq")
+
+
+def shares(dense: dict, ours: dict, names) -> dict:
+    """Raw and above-chance shares of dense's headline accuracy over `names` (tasks both scored)."""
+    names = [n for n in names if n in dense and n in ours]
+    if not names:
+        return {}
+    head = lambda r: r[r["headline"]]  # noqa: E731
+    above = [(head(ours[n]) - ours[n]["chance"]) / (head(dense[n]) - dense[n]["chance"])
+             if head(dense[n]) > dense[n]["chance"] else float("nan") for n in names]
+    finite = [a for a in above if math.isfinite(a)]
+    d = sum(head(dense[n]) for n in names) / len(names)
+    o = sum(head(ours[n]) for n in names) / len(names)
+    chance = sum(dense[n]["chance"] for n in names) / len(names)
+    return {"tasks": names, "dense_mean": d, "plan_mean": o, "raw_share": o / d, "chance_mean": chance,
+            "above_chance_share_of_means": (o - chance) / (d - chance) if d > chance else float("nan"),
+            "above_chance_share": sum(finite) / len(finite) if finite else float("nan"),
+            "above_chance_per_task": dict(zip(names, above))}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budget", type=float, default=0.5, help="fraction of the dense need")
+    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--tasks", default=",".join(TASK_ORDER))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--policy", default=None, help="level policy (default: rap.policy.DEFAULT_LEVEL_POLICY)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model the plan is made for "
+                    "(default: the device the model runs on)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    from benchmarks.common import environment
+    from rap.core.memory import MemoryModel, Request
+    from rap.eval.zeroshot import TASKS, evaluate_task
+    from rap.eval.perplexity import needs_bos
+    from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile, make_level_policy
+    from rap.sources import load_view
+
+    view, tok = load_view(args.model, dtype=args.dtype, device=args.device)
+    on_cuda = (args.bytes_device or view.device.type) == "cuda"
+    memory = MemoryModel.from_view(view, on_cuda=on_cuda)
+    request = Request(batch=1, prompt=512, new_tokens=128)
+    policy_name = args.policy or DEFAULT_LEVEL_POLICY
+    policy = make_level_policy(policy_name, memory, bundled_level_profile(args.model))
+    budget = int(args.budget * memory.dense_need(request))
+    decision = policy.decide(request, budget)
+    plan = decision.mask
+    from rap.core.plan import Plan
+
+    dense_plan = Plan.full(view.num_layers)
+    bos = needs_bos(tok, view.config.model_type)
+    out = Path(args.out)
+    payload = {**environment(view.device), "model": args.model, "limit": args.limit,
+               "budget_ratio": args.budget, "policy": policy_name, "memory_model_device": "cuda" if on_cuda else "cpu", "plan": plan.spec(), "counts": plan.counts(),
+               "param_bytes_ratio": memory.param_bytes(plan) / memory.param_bytes(dense_plan),
+               "scoring": "rap.eval.zeroshot on rap.core.forward; quantized blocks by rap.core.quant.fake_quantize",
+               "dense": {}, "plan_results": {}, "seconds": {}}
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    for name in names:
+        for label, p in (("dense", dense_plan), ("plan_results", plan)):
+            t = time.perf_counter()
+            r = evaluate_task(view, tok, name, limit=args.limit, batch_size=args.batch_size, bos=bos, mask=p)
+            payload[label][name] = r.to_dict()
+            payload["seconds"][f"{label}:{name}"] = time.perf_counter() - t
+            print(f"{name:16s} {label:12s} {r.to_dict()} ({time.perf_counter() - t:.0f} s)", flush=True)
+        no_boolq = [n for n in names if n != "boolq" and n in payload["plan_results"]]
+        payload["summary_without_boolq"] = shares(payload["dense"], payload["plan_results"], no_boolq)
+        payload["summary_all"] = shares(payload["dense"], payload["plan_results"], list(payload["plan_results"]))
+        if "boolq" in payload["plan_results"]:
+            payload["boolq"] = {"dense": payload["dense"]["boolq"], "plan": payload["plan_results"]["boolq"]}
+        payload["complete"] = all(n in payload["plan_results"] for n in names)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1))
+    print(json.dumps({k: payload.get(k) for k in ("summary_without_boolq", "summary_all")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
