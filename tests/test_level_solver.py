@@ -196,3 +196,16 @@ def test_greedy_drop_solver_drops_a_prefix_of_the_greedy_drops_and_fits(memory):
         except BudgetError:
             continue
         assert set(d.mask.dropped) in prefixes and memory.fits(int(frac * dense), d.mask, req, d.kv_ratio)
+
+
+def test_the_head_is_one_more_choice_when_the_profile_measured_it(memory):
+    blocks = list(memory.dense_block_bytes)
+    prof = {"single": {b: {"int8": 0.01, DROP: 1.0} for b in blocks}, "head": {"single": {"int8": 0.001}}}
+    solver = LevelSolver(memory, LevelTable.from_profile(prof, memory), buckets=1 << 14)
+    req = Request(batch=1, prompt=32, new_tokens=8)
+    dense = memory.peak_bytes(Plan.full(5), req)
+    tight = solver.decide(req, int(0.6 * dense))
+    assert tight.mask.head_level == "int8" and memory.fits(int(0.6 * dense), tight.mask, req, tight.kv_ratio)
+    assert solver.decide(req, 2 * dense).mask.head_level == "dtype"  # a measured rise is only paid when needed
+    without = LevelSolver(memory, LevelTable.from_profile({"single": prof["single"]}, memory), buckets=1 << 14)
+    assert without.decide(req, int(0.6 * dense)).mask.head_level == "dtype"

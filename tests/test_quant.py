@@ -223,3 +223,13 @@ def test_rap_forward_runs_a_plans_quantized_blocks_with_their_quantized_values(s
     with torch.no_grad():
         want = Forward(ref).logits(ids, plan.mask)
     assert torch.equal(got, want) and not torch.equal(got, dense)
+
+
+def test_an_int8_head_on_torchao_runs_in_vocabulary_chunks_with_the_same_logits():
+    from rap.core.layers import head_linear
+    from rap.core.quant import HEAD_CHUNK_ROWS
+
+    torch.manual_seed(0)
+    w = torch.randn(2 * HEAD_CHUNK_ROWS + 100, 64)
+    q, h = quantize_weight(w, "int8"), torch.randn(3, 64)
+    torch.testing.assert_close(head_linear(h, q, None), F.linear(h, fake_quantize(w, "int8")), atol=1e-4, rtol=1e-4)

@@ -189,11 +189,26 @@ def attn_decode_flat(x, a: AttnWeights, cos, sin, cache: FlatLayerCache, max_len
     return attn_output(x, o.transpose(1, 2).reshape(B, 1, a.heads * a.head_dim), a)
 
 
+def head_linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The lm_head's linear. An int8 head on torchao's `Int8Tensor` (CPU) runs in vocabulary chunks of
+    `HEAD_CHUNK_ROWS`: that tensor's linear casts its whole weight to the dtype first, which for the head
+    is the size of the dense head again (rap.core.memory counts one chunk)."""
+    from rap.core.quant import HEAD_CHUNK_ROWS
+
+    if type(w).__name__ != "Int8Tensor" or w.shape[0] <= HEAD_CHUNK_ROWS:
+        return F.linear(h, w, b)
+    out = h.new_empty(*h.shape[:-1], w.shape[0])
+    for i in range(0, w.shape[0], HEAD_CHUNK_ROWS):
+        j = min(i + HEAD_CHUNK_ROWS, w.shape[0])
+        out[..., i:j] = F.linear(h, w[i:j], None if b is None else b[i:j])
+    return out
+
+
 def lm_logits(x: torch.Tensor, norm_w, eps: float, lm_w, lm_b, offset: bool = False,
               softcap: float | None = None) -> torch.Tensor:
     """Logits of every position in the model dtype, as transformers' forward returns them: final norm ->
     lm_head; `softcap` (Gemma's final_logit_softcapping): cap * tanh(logits / cap). x [..., hidden]."""
-    logits = F.linear(rms_norm(x, norm_w, eps, offset), lm_w, lm_b)
+    logits = head_linear(rms_norm(x, norm_w, eps, offset), lm_w, lm_b)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

@@ -54,7 +54,7 @@ from rap.errors import RequestError
 from rap.core.mask import BlockMask
 from rap.core.model import BlockView, ModelShape
 from rap.core.plan import DROP, DTYPE, INT8, LEVELS, Plan, block_linears, int4_group_size
-from rap.core.quant import INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, quantized_weight_bytes
+from rap.core.quant import HEAD_CHUNK_ROWS, INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, quantized_weight_bytes
 
 
 PREFILL_CHUNK_TOKENS = 16384  # the decoder's prefill runs at most this many prompt tokens at once (whole rows)
@@ -262,7 +262,8 @@ class MemoryModel:
                                       for level in set(levels) if level == INT8 or level.startswith("int4g")})
         e, peak = self.shape.dtype_bytes, 0
         if mask.head_level != DTYPE:  # the lm_head's int8 weight (torchao's eager linear casts it whole)
-            peak = dequantize_transient_bytes(self.shape.vocab_size, self.shape.hidden_size, mask.head_level, e,
+            rows = min(self.shape.vocab_size, HEAD_CHUNK_ROWS)  # rap.core.layers.head_linear's chunks
+            peak = dequantize_transient_bytes(rows, self.shape.hidden_size, mask.head_level, e,
                                               "cuda" if self.on_cuda else "cpu")
         for kind, level in self._memo[key]:
             if level == INT8:

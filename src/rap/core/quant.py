@@ -52,6 +52,7 @@ def _tinygemm_qparams(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.
 
 
 INT8_KERNELS = ("gemlite", "torchao")
+HEAD_CHUNK_ROWS = 4096  # vocabulary rows an int8 lm_head on torchao's Int8Tensor computes at once (rap.core.layers)
 _warned_int8 = False
 
 

@@ -175,10 +175,14 @@ class EpisodeCore:
 
     def plan(self) -> Plan:
         levels = {"attn": [DTYPE] * self.solver.num_layers, "ffn": [DTYPE] * self.solver.num_layers}
+        head = DTYPE
         for b, k in enumerate(self.choice):
+            if self.table.blocks[b] == "head":  # the embedding / lm_head (rap.core.plan.HEAD), when the profile has it
+                head = self.table.levels[b][k]
+                continue
             kind, layer = self.table.blocks[b].split(".")
             levels[kind][int(layer)] = self.table.levels[b][k]
-        return Plan.from_levels(levels["attn"], levels["ffn"])
+        return Plan.from_levels(levels["attn"], levels["ffn"], head)
 
     @property
     def kv_ratio(self) -> float:

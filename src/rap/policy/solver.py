@@ -34,7 +34,7 @@ import numpy as np
 
 from rap.errors import BudgetError
 from rap.core.memory import MemoryModel, Request, format_bytes
-from rap.core.plan import DROP, DTYPE, Plan
+from rap.core.plan import DROP, DTYPE, HEAD, INT8, Plan
 from rap.policy.decision import Decision
 
 DEFAULT_BUCKETS = 4096
@@ -73,6 +73,13 @@ class LevelTable:
             levels.append(tuple(lv))
             nbytes.append(tuple(memory.level_bytes(name, v) for v in lv))
             costs_.append(tuple(rises))
+        head = (profile.get("head") if isinstance(profile, dict) else getattr(profile, "head", None)) or {}
+        rise = head.get("single", {}).get(INT8)
+        if rise is not None and (allow is None or INT8 in allow):  # the embedding / lm_head: one more choice
+            blocks.append(HEAD)
+            levels.append((DTYPE, INT8))
+            nbytes.append((memory.head_bytes(DTYPE), memory.head_bytes(INT8)))
+            costs_.append((0.0, max(0.0, float(rise)) if clamp_gains else float(rise)))
         return cls(tuple(blocks), tuple(levels), tuple(nbytes), tuple(costs_))
 
 
@@ -118,6 +125,8 @@ class LevelSolver:
         self.bucket_bytes = max(1, math.ceil(total / buckets))
         self.G = sum(math.ceil(max(b) / self.bucket_bytes) for b in table.bytes) + 1  # the dense plan fits
         self.base_bytes = memory.param_bytes(Plan.from_levels([DROP] * L, [DROP] * L))
+        if HEAD in table.blocks:  # the head is an item of the table: its bytes are chosen, not fixed
+            self.base_bytes -= memory.head_bytes(DTYPE)
         # two tables: every level, and dtype/drop only. A quantized linear adds a transient the
         # per-block bytes cannot carry (an int8 weight cast to the dtype, on CUDA int4's padded
         # input): the quantized table is looked up with that reserve taken off the budget.
@@ -166,10 +175,10 @@ class LevelSolver:
         if key not in self._plans:
             t = self.table
             if not hasattr(self, "_walk"):  # per block: (kind, layer, its levels, their buckets), for the walk back
-                self._walk = [(*name.split(".")[:1], int(name.split(".")[1]), t.levels[b],
+                self._walk = [(name.split(".")[0], int(name.split(".")[1]) if "." in name else 0, t.levels[b],
                                [math.ceil(n / self.bucket_bytes) for n in t.bytes[b]])
                               for b, name in enumerate(t.blocks)][::-1]
-            levels = {"attn": [DTYPE] * self.num_layers, "ffn": [DTYPE] * self.num_layers}
+            levels = {"attn": [DTYPE] * self.num_layers, "ffn": [DTYPE] * self.num_layers, HEAD: [DTYPE]}
             a = n_attn
             choices = self._tables[q][3][::-1]
             for (kind, layer, lvs, w), choice in zip(self._walk, choices):
@@ -179,7 +188,7 @@ class LevelSolver:
                 c -= w[k]
                 if kind == "attn" and lv != DROP:
                     a -= 1
-            self._plans[key] = Plan.from_levels(levels["attn"], levels["ffn"])
+            self._plans[key] = Plan.from_levels(levels["attn"], levels["ffn"], levels[HEAD][0])
             if len(self._plans) > 65536:
                 self._plans.pop(next(iter(self._plans)))
         return self._plans[key]
