@@ -84,6 +84,8 @@ REGISTRY: tuple[Benchmark, ...] = (
               "decode speed per precision level (dtype / int8 / int4) vs roofline and torchao + generate"),
     Benchmark("serve-fairness", "python -m benchmarks.serve_fairness", "cpu", 3, "serve-fairness-<date>.json",
               "a 4-token request's latency while one request of 3,000 prompts runs (rap serve, loopback)"),
+    Benchmark("gpu-levels", "bash benchmarks/gpu_levels.sh", "gpu", 6, "levels-smollm2-135m-h200-{cpu,cuda}bytes-<date>.json",
+              "the shipped level profile plus the head's int8 cost, then the level frontier on the full WikiText-2 test"),
     Benchmark("int8-kernels", "python -m benchmarks.int8_kernels", "gpu", 4, "int8-kernels.json",
               "weight-only int8 matmul kernels side by side (gemlite, torchao, aten, compiled dequant) on 7B linears"),
     Benchmark("precision-cpu", "python -m benchmarks.precision_cpu", "cpu", 10, "precision-cpu-<date>.json",
