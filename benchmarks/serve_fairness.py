@@ -31,28 +31,14 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import print_table, write_json
-from benchmarks.server_load import free_port
+from benchmarks.server_load import free_port, start_server
 
 SMALL = {"prompt": "The dog", "max_tokens": 4, "temperature": 0}
 
 
 def start(model: str, port: int, args, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rap", "serve", model, "--port", str(port), "--budget", "1TiB",
-           "--max-batch", str(args.max_batch), "--max-prompts", str(max(args.prompts, 4096)),
-           "--threads", str(args.threads)]
-    env = {**os.environ, "RAP_LOG": "WARNING", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not come up in 180 s")
+    return start_server(model, port, args.max_batch, args.threads, log_path,
+                        extra=("--max-prompts", str(max(args.prompts, 4096))))
 
 
 async def measure(url: str, args) -> dict:

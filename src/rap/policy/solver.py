@@ -102,6 +102,24 @@ def greedy_marginals(profile) -> dict[tuple[str, str], float]:
     return out
 
 
+def memoised_decide(solver, request: Request, budget_bytes: int, step: int) -> Decision:
+    """`solver._decide` for the lower edge of the budget's bucket of `step` bytes, memoised per (request shape,
+    bucket) in `solver._decisions`: it fits every budget in the bucket. Falls back to the exact budget when
+    only that fits (or nothing does, so the error names the real budget)."""
+    bucket = int(budget_bytes) // step
+    key = (request.batch, request.prompt, request.new_tokens, bucket)
+    hit = solver._decisions.get(key)
+    if hit is None:
+        try:
+            hit = solver._decide(request, bucket * step)
+        except BudgetError:
+            return solver._decide(request, int(budget_bytes))
+        solver._decisions[key] = hit
+        if len(solver._decisions) > 65536:
+            solver._decisions.pop(next(iter(solver._decisions)))
+    return dataclasses.replace(hit, request=request, budget_bytes=int(budget_bytes))
+
+
 class LevelSolver:
     """`decide(request, budget_bytes) -> rap.policy.Decision` over plans with levels and a KV ratio."""
 
@@ -249,18 +267,7 @@ class LevelSolver:
         """The cheapest (plan, KV ratio) that fits. Memoised per (request shape, budget bucket): the
         decision is made for the bucket's lower edge, so it fits every budget in the bucket (at most
         one bucket, `bucket_bytes`, below what the exact budget could have bought)."""
-        bucket = int(budget_bytes) // self.bucket_bytes
-        key = (request.batch, request.prompt, request.new_tokens, bucket)
-        hit = self._decisions.get(key)
-        if hit is None:
-            try:
-                hit = self._decide(request, bucket * self.bucket_bytes)
-            except BudgetError:  # only the exact budget fits (or nothing does: the error names the real budget)
-                return self._decide(request, int(budget_bytes))
-            self._decisions[key] = hit
-            if len(self._decisions) > 65536:
-                self._decisions.pop(next(iter(self._decisions)))
-        return dataclasses.replace(hit, request=request, budget_bytes=int(budget_bytes))
+        return memoised_decide(self, request, budget_bytes, self.bucket_bytes)
 
     def _decide(self, request: Request, budget_bytes: int) -> Decision:
         from rap.policy.greedy import kv_layout_for_bits
@@ -406,19 +413,7 @@ class GreedyDropSolver:
 
     def decide(self, request: Request, budget_bytes: int) -> Decision:
         """Memoised per (request shape, budget bucket of the finest sub-solver), as LevelSolver.decide."""
-        step = self.solvers[self.ks[0]].bucket_bytes
-        bucket = int(budget_bytes) // step
-        key = (request.batch, request.prompt, request.new_tokens, bucket)
-        hit = self._decisions.get(key)
-        if hit is None:
-            try:
-                hit = self._decide(request, bucket * step)
-            except BudgetError:
-                return self._decide(request, int(budget_bytes))
-            self._decisions[key] = hit
-            if len(self._decisions) > 65536:
-                self._decisions.pop(next(iter(self._decisions)))
-        return dataclasses.replace(hit, request=request, budget_bytes=int(budget_bytes))
+        return memoised_decide(self, request, budget_bytes, self.solvers[self.ks[0]].bucket_bytes)
 
     def _decide(self, request: Request, budget_bytes: int) -> Decision:
         best, err = None, None
