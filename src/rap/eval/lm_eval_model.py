@@ -20,7 +20,6 @@ JSON lines next to the YAMLs, since lm-eval's json loader reads one file per spl
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import re
@@ -265,8 +264,13 @@ class RapLM(TemplateLM):
             lo = min(len(rows[i][0]) - rows[i][1] for i in batch)  # the first position whose logits are scored
             # right padding needs no attention mask: a causal model's real tokens never see a later pad
             ids = torch.tensor([rows[i][0] + [pad] * (width - len(rows[i][0])) for i in batch], device=self.device)
-            with self._masked(), torch.inference_mode():
-                logits = self.lm(input_ids=ids, use_cache=False, logits_to_keep=width - lo).logits.float()
+            if self.view is not None:  # rap's own forward (a plan's levels with their values)
+                from rap.core.forward import forward_for
+
+                logits = forward_for(self.view).logits(ids, self.mask, keep=width - lo).float()
+            else:  # a bare transformers model (the quantization / width-pruning peers)
+                with torch.inference_mode():
+                    logits = self.lm(input_ids=ids, use_cache=False, logits_to_keep=width - lo).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
             for b, i in enumerate(batch):
                 inputs, n, target = rows[i]
@@ -274,9 +278,6 @@ class RapLM(TemplateLM):
                 t = torch.tensor(target, device=span.device)
                 out[i] = (float(span.gather(-1, t[:, None]).sum()), bool((span.argmax(-1) == t).all()))
         return out  # type: ignore[return-value]
-
-    def _masked(self):
-        return self.view.masked(self.mask) if self.view is not None else contextlib.nullcontext()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

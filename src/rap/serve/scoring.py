@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from rap.core.forward import forward_for
+
 from rap.core.memory import Request
 
 if TYPE_CHECKING:
@@ -44,9 +46,7 @@ def score(engine: "Engine", rows: Sequence[Sequence[int]], top_k: int = 0) -> li
             decision = engine.decide(engine.planning_request(Request(1, len(ids), 1)))
             engine.residency.apply(decision.mask)
             engine.residency.synchronize()
-            view = engine.view
-            with view.masked(decision.mask), torch.inference_mode():
-                logits = view.model(input_ids=torch.tensor([ids], device=view.device)).logits[0].float()
+            logits = forward_for(engine.view).logits(torch.tensor([ids]), decision.mask)[0].float()
             logp = torch.log_softmax(logits[:-1], dim=-1)  # position j-1 predicts token j
             picked = logp.gather(-1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
             tops: list[tuple[tuple[int, float], ...]] = [()] * (len(ids) - 1)
