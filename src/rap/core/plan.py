@@ -8,7 +8,7 @@ value (the decoder caches one captured graph per plan).
 Levels (canonical spellings):
 
 * ``dtype``: the weights as loaded (bf16 / fp16 / fp32);
-* ``int8``: weight-only int8, one symmetric scale per output channel (torchao `Int8Tensor`);
+* ``int8``: weight-only int8, one symmetric scale per output channel (torchao `Int8Tensor` on CPU, gemlite on CUDA);
 * ``int4g64`` / ``int4g128`` (and ``int4g32``): weight-only int4, asymmetric, one scale and one
   zero per group of 64 / 128 input features (tinygemm's layout: torchao `Int4TilePackedTo4dTensor`
   on CUDA, `Int4OpaqueTensor` on CPU); ``int4`` alone means ``int4g128`` (torchao's default);
