@@ -228,11 +228,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, max_batch: int, threads: int | None, log_path: Path,
+def start_server(model: str, port: int, max_batch: int | None, threads: int | None, log_path: Path,
                  policy: str | None = None, extra: tuple[str, ...] = ("--batch-window-ms", "5")) -> subprocess.Popen:
-    """`rap serve MODEL` in a child process, returned once /health answers (180 s at most)."""
-    cmd = [sys.executable, "-m", "rap", "serve", model, "--port", str(port), "--budget", "1TiB",
-           "--max-batch", str(max_batch), *extra] + (["--threads", str(threads)] if threads else []) \
+    """`rap serve MODEL` in a child process, returned once /health answers (180 s at most); None: rap serve's
+    default for max_batch / threads / policy."""
+    cmd = [sys.executable, "-m", "rap", "serve", model, "--port", str(port), "--budget", "1TiB", *extra] \
+        + (["--max-batch", str(max_batch)] if max_batch else []) + (["--threads", str(threads)] if threads else []) \
         + (["--policy", policy] if policy else [])
     env = {**os.environ, "RAP_LOG": "WARNING", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)

@@ -94,6 +94,13 @@ def _decoder_settings(path: str, presses: Optional[str], budgets: list[float], k
     return settings_for(names, budgets, kv_bits, full)
 
 
+def _press_setup(path: str, presses: Optional[str], budgets: str, kv_bits: int, full: bool, agnostic: bool):
+    """(budgets, the decoder's settings or None, the HF path's presses or None), all checked before any work."""
+    budget_list = _budgets(budgets)
+    dec_settings = _decoder_settings(path, presses, budget_list, kv_bits, full, agnostic)
+    return budget_list, dec_settings, (_presses(presses or HF_PRESSES, full) if dec_settings is None else None)
+
+
 def _load(model: str, dtype: Optional[str], device: Optional[str]):
     from rap.cli import load_view_for_cli
 
@@ -136,9 +143,7 @@ def needle(
     """Needle-in-a-haystack retrieval (Paul Graham essays) per press x budget, averaged over depths and lengths."""
     from rap.eval.needle import default_lengths, default_spec, run_needle, summarize
 
-    budget_list = _budgets(budgets)
-    dec_settings = _decoder_settings(path, presses, budget_list, kv_bits, full, agnostic)
-    hf_presses = _presses(presses or HF_PRESSES, full) if dec_settings is None else None
+    budget_list, dec_settings, hf_presses = _press_setup(path, presses, budgets, kv_bits, full, agnostic)
     view, tok = _load(model, dtype, device)
     ctx = view.shape.max_context
     lens = [int(x) for x in _floats(lengths, "lengths")] if lengths else default_lengths(ctx)
@@ -177,9 +182,7 @@ def leval(
     """L-Eval long-document exact-match tasks per press x budget (mean over tasks of per-task accuracy)."""
     from rap.eval.leval import run_leval, run_leval_decoder
 
-    budget_list = _budgets(budgets)
-    dec_settings = _decoder_settings(path, presses, budget_list, kv_bits, full, agnostic)
-    hf_presses = _presses(presses or HF_PRESSES, full) if dec_settings is None else None
+    budget_list, dec_settings, hf_presses = _press_setup(path, presses, budgets, kv_bits, full, agnostic)
     view, tok = _load(model, dtype, device)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     ctx = max_context or view.shape.max_context

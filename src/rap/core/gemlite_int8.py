@@ -15,14 +15,17 @@ to `gemlite::forward_functional`, and `storage_bytes` reads the inner tensors as
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchao.utils import TorchAOBaseTensor
 
 aten = torch.ops.aten
 
 
+@functools.cache
 def available() -> bool:
-    """Whether gemlite can be imported (the `cuda` extra)."""
+    """Whether gemlite can be imported (the `cuda` extra). Asked once: the memory model asks per weight."""
     try:
         import gemlite  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means: not available
@@ -50,7 +53,7 @@ class GemliteInt8Tensor(TorchAOBaseTensor):
         """From int8 values [N, K] and per-row scales (any shape with N elements), on a CUDA device."""
         from gemlite.helper import A16W8_INT8
 
-        N, K = qdata.shape
+        N = qdata.shape[0]
         layer = A16W8_INT8(device=str(qdata.device), dtype=dtype).from_weights(
             qdata.contiguous(), scales=scale.reshape(N, 1).to(torch.float32))
         args = layer.get_tensor_args()
