@@ -16,16 +16,14 @@ import argparse
 import datetime
 import math
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
 from benchmarks.common import print_table, write_json
+from benchmarks.server_load import free_port, start_server
 
 GENERATE_TASK = """task: rap_lambada_generate
 dataset_path: json
@@ -51,39 +49,24 @@ def main() -> None:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from rap.data import data_root
+    from rap.data import data_file
     from rap.eval.lm_eval_model import write_task_configs
     from rap.sources import load_view
 
     torch.set_num_threads(args.threads)
     folder = write_task_configs(Path(tempfile.mkdtemp(prefix="rap-tasks-")))
-    (folder / "rap_lambada_generate.yaml").write_text(GENERATE_TASK % (data_root() / "lambada_openai" /
-                                                                        "lambada_test.jsonl"))
+    (folder / "rap_lambada_generate.yaml").write_text(GENERATE_TASK % data_file("lambada_openai/lambada_test.jsonl"))
     tm = TaskManager(include_path=str(folder), include_defaults=False)
     tasks = args.tasks.split(",")
     _, tok = load_view(args.model)
     tokenizer_path = tok.name_or_path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen([sys.executable, "-m", "rap", "serve", args.model, "--port", str(port), "--budget",
-                               "1TiB", "--threads", str(args.threads)], stdout=subprocess.DEVNULL,
-                              stderr=open(out / "lm-eval-serve-server.log", "w"))
+    server = start_server(args.model, port, None, args.threads, out / "lm-eval-serve-server.log", extra=())
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("rap serve did not start; see lm-eval-serve-server.log")
-            time.sleep(0.5)
         t0 = time.perf_counter()
         served = simple_evaluate(model="local-completions", tasks=tasks, limit=args.limit, task_manager=tm,
                                  log_samples=True, bootstrap_iters=0,
