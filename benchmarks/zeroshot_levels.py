@@ -2,8 +2,8 @@
 
 The plan is what `rap.policy.make_level_policy(DEFAULT_LEVEL_POLICY, ...)` decides at `--budget` of the
 dense need (batch 1, prompt 512, 128 new tokens; the memory model of the device the model runs on),
-over the bundled level profile. Scoring: rap.eval.zeroshot (lm-eval's prompts and log-likelihood
-scoring) on rap's forward; a Plan's int8 / int4 blocks run with their quantized values
+over the bundled level profile. Scoring: lm-eval through rap.eval.harness on
+rap's forward; a Plan's int8 / int4 blocks run with their quantized values
 (rap.core.quant.fake_quantize). Reports, over the tasks: the raw share (mean headline accuracy /
 dense's) and the above-chance share ((acc - chance) / (dense - chance), per task, averaged), BoolQ apart
 (pruned models drift to its majority answer). The JSON is rewritten after every task (partial results).
@@ -59,8 +59,7 @@ def main(argv=None) -> None:
 
     from benchmarks.common import environment
     from rap.core.memory import MemoryModel, Request
-    from rap.eval.zeroshot import TASKS, evaluate_task
-    from rap.eval.perplexity import needs_bos
+    from rap.eval.harness import evaluate
     from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile, make_level_policy
     from rap.sources import load_view
 
@@ -76,21 +75,21 @@ def main(argv=None) -> None:
     from rap.core.plan import Plan
 
     dense_plan = Plan.full(view.num_layers)
-    bos = needs_bos(tok, view.config.model_type)
     out = Path(args.out)
     payload = {**environment(view.device), "model": args.model, "limit": args.limit,
                "budget_ratio": args.budget, "policy": policy_name, "memory_model_device": "cuda" if on_cuda else "cpu", "plan": plan.spec(), "counts": plan.counts(),
                "param_bytes_ratio": memory.param_bytes(plan) / memory.param_bytes(dense_plan),
-               "scoring": "rap.eval.zeroshot on rap.core.forward; quantized blocks by rap.core.quant.fake_quantize",
+               "scoring": "lm-eval (rap.eval.harness) on rap.core.forward; quantized blocks by rap.core.quant.fake_quantize",
                "dense": {}, "plan_results": {}, "seconds": {}}
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     for name in names:
         for label, p in (("dense", dense_plan), ("plan_results", plan)):
             t = time.perf_counter()
-            r = evaluate_task(view, tok, name, limit=args.limit, batch_size=args.batch_size, bos=bos, mask=p)
-            payload[label][name] = r.to_dict()
+            r = evaluate(view, tok, [name], limit=args.limit, batch_size=args.batch_size, mask=p,
+                         progress=False)["tasks"][name]
+            payload[label][name] = r
             payload["seconds"][f"{label}:{name}"] = time.perf_counter() - t
-            print(f"{name:16s} {label:12s} {r.to_dict()} ({time.perf_counter() - t:.0f} s)", flush=True)
+            print(f"{name:16s} {label:12s} {r} ({time.perf_counter() - t:.0f} s)", flush=True)
         no_boolq = [n for n in names if n != "boolq" and n in payload["plan_results"]]
         payload["summary_without_boolq"] = shares(payload["dense"], payload["plan_results"], no_boolq)
         payload["summary_all"] = shares(payload["dense"], payload["plan_results"], list(payload["plan_results"]))
