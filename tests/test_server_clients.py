@@ -81,17 +81,11 @@ def test_a_stream_closed_after_two_chunks_stops_its_row(served):
 
 def test_a_client_that_times_out_cancels_its_request(served):
     client, engine, url = served
-    # the client gives up after about a quarter of the long request's decoding time on this machine now
-    spans = []
-    for n in (8, 72):
-        t0 = time.perf_counter()
-        complete(client, max_tokens=n)
-        spans.append(time.perf_counter() - t0)
-    per_token = max(spans[1] - spans[0], 1e-3) / 64
+    complete(client, max_tokens=8)  # warm: the first request of a server pays its start-up
     served_before = engine.stats.requests_served
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0},
-                   timeout=max(0.1, spans[0] + per_token * LONG / 4))
+                   timeout=0.1)  # far less than 480 tokens take anywhere (1.2 s on an idle 2-core box)
     wait_idle(engine, served_before)
     assert engine.stats.last_step.generated_tokens < LONG // 2
 
