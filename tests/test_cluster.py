@@ -205,7 +205,9 @@ def test_a_killed_replica_is_restarted_and_the_cluster_answers_throughout(cluste
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             rows = listing(cluster)["replicas"]
-            if len(rows) == 2 and victim["pid"] not in [row["pid"] for row in rows]:
+            # the replacement is listed from its first report, then acknowledges the budget the board answered
+            if len(rows) == 2 and victim["pid"] not in [row["pid"] for row in rows] and all(
+                    row["applied_version"] for row in rows):
                 break
             time.sleep(0.5)
         time.sleep(1.0)
