@@ -54,6 +54,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--bytes-device", default=None, help="cpu | cuda memory model the plan is made for "
                     "(default: the device the model runs on)")
+    ap.add_argument("--plan-dtype", default=None, help="decide the plan for the dense need at this dtype (bf16: "
+                    "the serving dtype; the CPU memory model from the config) while scoring in --dtype")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -65,7 +67,14 @@ def main(argv=None) -> None:
 
     view, tok = load_view(args.model, dtype=args.dtype, device=args.device)
     on_cuda = (args.bytes_device or view.device.type) == "cuda"
-    memory = MemoryModel.from_view(view, on_cuda=on_cuda)
+    if args.plan_dtype:
+        from rap.sources import planning_memory
+
+        if on_cuda:
+            raise SystemExit("--plan-dtype plans with the CPU memory model; leave --bytes-device unset")
+        memory = planning_memory(args.model, args.plan_dtype)
+    else:
+        memory = MemoryModel.from_view(view, on_cuda=on_cuda)
     request = Request(batch=1, prompt=512, new_tokens=128)
     policy_name = args.policy or DEFAULT_LEVEL_POLICY
     policy = make_level_policy(policy_name, memory, bundled_level_profile(args.model))
@@ -77,7 +86,8 @@ def main(argv=None) -> None:
     dense_plan = Plan.full(view.num_layers)
     out = Path(args.out)
     payload = {**environment(view.device), "model": args.model, "limit": args.limit,
-               "budget_ratio": args.budget, "policy": policy_name, "memory_model_device": "cuda" if on_cuda else "cpu", "plan": plan.spec(), "counts": plan.counts(),
+               "budget_ratio": args.budget, "policy": policy_name,
+               "plan_dtype": args.plan_dtype or str(view.dtype).replace("torch.", ""), "memory_model_device": "cuda" if on_cuda else "cpu", "plan": plan.spec(), "counts": plan.counts(),
                "param_bytes_ratio": memory.param_bytes(plan) / memory.param_bytes(dense_plan),
                "scoring": "lm-eval (rap.eval.harness) on rap.core.forward; quantized blocks by rap.core.quant.fake_quantize",
                "dense": {}, "plan_results": {}, "seconds": {}}
