@@ -143,6 +143,9 @@ def main(argv=None) -> None:
 
         cal = load_calibration(tok, view.config.model_type, tokens=2048, seq_len=min(256, args.seq_len))
         lp = level_profile(view, cal, steps=None, remeasure=3, progress=False)
+        from rap.policy.library import build_library
+
+        build_library(view, cal.windows.to(view.device), lp, progress=False)
     gsi_path = args.gsi_profile or Path(__import__("rap").__file__).parent / "assets" / "profiles" / f"{args.model}.json"
     gsi_prof = json.loads(Path(gsi_path).read_text())
     on_cuda = (args.bytes_device or view.device.type) == "cuda"
