@@ -211,9 +211,11 @@ class LibrarySolver:
     def _least_activation(self, request: Request) -> int:
         key = (request.batch, request.prompt, request.new_tokens)
         if key not in self._activation:
-            empty, _, _ = self.knapsack.smallest(request)
-            bd = self.memory.breakdown(empty, request, 1.0)
-            self._activation[key] = bd.total_bytes - bd.param_bytes - bd.kv_bytes
+            if not hasattr(self, "_empty"):
+                self._empty = Plan.from_levels([DROP] * self.memory.shape.num_layers, [DROP] * self.memory.shape.num_layers)
+            m = self.memory
+            self._activation[key] = max(m.prefill_activation_bytes(request, self._empty),
+                                        m.decode_activation_bytes(request, self._empty))
             if len(self._activation) > 4096:
                 self._activation.pop(next(iter(self._activation)))
         return self._activation[key]
