@@ -89,7 +89,8 @@ class Generation:
     timing: Timing
     mask: BlockMask
     kv_ratio: float = 1.0
-    kv_press: str | None = None  # "snapkv" | "adakv" when kv_ratio < 1 (the press that picked the kept tokens)
+    kv_press: str | None = None  # "snapkv" | "adakv" | "pyramidkv" | "ada-pyramidkv" when kv_ratio < 1 (the press
+    # that picked the kept tokens)
     kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values
 
 
@@ -98,7 +99,8 @@ class Decoder:
 
     `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
     attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) on average, split
-    over heads by Ada-KV (kv_press="adakv", default) or uniformly (kv_press="snapkv"), optionally in
+    over heads by Ada-KV (kv_press="adakv", default) or uniformly (kv_press="snapkv"), or per layer by
+    PyramidKV's schedule (kv_press="pyramidkv", "ada-pyramidkv": Ada-KV inside each layer), optionally in
     int8 (kv_bits=8; see the module docstring), and the cache shrinks to what
     `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step` receives each step's [n]
     new tokens (on the host; one device sync per step, only when given).
@@ -346,19 +348,33 @@ class Decoder:
                               "use a smaller batch, fewer tokens or drop more attention blocks")
 
     @staticmethod
-    def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None) -> KVLayout | None:
-        """The flat layout a request needs (Ada-KV below ratio 1, or int8 KV), or None (dense buffers)."""
-        layout = layout_for(kv_press, kv_bits)
+    def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None,
+                     kv_scorer: SnapKVScorer | None = None) -> KVLayout | None:
+        """The flat layout a request needs (Ada-KV or PyramidKV below ratio 1, or int8 KV), or None
+        (dense buffers). The pyramid's window is the scorer's."""
+        layout = layout_for(kv_press, kv_bits, (kv_scorer or DEFAULT_SCORER).window)
         return layout if layout.flat and (kv_ratio < 1.0 or layout.bits != 16) else None
 
+    def _layer_lengths(self, mask: BlockMask, prompt: int, length: int, kv_ratio: float,
+                       layout: KVLayout | None) -> dict[int, int] | None:
+        """Per-layer cache lengths under a PyramidKV layout (the memory model's `kv_layer_tokens` for the
+        request the engine plans with), None for every other layout (one length for all layers)."""
+        if layout is None or not layout.pyramid or kv_ratio >= 1.0:
+            return None
+        request = Request(1, max(1, prompt), max(1, length - prompt))
+        return self.memory.kv_layer_tokens(request, mask, kv_ratio, layout)
+
     def _workspace(self, batch: int, length: int, rope_length: int | None = None,
-                   layout: KVLayout | None = None) -> Workspace:
+                   layout: KVLayout | None = None, layer_lengths: dict[int, int] | None = None) -> Workspace:
         rope_length = rope_length or length
-        key = (batch, length, rope_length, None if layout is None else layout.bits)
+        # a pyramid's layer lengths depend on the prompt and the mask's kept layers: a workspace of their own
+        key = (batch, length, rope_length, None if layout is None else layout.bits,
+               None if layer_lengths is None else tuple(sorted(layer_lengths.items())))
         if key not in self._workspaces:
             cos, sin = self._rope_table(rope_length)
             self._workspaces[key] = Workspace.allocate(batch, length, rope_length, cos, sin,
-                                                       self.view.shape.vocab_size, self.device, layout)
+                                                       self.view.shape.vocab_size, self.device, layout,
+                                                       layer_lengths)
         return self._workspaces[key]
 
     def _ensure_kv(self, ws: Workspace, mask: BlockMask, prompt: int, kv_ratio: float = 1.0) -> None:
@@ -407,7 +423,8 @@ class Decoder:
     # ---- the decode step and its graphs (rap.decode.step, rap.decode.graphs) ----------------------------
 
     def prepare(self, mask: BlockMask, batch: int, max_len: int, sampled: bool = False, prompt: int = 1,
-                kv_ratio: float = 1.0, kv_press: str | None = None, kv_bits: int | None = None) -> float:
+                kv_ratio: float = 1.0, kv_press: str | None = None, kv_bits: int | None = None,
+                kv_scorer: SnapKVScorer | None = None) -> float:
         """Make sure (mask, batch bucket, cache length) has its cache and, on CUDA, its captured graph.
 
         max_len: prompt + new tokens; with kv_ratio < 1 the cache holds the compressed length.
@@ -415,8 +432,9 @@ class Decoder:
         """
         t0 = time.perf_counter()
         T = bucket_length(max_len)
-        layout = self._flat_layout(kv_ratio, kv_press, kv_bits)
-        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T, layout)
+        layout = self._flat_layout(kv_ratio, kv_press, kv_bits, kv_scorer)
+        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T, layout,
+                             self._layer_lengths(mask, prompt, T, kv_ratio, layout))
         self._ensure_kv(ws, mask, prompt, kv_ratio)
         if self.use_graphs and (mask, sampled) not in ws.graphs:
             ws.graphs[(mask, sampled)] = capture(self, ws, mask, sampled)
@@ -429,6 +447,23 @@ class Decoder:
         """ids [n, P] left-padded; writes K/V of columns [0, P) for rows [0, n) (with a plan, the kept
         columns [0, plan.width)); returns logits [n, V]. A method so a caller may replay it (rap.eval.needle_decoder)."""
         return prefill(self, ws, mask, ids, pad, plan)
+
+    def _pyramid_plan(self, plan: KeepPlan, ws: Workspace, mask: BlockMask, layout: KVLayout,
+                      lengths: list[int], kept: list[int], max_new_tokens: int) -> KeepPlan:
+        """`plan` with PyramidKV's per-layer budgets: row b's kept attention layers keep
+        `layout.layer_budgets(L, P_b, k_b)` (first to last), each capped by its layer's room (its cache
+        length minus the new tokens; binds only for a row shorter than the longest), and every head
+        of a layer decodes into that layer's length minus its kept count."""
+        layers = mask.kept_attn_layers
+        layer_kept = torch.zeros(len(lengths), mask.num_layers, dtype=torch.long)
+        room = torch.zeros(mask.num_layers, dtype=torch.long)
+        for i in layers:
+            room[i] = ws.layer_length(i)
+        for r, (L, k) in enumerate(zip(lengths, kept)):
+            for i, b in zip(layers, layout.layer_budgets(len(layers), L, k)):
+                layer_kept[r, i] = max(1, min(b, L, int(room[i]) - max_new_tokens))
+        return replace(plan, layer_kept=layer_kept.to(self.device),
+                       layer_reserve=(room[None, :] - layer_kept).to(self.device))
 
     # ---- the public call --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -444,9 +479,10 @@ class Decoder:
         stop_token_ids: a row stops after emitting one of these (default: none). kv_ratio in (0, 1]:
         the share of each prompt's tokens every kept attention layer keeps per KV head (SnapKV, see
         the module docstring; 1.0 keeps all, exactly as before). kv_press: "adakv" (default: per
-        layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache) or "snapkv"
-        (k per head, dense buffers). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and
-        values, flat cache). kv_scorer: the SnapKV scorer's parameters (default
+        layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache), "snapkv"
+        (k per head, dense buffers), "pyramidkv" (PyramidKV's per-layer budgets, falling with depth and
+        averaging k, uniform over heads, flat cache) or "ada-pyramidkv" (those budgets split by
+        Ada-KV). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and values, flat cache). kv_scorer: the SnapKV scorer's parameters (default
         `rap.kv.scorer.DEFAULT_SCORER`). on_step: called with the [n] new
         tokens (CPU tensor) after prefill and after every decode step; rows that stopped repeat the
         pad token; it may return [n] booleans, rows to finish now (a stop string matched, a client
@@ -477,7 +513,8 @@ class Decoder:
         sampled = temperature > 0
         n, P = len(prompts), max(len(p) for p in prompts)
         kv = layout_for(kv_press, kv_bits)  # RequestError for an unknown press or unsupported bits
-        layout = self._flat_layout(kv_ratio, kv_press, kv_bits)
+        scorer = kv_scorer or DEFAULT_SCORER
+        layout = self._flat_layout(kv_ratio, kv_press, kv_bits, scorer)
         window = self._smallest_window(mask)
         if (kv_ratio < 1.0 or layout is not None) and window is not None and P + max_new_tokens > window:
             windowed = [i for i, a in enumerate(self.attn) if a.window is not None and mask.keep_attn[i]]
@@ -490,11 +527,12 @@ class Decoder:
         K = max(kept)  # first decode column (= P without compression)
         capture_ms = 0.0
         B, T = bucket_batch(n), bucket_length(P + max_new_tokens)
-        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T, layout)
+        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T, layout,
+                             self._layer_lengths(mask, P, T, kv_ratio, layout))
         if self.use_graphs:
             cached = (mask, sampled) in ws.graphs and all(i in ws.kv for i in mask.kept_attn_layers)
             spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P, kv_ratio=kv_ratio,
-                                 kv_press=kv_press, kv_bits=kv_bits)
+                                 kv_press=kv_press, kv_bits=kv_bits, kv_scorer=kv_scorer)
             capture_ms = 0.0 if cached else spent
         else:
             self._ensure_kv(ws, mask, P, kv_ratio)
@@ -514,12 +552,13 @@ class Decoder:
         pad[:n] = torch.tensor([K - k for k in kept])
         shift = torch.zeros(B, dtype=torch.long)
         shift[:n] = torch.tensor([L - k for L, k in zip(lengths, kept)])
-        scorer = kv_scorer or DEFAULT_SCORER
         kept_dev = torch.tensor(kept).to(dev)
         plan = KeepPlan(prompt_pad, kept_dev, K, scorer) if compress else None
         if layout is not None:  # flat cache: every head of row b gets T - k_b rows to decode into
-            plan = KeepPlan(prompt_pad, kept_dev, K, scorer, adaptive=kv.press == "adakv",
+            plan = KeepPlan(prompt_pad, kept_dev, K, scorer, adaptive=layout.adaptive,
                             reserve=ws.length - kept_dev, everything=not compress)
+            if layout.pyramid and compress:
+                plan = self._pyramid_plan(plan, ws, mask, layout, lengths, kept, max_new_tokens)
             for i in mask.kept_attn_layers:
                 ws.kv[i].reset()
         ws.pad.copy_(pad)
