@@ -155,3 +155,17 @@ def test_an_unknown_press_is_one_line_naming_the_pyramid_presses(stories):
     with pytest.raises(RequestError, match="unknown KV press") as err:
         Decoder(stories[0]).generate([[1, 2, 3]], 2, kv_ratio=0.5, kv_press="pyramid")
     assert "\n" not in str(err.value) and "ada-pyramidkv" in str(err.value)
+
+
+def test_a_served_request_can_ask_for_ada_pyramidkv_and_gets_the_decoders_tokens(stories):
+    from rap.serve.engine import GenerationRequest
+
+    from test_kv_serving import PROMPT, engine_for
+
+    engine = engine_for(stories, 0.5)
+    ids = stories[1](PROMPT).input_ids
+    result = engine.generate(GenerationRequest(PROMPT, max_new_tokens=8, kv_press="ada-pyramidkv"))[0]
+    assert result.error is None and result.step.decision.kv_press == "ada-pyramidkv"
+    want = engine.backend.decoder.generate([ids], 8, kv_ratio=0.5, kv_press="ada-pyramidkv",
+                                           stop_token_ids=engine._eos_ids).tokens[0]
+    assert list(result.token_ids) == [t for t in want if t not in engine._eos_ids][:8]
