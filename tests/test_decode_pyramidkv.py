@@ -169,3 +169,21 @@ def test_a_served_request_can_ask_for_ada_pyramidkv_and_gets_the_decoders_tokens
     want = engine.backend.decoder.generate([ids], 8, kv_ratio=0.5, kv_press="ada-pyramidkv",
                                            stop_token_ids=engine._eos_ids).tokens[0]
     assert list(result.token_ids) == [t for t in want if t not in engine._eos_ids][:8]
+
+
+def test_a_replayed_prefill_keeps_each_layers_own_pyramid_budget(stories, story_ids):
+    from rap.eval.needle_decoder import PrefillReplay
+
+    view, _ = stories
+    dec = Decoder(view)
+    replay = PrefillReplay(dec)
+    replay.capture_logits()
+    replay.record([story_ids], 6, kv_ratio=0.5, kv_press="adakv")
+    dec._prefill = replay._real_prefill
+    dec.release()
+    got = replay.replay([story_ids], 6, kv_ratio=0.6, kv_press="ada-pyramidkv")
+    fresh = Decoder(view)
+    want = fresh.generate([story_ids], 6, kv_ratio=0.6, kv_press="ada-pyramidkv")
+    assert got.tokens == want.tokens
+    assert {i: c.lengths.tolist() for i, c in flat_caches(dec).items()} == {
+        i: c.lengths.tolist() for i, c in flat_caches(fresh).items()}
