@@ -311,33 +311,36 @@ class MemoryModel:
         """KV cache bytes: on CUDA, as the caching allocator charges the decoder's dense [B, Hkv, T, D]
         key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size.
 
-        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, int8 KV): every tensor
-        of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each rounded
-        as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
+        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, PyramidKV, int8 KV):
+        every tensor of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each
+        rounded as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
         """
+        return sum(self.kv_layer_bytes(request, mask, kv_ratio, kv_layout).values())
+
+    def kv_layer_bytes(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0,
+                       kv_layout=None) -> dict[int, int]:
+        """`kv_bytes` per kept attention layer (under PyramidKV each layer's own; a layer's bytes depend
+        on the whole mask, whose kept layers the pyramid spreads the budget over)."""
         kv_layout = kv_layout if kv_layout is not None else self.kv_layout
         if kv_layout is not None and kv_layout.flat and (kv_ratio < 1.0 or kv_layout.bits != 16):
-            return self._flat_kv_bytes(request, mask, kv_ratio, kv_layout)
+            from rap.kv.decode_cache import layer_tensor_bytes
+
+            s = self.shape
+            out = {}
+            for i, tokens in self.kv_layer_tokens(request, mask, kv_ratio, kv_layout).items():
+                sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, tokens, s.head_dim, s.dtype_bytes,
+                                           kv_layout.bits)
+                out[i] = sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
+            return out
         per_token = self.shape.kv_bytes_per_token_per_layer
         dense = kv_ratio >= 1.0 or self.kv_length_quantum is not None
-        total = 0
+        out = {}
         for i in mask.kept_attn_layers:
             layer = request.batch * self.kv_tokens(request, kv_ratio, i) * per_token
             if self.on_cuda and dense:
                 layer = 2 * cuda_block_bytes(layer // 2)
-            total += layer
-        return total
-
-    def _flat_kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float, kv_layout) -> int:
-        from rap.kv.decode_cache import layer_tensor_bytes
-
-        s = self.shape
-        total = 0
-        for tokens in self.kv_layer_tokens(request, mask, kv_ratio, kv_layout).values():
-            sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, tokens, s.head_dim, s.dtype_bytes,
-                                       kv_layout.bits)
-            total += sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
-        return total
+            out[i] = layer
+        return out
 
     def kv_bytes_per_token(self, mask: BlockMask | None = None) -> int:
         layers = self.shape.num_layers if mask is None else len(mask.kept_attn_layers)

@@ -338,8 +338,8 @@ class Decoder:
                               "use a smaller batch, fewer tokens or drop more blocks")
         if self.device.type != "cuda":
             return
-        sub = BlockMask(tuple(i in new_layers for i in range(mask.num_layers)), (False,) * mask.num_layers)
-        need = self.memory.kv_bytes(request, sub, kv_ratio, layout) + max(
+        layer_bytes = self.memory.kv_layer_bytes(request, mask, kv_ratio, layout)  # the mask's own pyramid
+        need = sum(layer_bytes[i] for i in new_layers) + max(
             self.memory.prefill_activation_bytes(request, mask), self.memory.decode_activation_bytes(request, mask))
         free = self._free_device_bytes()
         if need > free:

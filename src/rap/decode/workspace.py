@@ -7,7 +7,9 @@ KV compression). Keys before `pad[b]` and after the current column are masked. E
 attention layer owns a [B, Hkv, T, D] key and value buffer (zero-initialised: masked garbage
 must never be NaN, since 0 * NaN poisons P @ V); buffers live per (batch bucket, T, RoPE length)
 workspace and are shared by every mask's graph, so the resident KV is that of the union of kept
-attention layers over the cached graphs.
+attention layers over the cached graphs. A flat cache (`rap.kv.decode_cache.FlatLayerCache`) replaces a
+layer's pair under Ada-KV / PyramidKV / int8; under PyramidKV each layer has its own length
+(`layer_lengths`, from the mask's kept layers and the prompt): a workspace of its own per set of lengths.
 """
 
 from __future__ import annotations
