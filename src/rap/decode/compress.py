@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rap.kv.decode_cache import ADAKV_ALPHA, FlatLayerCache
+from rap.kv.decode_cache import ADAKV_ALPHA, FlatLayerCache, KVLayout
 from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep, uniform_keep
 
 SNAPKV_WINDOW = DEFAULT_SCORER.window  # kept for callers; the scorer is rap.kv.scorer.DEFAULT_SCORER
@@ -122,3 +122,21 @@ def keep_prompt_flat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: F
         scores = snapkv_scores(q, k, plan.pad, scaling, plan.scorer)
         keep = (adaptive_keep(scores, plan.kept, ADAKV_ALPHA) if plan.adaptive else uniform_keep(scores, plan.kept))
     cache.write_prompt(plan.r0, k, v, keep, plan.reserve)
+
+
+def pyramid_plan(plan: KeepPlan, layer_lengths: dict[int, int], num_layers: int, layout: KVLayout,
+                 lengths: list[int], kept: list[int], max_new_tokens: int) -> KeepPlan:
+    """`plan` with PyramidKV's per-layer budgets: row b's kept attention layers (`layer_lengths`' keys,
+    first to last) keep `layout.layer_budgets(L, P_b, k_b)`, each capped by its layer's room (its cache
+    length minus the new tokens; binds only for a row shorter than the longest), and every head of a
+    layer decodes into that layer's length minus its kept count."""
+    layers = sorted(layer_lengths)
+    layer_kept = torch.zeros(len(lengths), num_layers, dtype=torch.long)
+    room = torch.zeros(num_layers, dtype=torch.long)
+    for i in layers:
+        room[i] = layer_lengths[i]
+    for r, (P, k) in enumerate(zip(lengths, kept)):
+        for i, b in zip(layers, layout.layer_budgets(len(layers), P, k)):
+            layer_kept[r, i] = max(1, min(b, P, layer_lengths[i] - max_new_tokens))
+    device = plan.kept.device
+    return replace(plan, layer_kept=layer_kept.to(device), layer_reserve=(room[None, :] - layer_kept).to(device))

@@ -44,7 +44,7 @@ from rap.core.model import BlockView
 from rap.core.plan import DROP, DTYPE, Plan
 from rap.core.quant import quantize_weight, storage_bytes, weight_level
 from rap.decode.compress import (SNAPKV_KERNEL, SNAPKV_WINDOW, KeepPlan, kept_columns, keep_prompt,  # noqa: F401
-                                 keep_prompt_flat, snapkv_scores)
+                                 keep_prompt_flat, pyramid_plan, snapkv_scores)
 from rap.decode.graphs import capture, capture_stream, compiled_block_functions  # noqa: F401 (capture_stream re-exported)
 from rap.decode.prefill import prefill, prefill_attention  # noqa: F401 (prefill_attention re-exported)
 from rap.decode.sampling import draw_noise, pick_tokens, row_generators
@@ -52,7 +52,7 @@ from rap.decode.step import exact_step, static_step
 from rap.decode.workspace import (BATCH_BUCKETS, LENGTH_QUANTUM, MAX_STOP_IDS, Workspace,  # noqa: F401
                                   bucket_batch, bucket_length, planning_request)
 from rap.errors import BudgetError, RequestError, UnsupportedModelError
-from rap.kv.decode_cache import FlatLayerCache, KVLayout, layout_for  # noqa: F401 (FlatLayerCache re-exported)
+from rap.kv.decode_cache import DECODER_PRESSES, FlatLayerCache, KVLayout, layout_for  # noqa: F401 (re-exported)
 from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ class Generation:
     timing: Timing
     mask: BlockMask
     kv_ratio: float = 1.0
-    kv_press: str | None = None  # "snapkv" | "adakv" | "pyramidkv" | "ada-pyramidkv" when kv_ratio < 1 (the press
-    # that picked the kept tokens)
+    kv_press: str | None = None  # when kv_ratio < 1, the press that picked the kept tokens (DECODER_PRESSES)
     kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values
 
 
@@ -99,11 +98,10 @@ class Decoder:
 
     `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
     attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) on average, split
-    over heads by Ada-KV (kv_press="adakv", default) or uniformly (kv_press="snapkv"), or per layer by
-    PyramidKV's schedule (kv_press="pyramidkv", "ada-pyramidkv": Ada-KV inside each layer), optionally in
-    int8 (kv_bits=8; see the module docstring), and the cache shrinks to what
-    `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step` receives each step's [n]
-    new tokens (on the host; one device sync per step, only when given).
+    over heads by Ada-KV (kv_press="adakv", default) or uniformly ("snapkv"), or per layer by PyramidKV
+    ("pyramidkv", "ada-pyramidkv"), optionally in int8 (kv_bits=8; see the module docstring), and the
+    cache shrinks to what `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step`
+    receives each step's [n] new tokens (on the host; one device sync per step, only when given).
 
     Args:
         model: a `BlockView` or a supported HF causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma 3).
@@ -350,24 +348,19 @@ class Decoder:
     @staticmethod
     def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None,
                      kv_scorer: SnapKVScorer | None = None) -> KVLayout | None:
-        """The flat layout a request needs (Ada-KV or PyramidKV below ratio 1, or int8 KV), or None
-        (dense buffers). The pyramid's window is the scorer's."""
+        """The flat layout a request needs (Ada-KV / PyramidKV below ratio 1, int8 KV), or None (dense)."""
         layout = layout_for(kv_press, kv_bits, (kv_scorer or DEFAULT_SCORER).window)
         return layout if layout.flat and (kv_ratio < 1.0 or layout.bits != 16) else None
 
     def _layer_lengths(self, mask: BlockMask, prompt: int, length: int, kv_ratio: float,
                        layout: KVLayout | None) -> dict[int, int] | None:
-        """Per-layer cache lengths under a PyramidKV layout (the memory model's `kv_layer_tokens` for the
-        request the engine plans with), None for every other layout (one length for all layers)."""
-        if layout is None or not layout.pyramid or kv_ratio >= 1.0:
-            return None
+        """PyramidKV: each layer's cache length (`MemoryModel.kv_layer_tokens`); else None (one length)."""
         request = Request(1, max(1, prompt), max(1, length - prompt))
-        return self.memory.kv_layer_tokens(request, mask, kv_ratio, layout)
+        return self.memory.kv_layer_tokens(request, mask, kv_ratio, layout) if layout and layout.pyramid else None
 
     def _workspace(self, batch: int, length: int, rope_length: int | None = None,
                    layout: KVLayout | None = None, layer_lengths: dict[int, int] | None = None) -> Workspace:
         rope_length = rope_length or length
-        # a pyramid's layer lengths depend on the prompt and the mask's kept layers: a workspace of their own
         key = (batch, length, rope_length, None if layout is None else layout.bits,
                None if layer_lengths is None else tuple(sorted(layer_lengths.items())))
         if key not in self._workspaces:
@@ -448,23 +441,6 @@ class Decoder:
         columns [0, plan.width)); returns logits [n, V]. A method so a caller may replay it (rap.eval.needle_decoder)."""
         return prefill(self, ws, mask, ids, pad, plan)
 
-    def _pyramid_plan(self, plan: KeepPlan, ws: Workspace, mask: BlockMask, layout: KVLayout,
-                      lengths: list[int], kept: list[int], max_new_tokens: int) -> KeepPlan:
-        """`plan` with PyramidKV's per-layer budgets: row b's kept attention layers keep
-        `layout.layer_budgets(L, P_b, k_b)` (first to last), each capped by its layer's room (its cache
-        length minus the new tokens; binds only for a row shorter than the longest), and every head
-        of a layer decodes into that layer's length minus its kept count."""
-        layers = mask.kept_attn_layers
-        layer_kept = torch.zeros(len(lengths), mask.num_layers, dtype=torch.long)
-        room = torch.zeros(mask.num_layers, dtype=torch.long)
-        for i in layers:
-            room[i] = ws.layer_length(i)
-        for r, (L, k) in enumerate(zip(lengths, kept)):
-            for i, b in zip(layers, layout.layer_budgets(len(layers), L, k)):
-                layer_kept[r, i] = max(1, min(b, L, int(room[i]) - max_new_tokens))
-        return replace(plan, layer_kept=layer_kept.to(self.device),
-                       layer_reserve=(room[None, :] - layer_kept).to(self.device))
-
     # ---- the public call --------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mask: BlockMask | None = None,
@@ -482,13 +458,14 @@ class Decoder:
         layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache), "snapkv"
         (k per head, dense buffers), "pyramidkv" (PyramidKV's per-layer budgets, falling with depth and
         averaging k, uniform over heads, flat cache) or "ada-pyramidkv" (those budgets split by
-        Ada-KV). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and values, flat cache). kv_scorer: the SnapKV scorer's parameters (default
-        `rap.kv.scorer.DEFAULT_SCORER`). on_step: called with the [n] new
-        tokens (CPU tensor) after prefill and after every decode step; rows that stopped repeat the
-        pad token; it may return [n] booleans, rows to finish now (a stop string matched, a client
-        gone), which then stop like a stop token (the loop ends when every row has). seed: one for
-        the batch, or one per row (None: random), each row then drawing its noise from its own
-        generator, so its tokens do not depend on what it is batched with. Returns the new tokens per prompt (up to and including its stop token) and the timing.
+        Ada-KV). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and values, flat cache).
+        kv_scorer: the SnapKV scorer's parameters (default `rap.kv.scorer.DEFAULT_SCORER`). on_step:
+        called with the [n] new tokens (CPU tensor) after prefill and after every decode step; rows
+        that stopped repeat the pad token; it may return [n] booleans, rows to finish now (a stop
+        string matched, a client gone), which then stop like a stop token (the loop ends when every
+        row has). seed: one for the batch, or one per row (None: random), each row then drawing its
+        noise from its own generator, so its tokens do not depend on what it is batched with.
+        Returns the new tokens per prompt (up to and including its stop token) and the timing.
         """
         mask = mask or self.view.mask
         if mask.num_layers != self.view.num_layers:
@@ -558,7 +535,8 @@ class Decoder:
             plan = KeepPlan(prompt_pad, kept_dev, K, scorer, adaptive=layout.adaptive,
                             reserve=ws.length - kept_dev, everything=not compress)
             if layout.pyramid and compress:
-                plan = self._pyramid_plan(plan, ws, mask, layout, lengths, kept, max_new_tokens)
+                plan = pyramid_plan(plan, {i: ws.layer_length(i) for i in mask.kept_attn_layers}, mask.num_layers,
+                                    layout, lengths, kept, max_new_tokens)
             for i in mask.kept_attn_layers:
                 ws.kv[i].reset()
         ws.pad.copy_(pad)
