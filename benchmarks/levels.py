@@ -44,80 +44,26 @@ import torch
 TARGETS = {0.7: 1.02, 0.5: 1.10, 0.4: 1.6}
 
 
-def plan_nll(runner, windows: torch.Tensor, plan, batch: int = 1) -> float:
-    """Mean next-token NLL of `windows` under `plan` (levels by fake_quantize on rap.core.forward)."""
-    from rap.profile.levels import Streams
-
-    total = 0.0
-    for i in range(0, len(windows), batch):
-        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch, head=plan.head_level)
-        total += s.current_nll()
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
-
-
 def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path=None):
-    from rap.core.plan import DROP, INT8, Plan
-    from rap.policy import DEFAULT_POLICY, make_policy
-    from rap.policy.context import PolicyContext
-    from rap.policy.evaluator import QualityModel
-    from rap.policy.precision import precision_policy
+    """name -> pick(budget) -> Plan | None: rap.policy.library's generators (the knapsack and its variants, the
+    single knobs, the greedy profile, drop-only), the library policy (rap's default when the profile has a
+    library) and the RL agent; plus the knapsack (for the decide-latency figure)."""
+    from rap.policy.library import LibrarySolver, generators
     from rap.policy.solver import make_solver
-    from rap.policy.greedy import complete_order
 
-    L = view.num_layers
-    order = complete_order(gsi_prof["order"], L)
-    quality = QualityModel.from_profile({**gsi_prof, "order": order, "num_layers": L})
-    ctx = PolicyContext(memory, order, quality)
-    drop_only = make_policy(DEFAULT_POLICY, ctx)
-    int8_all = Plan.uniform(L, INT8)
-    ctx8 = PolicyContext(memory.with_levels(int8_all), order, quality)
-    drop_on_int8 = make_policy(DEFAULT_POLICY, ctx8)
-    prec = precision_policy(ctx)
-    int4 = [lv for lv in level_prof.levels if lv.startswith("int4")][0]
-    solvers = {"solver": make_solver(memory, level_prof),
-               "solver-marginal": make_solver(memory, level_prof, costs="marginal", name="solver-marginal"),
-               "int8-only": make_solver(memory, level_prof, allow=(INT8,)),
-               "int4-only": make_solver(memory, level_prof, allow=(int4,))}
-    greedy = [level_prof.plan_after(k) for k in range(len(level_prof.steps) + 1)]
-
-    def only(s):
-        def pick(budget):
-            d = s.decide(request, budget)
-            return d.mask if memory.fits(budget, d.mask, request) and not any(
-                v == DROP for _, v in d.mask.items()) else None
-        return pick
-
-    def greedy_pick(budget):
-        fit = [p for p in greedy if memory.fits(budget, p, request)]
-        return fit[0] if fit else None
-
-    def int8_then_drop(budget):
-        if memory.fits(budget, Plan.full(L), request):
-            return Plan.full(L)
-        d = drop_on_int8.decide(request, budget)
-        return int8_all.with_levels({n: DROP for n in d.mask.dropped})
-
-    picks = {}
+    picks = generators(memory, level_prof, request, gsi_prof)
+    knapsack = make_solver(memory, level_prof)
+    if level_prof.library:
+        library = LibrarySolver(knapsack, level_prof.library, level_prof.dense_nll)
+        picks["library"] = lambda b: library.decide(request, b).mask
     if agent_path is not None and Path(agent_path).exists():  # the RL agent on the joint action (level_rl)
         from rap.policy.level_rl import LevelAgentPolicy, load_level_agent
 
         actor, record = load_level_agent(agent_path)
         if record.get("model") in (None, view.name):  # an agent is trained for one model's blocks
-            agent = LevelAgentPolicy(solvers["solver"], actor)
+            agent = LevelAgentPolicy(knapsack, actor)
             picks["rl"] = lambda b: agent.decide(request, b).mask
-    from rap.policy.solver import GreedyDropSolver
-
-    greedy_drops = GreedyDropSolver(memory, level_prof) if level_prof.steps else None
-    if greedy_drops is not None:
-        picks["solver-greedy-drops"] = lambda b: greedy_drops.decide(request, b).mask
-    return {**picks, "solver": lambda b: solvers["solver"].decide(request, b).mask,
-            "solver-marginal": lambda b: solvers["solver-marginal"].decide(request, b).mask,
-            "greedy-profile": greedy_pick,
-            "drop-only": lambda b: Plan.of(drop_only.decide(request, b).mask),
-            "int8-only": only(solvers["int8-only"]),
-            "int4-only": only(solvers["int4-only"]),
-            "int8-then-drop": int8_then_drop,
-            "precision-ladder": lambda b: Plan.of(prec.decide(request, b).mask)}, solvers["solver"]
+    return picks, knapsack
 
 
 def decide_p99_ms(solver, memory, seed: int = 0, n: int = 500) -> float:
@@ -148,7 +94,7 @@ def plot(rows, path: Path, title: str) -> None:
     for name in sorted({r["policy"] for r in rows}):
         pts = sorted((r["param_bytes_ratio"], r["ppl"]) for r in rows if r["policy"] == name and r["ppl"])
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name == "solver" else 1.2)
+            ax.plot(*zip(*pts), marker="o", label=name, lw=2.5 if name in ("solver", "library") else 1.2)
     ax.set_yscale("log")
     ax.set_xlabel("parameter bytes / dense parameter bytes")
     ax.set_ylabel("held-out perplexity (WikiText-2 test)")
@@ -184,7 +130,7 @@ def main(argv=None) -> None:
     from rap.eval.perplexity import needs_bos, token_windows
     from rap.core.memory import MemoryModel, Request
     from rap.core.plan import Plan
-    from rap.profile.levels import LevelRunner, level_profile, load_level_profile
+    from rap.profile.levels import LevelRunner, level_profile, load_level_profile, plan_nll
     from rap.sources import load_view
 
     if args.smoke:
@@ -197,6 +143,9 @@ def main(argv=None) -> None:
 
         cal = load_calibration(tok, view.config.model_type, tokens=2048, seq_len=min(256, args.seq_len))
         lp = level_profile(view, cal, steps=None, remeasure=3, progress=False)
+        from rap.policy.library import build_library
+
+        build_library(view, cal.windows.to(view.device), lp, progress=False)
     gsi_path = args.gsi_profile or Path(__import__("rap").__file__).parent / "assets" / "profiles" / f"{args.model}.json"
     gsi_prof = json.loads(Path(gsi_path).read_text())
     on_cuda = (args.bytes_device or view.device.type) == "cuda"
@@ -204,6 +153,7 @@ def main(argv=None) -> None:
     request = Request(batch=1, prompt=min(512, args.seq_len), new_tokens=128)
     dense_need = memory.dense_need(request)
     policies, solver = build_policies(view, memory, lp, gsi_prof, request, args.agent)
+    default = "library" if "library" in policies else "solver"  # what rap decides with for this profile
     if args.policies:
         wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
         unknown = [p for p in wanted if p not in policies]
@@ -269,18 +219,32 @@ def main(argv=None) -> None:
                                                 "seq_len": args.seq_len,
                                                 "dtype": str(view.dtype).replace("torch.", "")}}, indent=1))
     seconds = time.perf_counter() - t0
-    p99 = decide_p99_ms(solver, memory)
+    if default == "library":
+        from rap.policy.library import LibrarySolver
+
+        p99 = decide_p99_ms(LibrarySolver(solver, lp.library, lp.dense_nll), memory)
+    else:
+        p99 = decide_p99_ms(solver, memory)
+    ratio = {(r["budget_ratio"], r["policy"]): r["ppl_ratio"] for r in rows if r["ppl_ratio"]}
     targets = {}
     for frac, limit in TARGETS.items():
-        got = [r for r in rows if r["policy"] == "solver" and r["budget_ratio"] == frac and r["ppl_ratio"]]
+        got = ratio.get((frac, default))
         if got:
-            targets[f"{frac:.0%}"] = {"limit": limit, "solver_ppl_ratio": got[0]["ppl_ratio"],
-                                      "met": got[0]["ppl_ratio"] <= limit}
+            targets[f"{frac:.0%}"] = {"limit": limit, "policy": default, "ppl_ratio": got, "met": got <= limit}
+    # issue 15's frontier: the default at or below every single-knob curve at every budget (where the knob fits)
+    knobs = ("drop-only", "int8-only", "int4-only", "int8-then-drop")
+    frontier = {}
+    for frac in sorted({r["budget_ratio"] for r in rows}):
+        ours = ratio.get((frac, default))
+        above = {k: ratio[(frac, k)] for k in knobs if (frac, k) in ratio and ours is not None and ours > ratio[(frac, k)]}
+        frontier[f"{frac:.2f}"] = {"policy": default, "ppl_ratio": ours, "met": ours is not None and not above,
+                                   "knobs_below": above}
     rl_gap = {}
     for frac in sorted({r["budget_ratio"] for r in rows}):
         got = {r["policy"]: r["ppl_ratio"] for r in rows if r["budget_ratio"] == frac and r["ppl_ratio"]}
-        if "rl" in got and "solver" in got:
-            rl_gap[f"{frac:.2f}"] = got["rl"] / got["solver"]
+        for base in ("solver", default):
+            if "rl" in got and base in got:
+                rl_gap.setdefault(base, {})[f"{frac:.2f}"] = got["rl"] / got[base]
     wins = {}
     for frac in sorted({r["budget_ratio"] for r in rows}):
         here = [r for r in rows if r["budget_ratio"] == frac and r["ppl"]]
@@ -288,7 +252,9 @@ def main(argv=None) -> None:
             wins[f"{frac:.2f}"] = min(here, key=lambda r: r["ppl"])["policy"]
     print_table([r for r in rows], ["budget_ratio", "policy", "ppl", "ppl_ratio", "param_bytes_ratio", "fits"])
     print(f"dense ppl {math.exp(dense_nll):.3f}; targets {targets}; best per budget {wins}; "
-          f"solver decide p99 {p99:.3f} ms (CPU)")
+          f"{default} decide p99 {p99:.3f} ms (CPU)")
+    print("frontier (default at or below every single knob): "
+          + ", ".join(f"{k} {'met' if v['met'] else 'MISSED ' + str(v['knobs_below'])}" for k, v in frontier.items()))
     env = environment(view.device)
     device = env["device"]
     date = datetime.date.today().isoformat()
@@ -302,8 +268,8 @@ def main(argv=None) -> None:
                "request": {"batch": request.batch, "prompt": request.prompt, "new_tokens": request.new_tokens},
                "memory_model_device": "cuda" if on_cuda else "cpu", "dense_need_bytes": dense_need,
                "level_profile": {"path": args.profile, "calibration": lp.calibration, "device": lp.device},
-               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "best_per_budget": wins, "rl_ppl_over_solver": rl_gap,
-               "solver_decide_p99_ms": p99, "seconds": seconds, "reused_from": args.reuse}
+               "dense_ppl": math.exp(dense_nll), "rows": rows, "targets": targets, "default_policy": default, "frontier": frontier,
+               "best_per_budget": wins, "rl_ppl_over": rl_gap, "decide_p99_ms": {default: p99}, "seconds": seconds, "reused_from": args.reuse}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     plot(rows, out / f"{stem}.png", f"{args.model}: held-out PPL ({int(windows.shape[0])} x {args.seq_len} test tokens) "
          f"vs parameter bytes, {device}")

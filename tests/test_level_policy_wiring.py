@@ -16,27 +16,27 @@ def smollm2_memory():
     return planning_memory("smollm2-135m", "fp32")
 
 
-def test_a_model_with_a_level_profile_is_served_by_the_solver_by_default(smollm2_memory):
+def test_a_model_with_a_level_profile_is_served_by_its_plan_library_by_default(smollm2_memory):
     from rap.policy.greedy import as_policy
+    from rap.policy.library import LibrarySolver
     from rap.policy.precision import PrecisionLadder
-    from rap.policy.solver import LevelSolver
 
     policy = as_policy(None, smollm2_memory, None, "smollm2-135m")
-    assert isinstance(policy, LevelSolver)
+    assert isinstance(policy, LibrarySolver) and len(policy) > 100  # the shipped profile's measured plans
     assert isinstance(as_policy(None, smollm2_memory, None, "stories260k"), PrecisionLadder)  # no level profile
     req = Request(1, 512, 128)
     budget = int(0.5 * smollm2_memory.dense_need(req))
     d = policy.decide(req, budget)
     assert d.predicted_peak_bytes <= budget and smollm2_memory.fits(budget, d.mask, req, d.kv_ratio)
-    assert isinstance(d.mask, Plan) and d.mask.is_quantized and d.policy == "solver"
+    assert isinstance(d.mask, Plan) and d.mask.is_quantized and d.policy == "library"
 
 
-def test_rap_decide_defaults_to_the_solver_and_names_the_smallest_configuration():
+def test_rap_decide_defaults_to_the_plan_library_and_names_the_smallest_configuration():
     out = rap("decide", "smollm2-135m", "--budget", "300MiB", "--dtype", "fp32", "--json")
     assert out.returncode == 0, out.stderr
     import json
 
-    assert json.loads(out.stdout)["policy"] == "solver"
+    assert json.loads(out.stdout)["policy"] == "library"
     out = rap("decide", "smollm2-135m", "--budget", "10MiB")
     assert out.returncode == 2 and "smallest configuration" in out.stderr + out.stdout
     assert len((out.stderr + out.stdout).strip().splitlines()) == 1

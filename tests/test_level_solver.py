@@ -100,7 +100,7 @@ def test_the_level_policy_hook_builds_the_default_over_the_bundled_smollm2_profi
 
     with pytest.raises(RapError, match="unknown level policy"):
         make_level_policy("magic", None, prof)
-    assert DEFAULT_LEVEL_POLICY in ("solver", "int8-only", "int4-only")
+    assert DEFAULT_LEVEL_POLICY in ("library", "solver", "int8-only", "int4-only")
 
 
 def test_int8_only_never_picks_another_level(memory):

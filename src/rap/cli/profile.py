@@ -37,6 +37,8 @@ def profile_command(
     remeasure: int = typer.Option(12, help="levels: moves re-measured per greedy step (0 = all: exact, slow)"),
     int4_group: int = typer.Option(64, help="levels: int4 group size (must divide the projections' in_features)"),
     bytes_device: Optional[str] = typer.Option(None, help="levels: rank moves by cpu | cuda bytes (default: the model's)"),
+    library: bool = typer.Option(True, help="levels: then measure the plan library (rap.policy.library: every "
+                                 "generator's plan at 33 budgets, measured together; what the default policy picks from)"),
 ) -> None:
     """Rank blocks by importance and write a reusable profile (removal order, PPL after each removal)."""
     from rich.markup import escape
@@ -66,6 +68,17 @@ def profile_command(
                            batch_windows=batch_windows, bytes_device=bytes_device, checkpoint=out, resume=resume,
                            name=view.name)
         lp.save(out)
+        if library:
+            from rap.policy.library import build_library
+            from rap.sources import bundled_profile
+
+            gsi_path = bundled_profile(view.name, view.num_layers)
+            lib = build_library(view, cal.windows.to(view.device), lp,
+                                json.loads(gsi_path.read_text()) if gsi_path else None,
+                                batch_windows=min(batch_windows, 4), checkpoint=out)
+            lp.save(out)
+            console.print(f"plan library: {len(lib['plans'])} plans measured on the calibration windows "
+                          f"({lib['seconds']:.1f} s)")
         last = lp.steps[-1] if lp.steps else None
         console.print(escape(f"levels: dense ppl {lp.dense_ppl:.3f}; {len(lp.steps)} greedy moves"
                              + (f", last {last.block}={last.level} ppl {last.ppl:.3f}" if last else "")))

@@ -140,8 +140,11 @@ def default_policy(memory_model, profile=None) -> Policy:
 # (levels-frontier-smollm2-135m-h200-cudabytes-2026-12-02.json: drops needed from 70% down) favoured the
 # greedy profile's re-measured drops over the solver's single-move ones; re-decide once that run includes
 # solver-greedy-drops (`--policies solver,solver-greedy-drops,...`).
-DEFAULT_LEVEL_POLICY = "solver"
-LEVEL_POLICY_NAMES = ("solver", "solver-greedy-drops", "int8-only", "int4-only")
+# Since then (issue 15's frontier): the profile carries a plan library (rap.policy.library), plans measured
+# together on the calibration windows, and "library" picks the measured-best that fits; the knapsack decides
+# where nothing in the library fits, and each Decision's `policy` names which one decided.
+DEFAULT_LEVEL_POLICY = "library"
+LEVEL_POLICY_NAMES = ("library", "solver", "solver-greedy-drops", "int8-only", "int4-only")
 BUNDLED_LEVEL_PROFILES = {"smollm2-135m": "smollm2-135m-levels.json"}
 
 
@@ -151,18 +154,30 @@ def make_level_policy(name: str, memory, level_profile, kv_penalty=None):
     from rap.errors import RapError
     from rap.policy.solver import make_solver
 
+    if name == "library":  # the measured library first, the knapsack where nothing in it fits
+        from rap.policy.library import LibrarySolver
+
+        level_profile = _loaded(level_profile)
+        library = level_profile.get("library") if isinstance(level_profile, dict) else level_profile.library
+        dense = level_profile["dense_nll"] if isinstance(level_profile, dict) else level_profile.dense_nll
+        return LibrarySolver(make_solver(memory, level_profile, kv_penalty), library, dense)
     if name == "solver-greedy-drops":  # drops in the greedy pass's order, levels of the rest by the knapsack
         from rap.policy.solver import GreedyDropSolver
 
-        if not hasattr(level_profile, "steps") and not isinstance(level_profile, dict):
-            from rap.profile.levels import load_level_profile
-
-            level_profile = load_level_profile(level_profile)
-        return GreedyDropSolver(memory, level_profile)
+        return GreedyDropSolver(memory, _loaded(level_profile))
     allow = {"solver": None, "int8-only": ("int8",), "int4-only": ("int4g32", "int4g64", "int4g128")}
     if name not in allow:
         raise RapError(f"unknown level policy {name!r}; use one of: {', '.join(LEVEL_POLICY_NAMES)}")
     return make_solver(memory, level_profile, kv_penalty, allow[name], name=name)
+
+
+def _loaded(level_profile):
+    """A LevelProfile (or its dict) as given; a path loaded."""
+    if hasattr(level_profile, "steps") or isinstance(level_profile, dict):
+        return level_profile
+    from rap.profile.levels import load_level_profile
+
+    return load_level_profile(level_profile)
 
 
 def bundled_level_profile(model: str):

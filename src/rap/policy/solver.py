@@ -258,8 +258,9 @@ class LevelSolver:
 
     def smallest(self, request: Request) -> tuple[Plan, float, int]:
         """(plan, kv ratio, peak bytes) of the smallest runnable configuration: every block dropped."""
-        L = self.num_layers
-        empty = Plan.from_levels([DROP] * L, [DROP] * L)
+        if not hasattr(self, "_empty"):
+            self._empty = Plan.from_levels([DROP] * self.num_layers, [DROP] * self.num_layers)
+        empty = self._empty
         r = min(self.kv_ratios)
         return empty, r, self.memory.peak_bytes(empty, request, r)
 

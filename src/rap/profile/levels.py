@@ -97,6 +97,9 @@ class LevelProfile:
     # the embedding / lm_head: {"single": {"int8": mean NLL rise from dense}, "bytes": {device: {level: bytes}}};
     # measured like a block's single move, not part of the greedy order (a policy adds it as one more choice)
     head: dict = field(default_factory=dict)
+    # plans measured together on the calibration windows (rap.policy.library.build_library): the policy
+    # picks among them by measured NLL; {"plans": [{"plan", "nll", "source"}], "fractions", ...}
+    library: dict = field(default_factory=dict)
     steps: list[LevelStep] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     complete: bool = False
@@ -240,6 +243,15 @@ class Streams:
         end = self.H[-1]
         return sum(self.runner.nll_sum(end[i:i + self.bw], self.windows[i:i + self.bw], head=self.head)
                    for i in range(0, len(end), self.bw))
+
+
+def plan_nll(runner: LevelRunner, windows: torch.Tensor, plan: Plan, batch: int = 1) -> float:
+    """Mean next-token NLL of `windows` under `plan` (its levels by fake_quantize on rap.core.forward)."""
+    total = 0.0
+    for i in range(0, len(windows), batch):
+        s = Streams(runner, windows[i:i + batch], [lv for _, lv in plan.items()], batch, head=plan.head_level)
+        total += s.current_nll()
+    return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
 def allowed_levels(view: BlockView, int4_group: int = 64) -> dict[str, list[str]]:
