@@ -6,7 +6,9 @@ writes the result JSON and the plot (accuracy vs mean KV bytes, one line per pre
 
 * `--part decoder`: rap's decoder (what `rap serve` runs), one recorded prefill per case
   (`rap.eval.needle_decoder.PrefillReplay`) replayed for: full cache, int8 KV at 100%, uniform
-  SnapKV and Ada-KV at each budget, int8 + Ada-KV at `--int8-budget`. Bytes:
+  SnapKV and Ada-KV at each budget, PyramidKV's per-layer budgets (uniform over heads, and split by
+  Ada-KV: "pyramidkv" / "ada-pyramidkv") at each `--decoder-pyramid-budgets`, int8 + Ada-KV at
+  `--int8-budget`. Bytes:
   `Decoder.kv_resident_bytes` after the answer.
 * `--part hf`: the HF path, one plain-transformers prefill per case (SDPA, full attention over
   the prompt, as both rap.kv and kvpress prefill), recorded per layer (attention input, RoPE
@@ -142,6 +144,9 @@ def run_decoder(args, out: Path) -> None:
     settings = [KVSetting("full"), KVSetting("int8", 1.0, None, 8)]
     settings += [KVSetting("snapkv (decoder)", b, "snapkv") for b in budgets]
     settings += [KVSetting("adakv (decoder)", b, "adakv") for b in budgets]
+    pyr = budgets if args.decoder_pyramid_budgets is None else [
+        float(b) for b in args.decoder_pyramid_budgets.split(",") if b.strip()]
+    settings += [KVSetting(f"{p} (decoder)", b, p) for p in ("pyramidkv", "ada-pyramidkv") for b in pyr]
     settings.append(KVSetting("int8+adakv (decoder)", args.int8_budget, "adakv", 8))
     dec = Decoder(view)
     head = {**provenance.environment(), "part": "decoder", "eval": args.eval, "model": args.model,
@@ -441,6 +446,8 @@ def main(argv=None) -> int:
     ap.add_argument("--needles", default="0,1,2")
     ap.add_argument("--budgets", default="0.05,0.1,0.2,0.5")
     ap.add_argument("--pyramid-budgets", default="0.1,0.2", help="PyramidKV (HF path) budgets ('' to skip)")
+    ap.add_argument("--decoder-pyramid-budgets", default=None,
+                    help="PyramidKV / Ada-PyramidKV on the decoder: budgets (default: --budgets; '' to skip)")
     ap.add_argument("--int8-budget", type=float, default=0.2)
     ap.add_argument("--max-new", type=int, default=20)
     ap.add_argument("--max-cases", type=int, default=None)

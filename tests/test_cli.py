@@ -54,7 +54,7 @@ def test_ppl_of_the_bundled_model_on_wikitext(tmp_path):
     (("generate", "stories260k", "-p", "Once", "--kv-ratio", "0.5", "--kv-press", "h2o"), "unknown KV press 'h2o'"),
     (("generate", "stories260k", "-p", "Once", "--kv-bits", "4"), "KV bits must be one of 16, 8"),
     (("kv", "needle", "stories260k", "--presses", "h2o"), "unknown KV press 'h2o'"),
-    (("kv", "needle", "stories260k", "--presses", "pyramidkv"), "add --path hf"),
+    (("kv", "needle", "stories260k", "--presses", "streaming"), "add --path hf"),
     (("kv", "needle", "stories260k", "--kv-bits", "4"), "KV bits must be one of 16, 8"),
     (("kv", "needle", "stories260k", "--budgets", "1.5,0"), "budgets must be in (0, 1]"),
     (("kv", "leval", "stories260k", "--path", "hf", "--kv-bits", "8"), "decoder path only"),

@@ -23,7 +23,8 @@ def test_a_replayed_prefill_decodes_every_kv_setting_as_a_fresh_generate(stories
     dec._prefill = replay._real_prefill
     assert first.tokens == Decoder(view).generate([ids], 10, kv_ratio=0.5).tokens
     settings = [dict(kv_ratio=0.7, kv_press="snapkv"), dict(kv_ratio=0.3, kv_press="adakv"), dict(kv_bits=8),
-                dict(kv_ratio=0.6, kv_press="adakv", kv_bits=8), dict()]
+                dict(kv_ratio=0.6, kv_press="adakv", kv_bits=8), dict(kv_ratio=0.5, kv_press="pyramidkv"),
+                dict(kv_ratio=0.6, kv_press="ada-pyramidkv", kv_bits=8), dict()]
     wants = [Decoder(view).generate([ids], 10, **kw).tokens for kw in settings]
 
     def no_prefill(*args, **kwargs):

@@ -18,7 +18,8 @@ def generate(
     plan: Optional[str] = typer.Option(None, help="a level per block: ffn.3=int4,attn.7=drop,ffn.*=int8 | plan.json "
                                        "(see rap memory --help)"),
     kv_ratio: float = typer.Option(1.0, "--kv-ratio", help="KV keep ratio in (0, 1]: prompt tokens kept after prefill"),
-    kv_press: str = typer.Option("adakv", "--kv-press", help="below ratio 1: adakv (head-adaptive) | snapkv (uniform)"),
+    kv_press: str = typer.Option("adakv", "--kv-press", help="below ratio 1: adakv (head-adaptive) | snapkv (uniform) | "
+                                  "pyramidkv (per-layer pyramid) | ada-pyramidkv (both)"),
     kv_bits: int = typer.Option(16, "--kv-bits", help="16 (the model's dtype) | 8 (int8 keys and values)"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),

@@ -17,16 +17,18 @@ console = Console(highlight=False)
 kv_app = typer.Typer(add_completion=False, no_args_is_help=True,
                      help="KV-cache compression (StreamingLLM, SnapKV, PyramidKV, Ada-KV): evaluations.")
 
-PRESSES_HELP = ("comma list; --path decoder (default: what `rap serve` runs): snapkv (uniform), adakv "
-                "[default both]; --path hf (rap.kv on transformers, a comparison): streaming, snapkv, pyramidkv, "
-                "adakv (=AdaKV(SnapKV)), ada-pyramidkv [default: streaming,snapkv,pyramidkv,adakv]")
+PRESSES_HELP = ("comma list; --path decoder (default: what `rap serve` runs): snapkv (uniform), adakv, "
+                "pyramidkv (PyramidKV's layer budgets), ada-pyramidkv [default: snapkv,adakv]; --path hf (rap.kv "
+                "on transformers, a comparison): streaming, snapkv, pyramidkv, adakv (=AdaKV(SnapKV)), "
+                "ada-pyramidkv [default: streaming,snapkv,pyramidkv,adakv]")
 HF_PRESSES = "streaming,snapkv,pyramidkv,adakv"
-DECODER_PRESSES = "snapkv,adakv"
+DECODER_PRESSES = "snapkv,adakv"  # the decoder path's default sweep (rap.kv.decode_cache.DECODER_PRESSES: all it runs)
 
 # Options every evaluation takes (one definition, so the three commands cannot drift apart).
 PRESSES = typer.Option(None, help=PRESSES_HELP)
-PATH = typer.Option("decoder", "--path", help="decoder: rap's decoder (Ada-KV / uniform SnapKV, int8 KV), the path "
-                                             "requests are served on; hf: rap.kv's presses on transformers")
+PATH = typer.Option("decoder", "--path", help="decoder: rap's decoder (Ada-KV / uniform SnapKV / PyramidKV, "
+                                             "int8 KV), the path requests are served on; hf: rap.kv's presses on "
+                                             "transformers")
 KV_BITS = typer.Option(16, "--kv-bits", help="decoder path: 16 (model dtype) or 8 (int8 keys and values)")
 BUDGETS = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)")
 FULL = typer.Option(True, "--full/--no-full", help="also run the full-cache reference")
@@ -87,9 +89,11 @@ def _decoder_settings(path: str, presses: Optional[str], budgets: list[float], k
     names = [p.strip().lower() for p in (presses or DECODER_PRESSES).split(",") if p.strip()]
     from rap.kv import PRESSES as RAP_KV_PRESSES
 
-    hf_only = [p for p in names if p not in DECODER_PRESSES.split(",") and p in RAP_KV_PRESSES]
+    from rap.kv.decode_cache import DECODER_PRESSES as ON_DECODER
+
+    hf_only = [p for p in names if p not in ON_DECODER and p in RAP_KV_PRESSES]
     if hf_only:
-        raise RequestError(f"press {hf_only[0]!r} is not in rap's decoder (it has {DECODER_PRESSES}); "
+        raise RequestError(f"press {hf_only[0]!r} is not in rap's decoder (it has {', '.join(ON_DECODER)}); "
                            f"add --path hf for rap.kv's HF-path presses")
     return settings_for(names, budgets, kv_bits, full)
 

@@ -18,7 +18,8 @@ written from what rap's decode path (`rap.decode.decoder.Decoder`) actually allo
   (`cuda_block_bytes`: up to 1 MiB more per tensor). The decoder's flat layout (Ada-KV, int8 KV;
   `kv_layout=rap.kv.decode_cache.KVLayout(...)`, or the model's `kv_layout` default that the engine
   sets) holds the same rows split over heads, plus int8 scales and per-segment starts / lengths:
-  counted tensor by tensor (`rap.kv.decode_cache.layer_tensor_bytes`);
+  counted tensor by tensor (`rap.kv.decode_cache.layer_tensor_bytes`); under PyramidKV's layouts
+  each layer holds its own budget (`kv_layer_tokens`, from `rap.kv.pyramidkv.pyramid_budgets`);
 * fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
   PyTorch for the life of the process: the current stream's (prefill) and the decoder's one
   capture stream (warm-up and graph capture);
@@ -274,12 +275,15 @@ class MemoryModel:
                 peak = max(peak, tokens * INT4_CUDA_K_MULTIPLE * math.ceil(K / INT4_CUDA_K_MULTIPLE) * 2)
         return peak
 
-    def kv_tokens(self, request: Request, kv_ratio: float = 1.0, layer: int | None = None) -> int:
-        """Tokens cached per (sequence, KV head) in one layer."""
+    def kv_tokens(self, request: Request, kv_ratio: float = 1.0, layer: int | None = None,
+                  kept: int | None = None) -> int:
+        """Tokens cached per (sequence, KV head) in one layer. kept: the prompt tokens this layer keeps
+        per head on average (default ceil(kv_ratio * prompt); a PyramidKV layer's own budget)."""
         if not 0.0 < kv_ratio <= 1.0:
             raise RequestError(f"kv ratio must be in (0, 1], got {kv_ratio}")
-        prompt = request.prompt if kv_ratio >= 1.0 else math.ceil(kv_ratio * request.prompt)
-        tokens = prompt + request.new_tokens
+        if kept is None:
+            kept = request.prompt if kv_ratio >= 1.0 else math.ceil(kv_ratio * request.prompt)
+        tokens = kept + request.new_tokens
         if kv_ratio < 1.0 and self.kv_length_quantum:
             q = self.kv_length_quantum
             tokens = min(request.total_tokens, q * math.ceil(tokens / q))
@@ -289,37 +293,54 @@ class MemoryModel:
             tokens = min(tokens, s.sliding_window)
         return tokens
 
+    def kv_layer_tokens(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0,
+                        kv_layout=None) -> dict[int, int]:
+        """Tokens cached per (sequence, KV head) in each kept attention layer: `kv_tokens` of every
+        layer, or under a PyramidKV layout (`KVLayout.pyramid`) each layer's own budget
+        (`rap.kv.pyramidkv.pyramid_budgets` over the kept attention layers, first to last) plus the
+        new tokens, rounded like every cache length: what the decoder allocates per layer."""
+        layers = mask.kept_attn_layers
+        kv_layout = kv_layout if kv_layout is not None else self.kv_layout
+        if kv_ratio >= 1.0 or kv_layout is None or not getattr(kv_layout, "pyramid", False):
+            return {i: self.kv_tokens(request, kv_ratio, i) for i in layers}
+        kept = max(1, math.ceil(kv_ratio * request.prompt))
+        budgets = kv_layout.layer_budgets(len(layers), request.prompt, kept)
+        return {i: self.kv_tokens(request, kv_ratio, i, k) for i, k in zip(layers, budgets)}
+
     def kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0, kv_layout=None) -> int:
         """KV cache bytes: on CUDA, as the caching allocator charges the decoder's dense [B, Hkv, T, D]
         key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size.
 
-        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, int8 KV): every tensor
-        of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each rounded
-        as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
+        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, PyramidKV, int8 KV):
+        every tensor of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each
+        rounded as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
         """
+        return sum(self.kv_layer_bytes(request, mask, kv_ratio, kv_layout).values())
+
+    def kv_layer_bytes(self, request: Request, mask: BlockMask, kv_ratio: float = 1.0,
+                       kv_layout=None) -> dict[int, int]:
+        """`kv_bytes` per kept attention layer (under PyramidKV each layer's own; a layer's bytes depend
+        on the whole mask, whose kept layers the pyramid spreads the budget over)."""
         kv_layout = kv_layout if kv_layout is not None else self.kv_layout
         if kv_layout is not None and kv_layout.flat and (kv_ratio < 1.0 or kv_layout.bits != 16):
-            return self._flat_kv_bytes(request, mask, kv_ratio, kv_layout.bits)
+            from rap.kv.decode_cache import layer_tensor_bytes
+
+            s = self.shape
+            out = {}
+            for i, tokens in self.kv_layer_tokens(request, mask, kv_ratio, kv_layout).items():
+                sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, tokens, s.head_dim, s.dtype_bytes,
+                                           kv_layout.bits)
+                out[i] = sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
+            return out
         per_token = self.shape.kv_bytes_per_token_per_layer
         dense = kv_ratio >= 1.0 or self.kv_length_quantum is not None
-        total = 0
+        out = {}
         for i in mask.kept_attn_layers:
             layer = request.batch * self.kv_tokens(request, kv_ratio, i) * per_token
             if self.on_cuda and dense:
                 layer = 2 * cuda_block_bytes(layer // 2)
-            total += layer
-        return total
-
-    def _flat_kv_bytes(self, request: Request, mask: BlockMask, kv_ratio: float, bits: int) -> int:
-        from rap.kv.decode_cache import layer_tensor_bytes
-
-        s = self.shape
-        total = 0
-        for i in mask.kept_attn_layers:
-            sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, self.kv_tokens(request, kv_ratio, i),
-                                       s.head_dim, s.dtype_bytes, bits)
-            total += sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
-        return total
+            out[i] = layer
+        return out
 
     def kv_bytes_per_token(self, mask: BlockMask | None = None) -> int:
         layers = self.shape.num_layers if mask is None else len(mask.kept_attn_layers)

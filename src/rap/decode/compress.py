@@ -15,6 +15,15 @@ KV head on average:
 * kv_press="snapkv": uniform per-head budgets in the dense buffers [B, Hkv, T, D]: row b's kept
   tokens sit in ascending order in columns [K - k_b, K) (K = max_b k_b), decoding starts at column
   K and `pad[b]` = K - k_b masks the rest;
+* kv_press="pyramidkv" / "ada-pyramidkv": PyramidKV's per-layer budgets
+  (`rap.kv.pyramidkv.pyramid_budgets`, the one schedule the HF-path `PyramidKV` and the memory
+  model use too): the kept attention layers, first to last, keep k_{b,l} tokens per KV head on
+  average, falling with depth and summing to L * k_b, in a flat cache whose layer l has its own
+  length T_l (its budget plus the decode reserve, rounded like every cache length). Every head
+  of the layer keeps k_{b,l} ("pyramidkv") or the row's Hkv * k_{b,l} are split over heads by
+  Ada-KV ("ada-pyramidkv"). The budgets come from the longest prompt, as the memory model plans;
+  a shorter row's layer budget is capped by that layer's room (T_l minus the new tokens), which
+  only a rounding coincidence makes bind;
 * kv_bits=8: int8 keys and values with one fp32 scale per (token, KV head), in the flat cache
   (any ratio, either press), quantised on write and dequantised in the attend.
 
@@ -26,11 +35,11 @@ bytes exactly (the compressed length rounded up like every cache length).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from rap.kv.decode_cache import ADAKV_ALPHA, FlatLayerCache
+from rap.kv.decode_cache import ADAKV_ALPHA, FlatLayerCache, KVLayout
 from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer, adaptive_keep, uniform_keep
 
 SNAPKV_WINDOW = DEFAULT_SCORER.window  # kept for callers; the scorer is rap.kv.scorer.DEFAULT_SCORER
@@ -53,6 +62,24 @@ class KeepPlan:
     reserve: torch.Tensor | None = None
     everything: bool = False  # keep every real prompt token (int8 at ratio 1): no scoring
     r0: int = 0  # first batch row of this prefill chunk (flat caches)
+    # PyramidKV (flat caches): [n, num_layers] kept tokens and decode reserve per (row, model layer);
+    # None: every layer keeps `kept` with `reserve`
+    layer_kept: torch.Tensor | None = None
+    layer_reserve: torch.Tensor | None = None
+
+    def rows(self, r0: int, r1: int) -> "KeepPlan":
+        """The plan of batch rows [r0, r1) (a prefill chunk)."""
+        def part(t):
+            return None if t is None else t[r0:r1]
+
+        return replace(self, pad=self.pad[r0:r1], kept=self.kept[r0:r1], reserve=part(self.reserve),
+                       layer_kept=part(self.layer_kept), layer_reserve=part(self.layer_reserve))
+
+    def for_layer(self, layer: int) -> "KeepPlan":
+        """The plan of one model layer: its own PyramidKV budget and reserve, else this plan."""
+        if self.layer_kept is None:
+            return self
+        return replace(self, kept=self.layer_kept[:, layer], reserve=self.layer_reserve[:, layer])
 
 
 def snapkv_scores(q: torch.Tensor, k: torch.Tensor, pad: torch.Tensor, scaling: float,
@@ -85,7 +112,8 @@ def keep_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Ten
 def keep_prompt_flat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: FlatLayerCache, plan: KeepPlan,
                      scaling: float) -> None:
     """Write the kept prompt keys and values of batch rows [plan.r0, plan.r0 + n) into a flat cache:
-    Ada-KV's head-adaptive split of each row's Hkv * kept[b] tokens (or a uniform one)."""
+    Ada-KV's head-adaptive split of each row's Hkv * kept[b] tokens (or a uniform one); `plan` is
+    this layer's (`KeepPlan.for_layer`)."""
     n, Hkv, P, _ = k.shape
     real = torch.arange(P, device=k.device)[None, :] >= plan.pad[:, None]  # [n, P]
     if plan.everything:
@@ -94,3 +122,21 @@ def keep_prompt_flat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: F
         scores = snapkv_scores(q, k, plan.pad, scaling, plan.scorer)
         keep = (adaptive_keep(scores, plan.kept, ADAKV_ALPHA) if plan.adaptive else uniform_keep(scores, plan.kept))
     cache.write_prompt(plan.r0, k, v, keep, plan.reserve)
+
+
+def pyramid_plan(plan: KeepPlan, layer_lengths: dict[int, int], num_layers: int, layout: KVLayout,
+                 lengths: list[int], kept: list[int], max_new_tokens: int) -> KeepPlan:
+    """`plan` with PyramidKV's per-layer budgets: row b's kept attention layers (`layer_lengths`' keys,
+    first to last) keep `layout.layer_budgets(L, P_b, k_b)`, each capped by its layer's room (its cache
+    length minus the new tokens; binds only for a row shorter than the longest), and every head of a
+    layer decodes into that layer's length minus its kept count."""
+    layers = sorted(layer_lengths)
+    layer_kept = torch.zeros(len(lengths), num_layers, dtype=torch.long)
+    room = torch.zeros(num_layers, dtype=torch.long)
+    for i in layers:
+        room[i] = layer_lengths[i]
+    for r, (P, k) in enumerate(zip(lengths, kept)):
+        for i, b in zip(layers, layout.layer_budgets(len(layers), P, k)):
+            layer_kept[r, i] = max(1, min(b, P, layer_lengths[i] - max_new_tokens))
+    device = plan.kept.device
+    return replace(plan, layer_kept=layer_kept.to(device), layer_reserve=(room[None, :] - layer_kept).to(device))

@@ -44,7 +44,7 @@ from rap.core.model import BlockView
 from rap.core.plan import DROP, DTYPE, Plan
 from rap.core.quant import quantize_weight, storage_bytes, weight_level
 from rap.decode.compress import (SNAPKV_KERNEL, SNAPKV_WINDOW, KeepPlan, kept_columns, keep_prompt,  # noqa: F401
-                                 keep_prompt_flat, snapkv_scores)
+                                 keep_prompt_flat, pyramid_plan, snapkv_scores)
 from rap.decode.graphs import capture, capture_stream, compiled_block_functions  # noqa: F401 (capture_stream re-exported)
 from rap.decode.prefill import prefill, prefill_attention  # noqa: F401 (prefill_attention re-exported)
 from rap.decode.sampling import draw_noise, pick_tokens, row_generators
@@ -52,7 +52,7 @@ from rap.decode.step import exact_step, static_step
 from rap.decode.workspace import (BATCH_BUCKETS, LENGTH_QUANTUM, MAX_STOP_IDS, Workspace,  # noqa: F401
                                   bucket_batch, bucket_length, planning_request)
 from rap.errors import BudgetError, RequestError, UnsupportedModelError
-from rap.kv.decode_cache import FlatLayerCache, KVLayout, layout_for  # noqa: F401 (FlatLayerCache re-exported)
+from rap.kv.decode_cache import DECODER_PRESSES, FlatLayerCache, KVLayout, layout_for  # noqa: F401 (re-exported)
 from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Generation:
     timing: Timing
     mask: BlockMask
     kv_ratio: float = 1.0
-    kv_press: str | None = None  # "snapkv" | "adakv" when kv_ratio < 1 (the press that picked the kept tokens)
+    kv_press: str | None = None  # when kv_ratio < 1, the press that picked the kept tokens (DECODER_PRESSES)
     kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values
 
 
@@ -98,10 +98,10 @@ class Decoder:
 
     `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
     attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) on average, split
-    over heads by Ada-KV (kv_press="adakv", default) or uniformly (kv_press="snapkv"), optionally in
-    int8 (kv_bits=8; see the module docstring), and the cache shrinks to what
-    `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step` receives each step's [n]
-    new tokens (on the host; one device sync per step, only when given).
+    over heads by Ada-KV (kv_press="adakv", default) or uniformly ("snapkv"), or per layer by PyramidKV
+    ("pyramidkv", "ada-pyramidkv"), optionally in int8 (kv_bits=8; see the module docstring), and the
+    cache shrinks to what `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step`
+    receives each step's [n] new tokens (on the host; one device sync per step, only when given).
 
     Args:
         model: a `BlockView` or a supported HF causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma 3).
@@ -336,8 +336,8 @@ class Decoder:
                               "use a smaller batch, fewer tokens or drop more blocks")
         if self.device.type != "cuda":
             return
-        sub = BlockMask(tuple(i in new_layers for i in range(mask.num_layers)), (False,) * mask.num_layers)
-        need = self.memory.kv_bytes(request, sub, kv_ratio, layout) + max(
+        layer_bytes = self.memory.kv_layer_bytes(request, mask, kv_ratio, layout)  # the mask's own pyramid
+        need = sum(layer_bytes[i] for i in new_layers) + max(
             self.memory.prefill_activation_bytes(request, mask), self.memory.decode_activation_bytes(request, mask))
         free = self._free_device_bytes()
         if need > free:
@@ -346,19 +346,28 @@ class Decoder:
                               "use a smaller batch, fewer tokens or drop more attention blocks")
 
     @staticmethod
-    def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None) -> KVLayout | None:
-        """The flat layout a request needs (Ada-KV below ratio 1, or int8 KV), or None (dense buffers)."""
-        layout = layout_for(kv_press, kv_bits)
+    def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None,
+                     kv_scorer: SnapKVScorer | None = None) -> KVLayout | None:
+        """The flat layout a request needs (Ada-KV / PyramidKV below ratio 1, int8 KV), or None (dense)."""
+        layout = layout_for(kv_press, kv_bits, (kv_scorer or DEFAULT_SCORER).window)
         return layout if layout.flat and (kv_ratio < 1.0 or layout.bits != 16) else None
 
+    def _layer_lengths(self, mask: BlockMask, prompt: int, length: int, kv_ratio: float,
+                       layout: KVLayout | None) -> dict[int, int] | None:
+        """PyramidKV: each layer's cache length (`MemoryModel.kv_layer_tokens`); else None (one length)."""
+        request = Request(1, max(1, prompt), max(1, length - prompt))
+        return self.memory.kv_layer_tokens(request, mask, kv_ratio, layout) if layout and layout.pyramid else None
+
     def _workspace(self, batch: int, length: int, rope_length: int | None = None,
-                   layout: KVLayout | None = None) -> Workspace:
+                   layout: KVLayout | None = None, layer_lengths: dict[int, int] | None = None) -> Workspace:
         rope_length = rope_length or length
-        key = (batch, length, rope_length, None if layout is None else layout.bits)
+        key = (batch, length, rope_length, None if layout is None else layout.bits,
+               None if layer_lengths is None else tuple(sorted(layer_lengths.items())))
         if key not in self._workspaces:
             cos, sin = self._rope_table(rope_length)
             self._workspaces[key] = Workspace.allocate(batch, length, rope_length, cos, sin,
-                                                       self.view.shape.vocab_size, self.device, layout)
+                                                       self.view.shape.vocab_size, self.device, layout,
+                                                       layer_lengths)
         return self._workspaces[key]
 
     def _ensure_kv(self, ws: Workspace, mask: BlockMask, prompt: int, kv_ratio: float = 1.0) -> None:
@@ -407,7 +416,8 @@ class Decoder:
     # ---- the decode step and its graphs (rap.decode.step, rap.decode.graphs) ----------------------------
 
     def prepare(self, mask: BlockMask, batch: int, max_len: int, sampled: bool = False, prompt: int = 1,
-                kv_ratio: float = 1.0, kv_press: str | None = None, kv_bits: int | None = None) -> float:
+                kv_ratio: float = 1.0, kv_press: str | None = None, kv_bits: int | None = None,
+                kv_scorer: SnapKVScorer | None = None) -> float:
         """Make sure (mask, batch bucket, cache length) has its cache and, on CUDA, its captured graph.
 
         max_len: prompt + new tokens; with kv_ratio < 1 the cache holds the compressed length.
@@ -415,8 +425,9 @@ class Decoder:
         """
         t0 = time.perf_counter()
         T = bucket_length(max_len)
-        layout = self._flat_layout(kv_ratio, kv_press, kv_bits)
-        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T, layout)
+        layout = self._flat_layout(kv_ratio, kv_press, kv_bits, kv_scorer)
+        ws = self._workspace(bucket_batch(batch), self._kv_length(prompt, T, kv_ratio), T, layout,
+                             self._layer_lengths(mask, prompt, T, kv_ratio, layout))
         self._ensure_kv(ws, mask, prompt, kv_ratio)
         if self.use_graphs and (mask, sampled) not in ws.graphs:
             ws.graphs[(mask, sampled)] = capture(self, ws, mask, sampled)
@@ -444,15 +455,17 @@ class Decoder:
         stop_token_ids: a row stops after emitting one of these (default: none). kv_ratio in (0, 1]:
         the share of each prompt's tokens every kept attention layer keeps per KV head (SnapKV, see
         the module docstring; 1.0 keeps all, exactly as before). kv_press: "adakv" (default: per
-        layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache) or "snapkv"
-        (k per head, dense buffers). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and
-        values, flat cache). kv_scorer: the SnapKV scorer's parameters (default
-        `rap.kv.scorer.DEFAULT_SCORER`). on_step: called with the [n] new
-        tokens (CPU tensor) after prefill and after every decode step; rows that stopped repeat the
-        pad token; it may return [n] booleans, rows to finish now (a stop string matched, a client
-        gone), which then stop like a stop token (the loop ends when every row has). seed: one for
-        the batch, or one per row (None: random), each row then drawing its noise from its own
-        generator, so its tokens do not depend on what it is batched with. Returns the new tokens per prompt (up to and including its stop token) and the timing.
+        layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache), "snapkv"
+        (k per head, dense buffers), "pyramidkv" (PyramidKV's per-layer budgets, falling with depth and
+        averaging k, uniform over heads, flat cache) or "ada-pyramidkv" (those budgets split by
+        Ada-KV). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and values, flat cache).
+        kv_scorer: the SnapKV scorer's parameters (default `rap.kv.scorer.DEFAULT_SCORER`). on_step:
+        called with the [n] new tokens (CPU tensor) after prefill and after every decode step; rows
+        that stopped repeat the pad token; it may return [n] booleans, rows to finish now (a stop
+        string matched, a client gone), which then stop like a stop token (the loop ends when every
+        row has). seed: one for the batch, or one per row (None: random), each row then drawing its
+        noise from its own generator, so its tokens do not depend on what it is batched with.
+        Returns the new tokens per prompt (up to and including its stop token) and the timing.
         """
         mask = mask or self.view.mask
         if mask.num_layers != self.view.num_layers:
@@ -477,7 +490,8 @@ class Decoder:
         sampled = temperature > 0
         n, P = len(prompts), max(len(p) for p in prompts)
         kv = layout_for(kv_press, kv_bits)  # RequestError for an unknown press or unsupported bits
-        layout = self._flat_layout(kv_ratio, kv_press, kv_bits)
+        scorer = kv_scorer or DEFAULT_SCORER
+        layout = self._flat_layout(kv_ratio, kv_press, kv_bits, scorer)
         window = self._smallest_window(mask)
         if (kv_ratio < 1.0 or layout is not None) and window is not None and P + max_new_tokens > window:
             windowed = [i for i, a in enumerate(self.attn) if a.window is not None and mask.keep_attn[i]]
@@ -490,11 +504,12 @@ class Decoder:
         K = max(kept)  # first decode column (= P without compression)
         capture_ms = 0.0
         B, T = bucket_batch(n), bucket_length(P + max_new_tokens)
-        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T, layout)
+        ws = self._workspace(B, self._kv_length(P, T, kv_ratio), T, layout,
+                             self._layer_lengths(mask, P, T, kv_ratio, layout))
         if self.use_graphs:
             cached = (mask, sampled) in ws.graphs and all(i in ws.kv for i in mask.kept_attn_layers)
             spent = self.prepare(mask, n, P + max_new_tokens, sampled, prompt=P, kv_ratio=kv_ratio,
-                                 kv_press=kv_press, kv_bits=kv_bits)
+                                 kv_press=kv_press, kv_bits=kv_bits, kv_scorer=kv_scorer)
             capture_ms = 0.0 if cached else spent
         else:
             self._ensure_kv(ws, mask, P, kv_ratio)
@@ -514,12 +529,14 @@ class Decoder:
         pad[:n] = torch.tensor([K - k for k in kept])
         shift = torch.zeros(B, dtype=torch.long)
         shift[:n] = torch.tensor([L - k for L, k in zip(lengths, kept)])
-        scorer = kv_scorer or DEFAULT_SCORER
         kept_dev = torch.tensor(kept).to(dev)
         plan = KeepPlan(prompt_pad, kept_dev, K, scorer) if compress else None
         if layout is not None:  # flat cache: every head of row b gets T - k_b rows to decode into
-            plan = KeepPlan(prompt_pad, kept_dev, K, scorer, adaptive=kv.press == "adakv",
+            plan = KeepPlan(prompt_pad, kept_dev, K, scorer, adaptive=layout.adaptive,
                             reserve=ws.length - kept_dev, everything=not compress)
+            if layout.pyramid and compress:
+                plan = pyramid_plan(plan, {i: ws.layer_length(i) for i in mask.kept_attn_layers}, mask.num_layers,
+                                    layout, lengths, kept, max_new_tokens)
             for i in mask.kept_attn_layers:
                 ws.kv[i].reset()
         ws.pad.copy_(pad)

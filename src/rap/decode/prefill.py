@@ -60,9 +60,7 @@ def prefill(dec, ws: Workspace, mask: BlockMask, ids: torch.Tensor, pad: torch.T
     logits = torch.empty(n, dec.view.shape.vocab_size, device=dec.device, dtype=torch.float32)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        part = None if plan is None else replace(
-            plan, pad=plan.pad[r0:r1], kept=plan.kept[r0:r1],
-            reserve=None if plan.reserve is None else plan.reserve[r0:r1])
+        part = None if plan is None else plan.rows(r0, r1)
         logits[r0:r1] = prefill_rows(dec, ws, mask, ids[r0:r1], pad[r0:r1], r0, part)
     return logits
 
@@ -105,7 +103,7 @@ def prefill_rows(dec, ws: Workspace, mask: BlockMask, ids: torch.Tensor, pad: to
             cache = ws.kv[i]
             if isinstance(cache, FlatLayerCache):
                 x = prefill_attention(x, a, cos[a.rope], sin[a.rope], None, None, mask_for(a.window),
-                                      replace(plan, r0=r0), flat=cache)
+                                      replace(plan.for_layer(i), r0=r0), flat=cache)
             else:
                 kc, vc = cache
                 x = prefill_attention(x, a, cos[a.rope], sin[a.rope], kc[r0:r0 + n], vc[r0:r0 + n],

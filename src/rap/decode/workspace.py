@@ -7,7 +7,9 @@ KV compression). Keys before `pad[b]` and after the current column are masked. E
 attention layer owns a [B, Hkv, T, D] key and value buffer (zero-initialised: masked garbage
 must never be NaN, since 0 * NaN poisons P @ V); buffers live per (batch bucket, T, RoPE length)
 workspace and are shared by every mask's graph, so the resident KV is that of the union of kept
-attention layers over the cached graphs.
+attention layers over the cached graphs. A flat cache (`rap.kv.decode_cache.FlatLayerCache`) replaces a
+layer's pair under Ada-KV / PyramidKV / int8; under PyramidKV each layer has its own length
+(`layer_lengths`, from the mask's kept layers and the prompt): a workspace of its own per set of lengths.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ class Workspace:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor] | FlatLayerCache] = field(default_factory=dict)
     graphs: dict[tuple[BlockMask, bool], "torch.cuda.CUDAGraph"] = field(default_factory=dict)
     layout: KVLayout | None = None  # None: dense buffers; else the flat layout's press and bits
+    # flat caches under PyramidKV: layer -> its own cache length (rows per (row, KV head)); others use `length`
+    layer_lengths: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, batch: int, length: int, rope_length: int, cos: torch.Tensor, sin: torch.Tensor,
-                 vocab_size: int, device: torch.device, layout: KVLayout | None = None) -> "Workspace":
+                 vocab_size: int, device: torch.device, layout: KVLayout | None = None,
+                 layer_lengths: dict[int, int] | None = None) -> "Workspace":
         """Fresh request state for `batch` rows x `length` cache columns (no KV buffers yet)."""
         long = dict(device=device, dtype=torch.long)
         return cls(
@@ -64,18 +69,23 @@ class Workspace:
             out=torch.zeros(batch, length, **long), stop=torch.full((MAX_STOP_IDS,), -1, **long),
             pad_id=torch.zeros((), **long), temperature=torch.ones((), device=device),
             top_p=torch.ones((), device=device), noise=torch.rand(batch, vocab_size, device=device),
-            arange=torch.arange(length, **long), cos=cos, sin=sin, layout=layout)
+            arange=torch.arange(length, **long), cos=cos, sin=sin, layout=layout,
+            layer_lengths=dict(layer_lengths or {}))
 
     def add_kv(self, layers, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Zeroed KV buffers for `layers`: dense [B, Hkv, T, D] keys and values, or a flat cache."""
         shape = (self.batch, kv_heads, self.length, head_dim)
         for i in layers:
             if self.layout is not None:
-                self.kv[i] = FlatLayerCache.allocate(self.batch, kv_heads, self.length, head_dim, dtype,
-                                                     device, self.layout.bits, self.rope_length)
+                self.kv[i] = FlatLayerCache.allocate(self.batch, kv_heads, self.layer_length(i), head_dim,
+                                                     dtype, device, self.layout.bits, self.rope_length)
                 continue
             self.kv[i] = (torch.zeros(shape, device=device, dtype=dtype),
                           torch.zeros(shape, device=device, dtype=dtype))
+
+    def layer_length(self, layer: int) -> int:
+        """Rows per (row, KV head) of a layer's cache: its PyramidKV length, else the workspace's."""
+        return self.layer_lengths.get(layer, self.length)
 
     @property
     def kv_bytes(self) -> int:

@@ -72,7 +72,7 @@ class PrefillReplay:
         for i, (q, k, v) in zip(kept, self.layers):
             a, cache = self.decoder.attn[i], ws.kv[i]
             if isinstance(cache, decode.FlatLayerCache):
-                decode.keep_prompt_flat(q, k, v, cache, replace(plan, r0=0), a.scaling)
+                decode.keep_prompt_flat(q, k, v, cache, replace(plan.for_layer(i), r0=0), a.scaling)
             elif plan is None:
                 kc, vc = cache
                 kc[:1, :, :P], vc[:1, :, :P] = k, v

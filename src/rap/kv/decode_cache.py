@@ -1,7 +1,7 @@
 """The decoder's variable-length KV cache: Ada-KV's per-head budgets in a flat buffer, optionally int8.
 
-`rap.decode.decoder.Decoder` keeps, for a kept attention layer under Ada-KV (or int8 KV), one
-`FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
+`rap.decode.decoder.Decoder` keeps, for a kept attention layer under Ada-KV, PyramidKV (or int8 KV),
+one `FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
 
 * keys / values [B * Hkv * T, D] (T = the workspace's compressed cache length); segment
   s = b * Hkv + h (row b, KV head h) owns rows [starts[s], starts[s] + capacity_s), its first
@@ -9,7 +9,9 @@
   head h gets its kept count len_bh plus a reserve of T - k_b rows (k_b = the row's average
   kept tokens), so the heads of a row together fill exactly Hkv * T rows. The layer then holds
   the same bytes as the uniform dense cache of the same keep ratio, split over heads by score:
-  what Ada-KV's "same budget, adaptive allocation" means, in memory that is really freed;
+  what Ada-KV's "same budget, adaptive allocation" means, in memory that is really freed. Under
+  the pyramid presses each layer has its own T (its PyramidKV budget plus the decode reserve,
+  rounded like every cache length), so the layers' bytes shrink with depth;
 * shapes depend only on (batch bucket, T, bits), never on the request, so the decode step is
   captured as a CUDA graph once per (mask, batch bucket, T) and replayed for any request;
   starts / lengths are device tensors the step reads and bumps (no host sync);
@@ -37,8 +39,10 @@ import torch
 from rap.errors import RequestError
 from rap.kv.attention import triton_available, varlen_attention_torch, varlen_attention_triton
 from rap.kv.cache import FlatKV, _segment_rows
+from rap.kv.pyramidkv import pyramid_budgets
+from rap.kv.scorer import DEFAULT_SCORER
 
-DECODER_PRESSES = ("snapkv", "adakv")
+DECODER_PRESSES = ("snapkv", "adakv", "pyramidkv", "ada-pyramidkv")
 KV_BITS = (16, 8)
 ADAKV_ALPHA = 0.2  # Ada-KV's safeguard: every head keeps at least floor(alpha * k) of its own top tokens
 
@@ -48,12 +52,16 @@ class KVLayout:
     """How the decoder stores a compressed cache: the press that picks tokens and the storage bits.
 
     press "snapkv": uniform per-head budgets (dense buffers, the decoder's original layout);
-    "adakv": head-adaptive budgets (flat buffer). bits 16: the model's dtype; 8: int8 + fp32 scales
-    (flat buffer, any press).
+    "adakv": head-adaptive budgets (flat buffer); "pyramidkv": PyramidKV's per-layer budgets
+    (`rap.kv.pyramidkv.pyramid_budgets`), uniform over a layer's heads (flat buffer, one length per
+    layer); "ada-pyramidkv": those layer budgets split over heads by Ada-KV (flat buffer). bits 16:
+    the model's dtype; 8: int8 + fp32 scales (flat buffer, any press). window: the observation
+    window the pyramid reserves in every layer (the scorer's; only the pyramid presses read it).
     """
 
     press: str = "adakv"
     bits: int = 16
+    window: int = DEFAULT_SCORER.window
 
     def __post_init__(self) -> None:
         if self.press not in DECODER_PRESSES:
@@ -65,16 +73,34 @@ class KVLayout:
 
     @property
     def flat(self) -> bool:
-        return self.press == "adakv" or self.bits == 8
+        return self.press != "snapkv" or self.bits == 8
+
+    @property
+    def adaptive(self) -> bool:
+        """Are a layer's tokens split over its KV heads by Ada-KV (else every head keeps the same count)?"""
+        return self.press in ("adakv", "ada-pyramidkv")
+
+    @property
+    def pyramid(self) -> bool:
+        """Does every layer keep its own PyramidKV budget (else every layer keeps the same)?"""
+        return self.press in ("pyramidkv", "ada-pyramidkv")
 
     @property
     def key(self) -> str:
         return f"{self.press}-{self.bits}"
 
+    def layer_budgets(self, num_layers: int, prompt_tokens: int, tokens: int) -> list[int]:
+        """Average kept tokens per KV head of each compressed layer (first to last) for a prompt of
+        `prompt_tokens` keeping `tokens` on average: the pyramid, or `tokens` in every layer."""
+        if not self.pyramid:
+            return [tokens] * num_layers
+        return pyramid_budgets(num_layers, prompt_tokens, tokens, self.window)
 
-def layout_for(press: str | None = None, bits: int | None = None) -> KVLayout:
-    """A `KVLayout` from request fields (None = the defaults: Ada-KV, the model's dtype)."""
-    return KVLayout(press=(press or "adakv").strip().lower(), bits=16 if bits is None else int(bits))
+
+def layout_for(press: str | None = None, bits: int | None = None, window: int | None = None) -> KVLayout:
+    """A `KVLayout` from request fields (None = the defaults: Ada-KV, the model's dtype, the default window)."""
+    return KVLayout(press=(press or "adakv").strip().lower(), bits=16 if bits is None else int(bits),
+                    window=DEFAULT_SCORER.window if window is None else int(window))
 
 
 def layer_tensor_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, dtype_bytes: int,

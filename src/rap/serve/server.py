@@ -88,7 +88,7 @@ class RapOptions(_Strict):
     """rap's extension of the request body: `"rap": {"kv_press": "adakv"}`."""
 
     kv_press: str | None = Field(None, description="KV press when the policy keeps < 1 of the prompt's cache: "
-                                                   "adakv (default) or snapkv")
+                                                   "adakv (default), snapkv, pyramidkv or ada-pyramidkv")
 
 
 class _Sampling(_Strict):
