@@ -148,10 +148,15 @@ def run_decoder(args, out: Path) -> None:
         float(b) for b in args.decoder_pyramid_budgets.split(",") if b.strip()]
     settings += [KVSetting(f"{p} (decoder)", b, p) for p in ("pyramidkv", "ada-pyramidkv") for b in pyr]
     settings.append(KVSetting("int8+adakv (decoder)", args.int8_budget, "adakv", 8))
+    wanted = {p.strip() for p in args.presses.split(",")} if args.presses else None
+    if wanted is not None:  # the full cache records the case's prefill either way; only wanted presses make rows
+        settings = settings[:1] + [s for s in settings[1:] if s.name.split(" (")[0] in wanted]
+    name = f"decoder{args.part_suffix}"
     dec = Decoder(view)
     head = {**provenance.environment(), "part": "decoder", "eval": args.eval, "model": args.model,
             "max_new_tokens": args.max_new, "settings": [vars(s) for s in settings]}
-    rows, t0 = resume(out / "decoder.json") if args.resume else [], time.time()
+    rows, t0 = resume(out / f"{name}.json") if args.resume else [], time.time()
+    per_case = len(settings) - (wanted is not None and "full" not in wanted)
     for case in make_cases(args, tok, rows):
         ids = case.ids
         replay = PrefillReplay(dec)
@@ -172,12 +177,14 @@ def run_decoder(args, out: Path) -> None:
             else:
                 gen = replay.replay([ids], args.max_new, **kw)
             answer = tok.decode(gen.tokens[0], skip_special_tokens=True)
+            if j == 0 and wanted is not None and "full" not in wanted:
+                continue
             rows.append({"press": s.name, "budget": s.kv_ratio, "kv_bits": s.kv_bits, **case.key,
                          "score": case.score(answer), "kv_bytes": dec.kv_resident_bytes,
                          "prompt_tokens": len(ids), "answer": answer.strip()[:120]})
         dec.release()
-        write(out / "decoder.json", {**head, "seconds": time.time() - t0, "rows": rows})
-        print(f"decoder: {len(rows) // len(settings)} cases, {time.time() - t0:.0f} s", flush=True)
+        write(out / f"{name}.json", {**head, "seconds": time.time() - t0, "rows": rows})
+        print(f"{name}: {len(rows) // per_case} cases, {time.time() - t0:.0f} s", flush=True)
 
 
 class Recorder:
@@ -341,7 +348,9 @@ def kvpress_answer(model, cache, first: int, P: int, max_new: int, eos, done=lam
 
 
 def merge(args, out: Path) -> int:
-    parts = {p: json.loads((out / f"{p}.json").read_text()) for p in ("decoder", "hf") if (out / f"{p}.json").exists()}
+    # every part file in --out: decoder.json, hf.json, and decoder<suffix>.json of runs with --presses
+    parts = {f.stem: json.loads(f.read_text()) for f in sorted(out.glob("*.json"))
+             if f.stem.startswith(("decoder", "hf"))}
     rows = [r for p in parts.values() for r in p["rows"]]
     # each part alone, on every case it finished (the decoder's claims use all of its cases)
     by_part = {}
@@ -448,6 +457,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pyramid-budgets", default="0.1,0.2", help="PyramidKV (HF path) budgets ('' to skip)")
     ap.add_argument("--decoder-pyramid-budgets", default=None,
                     help="PyramidKV / Ada-PyramidKV on the decoder: budgets (default: --budgets; '' to skip)")
+    ap.add_argument("--presses", default=None, help="decoder part: only these presses (e.g. pyramidkv,ada-pyramidkv; "
+                    "'full' adds the full cache's rows), written to decoder<--part-suffix>.json beside a full run")
+    ap.add_argument("--part-suffix", default="", help="decoder part: its file is decoder<suffix>.json")
     ap.add_argument("--int8-budget", type=float, default=0.2)
     ap.add_argument("--max-new", type=int, default=20)
     ap.add_argument("--max-cases", type=int, default=None)
