@@ -143,9 +143,9 @@ def main(argv=None) -> None:
 
         cal = load_calibration(tok, view.config.model_type, tokens=2048, seq_len=min(256, args.seq_len))
         lp = level_profile(view, cal, steps=None, remeasure=3, progress=False)
-        from rap.policy.library import build_library
+        from rap.policy.library import build_library, selection_windows
 
-        build_library(view, cal.windows.to(view.device), lp, progress=False)
+        build_library(view, selection_windows(tok, view.config.model_type, lp, 2048), lp, progress=False)
     gsi_path = args.gsi_profile or Path(__import__("rap").__file__).parent / "assets" / "profiles" / f"{args.model}.json"
     gsi_prof = json.loads(Path(gsi_path).read_text())
     on_cuda = (args.bytes_device or view.device.type) == "cuda"
@@ -237,8 +237,9 @@ def main(argv=None) -> None:
     for frac in sorted({r["budget_ratio"] for r in rows}):
         ours = ratio.get((frac, default))
         above = {k: ratio[(frac, k)] for k in knobs if (frac, k) in ratio and ours is not None and ours > ratio[(frac, k)]}
-        frontier[f"{frac:.2f}"] = {"policy": default, "ppl_ratio": ours, "met": ours is not None and not above,
-                                   "knobs_below": above}
+        anything = any(r["ppl_ratio"] for r in rows if r["budget_ratio"] == frac)
+        frontier[f"{frac:.2f}"] = {"policy": default, "ppl_ratio": ours, "knobs_below": above,
+                                   "met": (ours is not None and not above) if anything else None}  # None: nothing fits
     rl_gap = {}
     for frac in sorted({r["budget_ratio"] for r in rows}):
         got = {r["policy"]: r["ppl_ratio"] for r in rows if r["budget_ratio"] == frac and r["ppl_ratio"]}
@@ -254,7 +255,8 @@ def main(argv=None) -> None:
     print(f"dense ppl {math.exp(dense_nll):.3f}; targets {targets}; best per budget {wins}; "
           f"{default} decide p99 {p99:.3f} ms (CPU)")
     print("frontier (default at or below every single knob): "
-          + ", ".join(f"{k} {'met' if v['met'] else 'MISSED ' + str(v['knobs_below'])}" for k, v in frontier.items()))
+          + ", ".join(f"{k} " + ("nothing fits" if v["met"] is None else "met" if v["met"] else f"MISSED {v['knobs_below']}")
+                     for k, v in frontier.items()))
     env = environment(view.device)
     device = env["device"]
     date = datetime.date.today().isoformat()

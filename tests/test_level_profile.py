@@ -133,8 +133,11 @@ def test_profile_cli_levels_method_writes_a_level_profile(tmp_path):
     out = tmp_path / "levels.json"
     res = CliRunner().invoke(app, ["profile", "stories260k", "--method", "levels", "--tokens", "512", "--seq-len",
                                    "128", "--steps", "2", "--remeasure", "2", "--out", str(out), "--dtype", "fp32",
-                                   "--device", "cpu"])
+                                   "--device", "cpu", "--library-tokens", "512"])
     assert res.exit_code == 0, res.output
     prof = load_level_profile(out)
     assert prof.complete and len(prof.steps) == 2 and prof.calibration["tokens"] == 512
     assert set(prof.bytes) == {"cpu", "cuda"} and prof.command  # (under CliRunner: the test runner's argv)
+    # then its plan library, measured on the 512 tokens after the calibration's (4 windows of 128)
+    sel = prof.library["selection"]
+    assert sel["disjoint_from_calibration"] and sel["windows"] == 4 and len(prof.library["plans"]) > 10

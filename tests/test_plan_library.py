@@ -20,7 +20,7 @@ def made(tmp_path_factory):
     cal = load_calibration(tok, view.config.model_type, tokens=2048, seq_len=256)
     prof = level_profile(view, cal, remeasure=3, progress=False)
     path = tmp_path_factory.mktemp("lib") / "levels.json"
-    build_library(view, cal.windows, prof, progress=False, checkpoint=path)
+    build_library(view, cal, prof, progress=False, checkpoint=path)
     return view, cal, prof, path
 
 
@@ -105,5 +105,25 @@ def test_the_library_is_saved_with_the_profile_and_a_rerun_measures_nothing_agai
     assert loaded.library["plans"] == prof.library["plans"]
     calls = []
     monkeypatch.setattr(levels, "plan_nll", lambda *a, **k: calls.append(a) or 0.0)
-    build_library(view, cal.windows, loaded, progress=False)
+    build_library(view, cal, loaded, progress=False)
     assert calls == [] and len(loaded.library["plans"]) == len(prof.library["plans"])
+
+
+def test_on_a_split_after_the_calibration_windows_every_plan_is_measured_there(made):
+    from rap.policy.library import build_library, selection_windows
+    from rap.profile.levels import LevelRunner, load_level_profile, plan_nll
+    from rap.sources import load_view
+
+    view, cal, _, path = made
+    prof = load_level_profile(path)
+    _, tok = load_view("stories260k")
+    sel = selection_windows(tok, view.config.model_type, prof, 1024)
+    # disjoint: the windows right after the profile's calibration windows of the same source
+    assert sel.windows.shape[1] == cal.seq_len and sel.sha256 != cal.sha256
+    assert not any(bool((w == c).all()) for w in sel.windows for c in cal.windows)
+    lib = build_library(view, sel, prof, progress=False)
+    assert lib["selection"]["disjoint_from_calibration"] and lib["selection"]["ids_sha256"] == sel.sha256
+    step = prof.plan_after(len(prof.steps) // 2)  # a greedy prefix: re-measured on the split, not copied
+    entry = next(e for e in lib["plans"] if Plan.parse(e["plan"], view.num_layers) == step)
+    assert entry["nll"] == pytest.approx(plan_nll(LevelRunner(view), sel.windows, step), rel=1e-6)
+    assert lib["dense_nll"] == pytest.approx(plan_nll(LevelRunner(view), sel.windows, Plan.full(view.num_layers)))

@@ -39,6 +39,8 @@ def profile_command(
     bytes_device: Optional[str] = typer.Option(None, help="levels: rank moves by cpu | cuda bytes (default: the model's)"),
     library: bool = typer.Option(True, help="levels: then measure the plan library (rap.policy.library: every "
                                  "generator's plan at 33 budgets, measured together; what the default policy picks from)"),
+    library_tokens: int = typer.Option(65_536, help="levels: the library is measured on this many calibration-source "
+                                       "tokens after the profile's own (a disjoint split); 0 = on the calibration windows"),
 ) -> None:
     """Rank blocks by importance and write a reusable profile (removal order, PPL after each removal)."""
     from rich.markup import escape
@@ -69,16 +71,18 @@ def profile_command(
                            name=view.name)
         lp.save(out)
         if library:
-            from rap.policy.library import build_library
+            from rap.policy.library import build_library, selection_windows
             from rap.sources import bundled_profile
 
             gsi_path = bundled_profile(view.name, view.num_layers)
-            lib = build_library(view, cal.windows.to(view.device), lp,
+            selection = selection_windows(tok, view.config.model_type, lp, library_tokens) if library_tokens else cal
+            lib = build_library(view, selection, lp,
                                 json.loads(gsi_path.read_text()) if gsi_path else None,
                                 batch_windows=min(batch_windows, 4), checkpoint=out)
             lp.save(out)
-            console.print(f"plan library: {len(lib['plans'])} plans measured on the calibration windows "
-                          f"({lib['seconds']:.1f} s)")
+            where = (f"{selection.num_windows} windows after the calibration's" if library_tokens
+                     else "the calibration windows")
+            console.print(f"plan library: {len(lib['plans'])} plans measured on {where} ({lib['seconds']:.1f} s)")
         last = lp.steps[-1] if lp.steps else None
         console.print(escape(f"levels: dense ppl {lp.dense_ppl:.3f}; {len(lp.steps)} greedy moves"
                              + (f", last {last.block}={last.level} ppl {last.ppl:.3f}" if last else "")))
