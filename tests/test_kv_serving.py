@@ -122,3 +122,57 @@ def test_unsupported_kv_bits_are_refused_in_one_line():
     with pytest.raises(RequestError, match="KV bits") as err:
         GreedyPolicy(None, kv_bits=4)
     assert "\n" not in str(err.value)
+
+
+class LargestRatioThatFits:
+    """Keeps as much of the cache as fits, priced (as rap's policies price it) with Ada-KV's flat layout."""
+
+    def __init__(self, memory, num_layers):
+        self.memory, self.num_layers = memory, num_layers
+
+    def decide(self, request, budget_bytes):
+        full = BlockMask.full(self.num_layers)
+        for r in (1.0, 0.75, 0.5, 0.3, 0.2, 0.1, 0.05):
+            if self.memory.peak_bytes(full, request, r, KVLayout("adakv")) <= budget_bytes:
+                return Decision(full, r)
+        raise AssertionError("nothing fits")
+
+
+@pytest.mark.parametrize("press", ["snapkv", "pyramidkv", "ada-pyramidkv"])
+def test_a_requests_press_is_priced_with_its_own_cache_layout_and_never_exceeds_the_budget(stories, press):
+    view, tok = stories
+    ids = tok(PROMPT).input_ids
+    probe = engine_for(stories, 0.5)
+    planned = probe.planning_request(Request(1, len(ids), 8))
+    full = BlockMask.full(view.num_layers)
+    # a budget Ada-KV's layout fits at 0.5 exactly
+    budget = probe.memory_model.peak_bytes(full, planned, 0.5, KVLayout("adakv")) + probe.overhead_bytes
+    engine = engine_for(stories, None, budget=budget, policy=LargestRatioThatFits(probe.memory_model, view.num_layers))
+    step = engine.generate(GenerationRequest(PROMPT, max_new_tokens=8, kv_press=press))[0].step
+    d = step.decision
+    assert d.kv_press == press
+    layout = KVLayout(press)
+    assert step.predicted_peak_bytes == engine.memory_model.peak_bytes(d.mask, planned, d.kv_ratio, layout)
+    assert step.predicted_peak_bytes <= engine.effective_budget(budget)
+    assert engine.backend.decoder.kv_resident_bytes == engine.memory_model.kv_bytes(planned, d.mask, d.kv_ratio, layout)
+
+
+def test_when_the_requests_press_needs_more_than_the_policy_priced_the_engine_decides_again_within_budget(stories,
+                                                                                                      monkeypatch):
+    view, tok = stories
+    ids = tok(PROMPT).input_ids
+    probe = engine_for(stories, 0.5)
+    planned = probe.planning_request(Request(1, len(ids), 8))
+    full = BlockMask.full(view.num_layers)
+    budget = probe.memory_model.peak_bytes(full, planned, 0.5, KVLayout("adakv")) + probe.overhead_bytes
+    engine = engine_for(stories, None, budget=budget, policy=LargestRatioThatFits(probe.memory_model, view.num_layers))
+    real = engine.memory_model.peak_bytes
+
+    def pyramid_costs_more(mask, request, kv_ratio=1.0, kv_layout=None):  # as 64-token rounding can on CUDA
+        extra = 1.05 if kv_layout is not None and kv_layout.press == "pyramidkv" and kv_ratio < 1 else 1.0
+        return int(real(mask, request, kv_ratio, kv_layout) * extra)
+
+    monkeypatch.setattr(engine.memory_model, "peak_bytes", pyramid_costs_more)
+    step = engine.generate(GenerationRequest(PROMPT, max_new_tokens=8, kv_press="pyramidkv"))[0].step
+    assert step.decision.kv_press == "pyramidkv" and step.decision.kv_ratio < 0.5
+    assert step.predicted_peak_bytes <= engine.effective_budget(budget)

@@ -486,9 +486,32 @@ class Engine:
             error = BudgetError(f"prompt of {len(ids)} tokens + max_tokens {r.max_new_tokens} does not fit the memory "
                                 f"budget ({e}): send a shorter prompt, fewer max_tokens or raise the budget")
             return [(i, self._reject(r, error, "budget"))]
-        if decision.kv_ratio < 1.0:  # the press that serves it: the request's, else Ada-KV
-            decision = dataclasses.replace(decision, kv_press=items[0][1].kv_press or "adakv")
+        try:
+            decision = self._for_press(decision, items[0][1].kv_press, backend.planning_request(request),
+                                       self.effective_budget(budget), backend)
+        except BudgetError as e:
+            return [(i, self._reject(r, e, "budget")) for i, r, _ in items]
         return self._run(items, backend, request, decision, budget, retry=True)
+
+    def _for_press(self, decision: Decision, press: str | None, planning: Request, limit: int, backend) -> Decision:
+        """The decision with the press that serves it (the request's, else Ada-KV) when it keeps < 1 of the
+        cache, its peak counted with that press's own layout: policies price KV with Ada-KV's flat cache, and
+        uniform SnapKV's dense buffers (rounded to 64 tokens) or PyramidKV's per-layer lengths can need more.
+        Over the budget, it is decided again under a budget lowered by the excess (up to four times)."""
+        from rap.kv.decode_cache import KVLayout
+
+        press = press or "adakv"
+        planning_bytes = limit
+        for _ in range(4):
+            if decision.kv_ratio >= 1.0:
+                return decision
+            peak = self.memory_model.peak_bytes(decision.mask, planning, decision.kv_ratio,
+                                                KVLayout(press, decision.kv_bits))
+            if peak <= limit:
+                return dataclasses.replace(decision, kv_press=press, predicted_peak_bytes=peak)
+            planning_bytes -= peak - limit
+            decision = self._decide(planning, planning_bytes, backend)
+        raise BudgetError(f"no decision fits {format_bytes(limit)} with kv_press {press!r}'s cache layout")
 
     def _run(self, items: list, backend, request: Request, decision: Decision, budget: int, retry: bool):
         try:
@@ -541,8 +564,10 @@ class Engine:
             smaller = self._decide(backend.planning_request(request), shrunk, backend)
         except BudgetError as be:
             return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
-        if smaller.kv_ratio < 1.0:
-            smaller = dataclasses.replace(smaller, kv_press=decision.kv_press or "adakv")
+        try:
+            smaller = self._for_press(smaller, decision.kv_press, backend.planning_request(request), shrunk, backend)
+        except BudgetError as be:
+            return [(i, self._reject(r, be, "budget")) for i, r, _ in items]
         return self._run(items, backend, request, smaller, budget, retry=False)
 
     def _backends(self) -> list:
