@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from rap.core.memory import MemoryModel, Request
-from rap.core.plan import DROP, INT8, Plan
+from rap.core.plan import DROP, INT8, Plan, is_quantized
 from rap.errors import BudgetError
 from rap.policy.decision import Decision
 
@@ -188,6 +188,14 @@ def build_library(view, selection, profile, gsi_profile: dict | None = None, fra
     return lib
 
 
+def activation_group(plan: Plan) -> tuple:
+    """What a plan's activation bytes depend on (`MemoryModel.prefill_activation_bytes` / `decode_...`):
+    whether any attention / FFN block runs, the (kind, quantized level) pairs it holds, the head's level."""
+    kinds = sorted({(kind, v) for kind, levels in (("attn", plan.attn_levels), ("ffn", plan.ffn_levels))
+                    for v in set(levels) if is_quantized(v)})
+    return any(plan.keep_attn), any(plan.keep_ffn), plan.head_level, tuple(kinds)
+
+
 class LibrarySolver:
     """`decide(request, budget_bytes) -> Decision`: the measured-best library plan that fits, else the knapsack's."""
 
@@ -206,11 +214,14 @@ class LibrarySolver:
         self.rise = np.array([r for _, r in plans])
         self.param = np.array([self.memory.param_bytes(p) for p in self.plans], dtype=np.float64)
         self.n_attn = np.array([sum(p.keep_attn) for p in self.plans])
-        self.quantized = np.array([p.is_quantized for p in self.plans])
+        groups: dict[tuple, int] = {}
+        self.group = np.array([groups.setdefault(activation_group(p), len(groups)) for p in self.plans])
+        self.group_plans = [None] * len(groups)
+        for p, g in zip(self.plans, self.group):
+            self.group_plans[g] = self.group_plans[g] or p
         self.dense = self.plans.index(Plan.full(L))
         self.kv_full = knapsack.kv_options.index((1.0, 16)) if (1.0, 16) in knapsack.kv_options else 0
         self._decisions: dict = {}
-        self._activation: dict = {}
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -224,36 +235,33 @@ class LibrarySolver:
         from rap.policy.greedy import kv_layout_for_bits
 
         kv, _, pen, _ = self.knapsack._request_terms(request)  # kv [R, L+1] by attention blocks kept
-        # a pre-filter (the activations of the every-block-dropped plan, the least any plan needs; KV of the
-        # largest layer type), then the exact check in order of measured cost: the first plan that fits
-        # exactly is the measured-best that fits
-        need = self.param[None, :] + kv[:, self.n_attn] + self._least_activation(request)
-        cost = np.where(need <= budget_bytes, self.rise[None, :] + pen[:, None], np.inf)  # [R, plans]
+        # a plan's activations depend only on its group (kinds kept, quantized kinds, head level): counted per
+        # group when first needed, so the need below is exact (for models whose layers all cache alike; KV of
+        # the largest layer type otherwise), and the first plan in order of measured cost whose need fits is
+        # the measured-best that fits; the memory model's breakdown confirms it
+        base = self.param[None, :] + kv[:, self.n_attn]
+        cost = np.where(base <= budget_bytes, self.rise[None, :] + pen[:, None], np.inf)  # [R, plans]
         if math.isfinite(cost[self.kv_full, self.dense]):  # the dense plan with the full cache fits: it runs
             cost[self.kv_full, self.dense] = -np.inf
-        for flat in np.argsort(cost, axis=None, kind="stable")[:512]:
+        acts: dict[int, int] = {}
+        m = self.memory
+        for flat in np.argsort(cost, axis=None, kind="stable"):
             r_i, p_i = divmod(int(flat), cost.shape[1])
             if cost[r_i, p_i] == np.inf:
                 break
+            g = self.group[p_i]
+            if g not in acts:
+                rep = self.group_plans[g]
+                acts[g] = max(m.prefill_activation_bytes(request, rep), m.decode_activation_bytes(request, rep))
+            if base[r_i, p_i] + acts[g] > budget_bytes:
+                continue
             r, bits = self.knapsack.kv_options[r_i]
             plan = self.plans[p_i]
-            bd = self.memory.breakdown(plan, request, r, kv_layout_for_bits(bits))
+            bd = m.breakdown(plan, request, r, kv_layout_for_bits(bits))
             if bd.total_bytes <= budget_bytes:
                 return Decision(plan, r, bd.total_bytes, self.name, request=request, budget_bytes=int(budget_bytes),
                                 breakdown=bd, predicted_log_ratio=float(self.rise[p_i] + pen[r_i]), kv_bits=bits)
         return self.knapsack.decide(request, budget_bytes)  # nothing in the library fits: the knapsack decides
-
-    def _least_activation(self, request: Request) -> int:
-        key = (request.batch, request.prompt, request.new_tokens)
-        if key not in self._activation:
-            if not hasattr(self, "_empty"):
-                self._empty = Plan.from_levels([DROP] * self.memory.shape.num_layers, [DROP] * self.memory.shape.num_layers)
-            m = self.memory
-            self._activation[key] = max(m.prefill_activation_bytes(request, self._empty),
-                                        m.decode_activation_bytes(request, self._empty))
-            if len(self._activation) > 4096:
-                self._activation.pop(next(iter(self._activation)))
-        return self._activation[key]
 
     def check_plan(self, plan: Plan, request: Request, budget_bytes: int, kv_ratio: float = 1.0) -> Plan:
         return self.knapsack.check_plan(plan, request, budget_bytes, kv_ratio)
