@@ -17,29 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 TASK_ORDER = ("piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa", "hellaswag", "lambada_openai", "boolq")
 
 
-def shares(dense: dict, ours: dict, names) -> dict:
-    """Raw and above-chance shares of dense's headline accuracy over `names` (tasks both scored)."""
-    names = [n for n in names if n in dense and n in ours]
-    if not names:
+def shares(dense: dict, ours: dict, apart=("boolq",)) -> dict:
+    """rap.eval.harness.kept_fraction over the tasks both scored (`apart` reported alone), {} before any."""
+    from rap.eval.harness import kept_fraction
+    from rap.errors import RapError
+
+    try:
+        return kept_fraction({"tasks": ours}, {"tasks": dense}, apart)
+    except RapError:  # no task scored by both yet
         return {}
-    head = lambda r: r[r["headline"]]  # noqa: E731
-    above = [(head(ours[n]) - ours[n]["chance"]) / (head(dense[n]) - dense[n]["chance"])
-             if head(dense[n]) > dense[n]["chance"] else float("nan") for n in names]
-    finite = [a for a in above if math.isfinite(a)]
-    d = sum(head(dense[n]) for n in names) / len(names)
-    o = sum(head(ours[n]) for n in names) / len(names)
-    chance = sum(dense[n]["chance"] for n in names) / len(names)
-    return {"tasks": names, "dense_mean": d, "plan_mean": o, "raw_share": o / d, "chance_mean": chance,
-            "above_chance_share_of_means": (o - chance) / (d - chance) if d > chance else float("nan"),
-            "above_chance_share": sum(finite) / len(finite) if finite else float("nan"),
-            "above_chance_per_task": dict(zip(names, above))}
 
 
 def main(argv=None) -> None:
@@ -100,15 +92,11 @@ def main(argv=None) -> None:
             payload[label][name] = r
             payload["seconds"][f"{label}:{name}"] = time.perf_counter() - t
             print(f"{name:16s} {label:12s} {r} ({time.perf_counter() - t:.0f} s)", flush=True)
-        no_boolq = [n for n in names if n != "boolq" and n in payload["plan_results"]]
-        payload["summary_without_boolq"] = shares(payload["dense"], payload["plan_results"], no_boolq)
-        payload["summary_all"] = shares(payload["dense"], payload["plan_results"], list(payload["plan_results"]))
-        if "boolq" in payload["plan_results"]:
-            payload["boolq"] = {"dense": payload["dense"]["boolq"], "plan": payload["plan_results"]["boolq"]}
+        payload["summary"] = shares(payload["dense"], payload["plan_results"])  # BoolQ apart
         payload["complete"] = all(n in payload["plan_results"] for n in names)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1))
-    print(json.dumps({k: payload.get(k) for k in ("summary_without_boolq", "summary_all")}, indent=1))
+    print(json.dumps(payload.get("summary"), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Zero-shot accuracy through lm-eval (rap.eval.harness, rap.eval.lm_eval_model.RapLM), checked against a
 slow, obviously correct reference: one unpadded forward per (context, continuation)."""
 
+import math
 import json
 from types import SimpleNamespace
 
@@ -208,3 +209,14 @@ def test_real_data_files_parse_with_lm_eval_counts():
             checked += 1
     if not checked:
         pytest.skip("no full zero-shot set on this machine: `rap data fetch piqa` (or set RAP_DATA) gets one")
+
+
+def test_the_above_chance_share_is_also_averaged_task_by_task_leaving_out_tasks_where_dense_guesses():
+    def res(**accs):
+        return {"tasks": {n: {"acc": a, "headline": "acc", "chance": 0.5} for n, a in accs.items()}}
+
+    kept = harness.kept_fraction(res(piqa=0.6, arc_easy=0.7, winogrande=0.55), res(piqa=0.7, arc_easy=0.8, winogrande=0.5))
+    per = kept["kept_above_chance_per_task"]
+    assert per["piqa"] == pytest.approx(0.5) and per["arc_easy"] == pytest.approx(2 / 3)
+    assert math.isnan(per["winogrande"])  # dense at chance: nothing to keep
+    assert kept["kept_above_chance_task_mean"] == pytest.approx((0.5 + 2 / 3) / 2)

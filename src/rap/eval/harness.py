@@ -179,7 +179,14 @@ def kept_fraction(result: dict, dense: dict, apart: Sequence[str] = APART) -> di
     ours = sum(head(result, n) for n in names) / len(names)
     base = sum(head(dense, n) for n in names) / len(names)
     chance = sum(dense["tasks"][n]["chance"] for n in names) / len(names)
+    # issue 15's reading: the above-chance share of each task, averaged over the tasks where dense is above
+    # chance (a task where dense guesses has no share to keep: nan, left out and listed)
+    per_task = {n: shares(head(result, n), head(dense, n), dense["tasks"][n]["chance"])["kept_above_chance"]
+                for n in names}
+    finite = [v for v in per_task.values() if math.isfinite(v)]
     out = {"tasks": names, "mean": ours, "dense_mean": base, "chance": chance, **shares(ours, base, chance),
+           "kept_above_chance_per_task": per_task,
+           "kept_above_chance_task_mean": sum(finite) / len(finite) if finite else float("nan"),
            "apart": {}}
     for n in shared:
         if n in apart:
