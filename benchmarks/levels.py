@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 TARGETS = {0.7: 1.02, 0.5: 1.10, 0.4: 1.6}
 

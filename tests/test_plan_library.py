@@ -96,8 +96,8 @@ def test_where_nothing_in_the_library_fits_the_knapsack_decides_and_says_so(made
 
 
 def test_the_library_is_saved_with_the_profile_and_a_rerun_measures_nothing_again(made, monkeypatch):
-    import rap.profile.levels as levels
     from rap.policy.library import build_library
+    from rap.profile import levels
     from rap.profile.levels import load_level_profile
 
     view, cal, prof, path = made
