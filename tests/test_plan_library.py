@@ -79,8 +79,10 @@ def test_the_dense_plan_runs_whenever_it_fits(made):
     view, _, prof, _ = made
     memory = MemoryModel.from_view(view)
     req = Request(batch=2, prompt=64, new_tokens=16)
-    d = library_policy(prof, memory).decide(req, int(memory.dense_need(req) * 1.05))
-    assert d.mask == Plan.full(view.num_layers) and d.policy == "library"
+    policy = library_policy(prof, memory)
+    for budget in (int(memory.dense_need(req) * 1.05), memory.peak_bytes(Plan.full(view.num_layers), req)):
+        d = policy.decide(req, budget)
+        assert d.mask == Plan.full(view.num_layers) and d.policy == "library" and d.predicted_peak_bytes <= budget
 
 
 def test_where_nothing_in_the_library_fits_the_knapsack_decides_and_says_so(made):

@@ -222,13 +222,27 @@ class LibrarySolver:
         self.dense = self.plans.index(Plan.full(L))
         self.kv_full = knapsack.kv_options.index((1.0, 16)) if (1.0, 16) in knapsack.kv_options else 0
         self._decisions: dict = {}
+        self._dense_decisions: dict = {}
 
     def __len__(self) -> int:
         return len(self.plans)
 
     def decide(self, request: Request, budget_bytes: int) -> Decision:
+        """Memoised per (request shape, budget bucket) as the knapsack's; the dense plan is checked against
+        the exact budget first, so a budget the dense model fits always runs it."""
         from rap.policy.solver import memoised_decide
 
+        key = (request.batch, request.prompt, request.new_tokens)
+        dense = self._dense_decisions.get(key)
+        if dense is None:
+            plan = self.plans[self.dense]
+            bd = self.memory.breakdown(plan, request, 1.0)
+            dense = self._dense_decisions[key] = Decision(plan, 1.0, bd.total_bytes, self.name, request=request,
+                                                          breakdown=bd, predicted_log_ratio=0.0)
+            if len(self._dense_decisions) > 4096:
+                self._dense_decisions.pop(next(iter(self._dense_decisions)))
+        if dense.predicted_peak_bytes <= budget_bytes:
+            return dataclasses.replace(dense, request=request, budget_bytes=int(budget_bytes))
         return memoised_decide(self, request, budget_bytes, self.knapsack.bucket_bytes)
 
     def _decide(self, request: Request, budget_bytes: int) -> Decision:
