@@ -124,10 +124,12 @@ def plot(summary: dict, kv: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for press, d in summary.items():
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    colors = plt.cm.tab20.colors  # more presses than the default cycle's 10 colours
+    for i, (press, d) in enumerate(summary.items()):
         xs = sorted(d, key=lambda b: kv[press][b])
-        ax.plot([kv[press][b] / 2**20 for b in xs], [d[b] for b in xs], marker="o", label=press)
+        ax.plot([kv[press][b] / 2**20 for b in xs], [d[b] for b in xs], marker="os^D"[i % 4], label=press,
+                color=colors[(2 * i) % 20 + (i // 10) % 2], ls="--" if "kvpress" in press or "hf path" in press else "-")
         for b in xs:
             ax.annotate(f"{float(b):.0%}", (kv[press][b] / 2**20, d[b]), fontsize=6, xytext=(2, 2),
                         textcoords="offset points")
@@ -135,7 +137,7 @@ def plot(summary: dict, kv: dict, path: Path, title: str) -> None:
     ax.set_xlabel("KV cache bytes held (MiB, mean over cases, measured)")
     ax.set_ylabel("needle accuracy")
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
