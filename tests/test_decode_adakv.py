@@ -148,7 +148,7 @@ def test_scorer_parameters_reach_the_decoder(stories, story_ids):
     assert any(not torch.equal(lens_a[i], c.lengths) for i, c in flat_caches(dec).items())
 
 
-@pytest.mark.parametrize("kw,match", [(dict(kv_press="h2o"), "unknown KV press"), (dict(kv_bits=4), "KV bits"),
+@pytest.mark.parametrize("kw,match", [(dict(kv_press="h2o"), "unknown KV press"), (dict(kv_bits=3), "KV bits"),
                                       (dict(kv_ratio=0.0), "kv_ratio")])
 def test_unknown_press_bad_bits_and_bad_ratio_are_one_line_errors(stories, kw, match):
     with pytest.raises(RequestError, match=match) as err:
@@ -179,6 +179,6 @@ def test_the_triton_kernel_reads_a_flat_decoder_cache_like_the_torch_attend(bits
     q = torch.randn(B, Hkv * G, 1, D, generator=g).to(device)
     flat = FlatKV(cache.keys, cache.values, cache.starts, cache.lengths, cache.bound, B, Hkv)
     got = varlen_attention_triton(q, flat, D ** -0.5, cache.key_scale, cache.value_scale).transpose(1, 2)
-    want = cache._attend_int8(q, D ** -0.5, cache.bound) if bits == 8 else __import__(
+    want = cache._attend_quantized(q, D ** -0.5, cache.bound) if bits == 8 else __import__(
         "rap.kv.attention", fromlist=["x"]).varlen_attention_torch(q, flat, D ** -0.5).transpose(1, 2)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

@@ -20,7 +20,8 @@ def generate(
     kv_ratio: float = typer.Option(1.0, "--kv-ratio", help="KV keep ratio in (0, 1]: prompt tokens kept after prefill"),
     kv_press: str = typer.Option("adakv", "--kv-press", help="below ratio 1: adakv (head-adaptive) | snapkv (uniform) | "
                                   "pyramidkv (per-layer pyramid) | ada-pyramidkv (both)"),
-    kv_bits: int = typer.Option(16, "--kv-bits", help="16 (the model's dtype) | 8 (int8 keys and values)"),
+    kv_bits: int = typer.Option(16, "--kv-bits", help="16 (the model's dtype) | 8 (int8 keys and values) | 4 "
+                                                           "(int4 keys and values, two per byte)"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass, in (0, 1]"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling (same seed, same tokens)"),
@@ -67,7 +68,7 @@ def generate(
         console.print(f"[bold]{escape(p)}[/bold]{escape(text)}")
     graph = f", graph capture {t.capture_ms:.0f} ms" if t.capture_ms else (", cached graph" if t.graph else "")
     kv = f" ({result.kv_press})" if result.kv_press else ""
-    kv += ", int8 KV" if result.kv_bits == 8 else ""
+    kv += f", int{result.kv_bits} KV" if result.kv_bits != 16 else ""
     console.print(escape(f"[{mask}] kv ratio {kv_ratio:g}{kv}, {len(prompt)} prompt(s) on {view.device}: prefill {t.prefill_ms:.1f} ms, "
                          f"{t.decode_steps} decode steps at {t.ms_per_step:.2f} ms ({t.tokens_per_s:.1f} tok/s){graph}"),
                   style="dim")

@@ -27,9 +27,10 @@ DECODER_PRESSES = "snapkv,adakv"  # the decoder path's default sweep (rap.kv.dec
 # Options every evaluation takes (one definition, so the three commands cannot drift apart).
 PRESSES = typer.Option(None, help=PRESSES_HELP)
 PATH = typer.Option("decoder", "--path", help="decoder: rap's decoder (Ada-KV / uniform SnapKV / PyramidKV, "
-                                             "int8 KV), the path requests are served on; hf: rap.kv's presses on "
+                                             "int8 / int4 KV), the path requests are served on; hf: rap.kv's presses on "
                                              "transformers")
-KV_BITS = typer.Option(16, "--kv-bits", help="decoder path: 16 (model dtype) or 8 (int8 keys and values)")
+KV_BITS = typer.Option(16, "--kv-bits", help="decoder path: 16 (model dtype), 8 (int8 keys and values) or 4 "
+                                               "(int4, two per byte)")
 BUDGETS = typer.Option("0.05,0.1,0.2,0.4", help="KV keep ratios (or percentages)")
 FULL = typer.Option(True, "--full/--no-full", help="also run the full-cache reference")
 DTYPE = typer.Option(None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -82,7 +83,7 @@ def _decoder_settings(path: str, presses: Optional[str], budgets: list[float], k
         raise RequestError(f"--path must be decoder or hf, got {path!r}")
     if path == "hf":
         if kv_bits != 16:
-            raise RequestError("--kv-bits 8 runs on the decoder path only (--path decoder)")
+            raise RequestError(f"--kv-bits {kv_bits} runs on the decoder path only (--path decoder)")
         return None
     if agnostic:
         raise RequestError("--agnostic (compress before the question) runs on the HF path only: add --path hf")

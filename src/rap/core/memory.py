@@ -15,9 +15,9 @@ written from what rap's decode path (`rap.decode.decoder.Decoder`) actually allo
   [B, Hkv, T, D] buffers, which keep ceil(r * prompt) tokens in every head), the compressed
   length is rounded up to that quantum as the decoder rounds its buffers, never above prompt +
   new; on CUDA each dense key / value tensor is charged as PyTorch's caching allocator rounds it
-  (`cuda_block_bytes`: up to 1 MiB more per tensor). The decoder's flat layout (Ada-KV, int8 KV;
+  (`cuda_block_bytes`: up to 1 MiB more per tensor). The decoder's flat layout (Ada-KV, int8 / int4 KV;
   `kv_layout=rap.kv.decode_cache.KVLayout(...)`, or the model's `kv_layout` default that the engine
-  sets) holds the same rows split over heads, plus int8 scales and per-segment starts / lengths:
+  sets) holds the same rows split over heads, plus int8 / int4 scales and per-segment starts / lengths:
   counted tensor by tensor (`rap.kv.decode_cache.layer_tensor_bytes`); under PyramidKV's layouts
   each layer holds its own budget (`kv_layer_tokens`, from `rap.kv.pyramidkv.pyramid_budgets`);
 * fixed runtime bytes (CUDA only): one cuBLAS workspace per stream that ran a matmul, kept by
@@ -311,8 +311,8 @@ class MemoryModel:
         """KV cache bytes: on CUDA, as the caching allocator charges the decoder's dense [B, Hkv, T, D]
         key and value tensors (block rounding, see `cuda_block_bytes`); else their exact size.
 
-        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, PyramidKV, int8 KV):
-        every tensor of its `FlatLayerCache` (keys, values, int8 scales, segment starts / lengths), each
+        kv_layout: a `rap.kv.decode_cache.KVLayout` whose cache is flat (Ada-KV, PyramidKV, int8 / int4 KV):
+        every tensor of its `FlatLayerCache` (keys, values (int4: two per byte), scales, segment starts / lengths), each
         rounded as the allocator rounds it on CUDA. None or a dense layout: the dense buffers above.
         """
         return sum(self.kv_layer_bytes(request, mask, kv_ratio, kv_layout).values())

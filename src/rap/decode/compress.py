@@ -24,7 +24,7 @@ KV head on average:
   Ada-KV ("ada-pyramidkv"). The budgets come from the longest prompt, as the memory model plans;
   a shorter row's layer budget is capped by that layer's room (T_l minus the new tokens), which
   only a rounding coincidence makes bind;
-* kv_bits=8: int8 keys and values with one fp32 scale per (token, KV head), in the flat cache
+* kv_bits=8 / 4: int8 or packed int4 keys and values with one fp32 scale per (token, KV head), in the flat cache
   (any ratio, either press), quantised on write and dequantised in the attend.
 
 Either way `shift[b]` = P_b - k_b keeps every decoded token at its true RoPE position, only the

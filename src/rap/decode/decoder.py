@@ -52,7 +52,7 @@ from rap.decode.step import exact_step, static_step
 from rap.decode.workspace import (BATCH_BUCKETS, LENGTH_QUANTUM, MAX_STOP_IDS, Workspace,  # noqa: F401
                                   bucket_batch, bucket_length, planning_request)
 from rap.errors import BudgetError, RequestError, UnsupportedModelError
-from rap.kv.decode_cache import DECODER_PRESSES, FlatLayerCache, KVLayout, layout_for  # noqa: F401 (re-exported)
+from rap.kv.decode_cache import DECODER_PRESSES, FlatLayerCache, KVLayout, check_head_dim, layout_for  # noqa: F401 (re-exported)
 from rap.kv.scorer import DEFAULT_SCORER, SnapKVScorer
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Generation:
     mask: BlockMask
     kv_ratio: float = 1.0
     kv_press: str | None = None  # when kv_ratio < 1, the press that picked the kept tokens (DECODER_PRESSES)
-    kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values
+    kv_bits: int = 16  # 16: the model's dtype; 8: int8 keys and values; 4: packed int4
 
 
 class Decoder:
@@ -99,7 +99,7 @@ class Decoder:
     `generate(prompts, n, mask=..., kv_ratio=0.2, on_step=fn)`: with kv_ratio < 1 every kept
     attention layer keeps ceil(kv_ratio * P_b) prompt tokens per (row, KV head) on average, split
     over heads by Ada-KV (kv_press="adakv", default) or uniformly ("snapkv"), or per layer by PyramidKV
-    ("pyramidkv", "ada-pyramidkv"), optionally in int8 (kv_bits=8; see the module docstring), and the
+    ("pyramidkv", "ada-pyramidkv"), optionally in int8 or int4 (kv_bits=8 / 4; see `rap.kv.decode_cache`), and the
     cache shrinks to what `MemoryModel.kv_bytes(request, mask, kv_ratio, kv_layout)` predicts; `on_step`
     receives each step's [n] new tokens (on the host; one device sync per step, only when given).
 
@@ -348,7 +348,7 @@ class Decoder:
     @staticmethod
     def _flat_layout(kv_ratio: float, kv_press: str | None, kv_bits: int | None,
                      kv_scorer: SnapKVScorer | None = None) -> KVLayout | None:
-        """The flat layout a request needs (Ada-KV / PyramidKV below ratio 1, int8 KV), or None (dense)."""
+        """The flat layout a request needs (Ada-KV / PyramidKV below ratio 1, int8 / int4 KV), or None (dense)."""
         layout = layout_for(kv_press, kv_bits, (kv_scorer or DEFAULT_SCORER).window)
         return layout if layout.flat and (kv_ratio < 1.0 or layout.bits != 16) else None
 
@@ -458,7 +458,8 @@ class Decoder:
         layer, the row's Hkv * k tokens split over KV heads by Ada-KV, in a flat cache), "snapkv"
         (k per head, dense buffers), "pyramidkv" (PyramidKV's per-layer budgets, falling with depth and
         averaging k, uniform over heads, flat cache) or "ada-pyramidkv" (those budgets split by
-        Ada-KV). kv_bits: 16 (the model's dtype, default) or 8 (int8 keys and values, flat cache).
+        Ada-KV). kv_bits: 16 (the model's dtype, default), 8 (int8 keys and values, flat cache) or 4
+        (int4, two per byte, flat cache; head_dim must be even).
         kv_scorer: the SnapKV scorer's parameters (default `rap.kv.scorer.DEFAULT_SCORER`). on_step:
         called with the [n] new tokens (CPU tensor) after prefill and after every decode step; rows
         that stopped repeat the pad token; it may return [n] booleans, rows to finish now (a stop
@@ -490,6 +491,7 @@ class Decoder:
         sampled = temperature > 0
         n, P = len(prompts), max(len(p) for p in prompts)
         kv = layout_for(kv_press, kv_bits)  # RequestError for an unknown press or unsupported bits
+        check_head_dim(self.view.shape.head_dim, kv.bits)  # int4 packs along head_dim: refused before any work
         scorer = kv_scorer or DEFAULT_SCORER
         layout = self._flat_layout(kv_ratio, kv_press, kv_bits, scorer)
         window = self._smallest_window(mask)

@@ -1,6 +1,6 @@
-"""The decoder's variable-length KV cache: Ada-KV's per-head budgets in a flat buffer, optionally int8.
+"""The decoder's variable-length KV cache: Ada-KV's per-head budgets in a flat buffer, optionally int8 / int4.
 
-`rap.decode.decoder.Decoder` keeps, for a kept attention layer under Ada-KV, PyramidKV (or int8 KV),
+`rap.decode.decoder.Decoder` keeps, for a kept attention layer under Ada-KV, PyramidKV (or int8 / int4 KV),
 one `FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
 
 * keys / values [B * Hkv * T, D] (T = the workspace's compressed cache length); segment
@@ -22,9 +22,16 @@ one `FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
   time (what a captured decode step needs) at the cost of some key precision. transformers'
   `QuantizedCache` (quanto / HQQ backends) re-quantises a Python-side residual and cannot run
   inside rap's captured step, hence this small implementation;
+* int4 (`bits=4`): the same symmetric per-(token, KV head) fp32 scale, scale = max|x| / 7, values
+  in [-7, 7] stored offset by 8 as two nibbles per uint8 along head_dim (element 2i in the low
+  nibble, 2i + 1 in the high one; head_dim must be even): keys / values [rows, D / 2] uint8.
+  One quantise / dequantise pair (`quantize_rows` / `dequantize_rows`) serves both widths.
+  Symmetric rather than per-token asymmetric (scale + zero, 15 levels over [min, max]): it keeps
+  the write path, the byte count and the attend identical to int8's, and per-token key rows are
+  roughly centred; the needle figure in the README is what it measured;
 * attention over it: `rap.kv.attention.varlen_attention` (the Triton split-K kernel on CUDA for
-  16-bit caches, the PyTorch reference otherwise); an int8 cache dequantises the gathered rows
-  in the PyTorch path (no int8 Triton kernel yet).
+  16-bit and int8 caches, the int8 kernel dequantising on load; the PyTorch reference otherwise).
+  An int4 cache always dequantises the gathered rows in the PyTorch path (no int4 Triton kernel).
 
 Bytes: `layer_tensor_bytes` lists every tensor a layer allocates; `rap.core.memory.MemoryModel`
 charges exactly these (`kv_bytes(..., kv_layout=...)`).
@@ -43,7 +50,8 @@ from rap.kv.pyramidkv import pyramid_budgets
 from rap.kv.scorer import DEFAULT_SCORER
 
 DECODER_PRESSES = ("snapkv", "adakv", "pyramidkv", "ada-pyramidkv")
-KV_BITS = (16, 8)
+KV_BITS = (16, 8, 4)
+QMAX = {8: 127, 4: 7}  # symmetric integer range [-QMAX, QMAX] per stored width
 ADAKV_ALPHA = 0.2  # Ada-KV's safeguard: every head keeps at least floor(alpha * k) of its own top tokens
 
 
@@ -55,7 +63,7 @@ class KVLayout:
     "adakv": head-adaptive budgets (flat buffer); "pyramidkv": PyramidKV's per-layer budgets
     (`rap.kv.pyramidkv.pyramid_budgets`), uniform over a layer's heads (flat buffer, one length per
     layer); "ada-pyramidkv": those layer budgets split over heads by Ada-KV (flat buffer). bits 16:
-    the model's dtype; 8: int8 + fp32 scales (flat buffer, any press). window: the observation
+    the model's dtype; 8: int8 + fp32 scales, 4: packed int4 + fp32 scales (flat buffer, any press). window: the observation
     window the pyramid reserves in every layer (the scorer's; only the pyramid presses read it).
     """
 
@@ -73,7 +81,7 @@ class KVLayout:
 
     @property
     def flat(self) -> bool:
-        return self.press != "snapkv" or self.bits == 8
+        return self.press != "snapkv" or self.bits != 16
 
     @property
     def adaptive(self) -> bool:
@@ -107,27 +115,54 @@ def layer_tensor_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, dt
                        bits: int) -> list[int]:
     """Bytes of every tensor one `FlatLayerCache` allocates: keys, values, (key / value scales), starts, lengths."""
     rows = batch * kv_heads * tokens
-    elem = 1 if bits == 8 else dtype_bytes
-    sizes = [rows * head_dim * elem, rows * head_dim * elem]
-    if bits == 8:
+    row = head_dim * dtype_bytes if bits == 16 else stored_width(head_dim, bits)  # bytes per stored row
+    sizes = [rows * row, rows * row]
+    if bits != 16:
         sizes += [rows * 4, rows * 4]
     return sizes + [batch * kv_heads * 8, batch * kv_heads * 8]
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], fp32 scale [...]): symmetric, scale = max|x| / 127 per row."""
-    scale = x.float().abs().amax(-1).clamp_min(1e-8) / 127.0
-    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+def check_head_dim(head_dim: int, bits: int) -> None:
+    """int4 packs two values per byte along head_dim: an odd head_dim is refused in one line."""
+    if bits == 4 and head_dim % 2:
+        raise RequestError(f"int4 KV packs two values per byte along head_dim, which must be even (got "
+                           f"{head_dim}); use --kv-bits 8 or 16 for this model")
+
+
+def stored_width(head_dim: int, bits: int) -> int:
+    """Bytes of one quantised row of `head_dim` values: D at int8, D / 2 at int4 (two per byte)."""
+    check_head_dim(head_dim, bits)
+    return head_dim if bits == 8 else head_dim // 2
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (stored [..., D] int8 or [..., D / 2] uint8 for int4, fp32 scale [...]): symmetric,
+    scale = max|x| / QMAX per row, values rounded into [-QMAX, QMAX] (so |x - x_hat| <= scale / 2)."""
+    qmax = QMAX[bits]
+    scale = x.float().abs().amax(-1).clamp_min(1e-8) / qmax
+    q = torch.round(x.float() / scale[..., None]).clamp_(-qmax, qmax).to(torch.int8)
+    if bits == 4:
+        check_head_dim(q.shape[-1], bits)
+        u = (q + 8).to(torch.uint8)  # [1, 15]: an unsigned nibble
+        q = u[..., 0::2] | (u[..., 1::2] << 4)
     return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`quantize_rows`'s inverse up to rounding: stored rows (int8 [..., D], or uint8 [..., D / 2] packed
+    int4, told apart by dtype) and fp32 scale [...] -> fp32 [..., D]."""
+    if q.dtype == torch.uint8:
+        q = torch.stack(((q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), -1).flatten(-2)
+    return q.float() * scale[..., None]
 
 
 @dataclass(eq=False)
 class FlatLayerCache:
     """One kept attention layer's cache in the flat layout (see the module docstring)."""
 
-    keys: torch.Tensor  # [B * Hkv * T, D] model dtype or int8
+    keys: torch.Tensor  # [B * Hkv * T, D] model dtype or int8; [B * Hkv * T, D / 2] uint8 (packed int4)
     values: torch.Tensor
-    key_scale: torch.Tensor | None  # [B * Hkv * T] fp32 (int8 only)
+    key_scale: torch.Tensor | None  # [B * Hkv * T] fp32 (int8 / int4 only)
     value_scale: torch.Tensor | None
     starts: torch.Tensor  # [B * Hkv] int64
     lengths: torch.Tensor  # [B * Hkv] int64
@@ -141,11 +176,12 @@ class FlatLayerCache:
     def allocate(cls, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, bits: int = 16, positions: int | None = None) -> "FlatLayerCache":
         rows = batch * kv_heads * tokens
-        store = torch.int8 if bits == 8 else dtype
-        scale = (lambda: torch.ones(rows, device=device, dtype=torch.float32)) if bits == 8 else (lambda: None)
+        store = {8: torch.int8, 4: torch.uint8}.get(bits, dtype)
+        width = head_dim if bits == 16 else stored_width(head_dim, bits)
+        scale = (lambda: torch.ones(rows, device=device, dtype=torch.float32)) if bits != 16 else (lambda: None)
         # zero-initialised: rows the attend masks must never be NaN (0 * NaN poisons P @ V)
-        cache = cls(torch.zeros(rows, head_dim, device=device, dtype=store),
-                    torch.zeros(rows, head_dim, device=device, dtype=store), scale(), scale(),
+        cache = cls(torch.zeros(rows, width, device=device, dtype=store),
+                    torch.zeros(rows, width, device=device, dtype=store), scale(), scale(),
                     torch.zeros(batch * kv_heads, device=device, dtype=torch.long),
                     torch.zeros(batch * kv_heads, device=device, dtype=torch.long), batch, kv_heads, tokens,
                     positions if positions is not None else kv_heads * tokens)
@@ -155,6 +191,11 @@ class FlatLayerCache:
     @property
     def quantized(self) -> bool:
         return self.key_scale is not None
+
+    @property
+    def bits(self) -> int:
+        """Storage bits: 16 (the model's dtype), 8 (int8) or 4 (packed int4, uint8 storage)."""
+        return 16 if not self.quantized else 4 if self.keys.dtype == torch.uint8 else 8
 
     @property
     def bound(self) -> int:
@@ -175,10 +216,10 @@ class FlatLayerCache:
         self.max_length = 0
 
     def _store(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [N, D] into flat rows [N] (quantised on write for int8)."""
+        """k, v [N, D] into flat rows [N] (quantised on write for int8 / int4)."""
         if self.quantized:
-            kq, ks = quantize_rows(k)
-            vq, vs = quantize_rows(v)
+            kq, ks = quantize_rows(k, self.bits)
+            vq, vs = quantize_rows(v, self.bits)
             self.keys.index_copy_(0, rows, kq)
             self.values.index_copy_(0, rows, vq)
             self.key_scale.index_copy_(0, rows, ks)
@@ -219,21 +260,22 @@ class FlatLayerCache:
         L = self.bound if max_length is None else max_length
         n, m = q.shape[0], q.shape[0] * self.kv_heads  # the first n rows (the eager step skips idle bucket rows)
         flat = FlatKV(self.keys, self.values, self.starts[:m], self.lengths[:m], L, n, self.kv_heads)
-        if q.is_cuda and triton_available():
+        if q.is_cuda and triton_available() and self.bits != 4:  # the kernel reads 16-bit and int8 rows
             return varlen_attention_triton(q, flat, scaling, self.key_scale, self.value_scale).transpose(1, 2)
         if not self.quantized:
             return varlen_attention_torch(q, flat, scaling).transpose(1, 2)
-        return self._attend_int8(q, scaling, L)
+        return self._attend_quantized(q, scaling, L)
 
-    def _attend_int8(self, q: torch.Tensor, scaling: float, L: int) -> torch.Tensor:
+    def _attend_quantized(self, q: torch.Tensor, scaling: float, L: int) -> torch.Tensor:
+        """The PyTorch attend over an int8 / int4 cache: gather each segment's rows, dequantise, softmax."""
         B, H, _, D = q.shape
         S, g = B * self.kv_heads, H // self.kv_heads
         starts, lengths = self.starts[:S], self.lengths[:S]
         pos = torch.arange(max(L, 1), device=q.device)
         live = pos[None, :] < lengths[:, None]  # [S, L]
         rows = torch.where(live, starts[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
-        keys = self.keys[rows].float() * self.key_scale[rows][..., None]  # [S, L, D]
-        values = self.values[rows].float() * self.value_scale[rows][..., None]
+        keys = dequantize_rows(self.keys[rows], self.key_scale[rows])  # [S, L, D]
+        values = dequantize_rows(self.values[rows], self.value_scale[rows])
         scores = torch.bmm(q.reshape(S, g, D).float(), keys.transpose(1, 2)) * scaling  # [S, g, L]
         scores = scores.masked_fill(~live[:, None, :], float("-inf"))
         out = torch.bmm(scores.softmax(-1), values)  # [S, g, D]
