@@ -8,7 +8,8 @@ writes the result JSON and the plot (accuracy vs mean KV bytes, one line per pre
   (`rap.eval.needle_decoder.PrefillReplay`) replayed for: full cache, int8 KV at 100%, uniform
   SnapKV and Ada-KV at each budget, PyramidKV's per-layer budgets (uniform over heads, and split by
   Ada-KV: "pyramidkv" / "ada-pyramidkv") at each `--decoder-pyramid-budgets`, int8 + Ada-KV at
-  `--int8-budget`. Bytes:
+  `--int8-budget`, int4 KV at 100% ("int4") and int4 + Ada-KV at `--int4-budget` (default: the
+  int8 budget; `--presses int4,int4+adakv` runs just those beside the full cache). Bytes:
   `Decoder.kv_resident_bytes` after the answer.
 * `--part hf`: the HF path, one plain-transformers prefill per case (SDPA, full attention over
   the prompt, as both rap.kv and kvpress prefill), recorded per layer (attention input, RoPE
@@ -148,6 +149,8 @@ def run_decoder(args, out: Path) -> None:
         float(b) for b in args.decoder_pyramid_budgets.split(",") if b.strip()]
     settings += [KVSetting(f"{p} (decoder)", b, p) for p in ("pyramidkv", "ada-pyramidkv") for b in pyr]
     settings.append(KVSetting("int8+adakv (decoder)", args.int8_budget, "adakv", 8))
+    int4_budget = args.int8_budget if args.int4_budget is None else args.int4_budget
+    settings += [KVSetting("int4", 1.0, None, 4), KVSetting("int4+adakv (decoder)", int4_budget, "adakv", 4)]
     wanted = {p.strip() for p in args.presses.split(",")} if args.presses else None
     if wanted is not None:  # the full cache records the case's prefill either way; only wanted presses make rows
         settings = settings[:1] + [s for s in settings[1:] if s.name.split(" (")[0] in wanted]
@@ -397,6 +400,11 @@ def merge(args, out: Path) -> int:
     print(table_text(summary, "{:.3f}", title))
     print(table_text({p: {b: v / 2**20 for b, v in d.items()} for p, d in kv.items()}, "{:.2f}", "mean KV MiB"))
     checks = verdicts(summary, correct, ncases)
+    checks["vs_full_per_case"] = {p: per_case_vs_full(rows, p) for p in ("int8", "int4") if p in summary}
+    for p, d in checks["vs_full_per_case"].items():
+        line = (f"{p} KV at 100% vs full, case by case: {d['equal']} equal, {d['differing']} differing "
+                f"({d['better']} better, {d['worse']} worse) of {d['cases']}")
+        checks["lines"].append(line)
     for line in checks["lines"]:
         print(line)
     if "decoder" in by_part and by_part["decoder"]["cases"] > len(done):
@@ -422,6 +430,16 @@ def merge(args, out: Path) -> int:
     return 0
 
 
+def per_case_vs_full(rows: list[dict], press: str) -> dict:
+    """`press` at keep 1 against the full cache on the cases both ran: equal / differing scores."""
+    full = {case_key(r): r["score"] for r in rows if r["press"] == "full"}
+    mine = {case_key(r): r["score"] for r in rows if r["press"] == press and r["budget"] == 1.0}
+    both = sorted(set(full) & set(mine))
+    diff = [mine[k] - full[k] for k in both]
+    return {"cases": len(both), "equal": sum(d == 0 for d in diff), "differing": sum(d != 0 for d in diff),
+            "better": sum(d > 0 for d in diff), "worse": sum(d < 0 for d in diff)}
+
+
 def verdicts(summary: dict, correct: dict, ncases: dict) -> dict:
     """The issue's two claims, stated from the measured sums (a case scores 0, 0.5 or 1)."""
     lines, ada_ge = [], {}
@@ -438,6 +456,10 @@ def verdicts(summary: dict, correct: dict, ncases: dict) -> dict:
         lines.append(f"int8 KV at 100%: {correct['int8']['1']:g} vs full {correct['full']['1']:g} "
                      f"(difference {diff:g} case{'s' if diff != 1 else ''}) -> "
                      f"{'within one case' if int8_ok else 'NOT within one case'}")
+    if "int4" in correct and "full" in correct:  # measured, not a claim of the issue: stated either way
+        diff = correct["int4"]["1"] - correct["full"]["1"]
+        lines.append(f"int4 KV at 100%: {correct['int4']['1']:g} vs full {correct['full']['1']:g} "
+                     f"(difference {diff:+g})" + (f", int8 {correct['int8']['1']:g}" if "int8" in correct else ""))
     return {"adakv_ge_snapkv_at_budget": ada_ge, "adakv_ge_snapkv_all_le_20pct": all(ada_ge.values()) if ada_ge
             else None, "int8_full_within_one_case": int8_ok, "lines": lines}
 
@@ -461,6 +483,7 @@ def main(argv=None) -> int:
                     "'full' adds the full cache's rows), written to decoder<--part-suffix>.json beside a full run")
     ap.add_argument("--part-suffix", default="", help="decoder part: its file is decoder<suffix>.json")
     ap.add_argument("--int8-budget", type=float, default=0.2)
+    ap.add_argument("--int4-budget", type=float, default=None, help="int4 + Ada-KV's budget (default --int8-budget)")
     ap.add_argument("--max-new", type=int, default=20)
     ap.add_argument("--max-cases", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="keep the part's earlier rows in --out, run the rest")

@@ -120,7 +120,7 @@ def test_with_int8_kv_the_greedy_policy_drops_fewer_blocks_under_a_tight_budget(
 
 def test_unsupported_kv_bits_are_refused_in_one_line():
     with pytest.raises(RequestError, match="KV bits") as err:
-        GreedyPolicy(None, kv_bits=4)
+        GreedyPolicy(None, kv_bits=3)
     assert "\n" not in str(err.value)
 
 

@@ -43,8 +43,9 @@ def test_settings_are_checked_before_any_work_and_name_their_rows():
     assert names == ["full", "int8", "snapkv+int8", "snapkv+int8", "adakv+int8", "adakv+int8"]
     with pytest.raises(RequestError, match="unknown KV press 'h2o'"):
         settings_for(["adakv", "h2o"], [0.1])
+    assert [s.name for s in settings_for(["adakv"], [0.2], kv_bits=4)] == ["full", "int4", "adakv+int4"]
     with pytest.raises(RequestError, match="KV bits"):
-        settings_for(["adakv"], [0.1], kv_bits=4)
+        settings_for(["adakv"], [0.1], kv_bits=3)
 
 
 def test_leval_on_the_decoder_scores_every_setting_with_its_real_kv_bytes(stories, tmp_path, monkeypatch):

@@ -1,0 +1,76 @@
+"""int4 KV: symmetric per-(token, KV head) scale vs per-token asymmetric scale + zero, by continuation NLL.
+
+Why `rap.kv.decode_cache` stores int4 symmetrically: this measures what an asymmetric per-token
+quantiser (15 levels over [min, max] of each row, KIVI's per-token form) would gain. Both are run
+as fake quantisation in front of the decoder's int8 store (`FlatLayerCache._store` patched: x ->
+dequant(quant4(x)) -> int8), so both pay the same small int8 rounding on top; the 16-bit and plain
+int8 caches are the references. Teacher-forced NLL of a Paul Graham essay's continuation
+(`rap.policy.kv_measure.decoder_continuation_nll`, keep 1.0), nats per token.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/kv_int4_scales.py --model smollm2-135m --prompt 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import rap.kv.decode_cache as dc
+
+
+def fake_sym4(x: torch.Tensor) -> torch.Tensor:
+    q, s = dc.quantize_rows(x, 4)
+    return dc.dequantize_rows(q, s)
+
+
+def fake_asym4(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp_min(1e-8) / 15.0
+    return torch.round((x - lo) / scale).clamp_(0, 15) * scale + lo
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--continuation", type=int, default=64)
+    ap.add_argument("--out", default=None, help="JSON file for the rows")
+    args = ap.parse_args(argv)
+    from rap import provenance
+    from rap.decode.decoder import Decoder
+    from rap.eval.needle import haystack_text
+    from rap.policy.kv_measure import KVOption, decoder_continuation_nll
+    from rap.sources import load_view
+
+    torch.set_num_threads(1)
+    view, tok = load_view(args.model, dtype=torch.float32, device="cpu")
+    text = haystack_text()[:200_000]
+    ids = torch.tensor([tok(text).input_ids[:args.prompt + args.continuation]])
+    real_store = dc.FlatLayerCache._store
+    rows = []
+    for name, bits, fake in [("16-bit", 16, None), ("int8", 8, None), ("int4 symmetric (rap)", 8, fake_sym4),
+                             ("int4 asymmetric per-token", 8, fake_asym4)]:
+        def store(self, r, k, v, fake=fake):
+            real_store(self, r, fake(k), fake(v)) if fake else real_store(self, r, k, v)
+        dc.FlatLayerCache._store = store
+        t0 = time.time()
+        try:
+            nll = decoder_continuation_nll(Decoder(view), ids, args.prompt, [KVOption(1.0, bits)])
+        finally:
+            dc.FlatLayerCache._store = real_store
+        rows.append({"kv": name, "nll_per_token": list(nll.values())[0] / args.continuation,
+                     "seconds": time.time() - t0})
+        print(f"{name:28s} {rows[-1]['nll_per_token']:.4f} nats/token ({rows[-1]['seconds']:.0f} s)", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({**provenance.environment(), "model": args.model, "prompt": args.prompt,
+                                              "continuation": args.continuation, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
