@@ -23,15 +23,15 @@ import rap.kv.decode_cache as dc
 
 
 def fake_sym4(x: torch.Tensor) -> torch.Tensor:
-    q, s = dc.quantize_rows(x, 4)
-    return dc.dequantize_rows(q, s)
+    """Symmetric int4 per row: scale = max|x| / 7, values in [-7, 7] (the alternative not taken)."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / 7.0
+    return torch.round(x.float() / scale).clamp_(-7, 7) * scale
 
 
 def fake_asym4(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = (hi - lo).clamp_min(1e-8) / 15.0
-    return torch.round((x - lo) / scale).clamp_(0, 15) * scale + lo
+    """rap's int4 (`rap.kv.decode_cache.quantize_rows(x, 4)`): per-row (scale, zero) over [min, max]."""
+    q, s = dc.quantize_rows(x, 4)
+    return dc.dequantize_rows(q, s)
 
 
 def main(argv=None) -> int:
@@ -53,10 +53,13 @@ def main(argv=None) -> int:
     ids = torch.tensor([tok(text).input_ids[:args.prompt + args.continuation]])
     real_store = dc.FlatLayerCache._store
     rows = []
-    for name, bits, fake in [("16-bit", 16, None), ("int8", 8, None), ("int4 symmetric (rap)", 8, fake_sym4),
-                             ("int4 asymmetric per-token", 8, fake_asym4)]:
-        def store(self, r, k, v, fake=fake):
-            real_store(self, r, fake(k), fake(v)) if fake else real_store(self, r, k, v)
+    for name, bits, fake in [("16-bit", 16, None), ("int8", 8, None), ("int4 symmetric", 8, fake_sym4),
+                             ("int4 asymmetric per-token (rap)", 8, fake_asym4), ("int4, rap's cache", 4, None),
+                             ("int4 asymmetric keys, symmetric values", 8, (fake_asym4, fake_sym4))]:
+        fk, fv = fake if isinstance(fake, tuple) else (fake, fake)
+
+        def store(self, r, k, v, fk=fk, fv=fv):
+            real_store(self, r, fk(k), fv(v)) if fk else real_store(self, r, k, v)
         dc.FlatLayerCache._store = store
         t0 = time.time()
         try:

@@ -22,13 +22,20 @@ one `FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
   time (what a captured decode step needs) at the cost of some key precision. transformers'
   `QuantizedCache` (quanto / HQQ backends) re-quantises a Python-side residual and cannot run
   inside rap's captured step, hence this small implementation;
-* int4 (`bits=4`): the same symmetric per-(token, KV head) fp32 scale, scale = max|x| / 7, values
-  in [-7, 7] stored offset by 8 as two nibbles per uint8 along head_dim (element 2i in the low
-  nibble, 2i + 1 in the high one; head_dim must be even): keys / values [rows, D / 2] uint8.
-  One quantise / dequantise pair (`quantize_rows` / `dequantize_rows`) serves both widths.
-  Symmetric rather than per-token asymmetric (scale + zero, 15 levels over [min, max]): it keeps
-  the write path, the byte count and the attend identical to int8's, and per-token key rows are
-  roughly centred; the needle figure in the README is what it measured;
+* int4 (`bits=4`): per-(token, KV head) *asymmetric* quantisation, one fp32 (scale, zero) pair per
+  row for keys and one for values: zero = min x, scale = (max x - min x) / 15, values in [0, 15]
+  stored as two nibbles per uint8 along head_dim (element 2i in the low nibble, 2i + 1 in the high
+  one; head_dim must be even): keys / values [rows, D / 2] uint8, scales [rows, 2] fp32. One
+  quantise / dequantise pair (`quantize_rows` / `dequantize_rows`, parameterised by bits) serves
+  int8 and int4, and the store / attend code is the same for both. Why asymmetric: symmetric
+  int4 (scale = max|x| / 7, [-7, 7], 4 bytes a row fewer) lost clearly, measured on SmolLM2-135M
+  (CPU, fp32): the needle at 1k / 2k x 7 depths scored 8 / 14 against the full cache's 14 / 14
+  (`benchmarks/results/kv-needle-eval-smollm2-135m-2026-12-02-int4-sym-cpu.json`), and
+  teacher-forced continuation NLL (`benchmarks/kv_int4_scales.py`, 1024-token prompt, 64 tokens)
+  rose from 2.889 (16-bit) to 3.154 nats / token, against 2.995 asymmetric. Almost all of the loss
+  is in the keys (asymmetric keys with symmetric values: 3.004): per-token key rows are far from
+  centred (RoPE'd keys carry large per-channel offsets, what KIVI's per-channel key scales
+  address; those need grouped appends, which a captured one-token step cannot do);
 * attention over it: `rap.kv.attention.varlen_attention` (the Triton split-K kernel on CUDA for
   16-bit and int8 caches, the int8 kernel dequantising on load; the PyTorch reference otherwise).
   An int4 cache always dequantises the gathered rows in the PyTorch path (no int4 Triton kernel).
@@ -51,7 +58,7 @@ from rap.kv.scorer import DEFAULT_SCORER
 
 DECODER_PRESSES = ("snapkv", "adakv", "pyramidkv", "ada-pyramidkv")
 KV_BITS = (16, 8, 4)
-QMAX = {8: 127, 4: 7}  # symmetric integer range [-QMAX, QMAX] per stored width
+INT4_LEVELS = 15  # int4: values in [0, 15] over each row's [min, max]
 ADAKV_ALPHA = 0.2  # Ada-KV's safeguard: every head keeps at least floor(alpha * k) of its own top tokens
 
 
@@ -63,7 +70,7 @@ class KVLayout:
     "adakv": head-adaptive budgets (flat buffer); "pyramidkv": PyramidKV's per-layer budgets
     (`rap.kv.pyramidkv.pyramid_budgets`), uniform over a layer's heads (flat buffer, one length per
     layer); "ada-pyramidkv": those layer budgets split over heads by Ada-KV (flat buffer). bits 16:
-    the model's dtype; 8: int8 + fp32 scales, 4: packed int4 + fp32 scales (flat buffer, any press). window: the observation
+    the model's dtype; 8: int8 + fp32 scales, 4: packed int4 + fp32 (scale, zero) (flat buffer, any press). window: the observation
     window the pyramid reserves in every layer (the scorer's; only the pyramid presses read it).
     """
 
@@ -118,7 +125,7 @@ def layer_tensor_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, dt
     row = head_dim * dtype_bytes if bits == 16 else stored_width(head_dim, bits)  # bytes per stored row
     sizes = [rows * row, rows * row]
     if bits != 16:
-        sizes += [rows * 4, rows * 4]
+        sizes += [rows * scale_width(bits) * 4] * 2
     return sizes + [batch * kv_heads * 8, batch * kv_heads * 8]
 
 
@@ -135,25 +142,35 @@ def stored_width(head_dim: int, bits: int) -> int:
     return head_dim if bits == 8 else head_dim // 2
 
 
+def scale_width(bits: int) -> int:
+    """fp32 values of quantisation parameters per stored row: 1 (int8: scale), 2 (int4: scale, zero)."""
+    return 1 if bits == 8 else 2
+
+
 def quantize_rows(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (stored [..., D] int8 or [..., D / 2] uint8 for int4, fp32 scale [...]): symmetric,
-    scale = max|x| / QMAX per row, values rounded into [-QMAX, QMAX] (so |x - x_hat| <= scale / 2)."""
-    qmax = QMAX[bits]
-    scale = x.float().abs().amax(-1).clamp_min(1e-8) / qmax
-    q = torch.round(x.float() / scale[..., None]).clamp_(-qmax, qmax).to(torch.int8)
-    if bits == 4:
-        check_head_dim(q.shape[-1], bits)
-        u = (q + 8).to(torch.uint8)  # [1, 15]: an unsigned nibble
-        q = u[..., 0::2] | (u[..., 1::2] << 4)
-    return q, scale
+    """x [..., D] -> (stored rows, fp32 parameters), so that |x - x_hat| <= step / 2 per element:
+
+    bits 8: int8 [..., D], scale [...]: symmetric, step = scale = max|x| / 127, values in [-127, 127];
+    bits 4: uint8 [..., D / 2] (two values per byte, low nibble first), [..., 2] = (scale, zero):
+    asymmetric, zero = min x, step = scale = (max x - min x) / 15, values in [0, 15]."""
+    x = x.float()
+    if bits == 8:
+        scale = x.abs().amax(-1).clamp_min(1e-8) / 127.0
+        return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+    check_head_dim(x.shape[-1], bits)
+    lo = x.amin(-1)
+    scale = (x.amax(-1) - lo).clamp_min(1e-8) / INT4_LEVELS
+    u = torch.round((x - lo[..., None]) / scale[..., None]).clamp_(0, INT4_LEVELS).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4), torch.stack((scale, lo), -1)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`quantize_rows`'s inverse up to rounding: stored rows (int8 [..., D], or uint8 [..., D / 2] packed
-    int4, told apart by dtype) and fp32 scale [...] -> fp32 [..., D]."""
-    if q.dtype == torch.uint8:
-        q = torch.stack(((q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), -1).flatten(-2)
-    return q.float() * scale[..., None]
+    int4, told apart by dtype) and their fp32 parameters -> fp32 [..., D]."""
+    if q.dtype != torch.uint8:
+        return q.float() * scale[..., None]
+    u = torch.stack((q & 15, q >> 4), -1).flatten(-2).float()
+    return u * scale[..., :1] + scale[..., 1:]
 
 
 @dataclass(eq=False)
@@ -162,7 +179,7 @@ class FlatLayerCache:
 
     keys: torch.Tensor  # [B * Hkv * T, D] model dtype or int8; [B * Hkv * T, D / 2] uint8 (packed int4)
     values: torch.Tensor
-    key_scale: torch.Tensor | None  # [B * Hkv * T] fp32 (int8 / int4 only)
+    key_scale: torch.Tensor | None  # fp32, int8: [B * Hkv * T] scales; int4: [B * Hkv * T, 2] (scale, zero)
     value_scale: torch.Tensor | None
     starts: torch.Tensor  # [B * Hkv] int64
     lengths: torch.Tensor  # [B * Hkv] int64
@@ -178,7 +195,8 @@ class FlatLayerCache:
         rows = batch * kv_heads * tokens
         store = {8: torch.int8, 4: torch.uint8}.get(bits, dtype)
         width = head_dim if bits == 16 else stored_width(head_dim, bits)
-        scale = (lambda: torch.ones(rows, device=device, dtype=torch.float32)) if bits != 16 else (lambda: None)
+        shape = (rows,) if bits == 8 else (rows, scale_width(bits))
+        scale = (lambda: torch.ones(shape, device=device, dtype=torch.float32)) if bits != 16 else (lambda: None)
         # zero-initialised: rows the attend masks must never be NaN (0 * NaN poisons P @ V)
         cache = cls(torch.zeros(rows, width, device=device, dtype=store),
                     torch.zeros(rows, width, device=device, dtype=store), scale(), scale(),
