@@ -1,10 +1,11 @@
 """int4 KV: symmetric per-(token, KV head) scale vs per-token asymmetric scale + zero, by continuation NLL.
 
 Why `rap.kv.decode_cache` stores int4 symmetrically: this measures what an asymmetric per-token
-quantiser (15 levels over [min, max] of each row, KIVI's per-token form) would gain. Both are run
-as fake quantisation in front of the decoder's int8 store (`FlatLayerCache._store` patched: x ->
-dequant(quant4(x)) -> int8), so both pay the same small int8 rounding on top; the 16-bit and plain
-int8 caches are the references. Teacher-forced NLL of a Paul Graham essay's continuation
+quantiser (15 levels over [min, max] of each row, KIVI's per-token form) would gain. The variants run
+as fake quantisation in front of a 16-bit flat store (`FlatLayerCache._store` patched: x ->
+dequant(quant4(x)); keep ratio FLAT_ALL, just below 1, puts the decoder on its flat cache while
+keeping every token, ceil(r * P) = P); rap's real int4 cache must equal the asymmetric row (a
+check that its storage adds nothing). The 16-bit and int8 caches are the references. Teacher-forced NLL of a Paul Graham essay's continuation
 (`rap.policy.kv_measure.decoder_continuation_nll`, keep 1.0), nats per token.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/kv_int4_scales.py --model smollm2-135m --prompt 1024
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 import rap.kv.decode_cache as dc
+
+FLAT_ALL = 0.99999  # a flat 16-bit cache keeping every token of prompts below 100k tokens
 
 
 def fake_sym4(x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +56,12 @@ def main(argv=None) -> int:
     ids = torch.tensor([tok(text).input_ids[:args.prompt + args.continuation]])
     real_store = dc.FlatLayerCache._store
     rows = []
-    for name, bits, fake in [("16-bit", 16, None), ("int8", 8, None), ("int4 symmetric", 8, fake_sym4),
-                             ("int4 asymmetric per-token (rap)", 8, fake_asym4), ("int4, rap's cache", 4, None),
-                             ("int4 asymmetric keys, symmetric values", 8, (fake_asym4, fake_sym4))]:
+    for name, opt, fake in [("16-bit", KVOption(1.0, 16), None), ("int8", KVOption(1.0, 8), None),
+                            ("int4 symmetric (fake)", KVOption(FLAT_ALL, 16), fake_sym4),
+                            ("int4 asymmetric per-token (fake)", KVOption(FLAT_ALL, 16), fake_asym4),
+                            ("int4, rap's cache (asymmetric)", KVOption(1.0, 4), None),
+                            ("int4 asymmetric keys, symmetric values (fake)", KVOption(FLAT_ALL, 16),
+                             (fake_asym4, fake_sym4))]:
         fk, fv = fake if isinstance(fake, tuple) else (fake, fake)
 
         def store(self, r, k, v, fk=fk, fv=fv):
@@ -63,12 +69,12 @@ def main(argv=None) -> int:
         dc.FlatLayerCache._store = store
         t0 = time.time()
         try:
-            nll = decoder_continuation_nll(Decoder(view), ids, args.prompt, [KVOption(1.0, bits)])
+            nll = decoder_continuation_nll(Decoder(view), ids, args.prompt, [opt])
         finally:
             dc.FlatLayerCache._store = real_store
         rows.append({"kv": name, "nll_per_token": list(nll.values())[0] / args.continuation,
                      "seconds": time.time() - t0})
-        print(f"{name:28s} {rows[-1]['nll_per_token']:.4f} nats/token ({rows[-1]['seconds']:.0f} s)", flush=True)
+        print(f"{name:46s} {rows[-1]['nll_per_token']:.4f} nats/token ({rows[-1]['seconds']:.0f} s)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({**provenance.environment(), "model": args.model, "prompt": args.prompt,
                                               "continuation": args.continuation, "rows": rows}, indent=2))

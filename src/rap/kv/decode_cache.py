@@ -27,15 +27,17 @@ one `FlatLayerCache` instead of dense [B, Hkv, T, D] buffers:
   stored as two nibbles per uint8 along head_dim (element 2i in the low nibble, 2i + 1 in the high
   one; head_dim must be even): keys / values [rows, D / 2] uint8, scales [rows, 2] fp32. One
   quantise / dequantise pair (`quantize_rows` / `dequantize_rows`, parameterised by bits) serves
-  int8 and int4, and the store / attend code is the same for both. Why asymmetric: symmetric
-  int4 (scale = max|x| / 7, [-7, 7], 4 bytes a row fewer) lost clearly, measured on SmolLM2-135M
-  (CPU, fp32): the needle at 1k / 2k x 7 depths scored 8 / 14 against the full cache's 14 / 14
-  (`benchmarks/results/kv-needle-eval-smollm2-135m-2026-12-02-int4-sym-cpu.json`), and
-  teacher-forced continuation NLL (`benchmarks/kv_int4_scales.py`, 1024-token prompt, 64 tokens)
-  rose from 2.889 (16-bit) to 3.154 nats / token, against 2.995 asymmetric. Almost all of the loss
-  is in the keys (asymmetric keys with symmetric values: 3.004): per-token key rows are far from
-  centred (RoPE'd keys carry large per-channel offsets, what KIVI's per-channel key scales
-  address; those need grouped appends, which a captured one-token step cannot do);
+  int8 and int4, and the store / attend code is the same for both. Why asymmetric, measured on
+  SmolLM2-135M (CPU, fp32): on the needle at 1k / 2k x 7 depths, symmetric int4 (scale =
+  max|x| / 7, [-7, 7], 4 bytes a row fewer) scored 8 / 14 cases, asymmetric 11 / 14, the full
+  cache and int8 14 / 14 (`benchmarks/results/kv-needle-eval-smollm2-135m-2026-12-02-int4{-sym,}-cpu.json`);
+  teacher-forced continuation NLL (`benchmarks/kv_int4_scales.py`, 1024-token prompt, 64 tokens):
+  16-bit 2.889, symmetric 3.123, asymmetric 3.035 nats / token. Most of the gain is in the keys
+  (asymmetric keys with symmetric values: 3.062): a key row is far from centred (KIVI reports
+  outlier key channels, which it quantises per channel; that needs grouped appends, which a
+  captured one-token step cannot do). int4 still loses against the full cache (11 / 14 points,
+  4 cases worse), so the policy does not offer it (it has no measured KV penalty table).
+  A row costs D / 2 + 8 bytes against int8's D + 4: less only for head_dim > 8;
 * attention over it: `rap.kv.attention.varlen_attention` (the Triton split-K kernel on CUDA for
   16-bit and int8 caches, the int8 kernel dequantising on load; the PyTorch reference otherwise).
   An int4 cache always dequantises the gathered rows in the PyTorch path (no int4 Triton kernel).
