@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             nll = decoder_continuation_nll(Decoder(view), ids, args.prompt, [opt])
         finally:
             dc.FlatLayerCache._store = real_store
-        rows.append({"kv": name, "nll_per_token": list(nll.values())[0] / args.continuation,
+        rows.append({"kv": name, "nll_per_token": nll[opt] / args.continuation,
                      "seconds": time.time() - t0})
         print(f"{name:46s} {rows[-1]['nll_per_token']:.4f} nats/token ({rows[-1]['seconds']:.0f} s)", flush=True)
     if args.out:

@@ -108,11 +108,11 @@ def test_flat_cache_bytes_equal_the_memory_model_for_the_planned_request(stories
         assert dec.kv_resident_bytes < dense.kv_resident_bytes
 
 
-def test_the_captured_static_step_equals_the_exact_step_for_adakv_and_int8(stories, story_ids):
+def test_the_captured_static_step_equals_the_exact_step_for_adakv_int8_and_int4(stories, story_ids):
     view, tok = stories
     prompts = [story_ids, tok("The little dog ran to the park").input_ids]
     mask = BlockMask.from_drop(5, ["attn.1"])
-    for bits in (16, 8):
+    for bits in (16, 8, 4):
         kw = dict(mask=mask, kv_ratio=0.4, pad_token_id=0, kv_press="adakv", kv_bits=bits)
         exact = Decoder(view, step="exact").generate(prompts, 16, **kw).tokens
         static = Decoder(view, step="static").generate(prompts, 16, **kw).tokens

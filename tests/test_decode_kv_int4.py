@@ -4,6 +4,7 @@ bytes exactly; unsupported bits and an odd head_dim are one-line errors."""
 
 import pytest
 import torch
+from test_decode_kv import STORY
 
 import rap.decode.decoder as decode
 import rap.decode.step as step_module
@@ -11,12 +12,16 @@ from rap.core.mask import BlockMask
 from rap.core.memory import MemoryModel, Request
 from rap.decode.decoder import Decoder
 from rap.errors import RequestError
-from rap.kv.decode_cache import (FlatLayerCache, KVLayout, dequantize_rows, layer_tensor_bytes, quantize_rows)
+from rap.kv.decode_cache import (
+    FlatLayerCache,
+    KVLayout,
+    dequantize_rows,
+    layer_tensor_bytes,
+    quantize_rows,
+)
 from rap.policy.greedy import kv_layout_for_bits
 from rap.policy.kv_measure import KVOption, decoder_continuation_nll
 from rap.serve.backends import DecoderBackend
-
-from test_decode_kv import STORY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -161,6 +166,8 @@ def test_unsupported_kv_bits_are_one_line_errors_everywhere(stories, bits):
 
 
 def test_an_odd_head_dim_refuses_int4_in_one_line():
+    # (transformers refuses an odd head_dim for RoPE models, so this guards the cache and the decoder
+    # against other families; the decoder runs the same check before any work)
     with pytest.raises(RequestError, match="head_dim, which must be even") as err:
         FlatLayerCache.allocate(1, 2, 8, 7, torch.float32, torch.device("cpu"), 4)
     assert "\n" not in str(err.value)
