@@ -174,3 +174,19 @@ def test_an_odd_head_dim_refuses_int4_in_one_line():
     with pytest.raises(RequestError, match="must be even"):
         quantize_rows(torch.randn(3, 7), 4)
     FlatLayerCache.allocate(1, 2, 8, 7, torch.float32, torch.device("cpu"), 8)  # int8 has no such limit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_on_cuda_int4_runs_in_the_captured_graph_like_the_static_step(ratio):
+    # on CUDA an int4 cache skips the Triton kernel (16-bit / int8 only): the PyTorch attend is captured
+    from rap.sources import load_view
+
+    view, tok = load_view("stories260k", dtype=torch.float32, device="cuda")
+    prompts = [tok(STORY).input_ids, tok("The little dog ran to the park").input_ids]
+    kw = dict(kv_ratio=ratio, kv_press="adakv", kv_bits=4, pad_token_id=0)
+    dec = Decoder(view, compile=False)
+    got = dec.generate(prompts, 16, **kw)
+    assert got.timing.graph and got.kv_bits == 4
+    assert got.tokens == Decoder(view, step="static").generate(prompts, 16, **kw).tokens
