@@ -185,7 +185,7 @@ def test_on_cuda_int4_runs_in_the_captured_graph_like_the_static_step(ratio):
 
     view, tok = load_view("stories260k", dtype=torch.float32, device="cuda")
     prompts = [tok(STORY).input_ids, tok("The little dog ran to the park").input_ids]
-    kw = dict(kv_ratio=ratio, kv_press="adakv", kv_bits=4, pad_token_id=0)
+    kw = {"kv_ratio": ratio, "kv_press": "adakv", "kv_bits": 4, "pad_token_id": 0}
     dec = Decoder(view, compile=False)
     got = dec.generate(prompts, 16, **kw)
     assert got.timing.graph and got.kv_bits == 4
