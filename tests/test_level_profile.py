@@ -141,3 +141,11 @@ def test_profile_cli_levels_method_writes_a_level_profile(tmp_path):
     # then its plan library, measured on the 512 tokens after the calibration's (4 windows of 128)
     sel = prof.library["selection"]
     assert sel["disjoint_from_calibration"] and sel["windows"] == 4 and len(prof.library["plans"]) > 10
+
+
+def test_calibration_on_wikitext2_valid_takes_out_its_unk_markers_and_says_so(stories):
+    # the tokenized release's <unk> markers are absent from the raw test text that perplexity is measured on
+    view, tok = stories
+    cal = load_calibration(tok, view.config.model_type, tokens=4096, seq_len=256)
+    text = tok.decode(cal.windows.flatten().tolist())
+    assert "unk>" not in text and cal.describe()["cleaning"] == "<unk> markers removed"

@@ -127,7 +127,7 @@ def selection_windows(tokenizer, model_type: str, profile, tokens: int = 65_536)
     if both.num_windows <= first:
         raise RapError(f"{cal['source']} has no tokens after the profile's {first} calibration windows of {seq}: "
                        "the plan library needs a disjoint split (--library-tokens 0 measures on the calibration windows)")
-    return Calibration(both.windows[first:], cal["source"], int(cal.get("seed", 0)))
+    return Calibration(both.windows[first:], cal["source"], int(cal.get("seed", 0)), both.cleaning)
 
 
 def build_library(view, selection, profile, gsi_profile: dict | None = None, fractions=LIBRARY_FRACTIONS,
