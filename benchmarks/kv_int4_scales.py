@@ -1,7 +1,7 @@
 """int4 KV: symmetric per-(token, KV head) scale vs per-token asymmetric scale + zero, by continuation NLL.
 
-Why `rap.kv.decode_cache` stores int4 symmetrically: this measures what an asymmetric per-token
-quantiser (15 levels over [min, max] of each row, KIVI's per-token form) would gain. The variants run
+Why `rap.kv.decode_cache` stores int4 asymmetrically: this measures what the asymmetric per-token
+quantiser (15 levels over [min, max] of each row, KIVI's per-token form) gains over the symmetric one. The variants run
 as fake quantisation in front of a 16-bit flat store (`FlatLayerCache._store` patched: x ->
 dequant(quant4(x)); keep ratio FLAT_ALL, just below 1, puts the decoder on its flat cache while
 keeping every token, ceil(r * P) = P); rap's real int4 cache must equal the asymmetric row (a

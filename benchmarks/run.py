@@ -92,6 +92,8 @@ REGISTRY: tuple[Benchmark, ...] = (
     Benchmark("calibration-text", "python -m benchmarks.calibration_text", "cpu", 11,
               "calibration-text-smollm2-135m-cpu.json",
               "the 60% plans on valid windows with and without <unk>, and on test windows: why the markers go"),
+    Benchmark("kv-int4-scales", "python benchmarks/kv_int4_scales.py --model smollm2-135m --prompt 1024", "cpu", 3,
+              "--out FILE (rows printed)", "int4 KV: symmetric vs asymmetric scales by continuation NLL, int8 / 16-bit beside"),
     Benchmark("int8-kernels", "python -m benchmarks.int8_kernels", "gpu", 4, "int8-kernels.json",
               "weight-only int8 matmul kernels side by side (gemlite, torchao, aten, compiled dequant) on 7B linears"),
     Benchmark("precision-cpu", "python -m benchmarks.precision_cpu", "cpu", 10, "precision-cpu-<date>.json",
