@@ -365,9 +365,8 @@ class Decoder:
                None if layer_lengths is None else tuple(sorted(layer_lengths.items())))
         if key not in self._workspaces:
             cos, sin = self._rope_table(rope_length)
-            self._workspaces[key] = Workspace.allocate(batch, length, rope_length, cos, sin,
-                                                       self.view.shape.vocab_size, self.device, layout,
-                                                       layer_lengths)
+            self._workspaces[key] = Workspace.allocate(batch, length, rope_length, cos, sin, self.view.shape.vocab_size,
+                                                       self.device, layout, layer_lengths)
         return self._workspaces[key]
 
     def _ensure_kv(self, ws: Workspace, mask: BlockMask, prompt: int, kv_ratio: float = 1.0) -> None:
