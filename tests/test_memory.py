@@ -175,3 +175,15 @@ def test_cuda_kv_tensors_are_charged_as_the_caching_allocator_rounds_them(mem):
     req, mask = Request(3, 100, 20), BlockMask.full(5)
     layer = mem.kv_bytes(req, mask) // 5
     assert cuda.kv_bytes(req, mask) == 5 * 2 * cuda_block_bytes(layer // 2) >= mem.kv_bytes(req, mask)
+
+
+def test_a_tied_head_is_one_tensor_and_quantized_tensors_never_look_tied():
+    import torch
+
+    from rap.core.model import same_tensor
+    from rap.core.quant import quantize_weight
+
+    w = torch.randn(64, 32)
+    assert same_tensor(w, w) and same_tensor(w, w.view(64, 32)) and not same_tensor(w, w.clone())
+    a, b = quantize_weight(w, "int8", "head"), quantize_weight(w.clone(), "int8", "head")
+    assert not same_tensor(a, b)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rap.core.hf import rotary_tables
-from rap.core.model import BlockView
+from rap.core.model import BlockView, same_tensor
 from rap.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -265,8 +265,7 @@ class HeadWeights:
             raise ValueError(f"the head is resident at {self.level}; it can only run there")
         make = (lambda w: fake_quantize(w, level)) if fake else (lambda w: quantize_weight(w, level, "head"))
         embed = make(self.embed_w)
-        tied = self.lm_w is self.embed_w or self.lm_w.data_ptr() == self.embed_w.data_ptr()
-        return replace(self, embed_w=embed, lm_w=embed if tied else make(self.lm_w))
+        return replace(self, embed_w=embed, lm_w=embed if same_tensor(self.lm_w, self.embed_w) else make(self.lm_w))
 
 
 # ---- the layer weights, read from the HF modules (no copies) -----------------------------------------

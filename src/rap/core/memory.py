@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass
 
 from rap.errors import RequestError
 from rap.core.mask import BlockMask
-from rap.core.model import BlockView, ModelShape
+from rap.core.model import BlockView, ModelShape, same_tensor
 from rap.core.plan import DROP, DTYPE, INT8, LEVELS, Plan, block_linears, int4_group_size
 from rap.core.quant import HEAD_CHUNK_ROWS, INT4_CUDA_K_MULTIPLE, dequantize_transient_bytes, quantized_weight_bytes
 
@@ -63,8 +63,7 @@ PREFILL_CHUNK_TOKENS = 16384  # the decoder's prefill runs at most this many pro
 
 def head_tensor_count(view) -> int:
     """1 when the lm_head shares the embedding's tensor (SmolLM2, Gemma), else 2."""
-    emb, head = view.model.get_input_embeddings().weight, view.model.get_output_embeddings().weight
-    return 1 if head is emb or head.data_ptr() == emb.data_ptr() else 2
+    return 1 if same_tensor(view.model.get_input_embeddings().weight, view.model.get_output_embeddings().weight) else 2
 
 
 def prefill_rows(prompt: int, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> int:

@@ -168,6 +168,18 @@ class SkippedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two weights are one tensor (a tied embedding / lm_head): the same object, or the same storage. A
+    quantized tensor subclass has no data pointer of its own (0, or an error), so it is only ever itself."""
+    if a is b:
+        return True
+    try:
+        pa, pb = a.data_ptr(), b.data_ptr()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return pa != 0 and pa == pb
+
+
 def _module_bytes(module: nn.Module) -> tuple[int, int]:
     params = sum(p.numel() for p in module.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())

@@ -37,7 +37,7 @@ from torch import nn
 
 from rap.core.mask import BlockMask
 from rap.core.memory import MemoryModel
-from rap.core.model import BlockView
+from rap.core.model import BlockView, same_tensor
 from rap.core.plan import DROP, DTYPE, Plan, block_linears, is_quantized
 from rap.core.quant import block_linear_modules, module_storage_bytes, quantize_weight, storage_bytes
 
@@ -261,7 +261,7 @@ class WeightResidency:
         copy, which waits on the host (pinned on CUDA); back to dtype from that copy. A tied lm_head stays
         one Parameter with the embedding."""
         emb, out = self.view.model.get_input_embeddings(), self.view.model.get_output_embeddings()
-        tied = out.weight is emb.weight
+        tied = same_tensor(out.weight, emb.weight)
         host = self._state["head_host"]
         if host is None:  # made once, while the head is at dtype
             keep = _pinned if self.on_cuda else (lambda t: t.data)
