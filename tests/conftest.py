@@ -39,6 +39,18 @@ def stories():
     return load_view("stories260k", dtype=torch.float32, device="cpu")
 
 
+# a stories260k prompt longer than the decoder's 32-token observation window (the KV tests' common prompt)
+STORY = ("Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog. "
+         "One day she saw a big red ball under a tree. She ran to the ball and picked it up. Her mom said")
+
+
+@pytest.fixture(scope="module")
+def story_ids(stories):
+    ids = stories[1](STORY).input_ids
+    assert len(ids) > 64  # longer than the observation window, so scores (not only recency) decide
+    return ids
+
+
 @pytest.fixture
 def one_torch_thread():
     """On a 2-core box OpenMP's thread wake-ups make every batch-1 GEMV take ~5 ms; one thread is 1000x faster."""

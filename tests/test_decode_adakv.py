@@ -17,14 +17,8 @@ from rap.kv.scorer import SnapKVScorer, adaptive_keep
 from rap.core.mask import BlockMask
 from rap.core.memory import MemoryModel, Request
 
-from test_decode_kv import STORY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def story_ids(stories):
-    return stories[1](STORY).input_ids
 
 
 def flat_caches(dec: Decoder) -> dict[int, FlatLayerCache]:

@@ -21,19 +21,10 @@ from rap.sources import model_from_config
 
 from conftest import tiny_config
 
-STORY = ("Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog. "
-         "One day she saw a big red ball under a tree. She ran to the ball and picked it up. Her mom said")
 MASKS = {"dense": [], "masked": ["attn.2", "ffn.1"]}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def story_ids(stories):
-    ids = stories[1](STORY).input_ids
-    assert len(ids) > 64  # longer than the observation window, so scores (not only recency) decide
-    return ids
 
 
 # ---- a plain reference: HF prefill, SnapKV by hand on HF's own cache, HF decode on the pruned cache --------

@@ -4,7 +4,7 @@ bytes exactly; unsupported bits and an odd head_dim are one-line errors."""
 
 import pytest
 import torch
-from test_decode_kv import STORY
+from conftest import STORY
 
 import rap.decode.decoder as decode
 import rap.decode.step as step_module
@@ -24,11 +24,6 @@ from rap.policy.kv_measure import KVOption, decoder_continuation_nll
 from rap.serve.backends import DecoderBackend
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def story_ids(stories):
-    return stories[1](STORY).input_ids
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -16,30 +16,16 @@ from rap.core.memory import MemoryModel, Request
 from rap.decode.decoder import Decoder
 from rap.errors import RequestError
 from rap.kv import AdaKV, Budget, PyramidKV, compress
-from rap.kv.decode_cache import DECODER_PRESSES, FlatLayerCache, KVLayout
+from rap.kv.decode_cache import DECODER_PRESSES, KVLayout
 from rap.kv.pyramidkv import pyramid_budgets
 from rap.serve.backends import DecoderBackend
 
-from test_decode_kv import STORY
+from test_decode_adakv import flat_caches, segment_keys
+from conftest import STORY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HF_PRESS = {"pyramidkv": PyramidKV, "ada-pyramidkv": lambda: AdaKV(PyramidKV())}
-
-
-@pytest.fixture(scope="module")
-def story_ids(stories):
-    return stories[1](STORY).input_ids
-
-
-def flat_caches(dec: Decoder) -> dict[int, FlatLayerCache]:
-    (ws,) = [w for w in dec._workspaces.values() if w.layout is not None]
-    return ws.kv
-
-
-def segment_keys(cache: FlatLayerCache, s: int, n: int) -> torch.Tensor:
-    start = int(cache.starts[s])
-    return cache.keys[start:start + n]
 
 
 @pytest.mark.parametrize("press", ["pyramidkv", "ada-pyramidkv"])

@@ -10,7 +10,7 @@ from rap.errors import RequestError
 from rap.policy.evaluator import KVPenalty, continuation_nll, measure_kv_penalty
 from rap.policy.kv_measure import KVOption, decoder_continuation_nll
 
-from test_decode_kv import STORY
+from conftest import STORY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

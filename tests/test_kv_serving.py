@@ -138,16 +138,21 @@ class LargestRatioThatFits:
         raise AssertionError("nothing fits")
 
 
-@pytest.mark.parametrize("press", ["snapkv", "pyramidkv", "ada-pyramidkv"])
-def test_a_requests_press_is_priced_with_its_own_cache_layout_and_never_exceeds_the_budget(stories, press):
+def engine_at_adakvs_half_keep(stories):
+    """(engine, planned request, budget): a LargestRatioThatFits engine whose budget Ada-KV's layout fits at keep
+    0.5 exactly, for an 8-token completion of PROMPT."""
     view, tok = stories
-    ids = tok(PROMPT).input_ids
     probe = engine_for(stories, 0.5)
-    planned = probe.planning_request(Request(1, len(ids), 8))
+    planned = probe.planning_request(Request(1, len(tok(PROMPT).input_ids), 8))
     full = BlockMask.full(view.num_layers)
-    # a budget Ada-KV's layout fits at 0.5 exactly
     budget = probe.memory_model.peak_bytes(full, planned, 0.5, KVLayout("adakv")) + probe.overhead_bytes
     engine = engine_for(stories, None, budget=budget, policy=LargestRatioThatFits(probe.memory_model, view.num_layers))
+    return engine, planned, budget
+
+
+@pytest.mark.parametrize("press", ["snapkv", "pyramidkv", "ada-pyramidkv"])
+def test_a_requests_press_is_priced_with_its_own_cache_layout_and_never_exceeds_the_budget(stories, press):
+    engine, planned, budget = engine_at_adakvs_half_keep(stories)
     step = engine.generate(GenerationRequest(PROMPT, max_new_tokens=8, kv_press=press))[0].step
     d = step.decision
     assert d.kv_press == press
@@ -159,13 +164,7 @@ def test_a_requests_press_is_priced_with_its_own_cache_layout_and_never_exceeds_
 
 def test_when_the_requests_press_needs_more_than_the_policy_priced_the_engine_decides_again_within_budget(stories,
                                                                                                       monkeypatch):
-    view, tok = stories
-    ids = tok(PROMPT).input_ids
-    probe = engine_for(stories, 0.5)
-    planned = probe.planning_request(Request(1, len(ids), 8))
-    full = BlockMask.full(view.num_layers)
-    budget = probe.memory_model.peak_bytes(full, planned, 0.5, KVLayout("adakv")) + probe.overhead_bytes
-    engine = engine_for(stories, None, budget=budget, policy=LargestRatioThatFits(probe.memory_model, view.num_layers))
+    engine, _, budget = engine_at_adakvs_half_keep(stories)
     real = engine.memory_model.peak_bytes
 
     def pyramid_costs_more(mask, request, kv_ratio=1.0, kv_layout=None):  # as 64-token rounding can on CUDA

@@ -8,7 +8,7 @@ import rap.decode.prefill as prefill
 from rap.decode.decoder import Decoder
 from rap.eval.needle_decoder import PrefillReplay
 
-from test_decode_kv import STORY
+from conftest import STORY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
