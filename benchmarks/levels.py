@@ -46,14 +46,15 @@ TARGETS = {0.7: 1.02, 0.5: 1.10, 0.4: 1.6}
 def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path=None):
     """name -> pick(budget) -> Plan | None: rap.policy.library's generators (the knapsack and its variants, the
     single knobs, the greedy profile, drop-only), the library policy (rap's default when the profile has a
-    library) and the RL agent; plus the knapsack (for the decide-latency figure)."""
+    library) and the RL agent; plus the policy rap decides with (the library, else the knapsack: its decide latency)."""
     from rap.policy.library import LibrarySolver, generators
     from rap.policy.solver import make_solver
 
     picks = generators(memory, level_prof, request, gsi_prof)
     knapsack = make_solver(memory, level_prof)
+    default = knapsack
     if level_prof.library:
-        library = LibrarySolver(knapsack, level_prof.library, level_prof.dense_nll)
+        default = library = LibrarySolver(knapsack, level_prof.library, level_prof.dense_nll)
         picks["library"] = lambda b: library.decide(request, b).mask
     if agent_path is not None and Path(agent_path).exists():  # the RL agent on the joint action (level_rl)
         from rap.policy.level_rl import LevelAgentPolicy, load_level_agent
@@ -62,7 +63,7 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path
         if record.get("model") in (None, view.name):  # an agent is trained for one model's blocks
             agent = LevelAgentPolicy(knapsack, actor)
             picks["rl"] = lambda b: agent.decide(request, b).mask
-    return picks, knapsack
+    return picks, default
 
 
 def decide_p99_ms(solver, memory, seed: int = 0, n: int = 500) -> float:
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
     memory = MemoryModel.from_view(view, on_cuda=on_cuda)
     request = Request(batch=1, prompt=min(512, args.seq_len), new_tokens=128)
     dense_need = memory.dense_need(request)
-    policies, solver = build_policies(view, memory, lp, gsi_prof, request, args.agent)
+    policies, deciding = build_policies(view, memory, lp, gsi_prof, request, args.agent)
     default = "library" if "library" in policies else "solver"  # what rap decides with for this profile
     if args.policies:
         wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -218,12 +219,7 @@ def main(argv=None) -> None:
                                                 "seq_len": args.seq_len,
                                                 "dtype": str(view.dtype).replace("torch.", "")}}, indent=1))
     seconds = time.perf_counter() - t0
-    if default == "library":
-        from rap.policy.library import LibrarySolver
-
-        p99 = decide_p99_ms(LibrarySolver(solver, lp.library, lp.dense_nll), memory)
-    else:
-        p99 = decide_p99_ms(solver, memory)
+    p99 = decide_p99_ms(deciding, memory)
     ratio = {(r["budget_ratio"], r["policy"]): r["ppl_ratio"] for r in rows if r["ppl_ratio"]}
     targets = {}
     for frac, limit in TARGETS.items():
