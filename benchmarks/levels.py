@@ -50,8 +50,8 @@ def build_policies(view, memory, level_prof, gsi_prof: dict, request, agent_path
     from rap.policy.library import LibrarySolver, generators
     from rap.policy.solver import make_solver
 
-    picks = generators(memory, level_prof, request, gsi_prof)
     knapsack = make_solver(memory, level_prof)
+    picks = generators(memory, level_prof, request, gsi_prof, knapsack=knapsack)
     default = knapsack
     if level_prof.library:
         default = library = LibrarySolver(knapsack, level_prof.library, level_prof.dense_nll)

@@ -43,7 +43,7 @@ def test_solver_finds_the_brute_force_optimum_among_fitting_plans(memory):
         budget = int(low + frac * (dense - low))
         # bytes are rounded up to buckets, per block; a plan with quantized blocks reserves the largest
         # quantized linear's transient (the int8 weight cast), whichever of its blocks is quantized
-        slack = len(table.blocks) * solver.bucket_bytes + solver._request_terms(req)[3]
+        slack = len(table.blocks) * solver.bucket_bytes + solver.request_terms(req)[3]
         best, near = math.inf, math.inf  # optimum at the budget, and at the budget less the rounding
         for pick in itertools.product(*[range(len(table.levels[i])) for i in free]):
             levels = {table.blocks[i]: table.levels[i][k] for i, k in zip(free, pick)}

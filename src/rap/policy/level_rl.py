@@ -44,7 +44,7 @@ class LevelTerms:
     """The byte terms of one (request, budget) in the solver's model: what the episode spends from."""
 
     def __init__(self, solver, request: Request, budget_bytes: int):
-        kv, act, pen, reserve = solver._request_terms(request)
+        kv, act, pen, reserve = solver.request_terms(request)
         self.kv_layer = kv[:, 1]  # [R] KV bytes of one kept attention block, per ratio
         self.pen = pen
         self.capacity = budget_bytes - solver.base_bytes - act - reserve  # for block parameters and KV

@@ -37,14 +37,15 @@ LIBRARY_REQUEST = Request(batch=1, prompt=512, new_tokens=128)  # the grid's ref
 
 
 def generators(memory: MemoryModel, profile, request: Request, gsi_profile: dict | None = None,
-               ) -> dict[str, Callable[[int], Plan | None]]:
+               knapsack=None) -> dict[str, Callable[[int], Plan | None]]:
     """name -> pick(budget_bytes): the plan that policy (or single knob) chooses for `request`, None when
-    nothing of that knob fits. The single-knob curves of benchmarks/levels.py and the library's candidates."""
+    nothing of that knob fits. The single-knob curves of benchmarks/levels.py and the library's candidates.
+    `knapsack`: the caller's `make_solver(memory, profile)`, so it is not built twice."""
     from rap.policy.solver import GreedyDropSolver, make_solver
 
     L = memory.shape.num_layers
     int4 = next((lv for lv in profile.levels if lv.startswith("int4")), None)
-    solvers = {"solver": make_solver(memory, profile),
+    solvers = {"solver": knapsack or make_solver(memory, profile),
                "solver-marginal": make_solver(memory, profile, costs="marginal", name="solver-marginal"),
                "int8-only": make_solver(memory, profile, allow=(INT8,), name="int8-only")}
     if int4:
@@ -248,7 +249,7 @@ class LibrarySolver:
     def _decide(self, request: Request, budget_bytes: int) -> Decision:
         from rap.policy.greedy import kv_layout_for_bits
 
-        kv, _, pen, _ = self.knapsack._request_terms(request)  # kv [R, L+1] by attention blocks kept
+        kv, _, pen, _ = self.knapsack.request_terms(request)  # kv [R, L+1] by attention blocks kept
         # a plan's activations depend only on its group (kinds kept, quantized kinds, head level): counted per
         # group when first needed, so the need below is exact (for models whose layers all cache alike; KV of
         # the largest layer type otherwise), and the first plan in order of measured cost whose need fits is

@@ -226,7 +226,7 @@ class LevelSolver:
         return out
 
     # ---- deciding -----------------------------------------------------------------------------
-    def _request_terms(self, request: Request):
+    def request_terms(self, request: Request):
         """(KV bytes [R, L+1] by attention blocks kept, activation bytes, KV penalties [R], quantized reserve),
         R = the KV options (keep ratio, bits)."""
         from rap.policy.greedy import kv_layout_for_bits
@@ -273,7 +273,7 @@ class LevelSolver:
     def _decide(self, request: Request, budget_bytes: int) -> Decision:
         from rap.policy.greedy import kv_layout_for_bits
 
-        kv, act, pen, reserve = self._request_terms(request)
+        kv, act, pen, reserve = self.request_terms(request)
         A = self.num_layers + 1
         costs, idxs = [], []
         for q, extra in ((0, reserve), (1, 0)):
