@@ -18,12 +18,14 @@ from typing import Any, Callable, Iterable, Optional
 
 from rap.errors import RapError
 from rap.plotting import save_figure
+from rap.report_renderers import fmt as _fmt
+from rap.report_renderers import (is_level_profile, is_press_summary, render_calibration_text, render_kv_penalty,
+                                  render_level_profile, render_levels, render_named_rows, render_needle,
+                                  render_zeroshot_levels, table)
 
 log = logging.getLogger(__name__)
 
 ENV_KEYS = ("device", "date", "command", "versions")
-MAX_ROWS = 60  # rows shown per table (the JSON has them all)
-MAX_COLS = 12
 
 
 @dataclass(frozen=True)
@@ -32,65 +34,13 @@ class Kind:
     title: str
     columns: tuple[str, ...] = ()  # preferred row columns, in order (missing ones are skipped)
     render: Optional[Callable[[dict], list[str]]] = None  # extra Markdown before the rows table
-
-
-def _is_bytes(key: str) -> bool:
-    return "bytes" in key and not any(x in key for x in ("per_s", "ratio", "fraction", "equal", "note", "error"))
-
-
-def _fmt(value: Any, key: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int) and _is_bytes(key):
-        from rap.core.memory import format_bytes
-
-        return format_bytes(value)
-    if isinstance(value, float):
-        if _is_bytes(key) and not math.isnan(value):
-            from rap.core.memory import format_bytes
-
-            return format_bytes(int(value))
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if key.endswith(("_ratio", "kept", "acc", "acc_norm", "mean_headline")) and abs(value) <= 10:
-            return f"{value:.3f}"
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        text = ", ".join(str(v) for v in value)
-        return text if len(text) <= 60 else f"{len(value)} items"
-    if isinstance(value, dict):
-        return "{…}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def table(rows: list[dict], columns: Iterable[str] | None = None) -> list[str]:
-    """A Markdown table of `rows` over `columns` (default: scalar keys in first-seen order)."""
-    rows = [r for r in rows if isinstance(r, dict)]
-    if not rows:
-        return []
-    if columns:
-        cols = [c for c in columns if any(c in r for r in rows)]
-    else:
-        cols = []
-        for r in rows:
-            for k, v in r.items():
-                if k not in cols and not isinstance(v, dict) and not (isinstance(v, list) and len(v) > 8):
-                    cols.append(k)
-        cols = cols[:MAX_COLS]
-    if not cols:
-        return []
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows[:MAX_ROWS]:
-        lines.append("| " + " | ".join(_fmt(r.get(c), c) for c in cols) + " |")
-    if len(rows) > MAX_ROWS:
-        lines.append(f"\n({len(rows) - MAX_ROWS} more rows in the JSON)")
-    return lines
+    prefixes: tuple[str, ...] = ()  # file-name prefixes besides `name`
+    full: bool = False  # the renderer shows what matters: no nested dump, no rows table after it
 
 
 BULKY_KEYS = {"order", "scores", "steps", "profile", "ppl_after", "shortgpt_block_influence", "tasks", "notes",
-              "headline_sources", "dropped"}
+              "headline_sources", "dropped", "script_text", "plans", "single", "bytes", "library"}
+NESTED_ROWS = 8  # rows of a table found inside a dict (the top-level rows get MAX_ROWS)
 
 
 def _summary(data: dict, skip: Iterable[str] = ()) -> list[str]:
@@ -101,17 +51,18 @@ def _summary(data: dict, skip: Iterable[str] = ()) -> list[str]:
 
 def _nested(data: dict, depth: int = 0) -> list[str]:
     """Dict and list-of-dict values (other than rows and bulky keys): a line per small dict of scalars,
-    a table per list of dicts, one level of sub-sections for a dict of those."""
+    a short table per list of dicts, one level of sub-sections for a dict of those."""
     lines: list[str] = []
     for key, value in data.items():
         if key in BULKY_KEYS or key in ENV_KEYS or key == "rows":
             continue
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            lines += ["", f"**{key}**", ""] + table(value) + [""]
+            lines += ["", f"**{key}**", ""] + table(value, max_rows=NESTED_ROWS) + [""]
         elif isinstance(value, dict) and value:
             scalars = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
             if scalars:
-                lines.append(f"- `{key}`: " + ", ".join(f"{k}={_fmt(v, k)}" for k, v in list(scalars.items())[:16]))
+                lines.append(f"- `{key}`: " + ", ".join(f"{k}={_fmt(v, k)}" for k, v in list(scalars.items())[:16])
+                             + (f" (+{len(scalars) - 16} more)" if len(scalars) > 16 else ""))
             if depth == 0:
                 rest = {k: v for k, v in value.items() if isinstance(v, (dict, list))}
                 sub = _nested(rest, depth + 1)
@@ -128,12 +79,42 @@ def _render_bench(data: dict) -> list[str]:
             "kv_heavy_dense_ooms", "kv_heavy_rap_served")
     for key in keys:
         if key in data or key != "quality_kept_above_chance_80pct":  # runs before 2026-12-02 lack it
-            lines.append(f"| `{key}` | {_fmt(data.get(key), key)} | {_fmt(notes.get(key, ''))} |")
+            label = f"`{key}`" + (" (raw share)" if key == "quality_kept_80pct" else "")
+            lines.append(f"| {label} | {_fmt(data.get(key), key)} | {_fmt(notes.get(key, ''))} |")
+    if data.get("quality_kept_80pct") is not None and "quality_kept_above_chance_80pct" not in data:
+        lines.append("| above-chance share at 80% | not in this file | its quality rows carry no chance level: "
+                     "the quality-*.json of the same run has it (Quality section) |")
     extra = [f"- {k}: {_fmt(v)}" for k, v in notes.items() if k not in keys]
     return lines + ([""] + extra if extra else [])
 
 
+def _headline_80pct(data: dict, rows: list[dict], dense: dict) -> list[str]:
+    """The file's `quality_kept_80pct` (a raw share over every task, BoolQ included, as runs before
+    2026-12-02 computed it) beside the above-chance share of the same row and tasks."""
+    from rap.eval.harness import kept_fraction
+
+    value = data.get("quality_kept_80pct")
+    if value is None:
+        return []
+    at80 = [r for r in rows if r.get("method") != "dense" and r.get("tasks") and r.get("budget") == 0.8]
+    row = min(at80, key=lambda r: abs((r.get("quality_kept") or 0) - value), default=None)
+    if row is None:
+        return [f"Headline `quality_kept_80pct` {_fmt(value, 'kept')}: raw share (no per-task results to put the "
+                "above-chance share beside it)."]
+    every = kept_fraction({"tasks": row["tasks"]}, {"tasks": dense}, apart=())
+    apart = kept_fraction({"tasks": row["tasks"]}, {"tasks": dense})
+    return [f"Headline `quality_kept_80pct` {_fmt(value, 'kept')} (`{row.get('method')}` at 80%) is the **raw** share "
+            f"over all {len(every['tasks'])} tasks, BoolQ included: {_fmt(every['mean'], 'acc')} / dense "
+            f"{_fmt(every['dense_mean'], 'acc')}. Above chance ({_fmt(every['chance'], 'chance')}) the same row keeps "
+            f"**{_fmt(every['kept_above_chance'], 'kept')}** of dense; with BoolQ apart: above-chance task mean "
+            f"{_fmt(apart['kept_above_chance_task_mean'], 'kept')}, share of the means "
+            f"{_fmt(apart['kept_above_chance'], 'kept')}, raw {_fmt(apart['kept'], 'kept')}.", ""]
+
+
 def _render_quality(data: dict) -> list[str]:
+    """Zero-shot quality rows: per-task headline accuracy, then the shares of dense recomputed here by
+    rap.eval.harness.kept_fraction (BoolQ apart): the above-chance share averaged over the tasks (issue
+    15's figure), the above-chance share of the means, and the raw share beside them."""
     rows = data.get("rows", [])
     if not rows:
         return []
@@ -141,11 +122,12 @@ def _render_quality(data: dict) -> list[str]:
     lines = [f"Zero-shot: first {data.get('limit_per_task') or 'all'} documents per task; headline metric per task: "
              + ", ".join(f"{t} {data.get('headline_metric', {}).get(t, '?')}" for t in tasks)
              + f". WikiText-2 PPL: {json.dumps(data.get('ppl', {}))}. Budget = {data.get('budget_unit', 'parameter bytes')}.", ""]
-    from rap.eval.harness import APART, mean_headline, share_columns
+    from rap.eval.harness import APART, kept_fraction, mean_headline
 
     dense = next((r.get("tasks") for r in rows if r.get("method") == "dense" and r.get("tasks")), None)
     lines[0] += (" Means over every task but " + ", ".join(APART) + " (reported alone); shares of the dense row's "
-                 "accuracy recomputed here from the per-task results: above chance first, raw beside it.")
+                 "accuracy recomputed here from the per-task results: above chance (task mean, then of the means) "
+                 "first, raw beside it.")
     flat = []
     for r in rows:
         row = {k: r.get(k) for k in ("method", "order", "budget", "param_ratio", "blocks_dropped")}
@@ -153,17 +135,23 @@ def _render_quality(data: dict) -> list[str]:
         for t in tasks:
             res = got.get(t, {})
             row[t] = res.get(res.get("headline", "acc"))
+        shares: dict = {}
         if got and all("headline" in v and "chance" in v for v in got.values()):
             row["mean_headline"] = mean_headline(got)
-            shares = share_columns(got, dense) if dense else {}
+            if dense:
+                kept = kept_fraction({"tasks": got}, {"tasks": dense})
+                shares = {"kept_above_chance_task_mean": kept["kept_above_chance_task_mean"],
+                          "kept_above_chance": kept["kept_above_chance"], "kept": kept["kept"],
+                          **{f"{n}_kept": a["kept"] for n, a in kept["apart"].items()}}
         else:  # a row without per-task results: what the file says
-            row["mean_headline"], shares = r.get("mean_headline"), {k: r.get(k) for k in (
-                "quality_kept_above_chance", "quality_kept")}
-        row.update({k: shares.get(k) for k in ("quality_kept_above_chance", "quality_kept")})
-        row.update({f"{n}_kept_above_chance": shares.get(f"{n}_kept_above_chance") for n in APART if n in got})
+            row["mean_headline"] = r.get("mean_headline")
+            shares = {"kept_above_chance": r.get("quality_kept_above_chance"), "kept": r.get("quality_kept")}
+        row.update({k: shares.get(k) for k in ("kept_above_chance_task_mean", "kept_above_chance", "kept")})
+        row.update({f"{n}_kept": shares.get(f"{n}_kept") for n in APART if n in got})
         row["wikitext2_ppl"] = r.get("wikitext2_ppl")
         flat.append(row)
-    return lines + table(flat, list(flat[0]))
+    head = _headline_80pct(data, rows, dense) if dense else []
+    return lines + head + table(flat, list(flat[0]))
 
 
 def _render_zeroshot(data: dict) -> list[str]:
@@ -177,7 +165,7 @@ def _render_zeroshot(data: dict) -> list[str]:
 def _render_profile(data: dict) -> list[str]:
     order = data.get("order") or []
     lines = [f"- method `{data.get('method')}`, {len(order)} blocks ordered, dense calibration PPL "
-             f"{_fmt(data.get('dense_ppl'))}, calibration {data.get('calibration', {})}"]
+             f"{_fmt(data.get('dense_ppl'))}, calibration {json.dumps(data.get('calibration', {}))[:300]}"]
     if order:
         ppl = data.get("ppl_after") or []
         lines.append("- first removals: " + ", ".join(
@@ -195,44 +183,78 @@ def _render_quant(data: dict) -> list[str]:
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
+    # newest families first (issue 15/16: precision levels, KV evaluations)
+    Kind("levels", "Precision levels: WikiText-2 PPL ratio by budget and policy", (), render_levels, full=True),
+    Kind("zeroshot-levels", "Zero-shot of a level plan (above-chance share)", (), render_zeroshot_levels, full=True),
+    Kind("level-profile", "Level profiles (block × level NLL costs)", (), render_level_profile, full=True),
+    Kind("calibration-text", "Level plans on other calibration text", (), render_calibration_text, full=True),
+    Kind("level-agent", "Level RL agent (MaskablePPO) vs the solver"),
+    Kind("decide-latency", "decide latency", (), render_named_rows),
+    Kind("precision", "Precision levels: decode speed and quality per level",
+         ("model", "impl", "rung", "level", "batch", "tok_s", "ms_per_token", "frac_of_roofline", "param_bytes",
+          "param_ratio", "ppl", "ppl_ratio", "decode_tok_s", "decode_speed_ratio_cpu", "status")),
+    Kind("int8-kernels", "int8 / int4 kernels per linear", ("linear", "N", "K", "M", "kernel", "us", "weight_GBps",
+                                                            "speedup_vs_bf16", "max_rel_err")),
+    Kind("kv-needle", "KV cache: needle / L-Eval accuracy by press and budget", (), render_needle,
+         ("kv-leval",), full=True),
+    Kind("kv-penalty", "KV cache: NLL penalty by keep ratio", (), render_kv_penalty, full=True),
+    Kind("kv", "KV-cache compression", ("kv", "window", "pool", "kernel", "group", "budget", "needle_retention",
+                                        "nll_per_token", "seconds")),
     Kind("bench", "Benchmark suite (headline)", ("section", "model", "weights", "method", "budget_ratio", "batch",
                                                  "prompt", "new_tokens", "tokens_per_s", "ratio_vs_dense",
                                                  "peak_bytes", "budget_bytes", "within_budget", "status"),
          _render_bench),
-    Kind("quality", "Quality vs parameter budget", (), _render_quality),
+    Kind("quality", "Quality vs parameter budget", (), _render_quality, full=True),
+    Kind("width-peer", "Width-pruning peer (quality vs parameter budget)", (), _render_quality, full=True),
     Kind("zeroshot", "Zero-shot accuracy", (), _render_zeroshot),
+    Kind("harness-agreement", "Zero-shot harness agreement (old scorer vs lm-eval)",
+         ("model", "drop", "task", "n", "old_acc", "new_acc", "old_acc_norm", "new_acc_norm", "old_ppl", "new_ppl")),
+    Kind("lm-eval-serve", "lm-eval through rap serve"),
     Kind("quant", "Quantization peer (torchao weight-only)", ("method", "weights", "param_bytes", "param_ratio",
                                                               "wikitext2_ppl", "piqa", "arc_easy", "mean_headline",
                                                               "tokens_per_s", "status"), _render_quant),
-    Kind("ppl-dense", "Dense perplexity", ("model", "mask", "dtype", "seq_len", "ppl", "tokens", "windows", "file")),
+    Kind("ppl", "Perplexity", ("model", "mask", "dtype", "seq_len", "ppl", "tokens", "windows", "file"),
+         prefixes=("ppl-dense",)),
     Kind("memory-model", "Memory model: predicted vs measured peak", ("config", "predicted_bytes", "measured_bytes",
                                                                       "rel_error")),
-    Kind("gsi", "Block importance profile", (), _render_profile),
+    Kind("memdiag", "Memory diagnostics"),
+    Kind("gsi", "Block importance profile", (), _render_profile, ("profile",)),
+    Kind("gsi-study", "Block importance (GSI) studies"),
     Kind("curve", "Quality vs blocks removed", ("removed", "blocks_removed", "param_ratio", "ppl", "calib_ppl",
-                                                "test_ppl")),
-    Kind("kv", "KV-cache compression", ()),
-    Kind("decode", "Decode throughput", ("impl", "model", "batch", "prompt", "new_tokens", "mask", "dropped_blocks",
-                                         "dropped_bytes_fraction", "ms_per_token", "tok_s", "tokens_per_s",
-                                         "frac_of_roofline", "prefill_ms", "peak_bytes", "skipped")),
+                                                "test_ppl"), prefixes=("gsi-curve",)),
+    Kind("decode", "Decode throughput", ("impl", "step", "model", "batch", "prompt", "new_tokens", "mask",
+                                         "dropped_blocks", "dropped_bytes_fraction", "ms_per_token", "tok_s",
+                                         "tokens_per_s", "frac_of_roofline", "new_over_old", "prefill_ms",
+                                         "peak_bytes", "skipped")),
     Kind("policy", "Policy decisions under a budget", ()),
     Kind("engine-trace", "Engine under a changing budget", ("step", "level_ratio", "batch", "decision",
                                                             "predicted_peak_bytes", "measured_peak_bytes",
                                                             "budget_bytes", "tokens_per_s")),
+    Kind("demo", "rap demo traces", ("step", "level_ratio", "budget_bytes", "decision", "resident_bytes", "batch",
+                                     "tokens_per_s", "quality_ppl")),
     Kind("server-load", "Server under load", ()),
+    Kind("serve-fairness", "Server fairness (small requests beside a big one)"),
+    Kind("cluster-load", "Ray Serve cluster under load"),
 )}
-PREFIXES = sorted([*KINDS, "profile"], key=len, reverse=True)
+PREFIXES = sorted(((p, k.name) for k in KINDS.values() for p in (k.name, *k.prefixes)), key=lambda pk: -len(pk[0]))
 
 
 def kind_of(path: Path, data: dict) -> str | None:
     kind = data.get("kind")
-    if isinstance(kind, str) and kind in KINDS:
-        return kind
-    if "order" in data and "method" in data and "rows" not in data:  # a profile, whatever its file name
+    if isinstance(kind, str) and kind.replace("_", "-") in KINDS:
+        return kind.replace("_", "-")
+    if is_level_profile(data):  # a level profile, whatever its file name
+        return "level-profile"
+    if "order" in data and "method" in data and "rows" not in data:  # a block profile, whatever its file name
         return "gsi"
+    if "plan_results" in data and "dense" in data:
+        return "zeroshot-levels"
     name = path.name
-    for prefix in PREFIXES:
+    for prefix, found in PREFIXES:
         if name.startswith(prefix + "-") or name.startswith(prefix + "_") or name == prefix + ".json":
-            return "gsi" if prefix == "profile" else prefix
+            if found == "kv" and is_press_summary(data):
+                return "kv-needle"
+            return "gsi-study" if prefix == "gsi" else found
     return None
 
 
@@ -350,8 +372,55 @@ def _relative(target: Path, base: Path) -> str:
     return os.path.relpath(target.resolve(), base.resolve())
 
 
+def _anchor(title: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return "".join(c for c in title.lower() if c.isalnum() or c in " -_").replace(" ", "-")
+
+
+def _when(path: Path, data: dict) -> str:
+    """A sortable date for newest-first order: the file's own date, else one in its name."""
+    import re
+
+    for key in ("date", "created"):
+        if isinstance(data.get(key), str) and re.match(r"\d{4}-\d\d-\d\d", data[key]):
+            return data[key][:16].replace("T", " ")
+    found = re.search(r"\d{4}-\d\d-\d\d", path.name)
+    return found.group(0) if found else ""
+
+
+def _env_line(data: dict) -> list[str]:
+    env = [f"{k}: " + (json.dumps(data[k]) if k == "versions" else str(data[k]).replace("|", "\\|")[:400])
+           for k in ENV_KEYS if data.get(k) is not None]
+    return ["<sub>" + " · ".join(env) + "</sub>", ""] if env else []
+
+
+def _section(kind: str, p: Path, d: dict, out: Path) -> list[str]:
+    spec = KINDS[kind]
+    lines = [f"### `{p.name}`", ""] + _env_line(d)
+    if spec.render:
+        try:
+            extra = spec.render(d)
+        except Exception as e:  # malformed file of a known kind: fall back to the generic view
+            extra = [f"(could not read this file as `{kind}`: {type(e).__name__}: {e})"]
+            spec = Kind(spec.name, spec.title, spec.columns)
+        lines += extra + ([""] if extra else [])
+    summary = [] if spec.full else _summary(d, skip=("tasks", "order", "scores", "notes"))
+    if summary:
+        lines += summary + [""]
+    if not spec.full and kind not in ("zeroshot", "gsi", "bench"):
+        nested = _nested(d)
+        if nested:
+            lines += nested + [""]
+    rows = d.get("rows")
+    if not spec.full and isinstance(rows, list) and rows:
+        lines += table(rows, spec.columns or None) + [""]
+    return lines + [f"Source: [{p.name}]({_relative(p, out.parent)})", ""]
+
+
 def build_report(paths: Iterable[Path], out: Path) -> Path:
-    """Write the Markdown page `out` (and its plots beside it); returns `out`."""
+    """Write the Markdown page `out` (and its plots beside it); returns `out`. One section per result
+    family (in KINDS order), newest file first inside it; a table of contents on top; files of no known
+    family are listed by name and top-level keys only."""
     out = Path(out)
     items, bad = load_results(paths)
     if not items and not bad:
@@ -359,13 +428,15 @@ def build_report(paths: Iterable[Path], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     items = [(p, d) for p, d in items if p.resolve() != out.resolve()]
     by_kind: dict[str | None, list[tuple[Path, dict]]] = {}
-    for p, d in items:
+    for p, d in sorted(items, key=lambda pd: (_when(*pd), pd[0].name), reverse=True):
         by_kind.setdefault(kind_of(p, d), []).append((p, d))
 
     lines = ["# rap benchmark report", "",
              f"Generated by `rap report` from {len(items)} result file(s). Every number below comes from the "
              "JSON file named in its section (machine, date, software and command included there). Rows marked "
-             "random weights measure timing and memory only, never quality.", ""]
+             "random weights measure timing and memory only, never quality. Zero-shot shares of dense accuracy: "
+             "the above-chance share (acc − chance) / (dense − chance) first, averaged over the tasks, the raw "
+             "share beside it, BoolQ apart (issue 15).", ""]
     stem = out.stem.lower()
     plots = [(f"{stem}-quality.png", "Quality vs budget", _plot_quality, "quality"),
              (f"{stem}-throughput.png", "Throughput vs budget", _plot_throughput, "bench"),
@@ -377,35 +448,28 @@ def build_report(paths: Iterable[Path], out: Path) -> Path:
                 drawn.append((name, title))
         except Exception as e:  # a plot must never sink the page
             log.warning("plot %s failed: %s", name, e)
+
+    families = [(KINDS[k].title, k) for k in KINDS if by_kind.get(k)]
+    unknown = by_kind.get(None, [])
+    toc = [f"- [{title}](#{_anchor(title)}): {len(by_kind[k])} file(s), newest `{by_kind[k][0][0].name}`"
+           for title, k in families]
+    if drawn:
+        toc.insert(0, "- [Plots](#plots)")
+    if unknown:
+        toc.append(f"- [Other results (no renderer)](#{_anchor('Other results (no renderer)')}): {len(unknown)} file(s)")
+    if bad:
+        toc.append(f"- [Files that could not be read](#{_anchor('Files that could not be read')}): {len(bad)}")
+    lines += ["## Contents", ""] + toc + [""]
     if drawn:
         lines += ["## Plots", ""] + [f"![{t}]({n})" for n, t in drawn] + [""]
-
-    order = [*KINDS, None]
-    for kind in order:
-        for p, d in by_kind.get(kind, []):
-            spec = KINDS.get(kind) if kind else None
-            title = spec.title if spec else "Other result"
-            lines += [f"## {title}: `{p.name}`", ""]
-            env = [f"{k}: {_fmt(d[k]) if k != 'versions' else json.dumps(d[k])}" for k in ENV_KEYS if k in d]
-            if env:
-                lines += ["<sub>" + " · ".join(env) + "</sub>", ""]
-            if spec and spec.render:
-                try:
-                    extra = spec.render(d)
-                except Exception as e:  # malformed file of a known kind: fall back to the generic view
-                    extra = [f"(could not read this file as `{kind}`: {e})"]
-                lines += extra + ([""] if extra else [])
-            summary = _summary(d, skip=("tasks", "order", "scores", "notes"))
-            if summary:
-                lines += summary + [""]
-            if kind not in ("quality", "zeroshot", "gsi", "bench"):
-                nested = _nested(d)
-                if nested:
-                    lines += nested + [""]
-            rows = d.get("rows")
-            if isinstance(rows, list) and rows and kind not in ("quality",):
-                lines += table(rows, spec.columns if spec and spec.columns else None) + [""]
-            lines += [f"Source: [{p.name}]({_relative(p, out.parent)})", ""]
+    for title, kind in families:
+        lines += [f"## {title}", ""]
+        for p, d in by_kind[kind]:
+            lines += _section(kind, p, d, out)
+    if unknown:
+        lines += ["## Other results (no renderer)", ""] + [
+            f"- [{p.name}]({_relative(p, out.parent)}): keys " + ", ".join(f"`{k}`" for k in list(d)[:20])
+            + (f" (+{len(d) - 20} more)" if len(d) > 20 else "") for p, d in unknown] + [""]
     if bad:
         lines += ["## Files that could not be read", ""] + [f"- `{p}`: {why}" for p, why in bad] + [""]
     out.write_text("\n".join(lines))
