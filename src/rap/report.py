@@ -40,32 +40,37 @@ class Kind:
 
 BULKY_KEYS = {"order", "scores", "steps", "profile", "ppl_after", "shortgpt_block_influence", "tasks", "notes",
               "headline_sources", "dropped", "script_text", "plans", "single", "bytes", "library"}
-NESTED_ROWS = 8  # rows of a table found inside a dict (the top-level rows get MAX_ROWS)
+MAX_SUMMARY = 12  # scalar values listed per file
+NESTED_ROWS = 6  # rows of a table found inside a dict (the top-level rows get MAX_ROWS)
 
 
 def _summary(data: dict, skip: Iterable[str] = ()) -> list[str]:
     skip = set(skip) | set(ENV_KEYS) | {"rows", "kind"}
     items = [(k, v) for k, v in data.items() if k not in skip and not isinstance(v, (dict, list))]
-    return [f"- `{k}`: {_fmt(v, k)}" for k, v in items]
+    lines = [f"- `{k}`: {_fmt(v, k)}" for k, v in items[:MAX_SUMMARY]]
+    return lines + ([f"- (+{len(items) - MAX_SUMMARY} more values in the JSON: "
+                     + ", ".join(f"`{k}`" for k, _ in items[MAX_SUMMARY:]) + ")"] if len(items) > MAX_SUMMARY else [])
 
 
-def _nested(data: dict, depth: int = 0) -> list[str]:
+def _nested(data: dict, depth: int = 0, top: dict | None = None) -> list[str]:
     """Dict and list-of-dict values (other than rows and bulky keys): a line per small dict of scalars,
-    a short table per list of dicts, one level of sub-sections for a dict of those."""
+    a short table per list of dicts, one level of sub-sections for a dict of those (a sub-value equal
+    to a top-level one is not shown twice)."""
     lines: list[str] = []
+    top = data if top is None else top
     for key, value in data.items():
-        if key in BULKY_KEYS or key in ENV_KEYS or key == "rows":
+        if key in BULKY_KEYS or key in ENV_KEYS or key == "rows" or (depth and top.get(key) == value):
             continue
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             lines += ["", f"**{key}**", ""] + table(value, max_rows=NESTED_ROWS) + [""]
         elif isinstance(value, dict) and value:
             scalars = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
             if scalars:
-                lines.append(f"- `{key}`: " + ", ".join(f"{k}={_fmt(v, k)}" for k, v in list(scalars.items())[:16])
-                             + (f" (+{len(scalars) - 16} more)" if len(scalars) > 16 else ""))
+                lines.append(f"- `{key}`: " + ", ".join(f"{k}={_fmt(v, k)}" for k, v in list(scalars.items())[:10])
+                             + (f" (+{len(scalars) - 10} more)" if len(scalars) > 10 else ""))
             if depth == 0:
                 rest = {k: v for k, v in value.items() if isinstance(v, (dict, list))}
-                sub = _nested(rest, depth + 1)
+                sub = _nested(rest, depth + 1, top)
                 if sub:
                     lines += [f"- `{key}` (continued):"] + sub
     return lines
@@ -389,14 +394,21 @@ def _when(path: Path, data: dict) -> str:
 
 
 def _env_line(data: dict) -> list[str]:
-    env = [f"{k}: " + (json.dumps(data[k]) if k == "versions" else str(data[k]).replace("|", "\\|")[:400])
-           for k in ENV_KEYS if data.get(k) is not None]
+    """Device · date · command · torch and transformers versions; the JSON has the rest."""
+    def value(k: str) -> str:
+        if k == "versions" and isinstance(data[k], dict):
+            return ", ".join(f"{n} {data[k][n]}" for n in ("torch", "transformers") if data[k].get(n))
+        text = str(data[k]).replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= 200 else text[:200] + "…"
+
+    keys = ENV_KEYS if "date" in data else ("device", "created", "command", "versions")  # profiles say created
+    env = [f"{k}: {value(k)}" for k in keys if data.get(k) is not None]
     return ["<sub>" + " · ".join(env) + "</sub>", ""] if env else []
 
 
 def _section(kind: str, p: Path, d: dict, out: Path) -> list[str]:
     spec = KINDS[kind]
-    lines = [f"### `{p.name}`", ""] + _env_line(d)
+    lines = [f"### [`{p.name}`]({_relative(p, out.parent)})", ""] + _env_line(d)
     if spec.render:
         try:
             extra = spec.render(d)
@@ -414,7 +426,7 @@ def _section(kind: str, p: Path, d: dict, out: Path) -> list[str]:
     rows = d.get("rows")
     if not spec.full and isinstance(rows, list) and rows:
         lines += table(rows, spec.columns or None) + [""]
-    return lines + [f"Source: [{p.name}]({_relative(p, out.parent)})", ""]
+    return lines
 
 
 def build_report(paths: Iterable[Path], out: Path) -> Path:

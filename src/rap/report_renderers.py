@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-MAX_ROWS = 24  # rows shown per table (the JSON has them all)
-MAX_COLS = 12
+MAX_ROWS = 12  # rows shown per table (the JSON has them all)
+MAX_COLS = 10
 MAX_TEXT = 160  # longer strings are cut (scripts, plans, long notes)
 
 
@@ -38,7 +38,8 @@ def fmt(value: Any, key: str = "") -> str:
             return format_bytes(int(value))
         if math.isnan(value) or math.isinf(value):
             return str(value)
-        if key.endswith(("_ratio", "kept", "acc", "acc_norm", "mean_headline", "chance", "share")) and abs(value) <= 10:
+        if key.endswith(("_ratio", "kept", "acc", "acc_norm", "mean_headline", "chance", "share",
+                                                 "task_mean")) and abs(value) <= 10:
             return f"{value:.3f}"
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -123,16 +124,17 @@ def render_levels(d: dict) -> list[str]:
         lines += grid(cells, "policy \\ budget", [_pct(b) for b in budgets]) + [""]
     targets = d.get("targets") or {}
     if targets:
-        lines += ["Targets (issue 15):", ""] + grid({k: {
-            "limit": f"≤ {fmt(v.get('limit'))}x", "policy": fmt(v.get("policy", "solver")),
-            "PPL ratio": fmt(v.get("ppl_ratio", v.get("solver_ppl_ratio")), "ppl_ratio"),
-            "met": fmt(v.get("met"))} for k, v in targets.items()}, "budget") + [""]
+        lines.append("- targets (issue 15): " + "; ".join(
+            f"{k} ≤ {fmt(v.get('limit'))}x: `{v.get('policy', 'solver')}` "
+            f"{fmt(v.get('ppl_ratio', v.get('solver_ppl_ratio')), 'ppl_ratio')} " + ("met" if v.get("met") else "**missed**")
+            for k, v in targets.items()))
     frontier = d.get("frontier") or {}
     if frontier:
-        lines += ["Frontier (at or below every single-knob curve):", ""] + grid({_pct(k): {
-            "policy": fmt(v.get("policy")), "PPL ratio": fmt(v.get("ppl_ratio"), "ppl_ratio"), "met": fmt(v.get("met")),
-            "knobs below it": ", ".join(f"{n} {x:.4f}" for n, x in (v.get("knobs_below") or {}).items()) or "none"}
-            for k, v in sorted(frontier.items(), key=lambda kv: _budget_key(kv[0]))}, "budget") + [""]
+        lines.append("- frontier (at or below every single-knob curve): " + "; ".join(
+            f"{_pct(k)} `{v.get('policy')}` {fmt(v.get('ppl_ratio'), 'ppl_ratio')} "
+            + ("met" if v.get("met") else "**missed**: " + ", ".join(
+                f"{n} {x:.4f}" for n, x in (v.get("knobs_below") or {}).items()) + " below")
+            for k, v in sorted(frontier.items(), key=lambda kv: _budget_key(kv[0]))))
     rl = d.get("rl_ppl_over") or ({"solver": d["rl_ppl_over_solver"]} if d.get("rl_ppl_over_solver") else {})
     for ref, by_budget in rl.items():
         if by_budget:
@@ -195,7 +197,8 @@ def render_zeroshot_levels(d: dict) -> list[str]:
             "metric": t["headline"], "dense": fmt(t[t["headline"]], "acc"), "plan": fmt(p[p["headline"]], "acc"),
             "chance": fmt(t["chance"], "chance"), "above-chance share": fmt(share, "share")}
     lines += grid(cells, "task") + [""]
-    lines.append(f"**Above-chance share, mean over {len(kept['tasks'])} tasks: "
+    finite = [n for n, x in kept["kept_above_chance_per_task"].items() if math.isfinite(x)]
+    lines.append(f"**Above-chance share, mean over {len(finite)} tasks: "
                  f"{fmt(kept['kept_above_chance_task_mean'], 'share')}** (tasks where dense is not above chance left "
                  f"out); share of the means {fmt(kept['kept_above_chance'], 'share')}; raw share "
                  f"{fmt(kept['kept'], 'share')} (plan {fmt(kept['mean'], 'acc')} / dense {fmt(kept['dense_mean'], 'acc')}"
