@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
 
 from rap.errors import RapError
 from rap.plotting import save_figure
 from rap.report_renderers import fmt as _fmt
-from rap.report_renderers import (is_level_profile, is_press_summary, render_calibration_text, render_kv_penalty,
-                                  render_level_profile, render_levels, render_named_rows, render_needle,
-                                  render_zeroshot_levels, table)
+from rap.report_renderers import (
+    is_level_profile,
+    is_press_summary,
+    render_calibration_text,
+    render_kv_penalty,
+    render_level_profile,
+    render_levels,
+    render_named_rows,
+    render_needle,
+    render_zeroshot_levels,
+    table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +41,7 @@ class Kind:
     name: str
     title: str
     columns: tuple[str, ...] = ()  # preferred row columns, in order (missing ones are skipped)
-    render: Optional[Callable[[dict], list[str]]] = None  # extra Markdown before the rows table
+    render: Callable[[dict], list[str]] | None = None  # extra Markdown before the rows table
     prefixes: tuple[str, ...] = ()  # file-name prefixes besides `name`
     full: bool = False  # the renderer shows what matters: no nested dump, no rows table after it
 
@@ -104,16 +112,16 @@ def _headline_80pct(data: dict, rows: list[dict], dense: dict) -> list[str]:
     at80 = [r for r in rows if r.get("method") != "dense" and r.get("tasks") and r.get("budget") == 0.8]
     row = min(at80, key=lambda r: abs((r.get("quality_kept") or 0) - value), default=None)
     if row is None:
-        return [f"Headline `quality_kept_80pct` {_fmt(value, 'kept')}: raw share (no per-task results to put the "
-                "above-chance share beside it)."]
+        return [(f"Headline `quality_kept_80pct` {_fmt(value, 'kept')}: raw share (no per-task results to put the "
+                "above-chance share beside it).")]
     every = kept_fraction({"tasks": row["tasks"]}, {"tasks": dense}, apart=())
     apart = kept_fraction({"tasks": row["tasks"]}, {"tasks": dense})
-    return [f"Headline `quality_kept_80pct` {_fmt(value, 'kept')} (`{row.get('method')}` at 80%) is the **raw** share "
+    return [(f"Headline `quality_kept_80pct` {_fmt(value, 'kept')} (`{row.get('method')}` at 80%) is the **raw** share "
             f"over all {len(every['tasks'])} tasks, BoolQ included: {_fmt(every['mean'], 'acc')} / dense "
             f"{_fmt(every['dense_mean'], 'acc')}. Above chance ({_fmt(every['chance'], 'chance')}) the same row keeps "
             f"**{_fmt(every['kept_above_chance'], 'kept')}** of dense; with BoolQ apart: above-chance task mean "
             f"{_fmt(apart['kept_above_chance_task_mean'], 'kept')}, share of the means "
-            f"{_fmt(apart['kept_above_chance'], 'kept')}, raw {_fmt(apart['kept'], 'kept')}.", ""]
+            f"{_fmt(apart['kept_above_chance'], 'kept')}, raw {_fmt(apart['kept'], 'kept')}."), ""]
 
 
 def _render_quality(data: dict) -> list[str]:
@@ -169,8 +177,8 @@ def _render_zeroshot(data: dict) -> list[str]:
 
 def _render_profile(data: dict) -> list[str]:
     order = data.get("order") or []
-    lines = [f"- method `{data.get('method')}`, {len(order)} blocks ordered, dense calibration PPL "
-             f"{_fmt(data.get('dense_ppl'))}, calibration {json.dumps(data.get('calibration', {}))[:300]}"]
+    lines = [(f"- method `{data.get('method')}`, {len(order)} blocks ordered, dense calibration PPL "
+             f"{_fmt(data.get('dense_ppl'))}, calibration {json.dumps(data.get('calibration', {}))[:300]}")]
     if order:
         ppl = data.get("ppl_after") or []
         lines.append("- first removals: " + ", ".join(
@@ -256,7 +264,7 @@ def kind_of(path: Path, data: dict) -> str | None:
         return "zeroshot-levels"
     name = path.name
     for prefix, found in PREFIXES:
-        if name.startswith(prefix + "-") or name.startswith(prefix + "_") or name == prefix + ".json":
+        if name.startswith((prefix + "-", prefix + "_")) or name == prefix + ".json":
             if found == "kv" and is_press_summary(data):
                 return "kv-needle"
             return "gsi-study" if prefix == "gsi" else found
@@ -412,7 +420,7 @@ def _section(kind: str, p: Path, d: dict, out: Path) -> list[str]:
     if spec.render:
         try:
             extra = spec.render(d)
-        except Exception as e:  # malformed file of a known kind: fall back to the generic view
+        except Exception as e:  # noqa: BLE001 -- a malformed file of a known kind falls back to the generic view
             extra = [f"(could not read this file as `{kind}`: {type(e).__name__}: {e})"]
             spec = Kind(spec.name, spec.title, spec.columns)
         lines += extra + ([""] if extra else [])
@@ -444,11 +452,11 @@ def build_report(paths: Iterable[Path], out: Path) -> Path:
         by_kind.setdefault(kind_of(p, d), []).append((p, d))
 
     lines = ["# rap benchmark report", "",
-             f"Generated by `rap report` from {len(items)} result file(s). Every number below comes from the "
+             (f"Generated by `rap report` from {len(items)} result file(s). Every number below comes from the "
              "JSON file named in its section (machine, date, software and command included there). Rows marked "
              "random weights measure timing and memory only, never quality. Zero-shot shares of dense accuracy: "
              "the above-chance share (acc − chance) / (dense − chance) first, averaged over the tasks, the raw "
-             "share beside it, BoolQ apart (issue 15).", ""]
+             "share beside it, BoolQ apart (issue 15)."), ""]
     stem = out.stem.lower()
     plots = [(f"{stem}-quality.png", "Quality vs budget", _plot_quality, "quality"),
              (f"{stem}-throughput.png", "Throughput vs budget", _plot_throughput, "bench"),
@@ -458,7 +466,7 @@ def build_report(paths: Iterable[Path], out: Path) -> Path:
         try:
             if fn(by_kind.get(kind, []), out.parent / name):
                 drawn.append((name, title))
-        except Exception as e:  # a plot must never sink the page
+        except Exception as e:  # noqa: BLE001 -- a plot must never sink the page
             log.warning("plot %s failed: %s", name, e)
 
     families = [(KINDS[k].title, k) for k in KINDS if by_kind.get(k)]

@@ -9,7 +9,8 @@ JSON file linked under each section holds everything.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 MAX_ROWS = 12  # rows shown per table (the JSON has them all)
 MAX_COLS = 10
@@ -186,9 +187,9 @@ def render_zeroshot_levels(d: dict) -> list[str]:
         dense.setdefault(n, both.get("dense"))
         plan.setdefault(n, both.get("plan"))
     kept = kept_fraction({"tasks": plan}, {"tasks": dense})
-    lines = [f"Plan `{d.get('policy')}` at {_pct(d.get('budget_ratio'))} of the dense need ({fmt(d.get('param_bytes_ratio'))} "
+    lines = [(f"Plan `{d.get('policy')}` at {_pct(d.get('budget_ratio'))} of the dense need ({fmt(d.get('param_bytes_ratio'))} "
              f"of dense parameter bytes; levels {', '.join(f'{k} {v}' for k, v in (d.get('counts') or {}).items())}); "
-             f"{d.get('limit')} documents per task; scoring: {fmt(d.get('scoring'))}.", ""]
+             f"{d.get('limit')} documents per task; scoring: {fmt(d.get('scoring'))}."), ""]
     cells = {}
     for n in [*kept["tasks"], *kept["apart"]]:
         t, p = dense[n], plan[n]
