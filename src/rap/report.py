@@ -44,16 +44,17 @@ class Kind:
     render: Callable[[dict], list[str]] | None = None  # extra Markdown before the rows table
     prefixes: tuple[str, ...] = ()  # file-name prefixes besides `name`
     full: bool = False  # the renderer shows what matters: no nested dump, no rows table after it
+    rows_table: bool = True  # False where a nested per-level table already sums the per-step rows up
 
 
 BULKY_KEYS = {"order", "scores", "steps", "profile", "ppl_after", "shortgpt_block_influence", "tasks", "notes",
-              "headline_sources", "dropped", "script_text", "plans", "single", "bytes", "library"}
+              "headline_sources", "dropped", "script_text", "plans"}
 MAX_SUMMARY = 12  # scalar values listed per file
-NESTED_ROWS = 6  # rows of a table found inside a dict (the top-level rows get MAX_ROWS)
+NESTED_ROWS = 5  # rows of a table found inside a dict (the top-level rows get MAX_ROWS)
 
 
 def _summary(data: dict, skip: Iterable[str] = ()) -> list[str]:
-    skip = set(skip) | set(ENV_KEYS) | {"rows", "kind"}
+    skip = set(skip) | set(ENV_KEYS) | {"rows", "kind", "created"}
     items = [(k, v) for k, v in data.items() if k not in skip and not isinstance(v, (dict, list))]
     lines = [f"- `{k}`: {_fmt(v, k)}" for k, v in items[:MAX_SUMMARY]]
     return lines + ([f"- (+{len(items) - MAX_SUMMARY} more values in the JSON: "
@@ -242,9 +243,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("policy", "Policy decisions under a budget", ()),
     Kind("engine-trace", "Engine under a changing budget", ("step", "level_ratio", "batch", "decision",
                                                             "predicted_peak_bytes", "measured_peak_bytes",
-                                                            "budget_bytes", "tokens_per_s")),
+                                                            "budget_bytes", "tokens_per_s"), rows_table=False),
     Kind("demo", "rap demo traces", ("step", "level_ratio", "budget_bytes", "decision", "resident_bytes", "batch",
-                                     "tokens_per_s", "quality_ppl")),
+                                     "tokens_per_s", "quality_ppl"), rows_table=False),
     Kind("server-load", "Server under load", ()),
     Kind("serve-fairness", "Server fairness (small requests beside a big one)"),
     Kind("cluster-load", "Ray Serve cluster under load"),
@@ -432,7 +433,7 @@ def _section(kind: str, p: Path, d: dict, out: Path) -> list[str]:
         if nested:
             lines += nested + [""]
     rows = d.get("rows")
-    if not spec.full and isinstance(rows, list) and rows:
+    if not spec.full and spec.rows_table and isinstance(rows, list) and rows:
         lines += table(rows, spec.columns or None) + [""]
     return lines
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-MAX_ROWS = 12  # rows shown per table (the JSON has them all)
+MAX_ROWS = 10  # rows shown per table (the JSON has them all)
 MAX_COLS = 10
 MAX_TEXT = 160  # longer strings are cut (scripts, plans, long notes)
 
@@ -44,7 +44,7 @@ def fmt(value: Any, key: str = "") -> str:
             return f"{value:.3f}"
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
-        text = ", ".join(str(v) for v in value)
+        text = ", ".join(fmt(v, key) if isinstance(v, float) else str(v) for v in value)
         return fmt(text) if len(text) <= 60 else f"{len(value)} items"
     if isinstance(value, dict):
         return "{…}"
@@ -133,8 +133,9 @@ def render_levels(d: dict) -> list[str]:
     if frontier:
         lines.append("- frontier (at or below every single-knob curve): " + "; ".join(
             f"{_pct(k)} `{v.get('policy')}` {fmt(v.get('ppl_ratio'), 'ppl_ratio')} "
-            + ("met" if v.get("met") else "**missed**: " + ", ".join(
-                f"{n} {x:.4f}" for n, x in (v.get("knobs_below") or {}).items()) + " below")
+            + ("met" if v.get("met") else "**missed**" + (": " + ", ".join(
+                f"{n} {x:.4f}" for n, x in v["knobs_below"].items()) + " below" if v.get("knobs_below") else
+                " (no plan fits)" if v.get("ppl_ratio") is None else ""))
             for k, v in sorted(frontier.items(), key=lambda kv: _budget_key(kv[0]))))
     rl = d.get("rl_ppl_over") or ({"solver": d["rl_ppl_over_solver"]} if d.get("rl_ppl_over_solver") else {})
     for ref, by_budget in rl.items():
