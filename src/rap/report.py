@@ -1,10 +1,14 @@
 """`rap report results/*.json -o benchmarks/results/REPORT.md`: one Markdown page from benchmark JSONs.
 
 Every JSON written by benchmarks/ carries the machine, date, versions and command; most carry `rows`
-(one dict per measurement) and a few summary keys. Each known kind (by its `kind` key, else by its
-file-name prefix) gets a section with the columns that matter for it; any other JSON is still listed
-with its summary keys and a generic table. Three plots are drawn next to the page when the inputs hold
-the data for them: quality vs budget, throughput vs budget, memory (measured peak) vs budget.
+(one dict per measurement) and a few summary keys. Each known family (by its `kind` key, its content,
+else its file-name prefix: KINDS) gets a section, newest file first, under a table of contents: the
+newer families (precision levels, level profiles, zero-shot of a plan, KV needle / L-Eval) through the
+compact renderers of rap.report_renderers, the older ones through the columns that matter for them plus
+a short view of their summary values and small nested tables. A file of no known family is listed by
+name and top-level keys only. Zero-shot shares of dense accuracy are recomputed by
+rap.eval.harness.kept_fraction: above chance first, raw beside it, BoolQ apart. Three plots are drawn
+next to the page when the inputs hold the data for them: quality, throughput and memory vs budget.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ NESTED_ROWS = 5  # rows of a table found inside a dict (the top-level rows get M
 
 
 def _summary(data: dict, skip: Iterable[str] = ()) -> list[str]:
-    skip = set(skip) | set(ENV_KEYS) | {"rows", "kind", "created"}
+    skip = set(skip) | set(ENV_KEYS) | {"rows", "kind", "created", "script_text"}
     items = [(k, v) for k, v in data.items() if k not in skip and not isinstance(v, (dict, list))]
     lines = [f"- `{k}`: {_fmt(v, k)}" for k, v in items[:MAX_SUMMARY]]
     return lines + ([f"- (+{len(items) - MAX_SUMMARY} more values in the JSON: "
