@@ -90,11 +90,14 @@ def _nested(data: dict, depth: int = 0, top: dict | None = None) -> list[str]:
 
 
 # ---- kind-specific sections -------------------------------------------------------------------
+BENCH_HEADLINES = ("throughput_ratio_80pct_kv_light", "quality_kept_above_chance_80pct", "quality_kept_80pct",
+                   "kv_heavy_dense_ooms", "kv_heavy_rap_served")
+
+
 def _render_bench(data: dict) -> list[str]:
     lines = ["| headline | value | note |", "|---|---|---|"]
     notes = data.get("notes") or {}
-    keys = ("throughput_ratio_80pct_kv_light", "quality_kept_above_chance_80pct", "quality_kept_80pct",
-            "kv_heavy_dense_ooms", "kv_heavy_rap_served")
+    keys = BENCH_HEADLINES
     for key in keys:
         if key in data or key != "quality_kept_above_chance_80pct":  # runs before 2026-12-02 lack it
             label = f"`{key}`" + (" (raw share)" if key == "quality_kept_80pct" else "")
@@ -429,7 +432,8 @@ def _section(kind: str, p: Path, d: dict, out: Path) -> list[str]:
             extra = [f"(could not read this file as `{kind}`: {type(e).__name__}: {e})"]
             spec = Kind(spec.name, spec.title, spec.columns)
         lines += extra + ([""] if extra else [])
-    summary = [] if spec.full else _summary(d, skip=("tasks", "order", "scores", "notes"))
+    shown = BENCH_HEADLINES if kind == "bench" else ()  # the headline table has them, labelled
+    summary = [] if spec.full else _summary(d, skip=("tasks", "order", "scores", "notes", *shown))
     if summary:
         lines += summary + [""]
     if not spec.full and kind not in ("zeroshot", "gsi", "bench"):
