@@ -8,7 +8,8 @@ of the request's dense need; seeded):
 * bucketed: prompts rounded up to a multiple of 64 and new tokens to 32 (what a server's planning
   request does), fresh budgets: per-shape terms memoised, the plan looked up per budget bucket.
 
-Wall time (time.perf_counter) and this process's CPU time (time.process_time) are both reported: on a
+`gc.freeze()` runs after the policy is built, as in `rap serve` (`--no-gc-freeze` to see the collector's
+pauses). Wall time (time.perf_counter) and this process's CPU time (time.process_time) are both reported: on a
 shared machine the wall p99 measures the scheduler as much as the code.
 
     PYTHONPATH=src python -m benchmarks.decide_latency --n 2000
@@ -17,6 +18,7 @@ shared machine the wall p99 measures the scheduler as much as the code.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -62,6 +64,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bytes-device", choices=("cpu", "cuda"), default="cpu",
+                    help="the memory model the policy plans with: cuda counts allocator rounding and the compiled "
+                         "decoder's buffers, as when rap serves on a GPU (decide itself always runs on the CPU)")
+    ap.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                    help="gc.freeze() after the policy is built, as `rap serve` does (--no-gc-freeze: the collector "
+                         "walks the policy's objects on its full passes, multi-ms pauses in the tail)")
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT or benchmarks/results)")
     args = ap.parse_args(argv)
 
@@ -69,23 +77,27 @@ def main(argv=None) -> None:
     from rap.policy import DEFAULT_LEVEL_POLICY, bundled_level_profile, make_level_policy
     from rap.sources import planning_memory
 
-    memory = planning_memory(args.model, args.dtype)
+    memory = planning_memory(args.model, args.dtype, on_cuda=args.bytes_device == "cuda")
     t = time.perf_counter()
     policy = make_level_policy(DEFAULT_LEVEL_POLICY, memory, bundled_level_profile(args.model))
     build_s = time.perf_counter() - t
     cold_pairs = draws(memory, args.n, args.seed)
+    bucketed_pairs = draws(memory, args.n, args.seed + 1, bucketed=True)
+    if args.gc_freeze:  # what `rap serve` does once its engine is built (rap.serve.server.serve)
+        gc.freeze()
     rows = {"cold": timed(policy, cold_pairs), "warm": timed(policy, cold_pairs)}
-    rows["bucketed"] = timed(policy, draws(memory, args.n, args.seed + 1, bucketed=True))
+    rows["bucketed"] = timed(policy, bucketed_pairs)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for name, r in rows.items():
         print(f"{name:9s} n={r['n']}  wall p50 {r['wall_p50_ms']:.3f} ms  p99 {r['wall_p99_ms']:.3f} ms  |  "
               f"cpu p50 {r['cpu_p50_ms']:.3f} ms  p99 {r['cpu_p99_ms']:.3f} ms")
-    print(f"policy {DEFAULT_LEVEL_POLICY}, built in {build_s:.2f} s; load average {load}")
+    print(f"policy {DEFAULT_LEVEL_POLICY} ({args.bytes_device} bytes), built in {build_s:.2f} s; load average {load}")
+    suffix = "" if args.bytes_device == "cpu" else "-cudabytes"
     out = Path(args.out) if args.out else Path(os.environ.get("OUT", "benchmarks/results")) / \
-        f"decide-latency-{args.model}-cpu-{time.strftime('%Y-%m-%d')}.json"
+        f"decide-latency-{args.model}-cpu{suffix}-{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**environment("cpu"), "model": args.model, "dtype": args.dtype,
-                               "policy": DEFAULT_LEVEL_POLICY, "build_seconds": build_s, "load_average_1min": load,
+                               "policy": DEFAULT_LEVEL_POLICY, "bytes_device": args.bytes_device, "gc_freeze": args.gc_freeze, "build_seconds": build_s, "load_average_1min": load,
                                "rows": rows}, indent=1))
     print(f"wrote {out}")
 

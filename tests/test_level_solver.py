@@ -209,3 +209,27 @@ def test_the_head_is_one_more_choice_when_the_profile_measured_it(memory):
     assert solver.decide(req, 2 * dense).mask.head_level == "dtype"  # a measured rise is only paid when needed
     without = LevelSolver(memory, LevelTable.from_profile({"single": prof["single"]}, memory), buckets=1 << 14)
     assert without.decide(req, int(0.6 * dense)).mask.head_level == "dtype"
+
+
+def test_the_smallest_configuration_is_every_block_dropped_with_the_smaller_head_and_below_it_nothing_fits(memory):
+    import torch
+    from transformers import AutoConfig
+
+    from rap.core.model import BlockView
+    from rap.sources import model_from_config
+
+    config = AutoConfig.for_model("llama", vocab_size=32000, hidden_size=256, intermediate_size=512,
+                                  num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2)
+    for memory in (memory, MemoryModel.from_view(BlockView(model_from_config(config, torch.bfloat16, "meta")))):
+        blocks = list(memory.dense_block_bytes)
+        prof = {"single": {b: {"int8": 0.01, DROP: 1.0} for b in blocks}, "head": {"single": {"int8": 0.001}}}
+        solver = LevelSolver(memory, LevelTable.from_profile(prof, memory), buckets=1 << 14)
+        req = Request(batch=1, prompt=32, new_tokens=8)
+        empty = Plan.from_levels([DROP] * 5, [DROP] * 5)
+        peaks = {h: memory.peak_bytes(empty.with_head(h), req) for h in ("dtype", "int8")}
+        plan, _, need = solver.smallest(req)
+        assert need == min(peaks.values()) and plan == empty.with_head(min(peaks, key=peaks.get))
+        assert solver.decide(req, need).breakdown.total_bytes <= need  # what the error names does fit
+        with pytest.raises(BudgetError, match="the smallest configuration .every block dropped"):
+            solver.decide(req, need - 1)
+    assert plan.head_level == "int8"  # a 32k vocabulary: the int8 head halves the largest fixed tensor

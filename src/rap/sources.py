@@ -258,8 +258,9 @@ def model_from_config(config, dtype: torch.dtype = torch.bfloat16, device: str =
     return model.eval()
 
 
-def planning_memory(model: str, dtype: str = "bf16"):
-    """MemoryModel for MODEL in the dtype it will run in, from its config alone (no weights read)."""
+def planning_memory(model: str, dtype: str = "bf16", on_cuda: bool = False):
+    """MemoryModel for MODEL in the dtype it will run in, from its config alone (no weights read);
+    `on_cuda`: the CUDA one (allocator rounding, cuBLAS workspaces, compiled-step buffers)."""
     from transformers import AutoConfig
 
     from rap.core.memory import MemoryModel
@@ -273,4 +274,4 @@ def planning_memory(model: str, dtype: str = "bf16"):
     config = AutoConfig.from_pretrained(str(folder), **({"gguf_file": gguf} if gguf else {}))
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     view = BlockView(model_from_config(text, dtypes[dtype], "meta"), name=model)
-    return MemoryModel.from_view(view)
+    return MemoryModel.from_view(view, on_cuda=on_cuda)

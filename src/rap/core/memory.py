@@ -48,6 +48,7 @@ of it), which this model does not count.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -248,31 +249,28 @@ class MemoryModel:
         mask = self._as_plan(mask)
         if not isinstance(mask, Plan) or not mask.is_quantized:
             return 0
-        key = ("transient", mask, tokens)
+        key = ("transient", mask)  # (bytes whatever the rows, bytes per row): memoised per plan, not per tokens
         if key not in self._memo:
-            self._memo[key] = self._quant_transient_bytes(mask, tokens)
-        return self._memo[key]
+            self._memo[key] = self._quant_transient_terms(mask)
+        fixed, per_token = self._memo[key]
+        return max(fixed, tokens * per_token)
 
-    def _quant_transient_bytes(self, mask: Plan, tokens: int) -> int:
-        # the peak depends only on which (kind, level) pairs the plan holds: memoised per plan, not per tokens
-        key = ("quantized kinds", mask)
-        if key not in self._memo:
-            self._memo[key] = sorted({(kind, level) for kind, levels in (("attn", mask.attn_levels),
-                                                                         ("ffn", mask.ffn_levels))
-                                      for level in set(levels) if level == INT8 or level.startswith("int4g")})
-        e, peak = self.shape.dtype_bytes, 0
+    def _quant_transient_terms(self, mask: Plan) -> tuple[int, int]:
+        e, fixed, per_token = self.shape.dtype_bytes, 0, 0
+        device = "cuda" if self.on_cuda else "cpu"
         if mask.head_level != DTYPE:  # the lm_head's int8 weight (torchao's eager linear casts it whole)
             rows = min(self.shape.vocab_size, HEAD_CHUNK_ROWS)  # rap.core.layers.head_linear's chunks
-            peak = dequantize_transient_bytes(rows, self.shape.hidden_size, mask.head_level, e,
-                                              "cuda" if self.on_cuda else "cpu")
-        for kind, level in self._memo[key]:
+            fixed = dequantize_transient_bytes(rows, self.shape.hidden_size, mask.head_level, e, device)
+        kinds = {(kind, level) for kind, levels in (("attn", mask.attn_levels), ("ffn", mask.ffn_levels))
+                 for level in set(levels) if level == INT8 or level.startswith("int4g")}
+        for kind, level in kinds:
             if level == INT8:
-                peak = max(peak, max(dequantize_transient_bytes(N, K, level, e, "cuda" if self.on_cuda else "cpu")
-                                     for _, N, K in block_linears(kind, self.shape)))
+                fixed = max(fixed, max(dequantize_transient_bytes(N, K, level, e, device)
+                                       for _, N, K in block_linears(kind, self.shape)))
             elif int4_group_size(level) is not None and self.on_cuda:
                 K = max(K for _, _, K in block_linears(kind, self.shape))
-                peak = max(peak, tokens * INT4_CUDA_K_MULTIPLE * math.ceil(K / INT4_CUDA_K_MULTIPLE) * 2)
-        return peak
+                per_token = max(per_token, INT4_CUDA_K_MULTIPLE * math.ceil(K / INT4_CUDA_K_MULTIPLE) * 2)
+        return fixed, per_token
 
     def kv_tokens(self, request: Request, kv_ratio: float = 1.0, layer: int | None = None,
                   kept: int | None = None) -> int:
@@ -325,11 +323,13 @@ class MemoryModel:
             from rap.kv.decode_cache import layer_tensor_bytes
 
             s = self.shape
-            out = {}
+            out, by_tokens = {}, {}  # layers of one length cost alike: counted once per length
             for i, tokens in self.kv_layer_tokens(request, mask, kv_ratio, kv_layout).items():
-                sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, tokens, s.head_dim, s.dtype_bytes,
-                                           kv_layout.bits)
-                out[i] = sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
+                if tokens not in by_tokens:
+                    sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, tokens, s.head_dim, s.dtype_bytes,
+                                               kv_layout.bits)
+                    by_tokens[tokens] = sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
+                out[i] = by_tokens[tokens]
             return out
         per_token = self.shape.kv_bytes_per_token_per_layer
         dense = kv_ratio >= 1.0 or self.kv_length_quantum is not None
@@ -373,6 +373,12 @@ class MemoryModel:
     def prefill_layer_bytes(self, mask: BlockMask) -> tuple[int, int]:
         """Transient bytes per prompt token of one kept (attention, FFN) block in the eager prefill,
         on top of the residual stream; 0 for a kind of block the mask drops everywhere."""
+        key = ("prefill layer", any(mask.keep_attn), any(mask.keep_ffn))
+        if key not in self._memo:
+            self._memo[key] = self._prefill_layer_bytes(mask)
+        return self._memo[key]
+
+    def _prefill_layer_bytes(self, mask: BlockMask) -> tuple[int, int]:
         s, e = self.shape, self.shape.dtype_bytes
         h, I, H = s.hidden_size, s.intermediate_size, s.num_heads
         qw, kw = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -470,6 +476,7 @@ def cuda_cublas_workspace_bytes(device=None) -> int:
     return 4096 * 8 * 1024 if major in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure in `size`; a policy's decide asks it per layer and option
 def cuda_block_bytes(size: int) -> int:
     """Bytes PyTorch's CUDA caching allocator charges (memory_allocated) for one tensor of `size` bytes
     allocated from fresh segments, default config (c10/cuda/CUDACachingAllocator.cpp): sizes round

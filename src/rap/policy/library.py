@@ -244,6 +244,9 @@ class LibrarySolver:
                 self._dense_decisions.pop(next(iter(self._dense_decisions)))
         if dense.predicted_peak_bytes <= budget_bytes:
             return dataclasses.replace(dense, request=request, budget_bytes=int(budget_bytes))
+        error = self.knapsack.nothing_fits(request, budget_bytes)
+        if error is not None:
+            raise error
         return memoised_decide(self, request, budget_bytes, self.knapsack.bucket_bytes)
 
     def _decide(self, request: Request, budget_bytes: int) -> Decision:

@@ -152,6 +152,10 @@ class LevelSolver:
         self._plans: dict[tuple[int, int, int], Plan] = {}
         self._kv_cache: dict = {}
         self._decisions: dict = {}
+        self._smallest: dict = {}
+        empty = Plan.from_levels([DROP] * L, [DROP] * L)
+        heads = table.levels[table.blocks.index(HEAD)] if HEAD in table.blocks else (DTYPE,)
+        self._empty_plans = [empty.with_head(h) for h in heads]  # smallest(): every block dropped, each head level
 
     def _dp(self, table: LevelTable, unquantized: bool = False):
         L, G, INF = self.num_layers, self.G, np.inf
@@ -257,17 +261,36 @@ class LevelSolver:
         return self._kv_cache[key]
 
     def smallest(self, request: Request) -> tuple[Plan, float, int]:
-        """(plan, kv ratio, peak bytes) of the smallest runnable configuration: every block dropped."""
-        if not hasattr(self, "_empty"):
-            self._empty = Plan.from_levels([DROP] * self.num_layers, [DROP] * self.num_layers)
-        empty = self._empty
-        r = min(self.kv_ratios)
-        return empty, r, self.memory.peak_bytes(empty, request, r)
+        """(plan, kv ratio, peak bytes) of the smallest runnable configuration: every block dropped, the
+        head at its smallest level where the table lets it move (int8: half the embedding's bytes)."""
+        key = (request.batch, request.prompt, request.new_tokens)
+        if key not in self._smallest:
+            r = min(self.kv_ratios)
+            self._smallest[key] = min(((p, r, self.memory.peak_bytes(p, request, r)) for p in self._empty_plans),
+                                      key=lambda t: t[2])
+            if len(self._smallest) > 4096:
+                self._smallest.pop(next(iter(self._smallest)))
+        return self._smallest[key]
+
+    def nothing_fits(self, request: Request, budget_bytes: int) -> BudgetError | None:
+        """The BudgetError for a budget below the smallest configuration (None when it fits): checked
+        before any search, so a hopeless request costs one lookup."""
+        plan, r, need = self.smallest(request)
+        if need <= budget_bytes:
+            return None
+        head = "" if plan.head_level == DTYPE else f", head {plan.head_level}"
+        return BudgetError(f"nothing fits in {format_bytes(budget_bytes)}: the smallest configuration (every block "
+                           f"dropped{head}, KV ratio {r:g}) needs {format_bytes(need)} for batch {request.batch}, "
+                           f"prompt {request.prompt}, {request.new_tokens} new tokens; raise the budget or shrink "
+                           "the request")
 
     def decide(self, request: Request, budget_bytes: int) -> Decision:
         """The cheapest (plan, KV ratio) that fits. Memoised per (request shape, budget bucket): the
         decision is made for the bucket's lower edge, so it fits every budget in the bucket (at most
         one bucket, `bucket_bytes`, below what the exact budget could have bought)."""
+        error = self.nothing_fits(request, budget_bytes)
+        if error is not None:
+            raise error
         return memoised_decide(self, request, budget_bytes, self.bucket_bytes)
 
     def _decide(self, request: Request, budget_bytes: int) -> Decision:
@@ -305,13 +328,11 @@ class LevelSolver:
                     break
                 cc = int(arg[n_a, cc - 1])
         plan, r, need = self.smallest(request)
-        if self.memory.fits(budget_bytes, plan, request, r):  # pragma: no cover - the table always has it
+        if need <= budget_bytes:  # pragma: no cover - the table always has it
             bd = self.memory.breakdown(plan, request, r)
             return Decision(plan, r, bd.total_bytes, self.name, request=request, budget_bytes=int(budget_bytes),
                             breakdown=bd, predicted_log_ratio=float(sum(max(c) for c in self.table.costs)))
-        raise BudgetError(f"nothing fits in {format_bytes(budget_bytes)}: the smallest configuration (every block "
-                          f"dropped, KV ratio {r:g}) needs {format_bytes(need)} for batch {request.batch}, prompt "
-                          f"{request.prompt}, {request.new_tokens} new tokens; raise the budget or shrink the request")
+        raise self.nothing_fits(request, budget_bytes)
 
     def check_plan(self, plan: Plan, request: Request, budget_bytes: int, kv_ratio: float = 1.0) -> Plan:
         """`plan` if it fits; else BudgetError naming what does: the solver's choice at this budget

@@ -1035,7 +1035,14 @@ def _uvicorn_server(app: FastAPI, host: str, port: int, log_level: str, drain_s:
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
           drain_s: float = DRAIN_S) -> None:
-    """Run `app` in this thread until SIGTERM/SIGINT (then a bounded drain; see `_uvicorn_server`)."""
+    """Run `app` in this thread until SIGTERM/SIGINT (then a bounded drain; see `_uvicorn_server`).
+
+    Everything built so far (the model, the policy's plans and tables) lives as long as the server:
+    `gc.freeze()` keeps the cyclic collector from walking it again on every full pass, which would
+    otherwise put multi-millisecond pauses into `decide` (benchmarks/decide_latency.py measures both)."""
+    import gc
+
+    gc.freeze()
     _uvicorn_server(app, host, port, log_level, drain_s).run()
 
 
