@@ -111,9 +111,15 @@ def test_prefill_peak_is_one_layers_transient_on_the_residual_stream(mem):
     req = Request(1, 256, 8)
     only_ffn = BlockMask((False,) * 5, (True,) * 5)
     stream = 256 * (e * s.hidden_size + 16 + 2 * e * s.head_dim) + 8 * 256 + 4 * s.vocab_size  # + fp32 logits
-    mlp = 256 * max(8 * s.hidden_size, e * (s.hidden_size + 4 * s.intermediate_size),
+    # normed input, up, act(gate), their product and down's output live together (the gate is freed by
+    # `g = act(g)`): what a CUDA memory snapshot of the prefill's peak holds
+    mlp = 256 * max(8 * s.hidden_size, e * (s.hidden_size + 3 * s.intermediate_size),
                     e * (2 * s.hidden_size + 3 * s.intermediate_size), e * (3 * s.hidden_size + 2 * s.intermediate_size))
     assert mem.prefill_activation_bytes(req, only_ffn) == stream + mlp + mem.buffer_bytes(req)
+    fused = MemoryModel(mem.shape, mem.base_bytes, mem.block_bytes)
+    fused.fused_projections = True  # one [gate; up] buffer, freed only with up: one intermediate row more
+    assert fused.prefill_activation_bytes(req, only_ffn) - mem.prefill_activation_bytes(req, only_ffn) == \
+        256 * e * s.intermediate_size
     # the peak depends on the mask only through "some attention / some FFN block kept" (the policy's
     # cost tables rely on it)
     assert mem.prefill_activation_bytes(req, only_ffn) == mem.prefill_activation_bytes(
@@ -161,7 +167,9 @@ def test_decoder_peak_on_cuda_is_what_the_memory_model_says():
     mem = MemoryModel.from_view(view, on_cuda=True)
     req = Request(bucket_batch(B), P, T - P)
     predicted = mem.kv_bytes(req, mask) + mem.prefill_activation_bytes(req, mask) - mem.runtime_bytes
-    assert abs(predicted - measured) <= 0.1 * measured
+    # H200, torch 2.11: 149.21 MiB predicted, 149.28 measured (the FFN's live tensors, each rounded as the
+    # caching allocator rounds it; the allocator's reuse of cached blocks moves the measurement a little)
+    assert abs(predicted - measured) <= 0.02 * measured
 
 
 def test_cuda_kv_tensors_are_charged_as_the_caching_allocator_rounds_them(mem):

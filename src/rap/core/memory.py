@@ -138,6 +138,7 @@ class MemoryModel:
         self.levels: Plan | None = None  # with_levels: the level a plain mask's kept blocks are at
         self._memo: dict = {}  # (term, plan[, tokens]) -> bytes: a policy asks about the same plans often
         self.qk_norm = qk_norm
+        self.fused_projections = False  # True for a Decoder(fuse_projections="copy" / "inplace"): see the FFN phases
         self.on_cuda = on_cuda
         self.runtime_bytes = 0
         self.autotune_buffer_bytes = 0
@@ -370,38 +371,47 @@ class MemoryModel:
         during_sort = 4 + 4 + 4 + 8 + sort_buffers
         return B * V * max(during_sort, 29)
 
-    def prefill_layer_bytes(self, mask: BlockMask) -> tuple[int, int]:
-        """Transient bytes per prompt token of one kept (attention, FFN) block in the eager prefill,
-        on top of the residual stream; 0 for a kind of block the mask drops everywhere."""
-        key = ("prefill layer", any(mask.keep_attn), any(mask.keep_ffn))
+    def prefill_layer_bytes(self, mask: BlockMask, tokens: int) -> tuple[int, int]:
+        """Transient bytes of one kept (attention, FFN) block in the eager prefill of `tokens` prompt
+        tokens, on top of the residual stream: the largest phase's live tensors, each charged as the
+        CUDA caching allocator rounds it (`cuda_block_bytes`) on CUDA, exactly on CPU; 0 for a kind of
+        block the mask drops everywhere."""
+        key = ("prefill layer", any(mask.keep_attn), any(mask.keep_ffn), self.fused_projections)
         if key not in self._memo:
-            self._memo[key] = self._prefill_layer_bytes(mask)
-        return self._memo[key]
+            self._memo[key] = self._prefill_layer_tensors(*key[1:3])
+        charge = cuda_block_bytes if self.on_cuda else (lambda n: n)
+        return tuple(max((sum(charge(tokens * b) for b in phase) for phase in phases), default=0)
+                     for phases in self._memo[key])
 
-    def _prefill_layer_bytes(self, mask: BlockMask) -> tuple[int, int]:
+    def _prefill_layer_tensors(self, attn_kept: bool, ffn_kept: bool) -> tuple[list, list]:
+        """(attention phases, FFN phases): per phase, the bytes per token of each live tensor
+        (rap.core.layers, op by op; checked against a CUDA memory snapshot on the H200)."""
         s, e = self.shape, self.shape.dtype_bytes
         h, I, H = s.hidden_size, s.intermediate_size, s.num_heads
         qw, kw = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        rms = 8 * h  # RMSNorm in fp32: the upcast input and its square / normalised product
-        attn = 0
-        if any(mask.keep_attn):
-            phases = [
+        rms = (4 * h, 4 * h)  # RMSNorm in fp32: the upcast input and its square / normalised product
+        attn, ffn = [], []
+        if attn_kept:
+            attn = [
                 rms,
-                e * (h + qw + 2 * kw),  # normed input, q, k, v
-                e * (4 * qw + 2 * kw),  # q, k, v + rotating q: x*cos, rotate_half(x), its *sin (and the sum)
-                e * (qw + 5 * kw),  # rotated q, k, v + rotating k
-                e * (2 * qw + 2 * kw) + 4 * H,  # q, k, v + SDPA's output (+ flash's fp32 log-sum-exp)
-                e * (qw + 2 * h),  # attention output, o_proj's output and the new residual
+                (e * h, e * qw, e * kw, e * kw),  # normed input, q, k, v
+                (e * qw, e * kw, e * kw, e * qw, e * qw, e * qw),  # + rotating q: x*cos, rotate_half(x), its *sin
+                (e * qw, e * kw, e * kw, e * kw, e * kw, e * kw),  # rotated q, k, v + rotating k
+                (e * qw, e * kw, e * kw, e * qw, 4 * H),  # q, k, v + SDPA's output (+ flash's fp32 log-sum-exp)
+                (e * qw, e * h, e * h),  # attention output, o_proj's output and the new residual
             ]
             if self.qk_norm:  # q, k, v + RMSNorm of q in fp32
-                phases.append(e * (qw + 2 * kw) + 8 * qw)
-            attn = max(phases)
-        ffn = 0
-        if any(mask.keep_ffn):
-            ffn = max(rms,
-                      e * (h + 4 * I),  # normed input, gate, up, act(gate), act(gate) * up
-                      e * (2 * h + 3 * I),  # ... + down's output
-                      e * (3 * h + 2 * I))  # ... + the new residual
+                attn.append((e * qw, e * kw, e * kw, 4 * qw, 4 * qw))
+        if ffn_kept:
+            # gate and up are two tensors and `g = act(g)` frees the gate once its activation exists;
+            # a fused [gate; up] output (`Decoder(fuse_projections=...)`) is one buffer, freed with up
+            gate_up = (2 * e * I,) if self.fused_projections else (e * I,)
+            ffn = [
+                rms,
+                (e * h, *gate_up, e * I, e * I),  # normed input, (gate,) up, act(gate), act(gate) * up
+                (e * h, *gate_up, e * I, e * I, e * h),  # ... + down's output
+                (e * h, *gate_up, e * I, e * h, e * h),  # normed input, up, act(gate), down's output, new residual
+            ]
         return attn, ffn
 
     def prefill_activation_bytes(self, request: Request, mask: BlockMask) -> int:
@@ -413,9 +423,10 @@ class MemoryModel:
         tokens = rows * P
         whole = 8 * B * P + 4 * B * s.vocab_size  # prompt ids (int64) and the batch's logits (fp32)
         # one chunk: residual stream, positions (int64), RoPE rows cos/sin [rows, P, head_dim]
-        stream = tokens * (e * s.hidden_size + 8 + 2 * e * s.head_dim) + 8 * P
-        attn, ffn = self.prefill_layer_bytes(mask)
-        layers = stream + tokens * max(attn, ffn) + self.quant_transient_bytes(mask, tokens)
+        charge = cuda_block_bytes if self.on_cuda else (lambda n: n)
+        stream = (charge(tokens * e * s.hidden_size) + charge(tokens * 8) + 2 * charge(tokens * e * s.head_dim)
+                  + 8 * P)
+        layers = stream + max(self.prefill_layer_bytes(mask, tokens)) + self.quant_transient_bytes(mask, tokens)
         # after the chunk's last layer: its residual stream and last-position logits (dtype, then fp32)
         head = tokens * e * s.hidden_size + rows * s.vocab_size * (e + 4)
         return whole + max(layers, head) + self.buffer_bytes(request) + self.runtime_bytes
