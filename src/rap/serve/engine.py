@@ -223,8 +223,9 @@ class Engine:
         # ... and laid out as the decoder's default press (Ada-KV: flat per-head segments) stores it
         self.memory_model.kv_layout = getattr(self.backend, "kv_layout", None)
         self.max_batch = max_batch
-        # None: on the GPU, a margin of the memory model's worst measured error (0.39% over 14
-        # configurations, benchmarks/results/memory-model-*.json) rounded up, so the first batch,
+        # None: on the GPU, a margin of the memory model's worst measured error (0.13% over 14
+        # configurations, some of them under-predicted: memory-model-decoder-h200-2026-12-02.json;
+        # 0.39% before the prefill's FFN was counted tensor by tensor) rounded up, so the first batch,
         # before any correction is learned, stays inside the budget too; nothing on the CPU.
         if headroom_ratio is None:
             headroom_ratio = GPU_HEADROOM_RATIO if self.device.type == "cuda" else 0.0
