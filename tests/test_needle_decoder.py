@@ -1,9 +1,7 @@
 """The decoder needle sweep replays one prefill per case: every KV setting must decode exactly as a fresh call."""
 
 import pytest
-import torch
 
-import rap.decode.decoder as decode
 import rap.decode.prefill as prefill
 from rap.decode.decoder import Decoder
 from rap.eval.needle_decoder import PrefillReplay
