@@ -376,12 +376,21 @@ class MemoryModel:
         tokens, on top of the residual stream: the largest phase's live tensors, each charged as the
         CUDA caching allocator rounds it (`cuda_block_bytes`) on CUDA, exactly on CPU; 0 for a kind of
         block the mask drops everywhere."""
-        key = ("prefill layer", any(mask.keep_attn), any(mask.keep_ffn), self.fused_projections)
-        if key not in self._memo:
-            self._memo[key] = self._prefill_layer_tensors(*key[1:3])
-        charge = cuda_block_bytes if self.on_cuda else (lambda n: n)
-        return tuple(max((sum(charge(tokens * b) for b in phase) for phase in phases), default=0)
-                     for phases in self._memo[key])
+        kinds = (any(mask.keep_attn), any(mask.keep_ffn), self.fused_projections)
+        memo = self._memo.setdefault("prefill layer", {})  # (kinds, tokens) -> bytes, bounded
+        key = (kinds, tokens)
+        if key not in memo:
+            tensors = self._memo.get(("prefill tensors", kinds))
+            if tensors is None:
+                tensors = self._memo[("prefill tensors", kinds)] = self._prefill_layer_tensors(*kinds[:2])
+            if self.on_cuda:
+                charged = {b: cuda_block_bytes(tokens * b) for b in {b for ps in tensors for p in ps for b in p}}
+                memo[key] = tuple(max((sum(charged[b] for b in p) for p in ps), default=0) for ps in tensors)
+            else:
+                memo[key] = tuple(tokens * max((sum(p) for p in ps), default=0) for ps in tensors)
+            if len(memo) > 4096:
+                memo.pop(next(iter(memo)))
+        return memo[key]
 
     def _prefill_layer_tensors(self, attn_kept: bool, ffn_kept: bool) -> tuple[list, list]:
         """(attention phases, FFN phases): per phase, the bytes per token of each live tensor
