@@ -329,7 +329,7 @@ class MemoryModel:
                 if tokens not in by_tokens:
                     sizes = layer_tensor_bytes(request.batch, s.num_kv_heads, tokens, s.head_dim, s.dtype_bytes,
                                                kv_layout.bits)
-                    by_tokens[tokens] = sum(cuda_block_bytes(n) if self.on_cuda else n for n in sizes)
+                    by_tokens[tokens] = sum(self.allocated_bytes(n) for n in sizes)
                 out[i] = by_tokens[tokens]
             return out
         per_token = self.shape.kv_bytes_per_token_per_layer
@@ -371,6 +371,11 @@ class MemoryModel:
         during_sort = 4 + 4 + 4 + 8 + sort_buffers
         return B * V * max(during_sort, 29)
 
+    def allocated_bytes(self, size: int) -> int:
+        """What one tensor of `size` bytes costs: as the caching allocator charges it on CUDA
+        (`cuda_block_bytes`), exactly on CPU."""
+        return cuda_block_bytes(size) if self.on_cuda else size
+
     def prefill_layer_bytes(self, mask: BlockMask, tokens: int) -> tuple[int, int]:
         """Transient bytes of one kept (attention, FFN) block in the eager prefill of `tokens` prompt
         tokens, on top of the residual stream: the largest phase's live tensors, each charged as the
@@ -383,11 +388,8 @@ class MemoryModel:
             tensors = self._memo.get(("prefill tensors", kinds))
             if tensors is None:
                 tensors = self._memo[("prefill tensors", kinds)] = self._prefill_layer_tensors(*kinds[:2])
-            if self.on_cuda:
-                charged = {b: cuda_block_bytes(tokens * b) for b in {b for ps in tensors for p in ps for b in p}}
-                memo[key] = tuple(max((sum(charged[b] for b in p) for p in ps), default=0) for ps in tensors)
-            else:
-                memo[key] = tuple(tokens * max((sum(p) for p in ps), default=0) for ps in tensors)
+            charged = {b: self.allocated_bytes(tokens * b) for b in {b for ps in tensors for p in ps for b in p}}
+            memo[key] = tuple(max((sum(charged[b] for b in p) for p in ps), default=0) for ps in tensors)
             if len(memo) > 4096:
                 memo.pop(next(iter(memo)))
         return memo[key]
@@ -432,7 +434,7 @@ class MemoryModel:
         tokens = rows * P
         whole = 8 * B * P + 4 * B * s.vocab_size  # prompt ids (int64) and the batch's logits (fp32)
         # one chunk: residual stream, positions (int64), RoPE rows cos/sin [rows, P, head_dim]
-        charge = cuda_block_bytes if self.on_cuda else (lambda n: n)
+        charge = self.allocated_bytes
         stream = (charge(tokens * e * s.hidden_size) + charge(tokens * 8) + 2 * charge(tokens * e * s.head_dim)
                   + 8 * P)
         layers = stream + max(self.prefill_layer_bytes(mask, tokens)) + self.quant_transient_bytes(mask, tokens)
