@@ -85,7 +85,7 @@ REGISTRY: tuple[Benchmark, ...] = (
     Benchmark("serve-fairness", "python -m benchmarks.serve_fairness", "cpu", 3, "serve-fairness-<date>.json",
               "a 4-token request's latency while one request of 3,000 prompts runs (rap serve, loopback)"),
     Benchmark("gpu-levels", "bash benchmarks/gpu_levels.sh", "gpu", 6, "levels-smollm2-135m-h200-{cpu,cuda}bytes-<date>.json",
-              "the shipped level profile plus the head's int8 cost, then the level frontier on the full WikiText-2 test"),
+              "the level profile and its plan library made on the GPU (resumed across calls), then the frontier on the full WikiText-2 test"),
     Benchmark("gpu-library-selection", "bash benchmarks/gpu_library_selection.sh", "gpu", 4,
               "smollm2-135m-levels-selection.json, levels-smollm2-135m-cuda-<date>.json",
               "the plan library measured on the selection split, then the frontier with CPU bytes (earlier plans reused)"),

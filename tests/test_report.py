@@ -12,6 +12,14 @@ ENV = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "command": "pyth
        "versions": {"torch": "2.11.0"}}
 
 
+
+def rendered(tmp_path, name: str, result: dict, kind: str) -> str:
+    """The page for one result file `name`, after checking the file is classified as `kind`."""
+    path = tmp_path / name
+    path.write_text(json.dumps(result))
+    assert kind_of(path, result) == kind
+    return build_report([path], tmp_path / "REPORT.md").read_text()
+
 def quality_rows():
     rows = []
     for method, budget, ratio, acc in [("dense", 1.0, 1.0, 0.5), ("rap-order", 0.8, 0.79, 0.45),
@@ -141,10 +149,7 @@ def test_level_profile_is_one_paragraph_with_its_counts(tmp_path):
                "dense_ppl": 17.47, "single": single, "steps": steps, "bytes": {"cpu": single},
                "library": {"fractions": [0.2, 0.5, 1.0], "plans": [{"plan": "ffn.*=int8", "nll": 3.0}] * 5},
                "device": "NVIDIA H200", "created": "2026-12-02 01:08:26 UTC", "command": "rap profile ..."}
-    path = tmp_path / "smollm2-135m-levels-h200-2026-12-02.json"
-    path.write_text(json.dumps(profile))
-    assert kind_of(path, profile) == "level-profile"
-    text = build_report([path], tmp_path / "REPORT.md").read_text()
+    text = rendered(tmp_path, "smollm2-135m-levels-h200-2026-12-02.json", profile, kind="level-profile")
     assert "18 single moves over 6 blocks; 7 greedy steps" in text
     assert "5 library plans over 3 budget fractions" in text
     assert "dense PPL 17.47" in text and "65536 tokens" in text
@@ -158,10 +163,7 @@ def test_zeroshot_levels_shows_the_above_chance_task_mean_raw_share_and_boolq_ap
     result = {**ENV, "model": "smollm2-135m", "limit": 100, "budget_ratio": 0.5, "policy": "solver",
               "counts": {"int8": 60}, "param_bytes_ratio": 0.44, "dense": dense, "plan_results": plan,
               "boolq": {"dense": task(0.38, 0.5), "plan": task(0.62, 0.5)}}
-    path = tmp_path / "zeroshot-levels-smollm2-135m-2026-12-02.json"
-    path.write_text(json.dumps(result))
-    assert kind_of(path, result) == "zeroshot-levels"
-    text = build_report([path], tmp_path / "REPORT.md").read_text()
+    text = rendered(tmp_path, "zeroshot-levels-smollm2-135m-2026-12-02.json", result, kind="zeroshot-levels")
     # piqa keeps (0.65-0.5)/(0.70-0.5) = 0.75, arc_easy (0.45-0.25)/(0.50-0.25) = 0.8: task mean 0.775
     assert "| piqa | acc | 0.700 | 0.650 | 0.500 | 0.750 |" in text
     assert "| arc_easy | acc | 0.500 | 0.450 | 0.250 | 0.800 |" in text
@@ -177,10 +179,7 @@ def test_needle_file_gets_accuracy_by_press_and_budget(tmp_path):
               "mean_kv_bytes": {"full": {"1": 113049600.0}, "adakv (decoder)": {"0.05": 9831840.0, "0.2": 26542080.0}},
               "checks": {"lines": ["budget 0.05: Ada-KV 27.5 vs SnapKV 25.5 of 63 cases -> >="]},
               "rows": [{"press": "full", "budget": 1.0, "score": 1.0, "answer": "the long answer text"}] * 50}
-    path = tmp_path / "kv-needle-eval-smollm2-135m-2026-12-02.json"
-    path.write_text(json.dumps(result))
-    assert kind_of(path, result) == "kv-needle"
-    text = build_report([path], tmp_path / "REPORT.md").read_text()
+    text = rendered(tmp_path, "kv-needle-eval-smollm2-135m-2026-12-02.json", result, kind="kv-needle")
     assert "| press \\ budget | 5% | 20% | 100% |" in text
     assert "| adakv (decoder) | 0.437 · 9.38 MiB | 0.532 · 25.31 MiB | — |" in text
     assert "| full | — | — | 0.603 · 107.81 MiB |" in text
